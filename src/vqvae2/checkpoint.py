@@ -1,0 +1,251 @@
+"""Self-describing checkpoints: safetensors weights + JSON metadata, written atomically, no pickle.
+
+Layout of one model kind inside a run folder::
+
+    RUN_DIR/vqvae/step-00001000/model.safetensors      weights and buffers
+                                optimizer.safetensors  optimizer tensors (when saved)
+                                meta.json              format, kind, step, full run config, ...
+    RUN_DIR/vqvae/latest                               name of the newest complete step folder
+
+A step folder is written under a temporary name and renamed into place, then ``latest`` is
+replaced atomically; a run killed at any moment leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import VQVAERunConfig, config_from_dict, config_to_dict
+from .vqvae import VQVAE2
+
+FORMAT_NAME = "vqvae2-checkpoint"
+FORMAT_VERSION = 1
+LATEST = "latest"
+META = "meta.json"
+MODEL_WEIGHTS = "model.safetensors"
+OPTIMIZER_WEIGHTS = "optimizer.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint folder holds, read back without running any code from it."""
+
+    path: Path  # the step folder
+    kind: str  # e.g. "vqvae"
+    step: int
+    config: dict[str, Any]  # the run config as plain data
+    model_state: dict[str, Tensor]
+    optimizer_state: dict[str, Any] | None
+    extra: dict[str, Any]  # free-form JSON (e.g. elapsed time, data path)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and JSON data."""
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, Tensor):
+                tensors[f"{param_id}/{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        param_id, name = key.split("/", 1)
+        state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in meta["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    kind_dir: Path,
+    kind: str,
+    step: int,
+    config: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Atomically write a checkpoint of ``model`` (and optimizer) as ``kind_dir/step-NNNNNNNN``.
+
+    Args:
+        kind_dir: folder of this model kind inside the run folder, e.g. ``RUN_DIR/vqvae``.
+        kind: model kind stored in the metadata and checked on load.
+        step: optimisation steps done.
+        config: the run config dataclass (saved whole, so loading needs no flags).
+        model: module whose ``state_dict`` is saved.
+        optimizer: saved too when given, for ``--resume``.
+        extra: JSON-serialisable extras.
+        keep: step folders kept; older ones are deleted after ``latest`` moves.
+
+    Returns:
+        The step folder written.
+    """
+    kind_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = kind_dir / name
+    tmp = kind_dir / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / MODEL_WEIGHTS))
+    meta: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "step": step,
+        "config": config_to_dict(config),
+        "extra": extra or {},
+        "torch_version": torch.__version__,
+    }
+    if optimizer is not None:
+        tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, str(tmp / OPTIMIZER_WEIGHTS))
+        meta["optimizer"] = optimizer_meta
+    _write_json_atomic(tmp / META, meta)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_text_atomic(kind_dir / LATEST, name + "\n")
+    steps = sorted(p for p in kind_dir.glob("step-*") if p.is_dir())
+    for old in steps[: max(0, len(steps) - keep)]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint_dir(path: Path, kind: str) -> Path:
+    """Step folder for ``path``: a run folder, a kind folder, or a step folder itself."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint path {path} does not exist")
+    if (path / META).is_file():
+        return path
+    kind_dir = path / kind if (path / kind / LATEST).is_file() else path
+    latest = kind_dir / LATEST
+    if not latest.is_file():
+        raise ValueError(f"no {kind} checkpoint in {path} (expected {path / kind / LATEST})")
+    step_dir = kind_dir / latest.read_text().strip()
+    if not (step_dir / META).is_file():
+        raise ValueError(f"checkpoint {step_dir} named by {latest} is missing or incomplete")
+    return step_dir
+
+
+def read_meta(path: Path, kind: str) -> tuple[Path, dict[str, Any]]:
+    """Step folder and checked JSON metadata of the ``kind`` checkpoint at ``path``.
+
+    Raises:
+        ValueError: missing files, another format, version or model kind.
+    """
+    step_dir = resolve_checkpoint_dir(path, kind)
+    try:
+        meta = json.loads((step_dir / META).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {step_dir / META}: {error}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{step_dir} is not a vqvae2 checkpoint")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{step_dir} has checkpoint format version {meta.get('format_version')}, "
+            f"this vqvae2 reads version {FORMAT_VERSION}"
+        )
+    if meta.get("kind") != kind:
+        raise ValueError(f"{step_dir} holds a '{meta.get('kind')}' model, expected '{kind}'")
+    return step_dir, meta
+
+
+def read_checkpoint(path: Path, kind: str, with_optimizer: bool = False) -> Checkpoint:
+    """Read and check a checkpoint of ``kind``, weights included.
+
+    Raises:
+        ValueError: as ``read_meta``, or unreadable weights.
+    """
+    step_dir, meta = read_meta(path, kind)
+    try:
+        model_state = load_file(str(step_dir / MODEL_WEIGHTS))
+        optimizer_state = None
+        if with_optimizer and "optimizer" in meta:
+            tensors = load_file(str(step_dir / OPTIMIZER_WEIGHTS))
+            optimizer_state = _unflatten_optimizer(tensors, meta["optimizer"])
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"cannot read weights in {step_dir}: {error}") from None
+    return Checkpoint(
+        path=step_dir,
+        kind=kind,
+        step=int(meta["step"]),
+        config=meta["config"],
+        model_state=model_state,
+        optimizer_state=optimizer_state,
+        extra=meta.get("extra", {}),
+    )
+
+
+def load_run_config(path: str | Path, kind: str, config_class: type) -> Any:
+    """The run config saved with a ``kind`` checkpoint (reads only the JSON metadata)."""
+    return config_from_dict(config_class, read_meta(Path(path), kind)[1]["config"])
+
+
+def load_state_checked(model: nn.Module, state: dict[str, Tensor], where: Path) -> None:
+    """``model.load_state_dict(state)`` with a one-line error when the weights do not fit."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ValueError(f"weights in {where} do not fit the model: {detail}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"weights in {where} do not fit the model: {key} has shape "
+                f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state)
+
+
+def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE2:
+    """Load a trained VQ-VAE from a run folder or checkpoint folder, in eval mode.
+
+    Args:
+        path: ``RUN_DIR``, ``RUN_DIR/vqvae`` or a ``step-*`` folder.
+        map_location: device for the weights.
+    """
+    checkpoint = read_checkpoint(Path(path), "vqvae")
+    run_config = config_from_dict(VQVAERunConfig, checkpoint.config)
+    model = VQVAE2(run_config.model)
+    load_state_checked(model, checkpoint.model_state, checkpoint.path)
+    return model.to(map_location).eval()

@@ -1,0 +1,330 @@
+"""Configuration dataclasses for VQ-VAE-2 (Razavi, van den Oord, Vinyals 2019) and YAML I/O.
+
+Config flows one way: YAML (plain data) -> validated frozen dataclass -> model. Unknown keys
+and impossible values raise ``ValueError`` naming the key and the expected range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value >= 1 and (value & (value - 1)) == 0
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """Hierarchical VQ-VAE (paper Section 3.1, Algorithm 1). Defaults are Table 5 (ImageNet)."""
+
+    image_size: int = 256  # square input side in pixels (Table 5: 256 ImageNet, 1024 FFHQ)
+    in_channels: int = 3  # 1 for grey, 3 for RGB
+    num_levels: int = 2  # latent maps: 2 for 256x256, 3 for 1024x1024 (Section 3.1)
+    hidden_channels: int = 128  # Table 5 "hidden units"
+    residual_channels: int = 64  # Table 5 "residual units" (bottleneck of each residual block)
+    num_res_blocks: int = 2  # Table 5 "layers": residual blocks per encoder / decoder stack
+    codebook_size: int = 512  # K, Table 5 "codebook size"
+    embedding_dim: int = 64  # D, Table 5 "codebook dimension"
+    commitment_weight: float = 0.25  # beta, eq. 2 and Table 5
+    ema_decay: float = 0.99  # gamma of the EMA codebook updates (Section 2.1)
+    ema_epsilon: float = 1e-5  # Laplace smoothing of the EMA cluster counts (Sonnet VQ-VAE)
+    dead_code_after_steps: int = 100  # re-seed a code unused this many train steps; 0 = never
+    bottom_downsample: int = 4  # image -> bottom latent factor (64x64 from 256x256, Fig. 2a)
+    encoder_kernel_size: int = 3  # Table 5 "encoder conv filter size"
+    upsample_kernel_size: int = 4  # Table 5 "upsampling conv filter size" (transposed convs)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.in_channels in (1, 3), f"model.in_channels must be 1 or 3, got {self.in_channels}"
+        )
+        _check(
+            1 <= self.num_levels <= 3, f"model.num_levels must be 1, 2 or 3, got {self.num_levels}"
+        )
+        _check(
+            _is_power_of_two(self.bottom_downsample) and self.bottom_downsample >= 2,
+            f"model.bottom_downsample must be a power of two >= 2, got {self.bottom_downsample}",
+        )
+        total = self.total_downsample
+        _check(
+            self.image_size >= total and self.image_size % total == 0,
+            f"model.image_size={self.image_size} must be a positive multiple of the total "
+            f"downsampling {total} (bottom_downsample {self.bottom_downsample} x 2 per extra level)",
+        )
+        _check(
+            self.codebook_size >= 2, f"model.codebook_size must be >= 2, got {self.codebook_size}"
+        )
+        for name in ("hidden_channels", "residual_channels", "embedding_dim"):
+            value = getattr(self, name)
+            _check(value >= 1, f"model.{name} must be >= 1, got {value}")
+        _check(
+            self.num_res_blocks >= 0,
+            f"model.num_res_blocks must be >= 0, got {self.num_res_blocks}",
+        )
+        _check(
+            self.commitment_weight >= 0,
+            f"model.commitment_weight must be >= 0, got {self.commitment_weight}",
+        )
+        _check(
+            0.0 <= self.ema_decay < 1.0, f"model.ema_decay must be in [0, 1), got {self.ema_decay}"
+        )
+        _check(self.ema_epsilon > 0, f"model.ema_epsilon must be > 0, got {self.ema_epsilon}")
+        _check(
+            self.dead_code_after_steps >= 0,
+            f"model.dead_code_after_steps must be >= 0, got {self.dead_code_after_steps}",
+        )
+        _check(
+            self.encoder_kernel_size % 2 == 1,
+            f"model.encoder_kernel_size must be odd, got {self.encoder_kernel_size}",
+        )
+        _check(
+            self.upsample_kernel_size >= 2 and self.upsample_kernel_size % 2 == 0,
+            f"model.upsample_kernel_size must be even and >= 2, got {self.upsample_kernel_size}",
+        )
+
+    @property
+    def total_downsample(self) -> int:
+        """Image side / top latent side."""
+        return self.bottom_downsample * 2 ** (self.num_levels - 1)
+
+    @property
+    def latent_sizes(self) -> tuple[int, ...]:
+        """Side of each latent map, top level first (e.g. (32, 64) for ImageNet-256)."""
+        bottom = self.image_size // self.bottom_downsample
+        return tuple(bottom // 2 ** (self.num_levels - 1 - i) for i in range(self.num_levels))
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        """Names of the levels, top first: ('top', 'middle', 'bottom') for three levels."""
+        return {1: ("bottom",), 2: ("top", "bottom"), 3: ("top", "middle", "bottom")}[
+            self.num_levels
+        ]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how splits are made (the path itself is given at run time)."""
+
+    val_fraction: float = (
+        0.05  # share of the train split held out as validation when the source has none
+    )
+    test_fraction: float = 0.1  # share held out as test when the source has no test split
+    split_seed: int = 0  # seed of the deterministic split permutation
+    num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
+
+    def __post_init__(self) -> None:
+        _check(
+            0.0 <= self.val_fraction < 1.0,
+            f"data.val_fraction must be in [0, 1), got {self.val_fraction}",
+        )
+        _check(
+            0.0 <= self.test_fraction < 1.0,
+            f"data.test_fraction must be in [0, 1), got {self.test_fraction}",
+        )
+        _check(
+            self.val_fraction + self.test_fraction < 1.0,
+            "data.val_fraction + data.test_fraction must be < 1",
+        )
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping of one training run."""
+
+    batch_size: int = 128  # Table 5 "batch size" (global across processes)
+    learning_rate: float = 3e-4  # Adam step size
+    adam_beta1: float = 0.9  # Adam first-moment decay
+    adam_beta2: float = 0.999  # Adam second-moment decay
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine decays to 0 at max_steps
+    max_steps: int = 100_000  # optimisation steps (Table 5 trains for 2.2M on ImageNet)
+    log_every: int = 50  # steps between metric log rows
+    val_every: int = 500  # steps between validation passes (and reconstruction grids)
+    val_batches: int = 20  # batches per periodic validation pass (the final pass uses all)
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    grid_images: int = 16  # images in each reconstruction grid
+    seed: int = 0  # seeds weights, data order and every other random choice
+
+    def __post_init__(self) -> None:
+        for name in (
+            "batch_size",
+            "max_steps",
+            "log_every",
+            "val_every",
+            "val_batches",
+            "checkpoint_every",
+            "grid_images",
+        ):
+            value = getattr(self, name)
+            _check(value >= 1, f"train.{name} must be >= 1, got {value}")
+        _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"train.{name} must be in [0, 1), got {value}")
+
+
+@dataclass(frozen=True)
+class VQVAERunConfig:
+    """Everything `vqvae2 train-vqvae` needs besides the data path and output folder."""
+
+    model: VQVAEConfig = field(default_factory=VQVAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain data <-> dataclasses
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass (possibly nested) as plain JSON/YAML data."""
+    return dataclasses.asdict(config)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        _check(value in allowed, f"{key} must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if annotation is bool:
+        _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        _check(
+            isinstance(value, int) and not isinstance(value, bool),
+            f"{key} must be an integer, got {value!r}",
+        )
+        return value
+    if annotation is float:
+        _check(
+            isinstance(value, int | float) and not isinstance(value, bool),
+            f"{key} must be a number, got {value!r}",
+        )
+        return float(value)
+    if annotation is str:
+        _check(isinstance(value, str), f"{key} must be a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return config_from_dict(annotation, value, prefix=f"{key}.")
+    raise TypeError(f"unsupported config field type {annotation!r} for {key}")
+
+
+def config_from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build the dataclass ``cls`` from plain data, rejecting unknown keys and wrong types.
+
+    Raises:
+        ValueError: naming the offending key, e.g. ``unknown config key 'model.codebok_size'``.
+    """
+    if data is None:
+        data = {}
+    where = prefix.rstrip(".") or "config"
+    _check(isinstance(data, dict), f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    _check(
+        not unknown,
+        f"unknown config key '{prefix}{unknown[0] if unknown else ''}' (known: {', '.join(sorted(names))})",
+    )
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["model.codebook_size=256", "train.lr_schedule=cosine"]`` into a nested dict.
+
+    Values are parsed as YAML scalars, so ``3e-4`` is a float and ``true`` a bool.
+    """
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        _check(bool(sep) and bool(key), f"override must look like section.key=value, got {item!r}")
+        value = yaml.safe_load(raw) if raw else ""
+        # YAML 1.1 reads "3e-4" as a string; accept it as the float users mean.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else value
+            except ValueError:
+                pass
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            _check(isinstance(node, dict), f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def list_presets() -> list[str]:
+    """Names of the YAML presets shipped with the package."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(preset_or_path: str | Path) -> dict[str, Any]:
+    """Plain data from a preset name (``fashion-mnist-32``) or a YAML file path."""
+    path = Path(preset_or_path)
+    if not path.is_file():
+        preset = PRESET_DIR / f"{preset_or_path}.yaml"
+        _check(
+            preset.is_file(),
+            f"config '{preset_or_path}' is neither a YAML file nor a preset "
+            f"(presets: {', '.join(list_presets())})",
+        )
+        path = preset
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {error}".splitlines()[0]) from None
+    return data or {}
+
+
+def load_config(
+    cls: type, preset_or_path: str | Path | None = None, overrides: list[str] | None = None
+) -> Any:
+    """Load a run config: preset/YAML data, then ``key=value`` overrides, validated into ``cls``."""
+    data = read_yaml(preset_or_path) if preset_or_path is not None else {}
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(cls, data)
+
+
+def save_yaml(config: Any, path: Path) -> None:
+    """Write a config dataclass as YAML (the resolved run config beside the checkpoints)."""
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

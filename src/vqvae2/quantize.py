@@ -1,0 +1,195 @@
+"""Vector quantizer with exponential-moving-average codebook updates.
+
+VQ-VAE (van den Oord et al. 2017, eq. 1 and Appendix A.1) as used by VQ-VAE-2 (Razavi et al.
+2019, Section 2.1): each encoder vector snaps to its nearest codebook vector, the codebook follows
+an EMA of the vectors assigned to it (decay gamma = 0.99, Laplace-smoothed counts), the encoder is
+pulled towards its code by the commitment loss beta * ||sg[e] - E(x)||^2, and gradients pass the
+quantization straight through.
+
+Two additions fight codebook collapse, the most common failure of public VQ-VAE code:
+  * data initialisation: the first training batch seeds the codebook with encoder outputs;
+  * dead-code restart: a code unused for ``dead_code_after_steps`` training steps is re-seeded
+    with the encoder output that is currently worst served (farthest from its nearest code).
+Both are deterministic, so every process of a distributed run makes the same choice once the
+statistics are reduced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+ReduceFn = Callable[[Tensor], Tensor]
+
+
+def identity_reduce(tensor: Tensor) -> Tensor:
+    """Default reduce function: a single process has nothing to sum with."""
+    return tensor
+
+
+class QuantizerOutput(NamedTuple):
+    quantized: Tensor  # (B, D, H, W) float, straight-through: gradients flow to the input
+    codes: Tensor  # (B, H, W) int64 in [0, K)
+    commitment_loss: Tensor  # () float, beta * mean ||sg[e] - z||^2
+    perplexity: Tensor  # () float, exp(entropy) of this batch's code histogram
+    usage: Tensor  # () float, fraction of the K codes used in this batch
+
+
+class VectorQuantizerEMA(nn.Module):
+    """Nearest-neighbour quantizer whose codebook is an EMA of assigned encoder outputs.
+
+    Args:
+        codebook_size: K, number of code vectors.
+        embedding_dim: D, dimension of each code vector.
+        commitment_weight: beta of the commitment loss.
+        decay: gamma of the EMA updates, in [0, 1).
+        epsilon: Laplace smoothing added to the EMA cluster counts.
+        dead_code_after_steps: re-seed codes unused for this many train steps (0 disables).
+        reduce_fn: sums a tensor across processes (identity by default); applied to the batch
+            counts and sums before the EMA update, so all processes keep the same codebook.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        embedding_dim: int,
+        commitment_weight: float,
+        decay: float,
+        epsilon: float,
+        dead_code_after_steps: int,
+        reduce_fn: ReduceFn = identity_reduce,
+    ) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.embedding_dim = embedding_dim
+        self.commitment_weight = commitment_weight
+        self.decay = decay
+        self.epsilon = epsilon
+        self.dead_code_after_steps = dead_code_after_steps
+        self.reduce_fn = reduce_fn
+        codebook = torch.randn(codebook_size, embedding_dim)  # (K, D)
+        self.register_buffer("codebook", codebook)
+        # EMA state: N_i (counts) and m_i (sums). Starting N at 1 and m at the codebook makes
+        # e = m / N stable for codes that are never chosen, instead of blowing up as m / eps.
+        self.register_buffer("cluster_size", torch.ones(codebook_size))  # (K,)
+        self.register_buffer("embed_sum", codebook.clone())  # (K, D)
+        self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))  # (K,)
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def nearest_codes(self, flat_inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Index and squared distance of the nearest code for each row of ``flat_inputs``.
+
+        Args:
+            flat_inputs: (N, D) float.
+
+        Returns:
+            codes (N,) int64 and their squared distances (N,) float32.
+        """
+        flat_inputs = flat_inputs.float()
+        codebook = self.codebook.float()
+        # ||x - e||^2 = ||x||^2 - 2 x.e + ||e||^2, all (N, K)
+        distances = (
+            flat_inputs.pow(2).sum(1, keepdim=True)
+            - 2 * flat_inputs @ codebook.t()
+            + codebook.pow(2).sum(1)[None, :]
+        )
+        min_distances, codes = distances.min(dim=1)
+        return codes, min_distances.clamp_min(0)
+
+    def lookup(self, codes: Tensor) -> Tensor:
+        """Code vectors for integer codes.
+
+        Args:
+            codes: (B, H, W) int64 in [0, K).
+
+        Returns:
+            (B, D, H, W) float code vectors.
+        """
+        vectors = F.embedding(codes, self.codebook)  # (B, H, W, D)
+        return rearrange(vectors, "b h w d -> b d h w")
+
+    def forward(self, inputs: Tensor) -> QuantizerOutput:
+        """Quantize encoder outputs; in train mode also update the codebook.
+
+        Args:
+            inputs: (B, D, H, W) float encoder output z.
+        """
+        batch, dim, height, width = inputs.shape
+        if dim != self.embedding_dim:
+            raise ValueError(f"quantizer expects {self.embedding_dim} channels, got {dim}")
+        flat_inputs = rearrange(inputs, "b d h w -> (b h w) d").detach().float()  # (N, D)
+
+        if self.training and not bool(self.initialized):
+            self._initialize_from(flat_inputs)
+        codes, min_distances = self.nearest_codes(flat_inputs)  # (N,), (N,)
+        one_hot = F.one_hot(codes, self.codebook_size).float()  # (N, K)
+        batch_counts = one_hot.sum(0)  # (K,)
+
+        if self.training:
+            batch_sums = one_hot.t() @ flat_inputs  # (K, D)
+            self._ema_update(self.reduce_fn(batch_counts), self.reduce_fn(batch_sums))
+            if self.dead_code_after_steps > 0:
+                self._restart_dead_codes(flat_inputs, min_distances)
+
+        quantized = self.lookup(codes.view(batch, height, width)).to(inputs.dtype)  # (B, D, H, W)
+        commitment_loss = self.commitment_weight * F.mse_loss(inputs, quantized.detach())
+        quantized = inputs + (quantized - inputs).detach()  # straight-through estimator
+
+        probabilities = batch_counts / batch_counts.sum()
+        entropy = -(probabilities * torch.log(probabilities.clamp_min(1e-10))).sum()
+        return QuantizerOutput(
+            quantized=quantized,
+            codes=codes.view(batch, height, width),
+            commitment_loss=commitment_loss,
+            perplexity=entropy.exp(),
+            usage=(batch_counts > 0).float().mean(),
+        )
+
+    @torch.no_grad()
+    def _initialize_from(self, flat_inputs: Tensor) -> None:
+        """Seed the codebook with evenly spaced rows of the first training batch."""
+        count = flat_inputs.shape[0]
+        picks = torch.arange(self.codebook_size, device=flat_inputs.device) * count
+        picks = torch.div(picks, self.codebook_size, rounding_mode="floor")  # spread over batch
+        seeds = self.reduce_fn(flat_inputs[picks].clone()) / self.reduce_fn(
+            torch.ones((), device=flat_inputs.device)
+        )  # (K, D), averaged over processes so every process starts alike
+        self.codebook.copy_(seeds)
+        self.embed_sum.copy_(seeds)
+        self.cluster_size.fill_(1.0)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, counts: Tensor, sums: Tensor) -> None:
+        """N <- gamma N + (1 - gamma) n;  m <- gamma m + (1 - gamma) sum;  e <- m / N~.
+
+        N~ is the Laplace-smoothed count (N + eps) / (total + K eps) * total.
+        """
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        total = self.cluster_size.sum()
+        smoothed = (
+            (self.cluster_size + self.epsilon) / (total + self.codebook_size * self.epsilon) * total
+        )
+        self.codebook.copy_(self.embed_sum / smoothed[:, None])
+        used = counts > 0
+        self.steps_unused.add_(1).masked_fill_(used, 0)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat_inputs: Tensor, min_distances: Tensor) -> None:
+        """Re-seed codes unused for too long with the worst-quantized inputs of this batch."""
+        dead = torch.nonzero(self.steps_unused >= self.dead_code_after_steps).flatten()  # (n,)
+        if dead.numel() == 0:
+            return
+        order = torch.argsort(min_distances, descending=True)  # worst-served inputs first
+        picks = order[torch.arange(dead.numel(), device=order.device) % order.numel()]
+        seeds = flat_inputs[picks]  # (n, D)
+        self.codebook[dead] = seeds
+        self.embed_sum[dead] = seeds
+        self.cluster_size[dead] = 1.0
+        self.steps_unused[dead] = 0

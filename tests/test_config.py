@@ -1,0 +1,78 @@
+"""Config dataclasses, presets and overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from vqvae2.config import (
+    VQVAEConfig,
+    VQVAERunConfig,
+    config_from_dict,
+    config_to_dict,
+    list_presets,
+    load_config,
+    parse_overrides,
+)
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_validates_and_round_trips(preset):
+    config = load_config(VQVAERunConfig, preset)
+    assert config_from_dict(VQVAERunConfig, config_to_dict(config)) == config
+
+
+def test_presets_have_the_papers_latent_shapes():
+    assert load_config(VQVAERunConfig, "imagenet-256").model.latent_sizes == (32, 64)
+    assert load_config(VQVAERunConfig, "ffhq-1024").model.latent_sizes == (32, 64, 128)
+    assert load_config(VQVAERunConfig, "fashion-mnist-32").model.latent_sizes == (4, 8)
+
+
+def test_defaults_are_table_5():
+    config = VQVAEConfig()
+    assert (config.hidden_channels, config.residual_channels, config.num_res_blocks) == (128, 64, 2)
+    assert (config.codebook_size, config.embedding_dim) == (512, 64)
+    assert (config.commitment_weight, config.ema_decay) == (0.25, 0.99)
+    assert config.latent_sizes == (32, 64)
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config(
+        VQVAERunConfig,
+        "tiny",
+        ["model.codebook_size=32", "train.learning_rate=3e-4", "train.lr_schedule=cosine"],
+    )
+    assert config.model.codebook_size == 32
+    assert config.train.learning_rate == pytest.approx(3e-4)
+    assert config.train.lr_schedule == "cosine"
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.codebok_size=4", "unknown config key 'model.codebok_size'"),
+        ("model.codebook_size=1", "codebook_size must be >= 2"),
+        ("model.image_size=36", "multiple of the total downsampling 8"),
+        ("model.num_levels=4", "num_levels must be 1, 2 or 3"),
+        ("model.ema_decay=1.5", r"ema_decay must be in \[0, 1\)"),
+        ("train.batch_size=abc", "batch_size must be an integer"),
+        ("train.lr_schedule=linear", "lr_schedule must be one of"),
+        ("nonsense", "section.key=value"),
+    ],
+)
+def test_bad_values_name_the_problem(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(VQVAERunConfig, "tiny", [override])
+
+
+def test_unknown_preset_and_bad_yaml(tmp_path):
+    with pytest.raises(ValueError, match="neither a YAML file nor a preset"):
+        load_config(VQVAERunConfig, "no-such-preset")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(VQVAERunConfig, bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("model:\n  hidden: 3\n")
+    with pytest.raises(ValueError, match="unknown config key 'model.hidden'"):
+        load_config(VQVAERunConfig, wrong)

@@ -1,0 +1,148 @@
+"""Properties of the EMA vector quantizer (VQ-VAE eq. 1, VQ-VAE-2 Section 2.1)."""
+
+from __future__ import annotations
+
+import torch
+
+from vqvae2.quantize import VectorQuantizerEMA
+
+
+def make_quantizer(codebook_size=13, dim=6, decay=0.99, dead_after=0, **kwargs):
+    return VectorQuantizerEMA(
+        codebook_size=codebook_size,
+        embedding_dim=dim,
+        commitment_weight=0.25,
+        decay=decay,
+        epsilon=1e-5,
+        dead_code_after_steps=dead_after,
+        **kwargs,
+    )
+
+
+def test_nearest_code_matches_brute_force():
+    quantizer = make_quantizer().eval()
+    inputs = torch.randn(3, 6, 5, 7)
+    output = quantizer(inputs)
+    vectors = inputs.permute(0, 2, 3, 1).reshape(-1, 6)  # (N, D)
+    brute = torch.stack(
+        [
+            ((vectors[i][None, :] - quantizer.codebook) ** 2).sum(1).argmin()
+            for i in range(len(vectors))
+        ]
+    )
+    assert output.codes.shape == (3, 5, 7)
+    assert torch.equal(output.codes.flatten(), brute)
+    expected = quantizer.codebook[brute].reshape(3, 5, 7, 6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(output.quantized, expected, rtol=0, atol=1e-6)
+    assert int(output.codes.min()) >= 0 and int(output.codes.max()) < 13
+
+
+def test_one_ema_update_equals_hand_computation():
+    quantizer = make_quantizer(codebook_size=2, dim=1, decay=0.9).train()
+    quantizer.codebook.copy_(torch.tensor([[0.0], [10.0]]))
+    quantizer.embed_sum.copy_(quantizer.codebook)
+    quantizer.initialized.fill_(True)
+    # Three vectors near code 0 (1, 2, 3) and one near code 1 (8).
+    inputs = torch.tensor([1.0, 2.0, 3.0, 8.0]).view(1, 1, 1, 4)
+    quantizer(inputs)
+    # N = 0.9 * 1 + 0.1 * n  ->  [0.9 + 0.3, 0.9 + 0.1] = [1.2, 1.0]
+    # m = 0.9 * e + 0.1 * sum  ->  [0 + 0.6, 9 + 0.8] = [0.6, 9.8]
+    # Laplace: N~ = (N + eps) / (total + K eps) * total, total = 2.2
+    eps, total = 1e-5, 2.2
+    smoothed = [(n + eps) / (total + 2 * eps) * total for n in (1.2, 1.0)]
+    expected = torch.tensor([[0.6 / smoothed[0]], [9.8 / smoothed[1]]])
+    torch.testing.assert_close(quantizer.cluster_size, torch.tensor([1.2, 1.0]))
+    torch.testing.assert_close(quantizer.embed_sum, torch.tensor([[0.6], [9.8]]))
+    torch.testing.assert_close(quantizer.codebook, expected)
+
+
+def test_ema_moves_codebook_in_train_mode_only():
+    quantizer = make_quantizer()
+    inputs = torch.randn(2, 6, 4, 4)
+    quantizer.train()
+    quantizer(inputs)  # first call seeds the codebook from the data
+    before = quantizer.codebook.clone()
+    quantizer(torch.randn(2, 6, 4, 4))
+    assert not torch.equal(before, quantizer.codebook)
+
+    quantizer.eval()
+    frozen = {name: buffer.clone() for name, buffer in quantizer.named_buffers()}
+    quantizer(torch.randn(2, 6, 4, 4))
+    for name, buffer in quantizer.named_buffers():
+        assert torch.equal(frozen[name], buffer), name
+
+
+def test_straight_through_gradient_is_identity():
+    quantizer = make_quantizer().eval()
+    inputs = torch.randn(2, 6, 3, 3, requires_grad=True)
+    weights = torch.randn(2, 6, 3, 3)
+    output = quantizer(inputs)
+    (output.quantized * weights).sum().backward()
+    torch.testing.assert_close(inputs.grad, weights)
+
+
+def test_commitment_loss_is_beta_times_mse_to_codes():
+    quantizer = make_quantizer().eval()
+    inputs = torch.randn(2, 6, 3, 3, requires_grad=True)
+    output = quantizer(inputs)
+    snapped = quantizer.lookup(output.codes)
+    expected = 0.25 * ((inputs - snapped) ** 2).mean()
+    torch.testing.assert_close(output.commitment_loss, expected)
+    output.commitment_loss.backward()
+    torch.testing.assert_close(inputs.grad, 0.25 * 2 * (inputs - snapped).detach() / inputs.numel())
+
+
+def test_first_training_batch_seeds_the_codebook():
+    quantizer = make_quantizer(codebook_size=4, dim=2, decay=0.0).train()
+    inputs = torch.arange(16.0).view(1, 2, 2, 4)  # 8 vectors of dimension 2
+    quantizer(inputs)
+    vectors = inputs.permute(0, 2, 3, 1).reshape(-1, 2)
+    # Evenly spaced picks 0, 2, 4, 6 seed the 4 codes; decay 0 then makes each code the mean
+    # of the vectors assigned to it, and every code owns its seed so all 4 are used.
+    assert bool(quantizer.initialized)
+    assert int((quantizer.cluster_size > 0.5).sum()) == 4
+    for code in range(4):
+        members = vectors[quantizer.nearest_codes(vectors)[0] == code]
+        assert len(members) >= 1
+
+
+def test_dead_codes_are_restarted_from_worst_served_inputs():
+    quantizer = make_quantizer(codebook_size=3, dim=1, decay=0.5, dead_after=2).train()
+    quantizer.codebook.copy_(torch.tensor([[0.0], [1.0], [100.0]]))
+    quantizer.embed_sum.copy_(quantizer.codebook)
+    quantizer.initialized.fill_(True)
+    inputs = torch.tensor([0.0, 1.0, 5.0]).view(1, 1, 1, 3)  # code 2 (at 100) is never used
+    quantizer(inputs)
+    assert int(quantizer.steps_unused[2]) == 1
+    assert float(quantizer.codebook[2]) > 50  # not yet dead
+    quantizer(inputs)
+    # Dead after 2 unused steps: re-seeded with 5.0, the input farthest from its code.
+    assert float(quantizer.codebook[2]) == 5.0
+    assert int(quantizer.steps_unused[2]) == 0
+    output = quantizer.eval()(inputs)
+    assert int(output.codes.flatten()[2]) == 2  # the restarted code now serves 5.0
+
+
+def test_reduce_fn_receives_the_batch_statistics():
+    seen = []
+
+    def record(tensor):
+        seen.append(tensor.clone())
+        return tensor
+
+    quantizer = make_quantizer(codebook_size=5, dim=3, reduce_fn=record).train()
+    quantizer.initialized.fill_(True)
+    inputs = torch.randn(2, 3, 4, 4)
+    output = quantizer(inputs)
+    counts = torch.bincount(output.codes.flatten(), minlength=5).float()
+    assert any(t.shape == (5,) and torch.equal(t, counts) for t in seen)
+    assert any(t.shape == (5, 3) for t in seen)
+
+
+def test_perplexity_and_usage():
+    quantizer = make_quantizer(codebook_size=4, dim=1).eval()
+    quantizer.codebook.copy_(torch.tensor([[0.0], [1.0], [2.0], [3.0]]))
+    inputs = torch.tensor([0.0, 1.0, 0.0, 1.0]).view(1, 1, 1, 4)
+    output = quantizer(inputs)
+    torch.testing.assert_close(output.perplexity, torch.tensor(2.0))
+    assert float(output.usage) == 0.5

@@ -1,0 +1,108 @@
+"""Stage-1 training loop: learning, exact resume, reconstruction report."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+
+from vqvae2.config import VQVAERunConfig, load_config
+from vqvae2.data import open_dataset
+from vqvae2.train import EpochBatchSampler, read_metrics, reconstruct, train_vqvae
+
+
+def tiny_run_config(*overrides: str) -> VQVAERunConfig:
+    return load_config(
+        VQVAERunConfig,
+        "tiny",
+        ["model.image_size=16", "model.dead_code_after_steps=2", "train.log_every=1", *overrides],
+    )
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    return {
+        int(row["step"]): float(row["value"])
+        for row in read_metrics(run_dir / "metrics.csv")
+        if row["split"] == "train" and row["metric"] == "loss"
+    }
+
+
+def test_sampler_batch_depends_only_on_seed_and_step():
+    full = list(EpochBatchSampler(50, 8, seed=1, start_step=0, end_step=14))
+    tail = list(EpochBatchSampler(50, 8, seed=1, start_step=9, end_step=14))
+    assert full[9:] == tail
+    assert len(full) == 14 and all(len(b) == 8 for b in full)
+    first_epoch = sum(full[:6], [])
+    assert len(set(first_epoch)) == 48  # no repeats within an epoch
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        EpochBatchSampler(5, 8, seed=0, start_step=0, end_step=1)
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, npz_data):
+    straight = tmp_path / "straight"
+    train_vqvae(tiny_run_config("train.max_steps=9"), npz_data, straight, progress=False)
+    resumed = tmp_path / "resumed"
+    train_vqvae(tiny_run_config("train.max_steps=4"), npz_data, resumed, progress=False)
+    result = train_vqvae(
+        tiny_run_config("train.max_steps=9"), npz_data, resumed, resume=True, progress=False
+    )
+    assert result.step == 9
+    expected, got = train_losses(straight), train_losses(resumed)
+    assert sorted(got) == list(range(1, 10))
+    assert got == expected  # bit-identical float losses, steps 5-9 cross an epoch boundary
+
+
+def test_loss_goes_down_and_codes_are_used(tmp_path, npz_data):
+    config = tiny_run_config(
+        "train.max_steps=150", "train.learning_rate=3e-3", "train.log_every=10"
+    )
+    result = train_vqvae(config, npz_data, tmp_path / "run", progress=False)
+    losses = train_losses(tmp_path / "run")
+    assert losses[150] < 0.5 * losses[10]
+    # Better than the best constant guess: the mean validation image.
+    val = open_dataset(npz_data, "val", 16, 1, config.data)
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    baseline = float((((images - images.mean(0)) / 2) ** 2).mean())
+    assert result.metrics["mse"] < 0.5 * baseline
+    assert result.metrics["usage_bottom"] > 0.3
+    assert (tmp_path / "run" / "reconstructions.png").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_refuses_to_overwrite_a_run_and_resume_needs_a_run(tmp_path, npz_data):
+    config = tiny_run_config("train.max_steps=2")
+    train_vqvae(config, npz_data, tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="already holds a trained VQ-VAE"):
+        train_vqvae(config, npz_data, tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="does not exist"):
+        train_vqvae(config, npz_data, tmp_path / "other", resume=True, progress=False)
+
+
+def test_reconstruct_reports_split_metrics_and_writes_grid(tmp_path, npz_data):
+    train_vqvae(tiny_run_config("train.max_steps=5"), npz_data, tmp_path / "run", progress=False)
+    result = reconstruct(tmp_path / "run", npz_data, "test", tmp_path / "grid.png")
+    assert result["images"] == 10 and result["split"] == "test"
+    assert 0 < result["mse"] < 1 and result["psnr"] > 0
+    assert 0 < result["usage_top"] <= 1 and 0 < result["usage_bottom"] <= 1
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "grid.png")
+    # 3 rows (original, reconstruction, top only) of 10 tiles of 16 px with 2 px padding.
+    assert grid.size == (10 * 18 + 2, 3 * 18 + 2)
+
+
+def test_metrics_log_has_train_and_val_rows(tmp_path, npz_data):
+    train_vqvae(
+        tiny_run_config("train.max_steps=4", "train.val_every=2"),
+        npz_data,
+        tmp_path / "r",
+        progress=False,
+    )
+    rows = read_metrics(tmp_path / "r" / "metrics.csv")
+    by_split = defaultdict(set)
+    for row in rows:
+        by_split[row["split"]].add(row["metric"])
+    assert {"loss", "mse", "perplexity_top", "batch_usage_bottom"} <= by_split["train"]
+    assert {"mse", "psnr", "usage_top", "usage_bottom"} <= by_split["val"]
+    assert torch.tensor([float(r["value"]) for r in rows]).isfinite().all()

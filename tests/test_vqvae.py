@@ -1,0 +1,100 @@
+"""Properties of the hierarchical VQ-VAE (Section 3.1, Algorithm 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vqvae2.config import VQVAERunConfig, load_config
+from vqvae2.vqvae import VQVAE2
+
+from .conftest import tiny_config
+
+
+@pytest.mark.parametrize(
+    ("num_levels", "image_size", "expected"),
+    [(1, 16, [(4, 4)]), (2, 16, [(2, 2), (4, 4)]), (3, 32, [(2, 2), (4, 4), (8, 8)])],
+)
+def test_latent_shapes_per_level(num_levels, image_size, expected):
+    config = tiny_config(num_levels=num_levels, image_size=image_size)
+    model = VQVAE2(config)
+    images = torch.rand(2, 1, image_size, image_size) * 2 - 1
+    output = model(images)
+    assert [tuple(c.shape[1:]) for c in output.codes] == expected
+    assert output.reconstruction.shape == images.shape
+    assert list(config.latent_sizes) == [side for side, _ in expected]
+
+
+def test_decode_codes_of_encode_equals_eval_forward():
+    model = VQVAE2(tiny_config(num_levels=3, image_size=32)).eval()
+    images = torch.rand(3, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        forward = model(images).reconstruction
+        decoded = model.decode_codes(model.encode(images))
+    torch.testing.assert_close(decoded, forward, rtol=0, atol=1e-5)
+
+
+def test_straight_through_gradient_reaches_every_encoder():
+    model = VQVAE2(tiny_config(num_levels=3, image_size=32)).train()
+    images = torch.rand(4, 1, 32, 32) * 2 - 1
+    output = model(images)
+    output.reconstruction_loss.backward()  # reconstruction only: gradient must cross the codes
+    first_conv = model.bottom_encoder.layers[0]
+    assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
+    for level, pre in enumerate(model.pre_quantize):
+        assert pre.weight.grad.abs().sum() > 0, f"level {level} got no gradient"
+    for encoder in model.up_encoders:
+        assert encoder.layers[0].weight.grad.abs().sum() > 0
+
+
+def test_leaving_levels_out_uses_zero_vectors():
+    model = VQVAE2(tiny_config()).eval()
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        codes = model.encode(images)
+        top_only = model.decode_codes(codes, keep_levels=[0])
+        top = model.quantizers[0].lookup(codes[0])
+        manual = model.decode([top, torch.zeros(2, 6, 4, 4)])
+        full = model.decode_codes(codes)
+    torch.testing.assert_close(top_only, manual)
+    assert not torch.allclose(top_only, full)
+
+
+def test_bottom_encoder_is_conditioned_on_the_top_code():
+    """Algorithm 1 line 3: E_bottom(x, e_top). Changing the top codebook changes z_bottom."""
+    model = VQVAE2(tiny_config()).eval()
+    images = torch.rand(8, 1, 16, 16) * 2 - 1
+    captured = []
+    model.pre_quantize[1].register_forward_hook(lambda module, args, out: captured.append(out))
+    with torch.no_grad():
+        model.encode(images)
+        model.quantizers[0].codebook.mul_(-3.0)
+        model.encode(images)
+    z_before, z_after = captured
+    assert z_before.shape == (8, 6, 4, 4)
+    assert (z_before - z_after).abs().max() > 1e-4
+
+
+def test_bad_inputs_are_rejected_with_clear_errors():
+    model = VQVAE2(tiny_config())
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"\[0, 13\)"):
+        model.decode_codes([torch.zeros(1, 2, 2, dtype=torch.long), torch.full((1, 4, 4), 13)])
+    with pytest.raises(ValueError, match="2 levels"):
+        model.decode_codes([torch.zeros(1, 2, 2, dtype=torch.long)])
+
+
+@pytest.mark.parametrize(
+    ("preset", "latents"), [("imagenet-256", [32, 64]), ("ffhq-1024", [32, 64, 128])]
+)
+def test_paper_presets_forward_backward_at_batch_one(preset, latents):
+    config = load_config(VQVAERunConfig, preset).model
+    model = VQVAE2(config).train()
+    images = torch.rand(1, 3, config.image_size, config.image_size) * 2 - 1
+    output = model(images)
+    output.loss.backward()
+    assert [c.shape[-1] for c in output.codes] == latents
+    assert [c.shape[-2] for c in output.codes] == latents
+    assert output.reconstruction.shape == images.shape
+    assert model.bottom_encoder.layers[0].weight.grad.abs().sum() > 0
