@@ -25,7 +25,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import VQVAERunConfig, config_from_dict, config_to_dict
+from .classifier import Classifier
+from .config import (
+    ClassifierRunConfig,
+    PriorRunConfig,
+    VQVAERunConfig,
+    config_from_dict,
+    config_to_dict,
+)
+from .pixelsnail import PixelSNAIL
 from .vqvae import VQVAE2
 
 FORMAT_NAME = "vqvae2-checkpoint"
@@ -249,3 +257,22 @@ def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> VQ
     model = VQVAE2(run_config.model)
     load_state_checked(model, checkpoint.model_state, checkpoint.path)
     return model.to(map_location).eval()
+
+
+def load_prior(
+    run_dir: str | Path, level: str, map_location: str | torch.device = "cpu"
+) -> PixelSNAIL:
+    """Load the trained prior of ``level`` ('top', 'middle', 'bottom') from a run folder, in eval mode."""
+    kind = f"prior-{level}"
+    checkpoint = read_checkpoint(Path(run_dir), kind)
+    prior = PixelSNAIL(config_from_dict(PriorRunConfig, checkpoint.config).prior)
+    load_state_checked(prior, checkpoint.model_state, checkpoint.path)
+    return prior.to(map_location).eval()
+
+
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
+    """Load a trained classifier from its folder (or a run folder holding ``classifier/``)."""
+    checkpoint = read_checkpoint(Path(path), "classifier")
+    classifier = Classifier(config_from_dict(ClassifierRunConfig, checkpoint.config).model)
+    load_state_checked(classifier, checkpoint.model_state, checkpoint.path)
+    return classifier.to(map_location).eval()

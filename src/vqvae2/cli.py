@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ def _cmd_train_vqvae(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         resume=args.resume,
         progress=not args.quiet,
+        preset=args.config or DEFAULT_PRESET,
     )
     summary = {"run_dir": str(result.run_dir), "step": result.step, **result.metrics}
     if args.json:
@@ -70,6 +72,132 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
             f"PSNR {result['psnr']:.2f} dB"
         )
         print(f"grid: {result['grid']}")
+    return 0
+
+
+def _print_result(args: argparse.Namespace, result: dict, text: str) -> None:
+    print(json.dumps(result) if args.json else text)
+
+
+def _cmd_extract_codes(args: argparse.Namespace) -> int:
+    from .train import extract_codes
+
+    written = extract_codes(args.run_dir, args.data, progress=not args.quiet)
+    for split, path in written.items():
+        print(f"{split}: {path}")
+    return 0
+
+
+def _default_preset(run_dir: Path, prefix: str) -> str:
+    """``prefix-<VQ-VAE preset>`` when the run was trained from a preset that has one."""
+    from .checkpoint import read_meta
+
+    preset = read_meta(run_dir, "vqvae")[1].get("extra", {}).get("preset")
+    name = f"{prefix}-{preset}"
+    if preset is None or name not in list_presets():
+        raise ValueError(f"no preset '{name}' for this run; pass --config PRESET_OR_YAML")
+    return name
+
+
+def _cmd_train_prior(args: argparse.Namespace) -> int:
+    from .config import PriorRunConfig
+    from .train import train_prior
+
+    overrides = list(args.overrides)
+    if args.resume and (args.config is not None or overrides):
+        raise ValueError("--resume continues the saved config; drop --config and overrides")
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    preset = args.config or _default_preset(args.run_dir, f"prior-{args.level}")
+    config = load_config(PriorRunConfig, preset, overrides)
+    result = train_prior(
+        args.run_dir,
+        args.level,
+        config,
+        max_minutes=args.max_minutes,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    metrics = result.metrics
+    _print_result(
+        args,
+        {"level": args.level, "step": result.step, **metrics},
+        f"{args.level} prior, {result.step} steps: NLL train {metrics['train_nll_nats']:.4f} "
+        f"nats/code ({metrics['train_nll_bits']:.4f} bits), validation "
+        f"{metrics['val_nll_nats']:.4f} nats/code ({metrics['val_nll_bits']:.4f} bits)",
+    )
+    return 0
+
+
+def _cmd_train_classifier(args: argparse.Namespace) -> int:
+    from .config import ClassifierRunConfig
+    from .train import train_classifier
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    out = args.out
+    preset = args.config
+    if args.run is not None:
+        from .checkpoint import load_run_config
+
+        model = load_run_config(args.run, "vqvae", VQVAERunConfig).model
+        overrides = [
+            f"model.image_size={model.image_size}",
+            f"model.in_channels={model.in_channels}",
+            *overrides,
+        ]
+        out = out or args.run / "classifier"
+        preset = preset or _default_preset(args.run, "classifier")
+    if out is None:
+        raise ValueError("give --out DIR (or --run RUN_DIR to write RUN_DIR/classifier)")
+    if args.resume and (args.config is not None or args.overrides):
+        raise ValueError("--resume continues the saved config; drop --config and overrides")
+    config = load_config(ClassifierRunConfig, preset or "classifier-fashion-mnist-32", overrides)
+    result = train_classifier(
+        config,
+        args.data,
+        out,
+        max_minutes=args.max_minutes,
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    metrics = result.metrics
+    _print_result(
+        args,
+        {"out": str(out), "step": result.step, **metrics},
+        f"classifier, {result.step} steps: test accuracy {metrics['test_accuracy']:.2%} "
+        f"(validation {metrics['val_accuracy']:.2%}); saved in {out}",
+    )
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data import make_grid, save_png
+    from .train import sample_from_run
+
+    result = sample_from_run(
+        args.run_dir,
+        args.n,
+        classes=args.classes,
+        temperature=args.temperature,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    columns = args.n // len(args.classes) if args.classes else math.ceil(math.sqrt(args.n))
+    save_png(make_grid(result.images, columns=max(1, columns)), args.out)
+    if args.save_images is not None:
+        for index, image in enumerate(result.images):
+            save_png(image, args.save_images / f"sample-{index:05d}.png")
+    if args.save_codes is not None:
+        arrays = {f"codes_{i}": c.numpy() for i, c in enumerate(result.codes)}
+        if result.labels is not None:
+            arrays["labels"] = result.labels.numpy()
+        args.save_codes.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.save_codes, **arrays)
+    print(f"{args.n} samples: {args.out}")
     return 0
 
 
@@ -127,6 +255,66 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--json", action="store_true", help="print metrics as one JSON object")
     recon.set_defaults(handler=_cmd_reconstruct)
 
+    extract = commands.add_parser(
+        "extract-codes",
+        help="encode the train and validation splits into RUN_DIR/codes (Algorithm 2, 1-7)",
+    )
+    extract.add_argument("run_dir", type=Path, help="stage-1 run folder")
+    extract.add_argument("--data", type=Path, default=DEFAULT_DATA_PATH, help="image source")
+    extract.add_argument("--quiet", action="store_true", help="no progress bar")
+    extract.set_defaults(handler=_cmd_extract_codes)
+
+    prior = commands.add_parser(
+        "train-prior",
+        help="train the PixelSNAIL prior of one level on the extracted codes",
+        description="Config: a prior preset (default prior-LEVEL-<the VQ-VAE's preset>) or YAML.",
+    )
+    prior.add_argument("run_dir", type=Path, help="stage-1 run folder (with extracted codes)")
+    prior.add_argument("--level", required=True, choices=("top", "middle", "bottom"))
+    prior.add_argument("--config", help="prior preset name or YAML file")
+    prior.add_argument("--max-minutes", type=float, help="stop after this much wall time")
+    prior.add_argument("--max-steps", type=int, help="sets train.max_steps")
+    prior.add_argument("--resume", action="store_true", help="continue this level's prior")
+    prior.add_argument("--quiet", action="store_true", help="no progress bar")
+    prior.add_argument("--json", action="store_true", help="print the final NLL as JSON")
+    prior.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    prior.set_defaults(handler=_cmd_train_prior)
+
+    classifier = commands.add_parser(
+        "train-classifier",
+        help="train the image classifier used for rejection sampling and evaluation",
+    )
+    classifier.add_argument("--data", type=Path, default=DEFAULT_DATA_PATH, help="image source")
+    classifier.add_argument("--out", type=Path, help="output folder (default RUN_DIR/classifier)")
+    classifier.add_argument("--run", type=Path, help="stage-1 run: image size, channels, --out")
+    classifier.add_argument("--config", help="classifier preset name or YAML file")
+    classifier.add_argument("--max-minutes", type=float, help="stop after this much wall time")
+    classifier.add_argument("--max-steps", type=int, help="sets train.max_steps")
+    classifier.add_argument(
+        "--resume", action="store_true", help="continue the classifier in --out"
+    )
+    classifier.add_argument("--quiet", action="store_true", help="no progress bar")
+    classifier.add_argument("--json", action="store_true", help="print accuracy as JSON")
+    classifier.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    classifier.set_defaults(handler=_cmd_train_classifier)
+
+    sample = commands.add_parser(
+        "sample",
+        help="draw images: top codes, then each lower level, then one decoder pass",
+    )
+    sample.add_argument("run_dir", type=Path, help="run folder with the VQ-VAE and all priors")
+    sample.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    sample.add_argument(
+        "--class", dest="classes", type=int, nargs="+", help="class label(s), spread in blocks"
+    )
+    sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sample.add_argument("--out", type=Path, required=True, help="grid PNG to write")
+    sample.add_argument("--save-images", type=Path, help="also write each image into this folder")
+    sample.add_argument("--save-codes", type=Path, help="also write the codes to this .npz")
+    sample.add_argument("--quiet", action="store_true", help="no progress bar")
+    sample.set_defaults(handler=_cmd_sample)
+
     presets = commands.add_parser("presets", help="list the built-in config presets")
     presets.set_defaults(handler=_cmd_presets)
     return parser
@@ -135,7 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit status."""
     logging.basicConfig(level=logging.INFO, format="vqvae2: %(message)s", stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may sit anywhere among the options, which argparse's positional
+    # matching does not allow: collect the leftovers that look like overrides.
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -185,13 +185,138 @@ class VQVAERunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+@dataclass(frozen=True)
+class PixelSNAILConfig:
+    """Autoregressive prior over one level's codes (Section 3.2). Defaults: Table 3 top prior.
+
+    ``code_size``, ``codebook_size``, ``condition_sizes`` and ``num_classes`` describe the data
+    the prior models; ``train-prior`` fills them in from the VQ-VAE and the dataset.
+    """
+
+    code_size: int = 32  # side of this level's code map (Table 3 "input size")
+    codebook_size: int = 512  # K of the VQ-VAE level modelled
+    hidden_channels: int = 512  # Table 3 "hidden units": width of both streams
+    residual_channels: int = 2048  # Table 3 "residual units": inner width of each block
+    num_layers: int = 20  # Table 3 "layers": gated residual blocks
+    attention_layers: int = 4  # Table 3 "attention layers", spread evenly over the blocks
+    attention_heads: int = 8  # Table 3 "attention heads"
+    kernel_size: int = 5  # Table 3 "conv filter size"
+    dropout: float = 0.1  # Table 3 "dropout", after each block and on the attention weights
+    output_stack_layers: int = 20  # Table 3 "output stack layers": 1x1 residual blocks
+    condition_res_blocks: int = 0  # Table 3 "conditioning stack residual blocks" (lower priors)
+    condition_channels: int = 512  # width of the conditioning stack and class embedding
+    condition_sizes: tuple[int, ...] = ()  # sides of the upper levels' code maps, top first
+    num_classes: int = 0  # > 0 makes the prior class-conditional
+
+    def __post_init__(self) -> None:
+        for name in (
+            "code_size",
+            "hidden_channels",
+            "residual_channels",
+            "num_layers",
+            "attention_heads",
+            "condition_channels",
+        ):
+            value = getattr(self, name)
+            _check(value >= 1, f"prior.{name} must be >= 1, got {value}")
+        _check(
+            self.codebook_size >= 2, f"prior.codebook_size must be >= 2, got {self.codebook_size}"
+        )
+        _check(
+            0 <= self.attention_layers <= self.num_layers,
+            f"prior.attention_layers must be in [0, num_layers={self.num_layers}], "
+            f"got {self.attention_layers}",
+        )
+        _check(
+            self.attention_layers == 0 or self.hidden_channels % self.attention_heads == 0,
+            f"prior.hidden_channels={self.hidden_channels} must be divisible by "
+            f"prior.attention_heads={self.attention_heads}",
+        )
+        _check(
+            self.kernel_size >= 1 and self.kernel_size % 2 == 1,
+            f"prior.kernel_size must be odd, got {self.kernel_size}",
+        )
+        _check(0.0 <= self.dropout < 1.0, f"prior.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("output_stack_layers", "condition_res_blocks", "num_classes"):
+            value = getattr(self, name)
+            _check(value >= 0, f"prior.{name} must be >= 0, got {value}")
+        _check(
+            all(size >= 1 for size in self.condition_sizes),
+            f"prior.condition_sizes must be positive, got {list(self.condition_sizes)}",
+        )
+
+    @property
+    def attention_layer_indices(self) -> tuple[int, ...]:
+        """Blocks followed by attention: evenly spread, the last block always among them."""
+        count, layers = self.attention_layers, self.num_layers
+        return tuple((i + 1) * layers // count - 1 for i in range(count))
+
+
+@dataclass(frozen=True)
+class PriorRunConfig:
+    """Everything `vqvae2 train-prior` needs besides the run folder and level."""
+
+    prior: PixelSNAILConfig = field(default_factory=PixelSNAILConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    class_conditional: bool = True  # condition on the labels when the data has several classes
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Small convolutional image classifier (for rejection sampling and the evaluation metrics).
+
+    ``image_size``, ``in_channels`` and ``num_classes`` are filled in from the data.
+    """
+
+    image_size: int = 32  # square input side
+    in_channels: int = 1  # 1 grey, 3 RGB
+    num_classes: int = 10  # output classes
+    stage_channels: tuple[int, ...] = (32, 64, 128)  # two 3x3 convs then 2x2 max-pool per stage
+    dropout: float = 0.3  # before the final linear layer
+
+    def __post_init__(self) -> None:
+        _check(
+            self.in_channels in (1, 3),
+            f"classifier.in_channels must be 1 or 3, got {self.in_channels}",
+        )
+        _check(
+            self.num_classes >= 2, f"classifier.num_classes must be >= 2, got {self.num_classes}"
+        )
+        _check(len(self.stage_channels) >= 1, "classifier.stage_channels must not be empty")
+        _check(
+            self.image_size % 2 ** len(self.stage_channels) == 0,
+            f"classifier.image_size={self.image_size} must be divisible by "
+            f"2^{len(self.stage_channels)} (one 2x2 pool per stage)",
+        )
+        _check(
+            0.0 <= self.dropout < 1.0, f"classifier.dropout must be in [0, 1), got {self.dropout}"
+        )
+
+
+@dataclass(frozen=True)
+class ClassifierRunConfig:
+    """Everything `vqvae2 train-classifier` needs besides the data path and output folder."""
+
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
 # ----------------------------------------------------------------------------------------------
 # Plain data <-> dataclasses
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """A config dataclass (possibly nested) as plain JSON/YAML data."""
-    return dataclasses.asdict(config)
+    """A config dataclass (possibly nested) as plain JSON/YAML data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(item) for item in value]
+        return value
+
+    return plain(dataclasses.asdict(config))
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -214,6 +339,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             except ValueError as error:
                 errors.append(str(error))
         raise ValueError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple:
+        _check(isinstance(value, list | tuple), f"{key} must be a list, got {value!r}")
+        (item_type, _) = typing.get_args(annotation)
+        return tuple(_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value))
     if annotation is bool:
         _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
         return value

@@ -8,8 +8,11 @@ split get a deterministic one, carved by a seeded permutation.
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import math
+import os
+import shutil
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -423,3 +426,142 @@ def load_image_files(paths: Sequence[str | Path], image_size: int, channels: int
     if not images:
         raise ValueError("no image files given")
     return uint8_to_float(torch.stack(images))
+
+
+# ----------------------------------------------------------------------------------------------
+# Extracted codes (Algorithm 2, lines 1-7)
+
+CODE_STORE_VERSION = 1
+
+
+def _code_dtype(codebook_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if codebook_size <= 2**16 else np.dtype(np.int32)
+
+
+class CodeStoreWriter:
+    """Writes the codes of every level and the labels of one split into memory-mapped ``.npy``
+    files, so the store can grow to millions of entries without being held in memory.
+
+    Files go to a temporary folder that ``close`` renames into place: a killed extraction leaves
+    no half-written store behind.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        count: int,
+        level_names: Sequence[str],
+        code_sizes: Sequence[int],
+        codebook_size: int,
+        extra: dict | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.tmp = self.directory.with_name(f".{self.directory.name}.tmp")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        dtype = _code_dtype(codebook_size)
+        self.codes = [
+            np.lib.format.open_memmap(self.tmp / f"{name}.npy", "w+", dtype, (count, side, side))
+            for name, side in zip(level_names, code_sizes, strict=True)
+        ]
+        self.labels = np.lib.format.open_memmap(self.tmp / "labels.npy", "w+", np.int64, (count,))
+        self.meta = {
+            "format": "vqvae2-codes",
+            "format_version": CODE_STORE_VERSION,
+            "count": count,
+            "levels": list(level_names),
+            "code_sizes": list(code_sizes),
+            "codebook_size": codebook_size,
+            **(extra or {}),
+        }
+
+    def write(self, start: int, codes: Sequence[Tensor], labels: Tensor) -> None:
+        """Store a batch at rows ``start:start+B``: codes per level (B, h, w), labels (B,)."""
+        stop = start + len(labels)
+        for store, level_codes in zip(self.codes, codes, strict=True):
+            store[start:stop] = level_codes.cpu().numpy()
+        self.labels[start:stop] = labels.cpu().numpy()
+
+    def close(self) -> Path:
+        for array in (*self.codes, self.labels):
+            array.flush()
+        (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=2))
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+        os.replace(self.tmp, self.directory)
+        return self.directory
+
+
+class CodeDataset(Dataset):
+    """Random access to a split of extracted codes: items are (codes per level, label).
+
+    Raises:
+        ValueError: the store is missing, of another format, empty, truncated or inconsistent.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        meta_path = self.directory / "meta.json"
+        if not meta_path.is_file():
+            raise ValueError(
+                f"no extracted codes in {self.directory}; run `vqvae2 extract-codes` first"
+            )
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read {meta_path}: {error}") from None
+        if meta.get("format") != "vqvae2-codes" or meta.get("format_version") != CODE_STORE_VERSION:
+            raise ValueError(
+                f"{self.directory} is not a vqvae2 code store of version {CODE_STORE_VERSION}"
+            )
+        self.meta = meta
+        self.level_names: list[str] = meta["levels"]
+        self.code_sizes: list[int] = meta["code_sizes"]
+        self.codebook_size: int = meta["codebook_size"]
+        count = meta["count"]
+        if count < 1:
+            raise ValueError(f"the code store {self.directory} is empty")
+        try:
+            self.codes = [
+                np.load(self.directory / f"{name}.npy", mmap_mode="r") for name in self.level_names
+            ]
+            self.labels = np.load(self.directory / "labels.npy", mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"the code store {self.directory} is truncated or corrupt: {error}"
+            ) from None
+        for name, array, side in zip(self.level_names, self.codes, self.code_sizes, strict=True):
+            if array.shape != (count, side, side):
+                raise ValueError(
+                    f"the code store {self.directory} is inconsistent: {name} codes have shape "
+                    f"{array.shape}, expected {(count, side, side)}"
+                )
+        if self.labels.shape != (count,):
+            raise ValueError(
+                f"the code store {self.directory} is inconsistent: labels {self.labels.shape}"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta.get("num_classes", 0))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[list[Tensor], Tensor]:
+        codes, labels = self.__getitems__([index])
+        return [level[0] for level in codes], labels[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[list[Tensor], Tensor]:
+        """Codes per level, top first, each (B, h, w) int64, and labels (B,) int64."""
+        index = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(index)  # sorted reads are kinder to memory maps
+        sorted_index = index[order]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        codes = [
+            torch.from_numpy(array[sorted_index].astype(np.int64))[inverse] for array in self.codes
+        ]
+        labels = torch.from_numpy(self.labels[sorted_index].astype(np.int64))[inverse]
+        return codes, labels

@@ -20,14 +20,25 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from .checkpoint import (
+    load_prior,
     load_run_config,
     load_state_checked,
     load_vqvae,
     read_checkpoint,
     save_checkpoint,
 )
-from .config import VQVAERunConfig, config_from_dict, save_yaml
+from .classifier import Classifier
+from .config import (
+    ClassifierRunConfig,
+    PriorRunConfig,
+    TrainConfig,
+    VQVAERunConfig,
+    config_from_dict,
+    save_yaml,
+)
 from .data import (
+    CodeDataset,
+    CodeStoreWriter,
     TensorImageDataset,
     float_to_uint8,
     load_image_files,
@@ -42,6 +53,8 @@ from .metrics import (
     psnr_from_mse,
     squared_error_01,
 )
+from .pixelsnail import PixelSNAIL
+from .sampling import check_hierarchy, generate
 from .vqvae import VQVAE2
 
 VQVAE_KIND = "vqvae"
@@ -184,8 +197,7 @@ class TrainResult:
     metrics: dict[str, Any]  # final validation metrics
 
 
-def _learning_rate(config: VQVAERunConfig, step: int) -> float:
-    train = config.train
+def _learning_rate(train: TrainConfig, step: int) -> float:
     if train.lr_schedule == "cosine":
         return (
             train.learning_rate * 0.5 * (1 + math.cos(math.pi * min(step / train.max_steps, 1.0)))
@@ -201,6 +213,7 @@ def train_vqvae(
     max_minutes: float | None = None,
     resume: bool = False,
     progress: bool = True,
+    preset: str | None = None,
 ) -> TrainResult:
     """Train stage 1 and write checkpoints, metrics, grids and the resolved config to ``run_dir``.
 
@@ -211,6 +224,8 @@ def train_vqvae(
         max_minutes: stop (after checkpointing) once this much wall time has passed.
         resume: continue the run in ``run_dir`` from its latest checkpoint.
         progress: show a progress bar on stderr.
+        preset: name of the preset the config came from; later commands pick matching prior
+            and classifier presets by it.
     """
     run_dir = Path(run_dir)
     kind_dir = run_dir / VQVAE_KIND
@@ -249,6 +264,7 @@ def train_vqvae(
             optimizer.load_state_dict(checkpoint.optimizer_state)
         step = checkpoint.step
         elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
+        preset = checkpoint.extra.get("preset", preset)
     model.train()
 
     grid_images = torch.stack(
@@ -273,7 +289,7 @@ def train_vqvae(
             config,
             model,
             optimizer,
-            extra={"elapsed_seconds": elapsed(), "data_path": str(data_path)},
+            extra={"elapsed_seconds": elapsed(), "data_path": str(data_path), "preset": preset},
         )
 
     bar = tqdm(
@@ -286,7 +302,7 @@ def train_vqvae(
     )
     for images, _ in loader:
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
+            group["lr"] = _learning_rate(train_config, step)
         output = model(images)
         optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
@@ -371,3 +387,454 @@ def reconstruct(
     save_png(reconstruction_grid(model, shown), out_png)
     source = "files" if image_files else split
     return {**metrics, "images": len(dataset), "split": source, "grid": str(out_png)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: code extraction (Algorithm 2, lines 1-7)
+
+CODES_DIR = "codes"
+
+
+@torch.no_grad()
+def extract_codes(
+    run_dir: str | Path,
+    data_path: str | Path,
+    splits: tuple[str, ...] = ("train", "val"),
+    batch_size: int = EVAL_BATCH_SIZE,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Encode dataset splits once with the trained VQ-VAE into ``RUN_DIR/codes/<split>``.
+
+    Returns:
+        The store folder of each split.
+    """
+    run_dir = Path(run_dir)
+    checkpoint_step = read_checkpoint(run_dir, VQVAE_KIND).step
+    model = load_vqvae(run_dir)
+    config = model.config
+    data_config = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).data
+    written = {}
+    for split in splits:
+        dataset = open_dataset(data_path, split, config.image_size, config.in_channels, data_config)
+        writer = CodeStoreWriter(
+            run_dir / CODES_DIR / split,
+            len(dataset),
+            config.level_names,
+            config.latent_sizes,
+            config.codebook_size,
+            extra={"num_classes": dataset.num_classes, "vqvae_step": checkpoint_step},
+        )
+        start = 0
+        batches = eval_loader(dataset, batch_size, data_config.num_workers)
+        for images, labels in tqdm(batches, desc=f"extract-codes {split}", disable=not progress):
+            writer.write(start, model.encode(images), labels)
+            start += len(labels)
+        written[split] = writer.close()
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: priors (Algorithm 2, lines 8-9)
+
+
+def prior_kind(level: str) -> str:
+    return f"prior-{level}"
+
+
+@torch.no_grad()
+def evaluate_prior(
+    prior: PixelSNAIL, codes: CodeDataset, level: int, max_batches: int | None = None
+) -> float:
+    """Mean negative log-likelihood of a split's codes in nats per code (eval mode)."""
+    was_training = prior.training
+    prior.eval()
+    total, count = 0.0, 0
+    for batch_index, (level_codes, labels) in enumerate(eval_loader(codes, EVAL_BATCH_SIZE)):
+        if max_batches is not None and batch_index >= max_batches:
+            break
+        output = prior(*_prior_inputs(prior, level_codes, labels, level))
+        total += float(output.loss) * level_codes[level].numel()
+        count += level_codes[level].numel()
+    prior.train(was_training)
+    return total / max(count, 1)
+
+
+def _prior_inputs(
+    prior: PixelSNAIL, level_codes: list[torch.Tensor], labels: torch.Tensor, level: int
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
+    """(codes, labels, upper codes) for ``prior`` from a batch of every level's codes."""
+    config = prior.config
+    return (
+        level_codes[level],
+        labels if config.num_classes > 0 else None,
+        level_codes[:level] if config.condition_sizes else None,
+    )
+
+
+def _nll_summary(prefix: str, nats: float) -> dict[str, float]:
+    return {f"{prefix}_nll_nats": nats, f"{prefix}_nll_bits": nats / math.log(2)}
+
+
+def train_prior(
+    run_dir: str | Path,
+    level: str,
+    config: PriorRunConfig,
+    *,
+    max_minutes: float | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Fit the prior of one level on the extracted codes (``extract_codes`` first).
+
+    The prior's data fields (code size, codebook size, upper levels, classes) come from the
+    VQ-VAE and the code store; its checkpoints go to ``RUN_DIR/prior-<level>``.
+
+    Returns:
+        Final ``train_nll_nats``/``bits`` and ``val_nll_nats``/``bits`` (nats/bits per code).
+    """
+    run_dir = Path(run_dir)
+    vqvae_config = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model
+    if level not in vqvae_config.level_names:
+        raise ValueError(
+            f"the VQ-VAE in {run_dir} has levels {', '.join(vqvae_config.level_names)}; "
+            f"there is no '{level}' level"
+        )
+    index = vqvae_config.level_names.index(level)
+    train_codes = CodeDataset(run_dir / CODES_DIR / "train")
+    val_codes = CodeDataset(run_dir / CODES_DIR / "val")
+    for store in (train_codes, val_codes):
+        if (
+            store.codebook_size != vqvae_config.codebook_size
+            or tuple(store.code_sizes) != vqvae_config.latent_sizes
+        ):
+            raise ValueError(
+                f"the codes in {store.directory} were not made by this VQ-VAE; extract them again"
+            )
+
+    kind = prior_kind(level)
+    kind_dir = run_dir / kind
+    checkpoint = None
+    if resume:
+        checkpoint = read_checkpoint(run_dir, kind, with_optimizer=True)
+        saved = config_from_dict(PriorRunConfig, checkpoint.config)
+        config = replace(saved, train=replace(saved.train, max_steps=config.train.max_steps))
+    elif (kind_dir / "latest").exists():
+        raise ValueError(f"{kind_dir} already holds a trained prior; pass --resume")
+    else:
+        num_classes = train_codes.num_classes if config.class_conditional else 0
+        prior_config = replace(
+            config.prior,
+            code_size=vqvae_config.latent_sizes[index],
+            codebook_size=vqvae_config.codebook_size,
+            condition_sizes=tuple(vqvae_config.latent_sizes[:index]),
+            num_classes=num_classes if num_classes > 1 else 0,
+        )
+        config = replace(config, prior=prior_config)
+    kind_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(config, kind_dir / "config.yaml")
+    train_config = config.train
+
+    torch.manual_seed(train_config.seed)
+    prior = PixelSNAIL(config.prior)
+    optimizer = torch.optim.Adam(
+        prior.parameters(),
+        lr=train_config.learning_rate,
+        betas=(train_config.adam_beta1, train_config.adam_beta2),
+    )
+    step, elapsed_before = 0, 0.0
+    if checkpoint is not None:
+        load_state_checked(prior, checkpoint.model_state, checkpoint.path)
+        if checkpoint.optimizer_state is not None:
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+        step = checkpoint.step
+        elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
+    prior.train()
+
+    log = MetricsLog(kind_dir / METRICS_FILE)
+    sampler = EpochBatchSampler(
+        len(train_codes), train_config.batch_size, train_config.seed, step, train_config.max_steps
+    )
+    start = time.monotonic()
+    deadline = None if max_minutes is None else start + 60.0 * max_minutes
+
+    def elapsed() -> float:
+        return elapsed_before + time.monotonic() - start
+
+    def checkpoint_now() -> None:
+        save_checkpoint(
+            kind_dir,
+            kind,
+            step,
+            config,
+            prior,
+            optimizer,
+            extra={"elapsed_seconds": elapsed(), "level": level},
+        )
+
+    bar = tqdm(
+        total=train_config.max_steps,
+        initial=step,
+        disable=not progress,
+        desc=f"train-prior {level}",
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+    for level_codes, labels in batch_loader(train_codes, sampler, num_workers=0):
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(train_config, step)
+        output = prior(*_prior_inputs(prior, level_codes, labels, index))
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        if step % train_config.log_every == 0:
+            nats = output.loss.item()
+            log.write(
+                step,
+                elapsed(),
+                "train",
+                {**_nll_summary("batch", nats), "lr": optimizer.param_groups[0]["lr"]},
+            )
+            bar.set_postfix(nll=f"{nats:.3f}", refresh=False)
+        out_of_time = deadline is not None and time.monotonic() >= deadline
+        if step % train_config.val_every == 0 and step < train_config.max_steps and not out_of_time:
+            nats = evaluate_prior(prior, val_codes, index, train_config.val_batches)
+            log.write(step, elapsed(), "val", _nll_summary("val", nats))
+        if step % train_config.checkpoint_every == 0 and not out_of_time:
+            checkpoint_now()
+        if out_of_time:
+            break
+    bar.close()
+    metrics = {
+        **_nll_summary("train", evaluate_prior(prior, train_codes, index)),
+        **_nll_summary("val", evaluate_prior(prior, val_codes, index)),
+    }
+    log.write(step, elapsed(), "final", metrics)
+    checkpoint_now()
+    return TrainResult(run_dir=kind_dir, step=step, metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier (for rejection sampling and the evaluation metrics)
+
+CLASSIFIER_KIND = "classifier"
+AUGMENT_SHIFT = 2  # pixels of random translation in classifier training
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips and shifts of up to ``AUGMENT_SHIFT`` pixels: (B, C, S, S) -> same."""
+    batch, _, size, _ = images.shape
+    flip = torch.rand(batch, generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    padded = torch.nn.functional.pad(images, (AUGMENT_SHIFT,) * 4, mode="replicate")
+    offsets = torch.randint(0, 2 * AUGMENT_SHIFT + 1, (batch, 2), generator=generator)
+    return torch.stack(
+        [padded[i, :, y : y + size, x : x + size] for i, (y, x) in enumerate(offsets.tolist())]
+    )
+
+
+@torch.no_grad()
+def evaluate_classifier(classifier: Classifier, dataset: Dataset, num_workers: int = 0) -> float:
+    """Top-1 accuracy of ``classifier`` on a dataset of (image, label) pairs."""
+    was_training = classifier.training
+    classifier.eval()
+    correct, total = 0, 0
+    for images, labels in eval_loader(dataset, EVAL_BATCH_SIZE, num_workers):
+        predictions = classifier(images).logits.argmax(dim=-1)
+        correct += int((predictions == labels).sum())
+        total += len(labels)
+    classifier.train(was_training)
+    return correct / max(total, 1)
+
+
+def train_classifier(
+    config: ClassifierRunConfig,
+    data_path: str | Path,
+    out_dir: str | Path,
+    *,
+    max_minutes: float | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the image classifier; checkpoints, metrics and config go to ``out_dir``.
+
+    ``model.num_classes`` is taken from the data. Returns ``val_accuracy`` and
+    ``test_accuracy``.
+    """
+    out_dir = Path(out_dir)
+    checkpoint = None
+    if resume:
+        checkpoint = read_checkpoint(out_dir, CLASSIFIER_KIND, with_optimizer=True)
+        saved = config_from_dict(ClassifierRunConfig, checkpoint.config)
+        config = replace(saved, train=replace(saved.train, max_steps=config.train.max_steps))
+    elif (out_dir / "latest").exists():
+        raise ValueError(
+            f"{out_dir} already holds a trained classifier; pass --resume or another --out"
+        )
+    model_config, train_config = config.model, config.train
+    splits = {
+        split: open_dataset(
+            data_path, split, model_config.image_size, model_config.in_channels, config.data
+        )
+        for split in ("train", "val", "test")
+    }
+    if checkpoint is None:
+        num_classes = splits["train"].num_classes
+        if num_classes < 2:
+            raise ValueError(f"{data_path} has {num_classes} class; a classifier needs at least 2")
+        config = replace(config, model=replace(model_config, num_classes=num_classes))
+        model_config = config.model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(config, out_dir / "config.yaml")
+
+    torch.manual_seed(train_config.seed)
+    classifier = Classifier(model_config)
+    optimizer = torch.optim.Adam(
+        classifier.parameters(),
+        lr=train_config.learning_rate,
+        betas=(train_config.adam_beta1, train_config.adam_beta2),
+    )
+    step, elapsed_before = 0, 0.0
+    if checkpoint is not None:
+        load_state_checked(classifier, checkpoint.model_state, checkpoint.path)
+        if checkpoint.optimizer_state is not None:
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+        step = checkpoint.step
+        elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
+    classifier.train()
+
+    log = MetricsLog(out_dir / METRICS_FILE)
+    sampler = EpochBatchSampler(
+        len(splits["train"]),
+        train_config.batch_size,
+        train_config.seed,
+        step,
+        train_config.max_steps,
+    )
+    start = time.monotonic()
+    deadline = None if max_minutes is None else start + 60.0 * max_minutes
+
+    def elapsed() -> float:
+        return elapsed_before + time.monotonic() - start
+
+    def checkpoint_now() -> None:
+        save_checkpoint(
+            out_dir,
+            CLASSIFIER_KIND,
+            step,
+            config,
+            classifier,
+            optimizer,
+            extra={"elapsed_seconds": elapsed()},
+        )
+
+    bar = tqdm(
+        total=train_config.max_steps,
+        initial=step,
+        disable=not progress,
+        desc="train-classifier",
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+    for images, labels in batch_loader(splits["train"], sampler, config.data.num_workers):
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(train_config, step)
+        generator = torch.Generator().manual_seed(train_config.seed * 1_000_003 + step)
+        logits = classifier(augment(images, generator)).logits
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        if step % train_config.log_every == 0:
+            accuracy = float((logits.argmax(-1) == labels).float().mean())
+            log.write(step, elapsed(), "train", {"loss": loss.item(), "accuracy": accuracy})
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        out_of_time = deadline is not None and time.monotonic() >= deadline
+        if step % train_config.checkpoint_every == 0 and not out_of_time:
+            checkpoint_now()
+        if out_of_time:
+            break
+    bar.close()
+    metrics = {
+        "val_accuracy": evaluate_classifier(classifier, splits["val"]),
+        "test_accuracy": evaluate_classifier(classifier, splits["test"]),
+    }
+    log.write(step, elapsed(), "final", metrics)
+    checkpoint_now()
+    return TrainResult(run_dir=out_dir, step=step, metrics=metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling from a trained run (Algorithm 2, lines 10-13)
+
+SAMPLE_BATCH_SIZE = 64
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    codes: list[torch.Tensor]  # per level, top first, (N, h, w) int64
+    labels: torch.Tensor | None  # (N,) int64 requested classes, or None (unconditional)
+
+
+def load_hierarchy(run_dir: str | Path) -> tuple[VQVAE2, list[PixelSNAIL]]:
+    """The VQ-VAE and one trained prior per level (top first) of a run, checked to fit."""
+    run_dir = Path(run_dir)
+    vqvae = load_vqvae(run_dir)
+    priors = []
+    for level in vqvae.config.level_names:
+        if not (run_dir / prior_kind(level) / "latest").is_file():
+            raise ValueError(
+                f"{run_dir} has no trained {level} prior; run `vqvae2 train-prior {run_dir} --level {level}`"
+            )
+        priors.append(load_prior(run_dir, level))
+    check_hierarchy(vqvae, priors)
+    return vqvae, priors
+
+
+def sample_from_run(
+    run_dir: str | Path,
+    count: int,
+    classes: list[int] | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = SAMPLE_BATCH_SIZE,
+    progress: bool = True,
+) -> SampleResult:
+    """Draw ``count`` images from a trained run.
+
+    With class-conditional priors, ``classes`` are spread evenly over the samples in blocks
+    (``count // len(classes)`` of each class, in the order given); without ``classes`` every
+    class gets an equal share. Randomness comes from one generator seeded with ``seed``.
+    """
+    if count < 1:
+        raise ValueError(f"the number of samples must be >= 1, got {count}")
+    vqvae, priors = load_hierarchy(run_dir)
+    num_classes = priors[0].config.num_classes
+    labels = None
+    if num_classes > 0:
+        chosen = classes if classes else list(range(num_classes))
+        bad = [c for c in chosen if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(
+                f"class {bad[0]} is out of range: the priors know classes 0..{num_classes - 1}"
+            )
+        labels = torch.tensor(chosen).repeat_interleave(math.ceil(count / len(chosen)))[:count]
+    elif classes:
+        raise ValueError("the priors of this run are not class-conditional; drop --class")
+    generator = torch.Generator().manual_seed(seed)
+    images, codes = [], []
+    starts = range(0, count, batch_size)
+    for start in tqdm(starts, desc="sample", disable=not progress):
+        size = min(batch_size, count - start)
+        batch_labels = None if labels is None else labels[start : start + size]
+        batch_images, batch_codes = generate(
+            vqvae, priors, size, batch_labels, temperature, generator
+        )
+        images.append(float_to_uint8(batch_images))
+        codes.append(batch_codes)
+    all_codes = [torch.cat([batch[level] for batch in codes]) for level in range(len(priors))]
+    return SampleResult(images=torch.cat(images), codes=all_codes, labels=labels)

@@ -1,0 +1,319 @@
+"""Autoregressive prior over VQ-VAE codes, stage 2 of VQ-VAE-2 (Razavi et al. 2019, Section 3.2).
+
+A gated PixelCNN (van den Oord et al. 2016) with PixelSNAIL-style (Chen et al. 2018) causal
+multi-head self-attention every few blocks, dropout and a residual stack of 1x1 convolutions on
+the output. The same module serves every level: the top prior has attention; a lower prior is
+conditioned on the codes of the levels above through a deep residual conditioning stack (no
+attention, Table 3). Any prior may also be conditioned on a class label.
+
+Causality without a blind spot comes from two streams:
+  * the vertical stream at row i sees input rows <= i (all columns within its kernel) and is
+    only ever passed on shifted down one row, so it brings rows strictly above;
+  * the horizontal stream at (i, j) sees its own row left of j (the input shifted right by one
+    at the first layer) plus the shifted vertical stream.
+The output is read from the horizontal stream, so the logits at (i, j) depend only on codes
+strictly before (i, j) in raster order. Attention keys at positions <= p are horizontal-stream
+features, which already exclude the code at their own position.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .config import PixelSNAILConfig
+
+
+def shift_down(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> same shape, row i holds row i-1 (row 0 is zeros)."""
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1, :]
+
+
+def shift_right(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> same shape, column j holds column j-1 (column 0 is zeros)."""
+    return F.pad(x, (1, 0, 0, 0))[:, :, :, :-1]
+
+
+def gate(x: Tensor) -> Tensor:
+    """Gated activation tanh(a) * sigmoid(b) of the two channel halves: (B, 2C, ...) -> (B, C, ...)."""
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class VerticalConv(nn.Module):
+    """Convolution over rows i - k//2 .. i and columns j - k//2 .. j + k//2 (output row i)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.half = kernel_size // 2
+        self.conv = nn.Conv2d(in_channels, out_channels, (self.half + 1, kernel_size))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
+        return self.conv(F.pad(x, (self.half, self.half, self.half, 0)))
+
+
+class HorizontalConv(nn.Module):
+    """Convolution over columns j - k//2 .. j of row i (output column j)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.half = kernel_size // 2
+        self.conv = nn.Conv2d(in_channels, out_channels, (1, self.half + 1))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
+        return self.conv(F.pad(x, (self.half, 0, 0, 0)))
+
+
+class GatedBlock(nn.Module):
+    """One gated residual block on both streams, with optional conditioning on the gates."""
+
+    def __init__(self, config: PixelSNAILConfig, condition_channels: int) -> None:
+        super().__init__()
+        hidden, residual = config.hidden_channels, config.residual_channels
+        self.vertical = VerticalConv(hidden, residual, config.kernel_size)
+        self.horizontal = HorizontalConv(hidden, residual, config.kernel_size)
+        self.vertical_to_horizontal = nn.Conv2d(residual, residual, 1)
+        self.vertical_gates = nn.Conv2d(residual, 2 * hidden, 1)
+        self.horizontal_gates = nn.Conv2d(residual, 2 * hidden, 1)
+        self.condition = (
+            nn.Conv2d(condition_channels, 4 * hidden, 1) if condition_channels > 0 else None
+        )
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, vertical: Tensor, horizontal: Tensor, condition: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Streams (B, C, H, W) each; condition (B, C_cond, H, W) or (B, C_cond, 1, 1) or None."""
+        v_hidden = self.vertical(F.elu(vertical))  # (B, R, H, W), rows <= i
+        h_hidden = self.horizontal(F.elu(horizontal)) + self.vertical_to_horizontal(
+            shift_down(v_hidden)
+        )  # (B, R, H, W), strictly before (i, j)
+        v_gates = self.vertical_gates(F.elu(v_hidden))  # (B, 2C, H, W)
+        h_gates = self.horizontal_gates(F.elu(h_hidden))  # (B, 2C, H, W)
+        if self.condition is not None and condition is not None:
+            v_condition, h_condition = self.condition(condition).chunk(2, dim=1)
+            v_gates = v_gates + v_condition
+            h_gates = h_gates + h_condition
+        vertical = vertical + self.dropout(gate(v_gates))
+        horizontal = horizontal + self.dropout(gate(h_gates))
+        return vertical, horizontal
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention over raster positions, each query seeing keys at positions <= its own.
+
+    Keys, values and queries come from the horizontal stream (which excludes the code at its own
+    position) plus fixed (row, column) coordinates, so attending to position p itself is causal.
+    """
+
+    def __init__(self, config: PixelSNAILConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_channels
+        self.heads = config.attention_heads
+        inputs = hidden + 2  # features and (row, column) coordinates
+        self.query = nn.Linear(inputs, hidden)
+        self.key = nn.Linear(inputs, hidden)
+        self.value = nn.Linear(inputs, hidden)
+        self.output = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, horizontal: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W) attention output (not yet added to the stream)."""
+        batch, _, height, width = horizontal.shape
+        rows = torch.linspace(-1, 1, height, device=horizontal.device, dtype=horizontal.dtype)
+        cols = torch.linspace(-1, 1, width, device=horizontal.device, dtype=horizontal.dtype)
+        grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))  # (2, H, W)
+        features = torch.cat([F.elu(horizontal), grid.expand(batch, -1, -1, -1)], dim=1)
+        tokens = rearrange(features, "b c h w -> b (h w) c")  # (B, T, C + 2)
+        query, key, value = (
+            rearrange(proj(tokens), "b t (n d) -> b n t d", n=self.heads)  # (B, heads, T, d)
+            for proj in (self.query, self.key, self.value)
+        )
+        scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])  # (B, heads, T, T)
+        positions = height * width
+        allowed = torch.ones(
+            positions, positions, dtype=torch.bool, device=horizontal.device
+        ).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        weights = self.dropout(torch.softmax(scores, dim=-1))
+        attended = rearrange(weights @ value, "b n t d -> b t (n d)")  # (B, T, C)
+        attended = self.output(attended)
+        return rearrange(attended, "b (h w) c -> b c h w", h=height, w=width)
+
+
+class ResBlock1x1(nn.Module):
+    """x + Conv1x1(ELU(Conv1x1(ELU(x)))): a position-wise residual block of the output stack."""
+
+    def __init__(self, channels: int, residual_channels: int) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(channels, residual_channels, 1)
+        self.second = nn.Conv2d(residual_channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.second(F.elu(self.first(F.elu(x))))
+
+
+class ConditionResBlock(nn.Module):
+    """Non-causal residual block of the conditioning stack (the upper codes are fully known)."""
+
+    def __init__(self, channels: int, kernel_size: int, dropout: float) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
+        self.second = nn.Conv2d(channels, 2 * channels, 1)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.dropout(gate(self.second(F.elu(self.first(F.elu(x))))))
+
+
+class PriorOutput(NamedTuple):
+    logits: Tensor  # (B, K, H, W) float, unnormalised log-probabilities of each code
+    loss: Tensor  # () mean negative log-likelihood in nats per code
+
+
+class PixelSNAIL(nn.Module):
+    """Prior p(codes | class, upper codes) over one level's code map.
+
+    Args:
+        config: architecture; ``config.condition_sizes`` lists the sides of the upper levels'
+            code maps (top first) this prior is conditioned on (empty for the top prior).
+    """
+
+    def __init__(self, config: PixelSNAILConfig) -> None:
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_channels
+        self.embedding = nn.Embedding(config.codebook_size, hidden)
+        self.vertical_input = VerticalConv(hidden, hidden, config.kernel_size)
+        self.horizontal_input = HorizontalConv(hidden, hidden, config.kernel_size)
+        self.vertical_input_to_horizontal = nn.Conv2d(hidden, hidden, 1)
+
+        condition_channels = 0
+        if config.condition_sizes:
+            channels = config.condition_channels
+            self.condition_embeddings = nn.ModuleList(
+                nn.Embedding(config.codebook_size, channels) for _ in config.condition_sizes
+            )
+            self.condition_input = nn.Conv2d(
+                channels * len(config.condition_sizes),
+                channels,
+                config.kernel_size,
+                padding=config.kernel_size // 2,
+            )
+            self.condition_stack = nn.Sequential(
+                *[
+                    ConditionResBlock(channels, config.kernel_size, config.dropout)
+                    for _ in range(config.condition_res_blocks)
+                ]
+            )
+            condition_channels += channels
+        if config.num_classes > 0:
+            self.class_embedding = nn.Embedding(config.num_classes, config.condition_channels)
+            condition_channels = max(condition_channels, config.condition_channels)
+
+        self.blocks = nn.ModuleList(
+            GatedBlock(config, condition_channels) for _ in range(config.num_layers)
+        )
+        attention_layers = set(config.attention_layer_indices)
+        self.attention = nn.ModuleDict(
+            {str(i): CausalSelfAttention(config) for i in sorted(attention_layers)}
+        )
+        self.output_stack = nn.Sequential(
+            *[
+                ResBlock1x1(hidden, config.residual_channels)
+                for _ in range(config.output_stack_layers)
+            ]
+        )
+        self.output = nn.Conv2d(hidden, config.codebook_size, 1)
+
+    # ------------------------------------------------------------------------------------------
+    def check_inputs(
+        self, codes: Tensor, labels: Tensor | None, condition_codes: list[Tensor] | None
+    ) -> None:
+        """Raise ``ValueError`` when inputs do not fit this prior."""
+        config = self.config
+        side = config.code_size
+        if codes.dim() != 3 or tuple(codes.shape[1:]) != (side, side):
+            raise ValueError(
+                f"prior expects codes of shape (B, {side}, {side}), got {tuple(codes.shape)}"
+            )
+        if config.num_classes > 0:
+            if labels is None:
+                raise ValueError("this prior is class-conditional: give class labels")
+            if labels.numel() and (
+                int(labels.min()) < 0 or int(labels.max()) >= config.num_classes
+            ):
+                raise ValueError(f"class labels must lie in [0, {config.num_classes})")
+        conditions = condition_codes or []
+        if len(conditions) != len(config.condition_sizes):
+            raise ValueError(
+                f"prior expects codes of {len(config.condition_sizes)} upper level(s), got {len(conditions)}"
+            )
+        for upper, upper_side in zip(conditions, config.condition_sizes, strict=True):
+            if tuple(upper.shape[1:]) != (upper_side, upper_side) or len(upper) != len(codes):
+                raise ValueError(
+                    f"upper-level codes must have shape ({len(codes)}, {upper_side}, {upper_side}), "
+                    f"got {tuple(upper.shape)}"
+                )
+
+    def condition(
+        self, labels: Tensor | None, condition_codes: list[Tensor] | None
+    ) -> Tensor | None:
+        """Conditioning features (B, C_cond, H, W), (B, C_cond, 1, 1) for labels only, or None.
+
+        Computed once per image: during sampling it does not change from step to step.
+        """
+        config = self.config
+        features = None
+        if config.condition_sizes:
+            assert condition_codes is not None
+            side = config.code_size
+            maps = []
+            for embedding, upper in zip(self.condition_embeddings, condition_codes, strict=True):
+                embedded = rearrange(embedding(upper), "b h w c -> b c h w")  # (B, C_cond, h, w)
+                maps.append(F.interpolate(embedded, size=(side, side), mode="nearest"))
+            features = self.condition_stack(self.condition_input(torch.cat(maps, dim=1)))
+        if config.num_classes > 0:
+            assert labels is not None
+            class_features = self.class_embedding(labels)[:, :, None, None]  # (B, C_cond, 1, 1)
+            features = class_features if features is None else features + class_features
+        return features
+
+    def forward(
+        self,
+        codes: Tensor,
+        labels: Tensor | None = None,
+        condition_codes: list[Tensor] | None = None,
+    ) -> PriorOutput:
+        """Logits of every code given the codes before it (teacher forcing) and the loss.
+
+        Args:
+            codes: (B, H, W) int64 in [0, K), this level's codes.
+            labels: (B,) int64 class labels, required when ``num_classes > 0``.
+            condition_codes: codes of the upper levels, top first, each (B, h_l, w_l) int64.
+
+        Returns:
+            ``PriorOutput`` with logits (B, K, H, W) and mean NLL in nats per code.
+        """
+        self.check_inputs(codes, labels, condition_codes)
+        logits = self.logits(codes, self.condition(labels, condition_codes))
+        loss = F.cross_entropy(logits, codes)
+        return PriorOutput(logits=logits, loss=loss)
+
+    def logits(self, codes: Tensor, condition: Tensor | None) -> Tensor:
+        """(B, H, W) codes and precomputed conditioning -> (B, K, H, W) logits."""
+        x = rearrange(self.embedding(codes), "b h w c -> b c h w")  # (B, C, H, W)
+        vertical = self.vertical_input(x)  # rows <= i
+        horizontal = self.horizontal_input(shift_right(x)) + self.vertical_input_to_horizontal(
+            shift_down(vertical)
+        )  # strictly before (i, j)
+        for index, block in enumerate(self.blocks):
+            vertical, horizontal = block(vertical, horizontal, condition)
+            if str(index) in self.attention:
+                horizontal = horizontal + self.attention[str(index)](horizontal)
+        return self.output(F.elu(self.output_stack(horizontal)))  # (B, K, H, W)

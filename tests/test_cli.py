@@ -1,0 +1,179 @@
+"""The command line: help for every subcommand, one-line errors, an end-to-end run, kill + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vqvae2.cli import build_parser, main
+
+SUBCOMMANDS = ["train-vqvae", "reconstruct", "presets"]
+TINY = ["--config", "tiny", "model.image_size=16", "--quiet"]
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "vqvae2", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_works_for_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert command in capsys.readouterr().out
+
+
+def test_every_subcommand_is_listed_in_top_level_help(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert all(command in out for command in SUBCOMMANDS)
+
+
+def assert_one_line_error(capsys, code: int, fragment: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("vqvae2: error: ")
+    assert fragment in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_missing_data_path_is_one_line(tmp_path, capsys):
+    code = main(
+        ["train-vqvae", *TINY, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]
+    )
+    assert_one_line_error(capsys, code, "does not exist")
+
+
+def test_folder_without_images_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main(
+        ["train-vqvae", *TINY, "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]
+    )
+    assert_one_line_error(capsys, code, "no images")
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("model.colour=3", "unknown config key 'model.colour'"),
+        ("model.image_size=20", "multiple of the total downsampling"),
+        ("model.codebook_size=1", "codebook_size must be >= 2"),
+    ],
+)
+def test_bad_config_is_one_line(tmp_path, npz_data, capsys, override, fragment):
+    code = main(
+        ["train-vqvae", *TINY, override, "--data", str(npz_data), "--out", str(tmp_path / "r")]
+    )
+    assert_one_line_error(capsys, code, fragment)
+
+
+def test_reconstruct_of_a_folder_without_a_model_is_one_line(tmp_path, capsys):
+    tmp_path.joinpath("run").mkdir()
+    code = main(["reconstruct", str(tmp_path / "run"), "--out", str(tmp_path / "g.png")])
+    assert_one_line_error(capsys, code, "no vqvae checkpoint")
+
+
+def test_train_then_reconstruct_end_to_end(tmp_path, npz_data):
+    run = tmp_path / "run"
+    trained = run_cli(
+        "train-vqvae",
+        *TINY,
+        "--data",
+        str(npz_data),
+        "--out",
+        str(run),
+        "--max-steps",
+        "6",
+        "--json",
+    )
+    assert trained.returncode == 0, trained.stderr
+    summary = json.loads(trained.stdout)
+    assert summary["step"] == 6 and 0 < summary["mse"] < 1
+    recon = run_cli(
+        "reconstruct", str(run), "--data", str(npz_data), "--out", str(tmp_path / "g.png"), "--json"
+    )
+    assert recon.returncode == 0, recon.stderr
+    report = json.loads(recon.stdout)
+    assert {"mse", "psnr", "usage_top", "usage_bottom"} <= set(report)
+    assert (tmp_path / "g.png").stat().st_size > 0
+    # Specific image files work too.
+    from PIL import Image
+
+    Image.new("L", (28, 28), 200).save(tmp_path / "one.png")
+    files = run_cli(
+        "reconstruct",
+        str(run),
+        "--images",
+        str(tmp_path / "one.png"),
+        "--out",
+        str(tmp_path / "f.png"),
+        "--json",
+    )
+    assert files.returncode == 0, files.stderr
+    assert json.loads(files.stdout)["images"] == 1
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, npz_data):
+    run = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "vqvae2",
+        "train-vqvae",
+        *TINY,
+        "--data",
+        str(npz_data),
+        "--out",
+        str(run),
+    ]
+    process = subprocess.Popen(
+        [*args, "--max-steps", "100000", "train.checkpoint_every=5"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "vqvae" / "latest").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    killed_at = int((run / "vqvae" / "latest").read_text().strip().split("-")[1])
+    assert killed_at >= 5
+    resumed = run_cli(
+        "train-vqvae",
+        "--data",
+        str(npz_data),
+        "--out",
+        str(run),
+        "--resume",
+        "--quiet",
+        "--max-steps",
+        str(killed_at + 3),
+        "--json",
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["step"] == killed_at + 3
+
+
+def test_python_dash_m_matches_console_script():
+    result = run_cli("presets")
+    assert result.returncode == 0
+    assert {"fashion-mnist-32", "imagenet-256", "ffhq-1024", "tiny"} <= set(result.stdout.split())
