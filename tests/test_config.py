@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vqvae2.config import (
+    ClassifierRunConfig,
+    PriorRunConfig,
     VQVAEConfig,
     VQVAERunConfig,
     config_from_dict,
@@ -15,10 +17,30 @@ from vqvae2.config import (
 )
 
 
+def config_class_of(preset: str) -> type:
+    if preset.startswith("prior-"):
+        return PriorRunConfig
+    if preset.startswith("classifier-"):
+        return ClassifierRunConfig
+    return VQVAERunConfig
+
+
 @pytest.mark.parametrize("preset", list_presets())
 def test_every_preset_validates_and_round_trips(preset):
-    config = load_config(VQVAERunConfig, preset)
-    assert config_from_dict(VQVAERunConfig, config_to_dict(config)) == config
+    config_class = config_class_of(preset)
+    config = load_config(config_class, preset)
+    assert config_from_dict(config_class, config_to_dict(config)) == config
+
+
+def test_prior_presets_follow_tables_3_and_4():
+    top = load_config(PriorRunConfig, "prior-top-imagenet-256").prior
+    assert (top.hidden_channels, top.residual_channels, top.num_layers) == (512, 2048, 20)
+    assert (top.attention_layers, top.attention_heads, top.kernel_size) == (4, 8, 5)
+    assert (top.dropout, top.output_stack_layers) == (0.1, 20)
+    bottom = load_config(PriorRunConfig, "prior-bottom-imagenet-256").prior
+    assert (bottom.attention_layers, bottom.condition_res_blocks) == (0, 20)
+    assert load_config(PriorRunConfig, "prior-bottom-ffhq-1024").prior.num_layers == 10
+    assert top.attention_layer_indices == (4, 9, 14, 19)
 
 
 def test_presets_have_the_papers_latent_shapes():
