@@ -13,7 +13,15 @@ import pytest
 
 from vqvae2.cli import build_parser, main
 
-SUBCOMMANDS = ["train-vqvae", "reconstruct", "presets"]
+SUBCOMMANDS = [
+    "train-vqvae",
+    "reconstruct",
+    "extract-codes",
+    "train-prior",
+    "train-classifier",
+    "sample",
+    "presets",
+]
 TINY = ["--config", "tiny", "model.image_size=16", "--quiet"]
 
 
@@ -176,3 +184,91 @@ def test_python_dash_m_matches_console_script():
     result = run_cli("presets")
     assert result.returncode == 0
     assert {"fashion-mnist-32", "imagenet-256", "ffhq-1024", "tiny"} <= set(result.stdout.split())
+
+
+def test_whole_pipeline_end_to_end(tmp_path, npz_data):
+    """train-vqvae -> extract-codes -> train-prior (each level) -> train-classifier -> sample."""
+    run = tmp_path / "run"
+    data = str(npz_data)
+    steps = [
+        ("train-vqvae", *TINY, "--data", data, "--out", str(run), "--max-steps", "2"),
+        ("extract-codes", str(run), "--data", data, "--quiet"),
+        ("train-prior", str(run), "--level", "top", "--max-steps", "2", "--quiet", "--json"),
+        ("train-prior", str(run), "--level", "bottom", "--max-steps", "2", "--quiet", "--json"),
+        (
+            "train-classifier",
+            "--run",
+            str(run),
+            "--data",
+            data,
+            "--max-steps",
+            "2",
+            "--quiet",
+            "--json",
+        ),
+        (
+            "sample",
+            str(run),
+            "--n",
+            "4",
+            "--class",
+            "0",
+            "2",
+            "--out",
+            str(tmp_path / "grid.png"),
+            "--save-images",
+            str(tmp_path / "images"),
+            "--save-codes",
+            str(tmp_path / "codes.npz"),
+            "--quiet",
+        ),
+    ]
+    for args in steps:
+        assert main(list(args)) == 0, args
+    assert (run / "codes" / "train" / "meta.json").is_file()
+    assert (tmp_path / "grid.png").is_file()
+    assert len(list((tmp_path / "images").glob("*.png"))) == 4
+    import numpy as np
+
+    with np.load(tmp_path / "codes.npz") as saved:
+        assert saved["codes_0"].shape == (4, 2, 2) and saved["codes_1"].shape == (4, 4, 4)
+        assert saved["labels"].tolist() == [0, 0, 2, 2]
+
+
+def test_stage2_bad_input_is_one_line(tmp_path, npz_data, capsys):
+    run = tmp_path / "run"
+    assert (
+        main(["train-vqvae", *TINY, "--data", str(npz_data), "--out", str(run), "--max-steps", "2"])
+        == 0
+    )
+    capsys.readouterr()
+    code = main(["train-prior", str(run), "--level", "top", "--quiet"])
+    assert_one_line_error(capsys, code, "run `vqvae2 extract-codes` first")
+    assert main(["extract-codes", str(run), "--data", str(npz_data), "--quiet"]) == 0
+    capsys.readouterr()
+    code = main(["train-prior", str(run), "--level", "middle", "--quiet"])
+    assert_one_line_error(capsys, code, "there is no 'middle' level")
+    code = main(["sample", str(run), "--n", "2", "--out", str(tmp_path / "s.png"), "--quiet"])
+    assert_one_line_error(capsys, code, "has no trained top prior")
+    for level in ("top", "bottom"):
+        assert main(["train-prior", str(run), "--level", level, "--max-steps", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    code = main(
+        [
+            "sample",
+            str(run),
+            "--n",
+            "2",
+            "--class",
+            "7",
+            "--out",
+            str(tmp_path / "s.png"),
+            "--quiet",
+        ]
+    )
+    assert_one_line_error(capsys, code, "class 7 is out of range")
+    # Truncate a code file: a clear error, not a crash.
+    codes = run / "codes" / "train" / "top.npy"
+    codes.write_bytes(codes.read_bytes()[:100])
+    code = main(["train-prior", str(run), "--level", "top", "--resume", "--quiet"])
+    assert_one_line_error(capsys, code, "truncated or corrupt")

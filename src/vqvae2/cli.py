@@ -101,8 +101,9 @@ def _default_preset(run_dir: Path, prefix: str) -> str:
 
 def _cmd_train_prior(args: argparse.Namespace) -> int:
     from .config import PriorRunConfig
-    from .train import train_prior
+    from .train import level_index, train_prior
 
+    level_index(args.run_dir, args.level)  # a clear error before any preset lookup
     overrides = list(args.overrides)
     if args.resume and (args.config is not None or overrides):
         raise ValueError("--resume continues the saved config; drop --config and overrides")

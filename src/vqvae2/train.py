@@ -441,6 +441,16 @@ def prior_kind(level: str) -> str:
     return f"prior-{level}"
 
 
+def level_index(run_dir: str | Path, level: str) -> int:
+    """Index (top = 0) of ``level`` in the run's VQ-VAE; ``ValueError`` if it has no such level."""
+    names = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model.level_names
+    if level not in names:
+        raise ValueError(
+            f"the VQ-VAE in {run_dir} has levels {', '.join(names)}; there is no '{level}' level"
+        )
+    return names.index(level)
+
+
 @torch.no_grad()
 def evaluate_prior(
     prior: PixelSNAIL, codes: CodeDataset, level: int, max_batches: int | None = None
@@ -494,12 +504,7 @@ def train_prior(
     """
     run_dir = Path(run_dir)
     vqvae_config = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model
-    if level not in vqvae_config.level_names:
-        raise ValueError(
-            f"the VQ-VAE in {run_dir} has levels {', '.join(vqvae_config.level_names)}; "
-            f"there is no '{level}' level"
-        )
-    index = vqvae_config.level_names.index(level)
+    index = level_index(run_dir, level)
     train_codes = CodeDataset(run_dir / CODES_DIR / "train")
     val_codes = CodeDataset(run_dir / CODES_DIR / "val")
     for store in (train_codes, val_codes):

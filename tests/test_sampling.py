@@ -1,0 +1,112 @@
+"""Ancestral sampling: seeded reproducibility, valid codes, hierarchy checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vqvae2.config import PixelSNAILConfig
+from vqvae2.pixelsnail import PixelSNAIL
+from vqvae2.sampling import check_hierarchy, generate, sample_codes, sample_level_reference
+from vqvae2.vqvae import VQVAE2
+
+from .conftest import tiny_config
+
+
+def priors_for(vqvae: VQVAE2, num_classes: int = 3) -> list[PixelSNAIL]:
+    config = vqvae.config
+    priors = []
+    for level, side in enumerate(config.latent_sizes):
+        priors.append(
+            PixelSNAIL(
+                PixelSNAILConfig(
+                    code_size=side,
+                    codebook_size=config.codebook_size,
+                    hidden_channels=8,
+                    residual_channels=8,
+                    num_layers=2,
+                    attention_layers=1 if level == 0 else 0,
+                    attention_heads=2,
+                    kernel_size=3,
+                    dropout=0.0,
+                    output_stack_layers=1,
+                    condition_res_blocks=1 if level else 0,
+                    condition_channels=4,
+                    condition_sizes=tuple(config.latent_sizes[:level]),
+                    num_classes=num_classes,
+                )
+            ).eval()
+        )
+    return priors
+
+
+def test_seeded_generator_reproduces_samples_and_codes_are_in_range():
+    vqvae = VQVAE2(tiny_config(num_levels=3, image_size=32)).eval()
+    priors = priors_for(vqvae)
+    labels = torch.tensor([0, 1, 2, 1])
+    first, codes = generate(vqvae, priors, 4, labels, 1.0, torch.Generator().manual_seed(7))
+    second, again = generate(vqvae, priors, 4, labels, 1.0, torch.Generator().manual_seed(7))
+    third, other = generate(vqvae, priors, 4, labels, 1.0, torch.Generator().manual_seed(8))
+    assert torch.equal(first, second)
+    assert all(torch.equal(a, b) for a, b in zip(codes, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(codes, other, strict=True))
+    assert first.shape == (4, 1, 32, 32)
+    assert [c.shape for c in codes] == [(4, 2, 2), (4, 4, 4), (4, 8, 8)]
+    assert all(int(c.min()) >= 0 and int(c.max()) < 13 for c in codes)
+
+
+def test_low_temperature_picks_the_most_likely_code():
+    vqvae = VQVAE2(tiny_config()).eval()
+    prior = priors_for(vqvae, num_classes=0)[0]
+    codes = sample_level_reference(
+        prior, 3, temperature=1e-4, generator=torch.Generator().manual_seed(0)
+    )
+    logits = prior(codes).logits  # teacher-forced on the sampled codes
+    assert torch.equal(codes, logits.argmax(dim=1))
+
+
+def test_sampled_codes_follow_the_prior_distribution():
+    """With a one-position map, sample frequencies approach softmax(logits)."""
+    config = PixelSNAILConfig(
+        code_size=1,
+        codebook_size=4,
+        hidden_channels=4,
+        residual_channels=4,
+        num_layers=1,
+        attention_layers=0,
+        kernel_size=3,
+        dropout=0.0,
+        output_stack_layers=0,
+        condition_channels=4,
+    )
+    prior = PixelSNAIL(config).eval()
+    with torch.no_grad():
+        prior.output.bias.copy_(torch.tensor([2.0, 1.0, 0.0, -1.0]))
+        expected = torch.softmax(
+            prior(torch.zeros(1, 1, 1, dtype=torch.long)).logits[0, :, 0, 0], 0
+        )
+    draws = sample_level_reference(prior, 4000, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws.flatten(), minlength=4).float() / 4000
+    torch.testing.assert_close(frequencies, expected, atol=0.03, rtol=0)
+
+
+def test_sample_codes_conditions_each_level_on_those_above():
+    vqvae = VQVAE2(tiny_config()).eval()
+    priors = priors_for(vqvae, num_classes=0)
+    codes = sample_codes(priors, 2, generator=torch.Generator().manual_seed(1))
+    assert [c.shape for c in codes] == [(2, 2, 2), (2, 4, 4)]
+
+
+def test_mismatched_priors_are_refused():
+    vqvae = VQVAE2(tiny_config())
+    priors = priors_for(vqvae)
+    with pytest.raises(ValueError, match="2 levels but 1 priors"):
+        check_hierarchy(vqvae, priors[:1])
+    other = VQVAE2(tiny_config(codebook_size=16))
+    with pytest.raises(ValueError, match="trained on another VQ-VAE"):
+        check_hierarchy(other, priors)
+    bigger = VQVAE2(tiny_config(image_size=32))
+    with pytest.raises(ValueError, match="models 2x2 maps, the VQ-VAE.s top level is 4x4"):
+        check_hierarchy(bigger, priors)
+    with pytest.raises(ValueError, match="temperature"):
+        sample_level_reference(priors[0], 1, torch.tensor([0]), temperature=0)

@@ -1,0 +1,149 @@
+"""Stage 2 from a trained run: code store, extract-codes, train-prior, classifier, sampling."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vqvae2.checkpoint import load_prior, load_vqvae
+from vqvae2.config import ClassifierRunConfig, PriorRunConfig, VQVAERunConfig, load_config
+from vqvae2.data import CodeDataset, CodeStoreWriter, open_dataset
+from vqvae2.train import (
+    evaluate_prior,
+    extract_codes,
+    sample_from_run,
+    train_classifier,
+    train_prior,
+    train_vqvae,
+)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny 2-level VQ-VAE trained on 3 classes of blobs, with its codes extracted."""
+    from .conftest import write_npz
+
+    root = tmp_path_factory.mktemp("stage2")
+    data = write_npz(root / "blobs.npz")
+    config = load_config(VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=40"])
+    train_vqvae(config, data, root / "run", progress=False)
+    extract_codes(root / "run", data, progress=False)
+    return root / "run", data
+
+
+def test_code_store_round_trip_and_random_access(tmp_path):
+    writer = CodeStoreWriter(
+        tmp_path / "codes", 5, ["top", "bottom"], [2, 4], 13, {"num_classes": 3}
+    )
+    top = torch.arange(20).view(5, 2, 2) % 13
+    bottom = torch.arange(80).view(5, 4, 4) % 13
+    writer.write(0, [top[:3], bottom[:3]], torch.tensor([0, 1, 2]))
+    writer.write(3, [top[3:], bottom[3:]], torch.tensor([2, 1]))
+    assert not (tmp_path / "codes").exists()  # nothing visible until close
+    writer.close()
+    store = CodeDataset(tmp_path / "codes")
+    assert len(store) == 5 and store.num_classes == 3
+    (batch_top, batch_bottom), labels = store.__getitems__([4, 0, 2])
+    assert torch.equal(batch_top, top[[4, 0, 2]]) and torch.equal(batch_bottom, bottom[[4, 0, 2]])
+    assert labels.tolist() == [1, 0, 2] and batch_top.dtype == torch.int64
+
+
+def test_truncated_or_missing_code_store_is_named(tmp_path):
+    writer = CodeStoreWriter(tmp_path / "codes", 4, ["bottom"], [4], 13)
+    writer.write(0, [torch.zeros(4, 4, 4, dtype=torch.long)], torch.zeros(4, dtype=torch.long))
+    writer.close()
+    path = tmp_path / "codes" / "bottom.npy"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        CodeDataset(tmp_path / "codes")
+    with pytest.raises(ValueError, match="run `vqvae2 extract-codes` first"):
+        CodeDataset(tmp_path / "nothing")
+
+
+def test_extracted_codes_decode_to_the_forward_reconstruction(trained_run):
+    run, data = trained_run
+    vqvae = load_vqvae(run)
+    config = load_config(VQVAERunConfig, "tiny").data
+    train = open_dataset(data, "train", 16, 1, config)
+    store = CodeDataset(run / "codes" / "train")
+    assert len(store) == len(train)
+    indices = list(range(0, len(train), 7))
+    images, labels = train.__getitems__(indices)
+    codes, stored_labels = store.__getitems__(indices)
+    with torch.no_grad():
+        forward = vqvae(images).reconstruction
+        decoded = vqvae.decode_codes(codes)
+    torch.testing.assert_close(decoded, forward, rtol=0, atol=1e-5)
+    assert torch.equal(labels, stored_labels)
+
+
+def test_prior_learns_resumes_and_reports_nll(trained_run, tmp_path):
+    run, _ = trained_run
+    config = load_config(
+        PriorRunConfig, "prior-top-tiny", ["train.max_steps=30", "train.learning_rate=3e-3"]
+    )
+    result = train_prior(run, "top", config, progress=False)
+    metrics = result.metrics
+    uniform = math.log(16)  # nats per code of a uniform guess over K = 16
+    assert metrics["val_nll_nats"] < uniform and metrics["train_nll_nats"] < uniform
+    assert metrics["val_nll_bits"] == pytest.approx(metrics["val_nll_nats"] / math.log(2))
+    prior = load_prior(run, "top")
+    assert prior.config.num_classes == 3 and prior.config.code_size == 2
+    store = CodeDataset(run / "codes" / "val")
+    assert evaluate_prior(prior, store, 0) == pytest.approx(metrics["val_nll_nats"], rel=1e-5)
+    more = train_prior(
+        run,
+        "top",
+        load_config(PriorRunConfig, "prior-top-tiny", ["train.max_steps=35"]),
+        resume=True,
+        progress=False,
+    )
+    assert more.step == 35
+    with pytest.raises(ValueError, match="already holds a trained prior"):
+        train_prior(run, "top", config, progress=False)
+
+
+def test_bottom_prior_is_conditioned_on_the_top_codes(trained_run):
+    run, _ = trained_run
+    config = load_config(PriorRunConfig, "prior-bottom-tiny", ["train.max_steps=5"])
+    train_prior(run, "bottom", config, progress=False)
+    prior = load_prior(run, "bottom")
+    assert prior.config.condition_sizes == (2,) and prior.config.code_size == 4
+
+
+def test_prior_for_a_missing_level_is_refused(trained_run):
+    run, _ = trained_run
+    with pytest.raises(ValueError, match="there is no 'middle' level"):
+        train_prior(run, "middle", load_config(PriorRunConfig, "prior-top-tiny"), progress=False)
+
+
+def test_classifier_beats_chance(trained_run, tmp_path):
+    _, data = trained_run
+    config = load_config(
+        ClassifierRunConfig,
+        "classifier-tiny",
+        ["model.image_size=16", "train.max_steps=60", "data.val_fraction=0.1"],
+    )
+    result = train_classifier(config, data, tmp_path / "classifier", progress=False)
+    assert result.metrics["test_accuracy"] > 0.6  # 3 classes of blob sizes: chance is 1/3
+
+
+def test_sampling_from_a_run(trained_run):
+    run, _ = trained_run
+    if not (run / "prior-bottom" / "latest").exists():
+        train_prior(run, "bottom", load_config(PriorRunConfig, "prior-bottom-tiny"), progress=False)
+    if not (run / "prior-top" / "latest").exists():
+        train_prior(run, "top", load_config(PriorRunConfig, "prior-top-tiny"), progress=False)
+    result = sample_from_run(run, 6, classes=[2, 0], seed=3, progress=False)
+    assert result.images.shape == (6, 1, 16, 16) and result.images.dtype == torch.uint8
+    assert result.labels.tolist() == [2, 2, 2, 0, 0, 0]
+    again = sample_from_run(run, 6, classes=[2, 0], seed=3, progress=False)
+    other = sample_from_run(run, 6, classes=[2, 0], seed=4, progress=False)
+    assert torch.equal(result.images, again.images)
+    assert not all(torch.equal(a, b) for a, b in zip(result.codes, other.codes, strict=True))
+    with pytest.raises(ValueError, match="class 5 is out of range"):
+        sample_from_run(run, 2, classes=[5], progress=False)
+    assert np.all(result.codes[0].numpy() < 16)
