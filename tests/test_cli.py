@@ -186,7 +186,7 @@ def test_python_dash_m_matches_console_script():
     assert {"fashion-mnist-32", "imagenet-256", "ffhq-1024", "tiny"} <= set(result.stdout.split())
 
 
-def test_whole_pipeline_end_to_end(tmp_path, npz_data):
+def test_whole_pipeline_end_to_end(tmp_path, npz_data, capsys):
     """train-vqvae -> extract-codes -> train-prior (each level) -> train-classifier -> sample."""
     run = tmp_path / "run"
     data = str(npz_data)
@@ -221,10 +221,13 @@ def test_whole_pipeline_end_to_end(tmp_path, npz_data):
             "--save-codes",
             str(tmp_path / "codes.npz"),
             "--quiet",
+            "--json",
         ),
     ]
     for args in steps:
         assert main(list(args)) == 0, args
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["samples"] == 4 and 0.0 <= summary["class_agreement"] <= 1.0
     assert (run / "codes" / "train" / "meta.json").is_file()
     assert (tmp_path / "grid.png").is_file()
     assert len(list((tmp_path / "images").glob("*.png"))) == 4

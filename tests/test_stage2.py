@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from vqvae2.checkpoint import load_prior, load_vqvae
+from vqvae2.checkpoint import load_classifier, load_prior, load_vqvae
 from vqvae2.config import ClassifierRunConfig, PriorRunConfig, VQVAERunConfig, load_config
-from vqvae2.data import CodeDataset, CodeStoreWriter, open_dataset
+from vqvae2.data import CodeDataset, CodeStoreWriter, float_to_uint8, open_dataset
 from vqvae2.train import (
+    class_agreement,
     evaluate_prior,
     extract_codes,
     sample_from_run,
@@ -129,6 +130,14 @@ def test_classifier_beats_chance(trained_run, tmp_path):
     )
     result = train_classifier(config, data, tmp_path / "classifier", progress=False)
     assert result.metrics["test_accuracy"] > 0.6  # 3 classes of blob sizes: chance is 1/3
+    # class_agreement on real test images is the test accuracy.
+    classifier = load_classifier(tmp_path / "classifier")
+    test = open_dataset(data, "test", 16, 1, config.data)
+    images = float_to_uint8(torch.stack([test[i][0] for i in range(len(test))]))
+    labels = test.labels
+    assert class_agreement(classifier, images, labels) == pytest.approx(
+        result.metrics["test_accuracy"]
+    )
 
 
 def test_sampling_from_a_run(trained_run):

@@ -198,7 +198,26 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             arrays["labels"] = result.labels.numpy()
         args.save_codes.parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.save_codes, **arrays)
-    print(f"{args.n} samples: {args.out}")
+    summary: dict = {
+        "samples": args.n,
+        "grid": str(args.out),
+        "seed": args.seed,
+        "temperature": args.temperature,
+    }
+    classifier_dir = args.run_dir / "classifier"
+    if result.labels is not None and (classifier_dir / "latest").is_file():
+        from .checkpoint import load_classifier
+        from .train import class_agreement
+
+        agreement = class_agreement(load_classifier(classifier_dir), result.images, result.labels)
+        summary["class_agreement"] = agreement
+    text = f"{args.n} samples: {args.out}"
+    if "class_agreement" in summary:
+        text += (
+            f"\nthe run's classifier assigns the requested class to "
+            f"{summary['class_agreement']:.1%} of them"
+        )
+    _print_result(args, summary, text)
     return 0
 
 
@@ -314,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--save-images", type=Path, help="also write each image into this folder")
     sample.add_argument("--save-codes", type=Path, help="also write the codes to this .npz")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
+    sample.add_argument("--json", action="store_true", help="print a summary as JSON")
     sample.set_defaults(handler=_cmd_sample)
 
     presets = commands.add_parser("presets", help="list the built-in config presets")

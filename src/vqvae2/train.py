@@ -45,6 +45,7 @@ from .data import (
     make_grid,
     open_dataset,
     save_png,
+    uint8_to_float,
 )
 from .metrics import (
     code_histogram,
@@ -843,3 +844,16 @@ def sample_from_run(
         codes.append(batch_codes)
     all_codes = [torch.cat([batch[level] for batch in codes]) for level in range(len(priors))]
     return SampleResult(images=torch.cat(images), codes=all_codes, labels=labels)
+
+
+@torch.no_grad()
+def class_agreement(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of uint8 images (N, C, H, W) that ``classifier`` assigns to their ``labels``."""
+    classifier.eval()
+    predictions = torch.cat(
+        [
+            classifier(uint8_to_float(images[start : start + EVAL_BATCH_SIZE])).logits.argmax(-1)
+            for start in range(0, len(images), EVAL_BATCH_SIZE)
+        ]
+    )
+    return float((predictions == labels).float().mean())
