@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from vqvae2.config import PixelSNAILConfig
-from vqvae2.pixelsnail import PixelSNAIL
-from vqvae2.sampling import check_hierarchy, generate, sample_codes, sample_level_reference
+from vqvae2.pixelsnail import IncrementalSampler, PixelSNAIL
+from vqvae2.sampling import (
+    check_hierarchy,
+    generate,
+    sample_codes,
+    sample_level_cached,
+    sample_level_reference,
+)
 from vqvae2.vqvae import VQVAE2
 
 from .conftest import tiny_config
@@ -110,3 +116,76 @@ def test_mismatched_priors_are_refused():
         check_hierarchy(bigger, priors)
     with pytest.raises(ValueError, match="temperature"):
         sample_level_reference(priors[0], 1, torch.tensor([0]), temperature=0)
+
+
+CACHE_CONFIGURATIONS = [
+    dict(attention_layers=0),
+    dict(attention_layers=2),
+    dict(attention_layers=1, num_classes=3),
+    dict(condition_sizes=(3,), condition_res_blocks=2, num_classes=3),  # bottom of 2 levels
+    dict(condition_sizes=(2, 3), condition_res_blocks=1, attention_layers=1),  # bottom of 3
+]
+
+
+def cache_prior(**changes) -> PixelSNAIL:
+    values = dict(
+        code_size=6,
+        codebook_size=7,
+        hidden_channels=8,
+        residual_channels=6,
+        num_layers=3,
+        attention_layers=0,
+        attention_heads=2,
+        kernel_size=5,
+        dropout=0.0,
+        output_stack_layers=1,
+        condition_channels=4,
+    )
+    values.update(changes)
+    return PixelSNAIL(PixelSNAILConfig(**values)).eval()
+
+
+def cache_inputs(prior: PixelSNAIL, batch: int = 3):
+    config = prior.config
+    labels = torch.arange(batch) % config.num_classes if config.num_classes else None
+    upper = [torch.randint(0, 7, (batch, s, s)) for s in config.condition_sizes] or None
+    return labels, upper
+
+
+@pytest.mark.parametrize("changes", CACHE_CONFIGURATIONS, ids=str)
+def test_cached_logits_match_the_full_forward_pass(changes):
+    prior = cache_prior(**changes)
+    labels, upper = cache_inputs(prior)
+    codes = torch.randint(0, 7, (3, 6, 6))
+    with torch.no_grad():
+        full = prior(codes, labels, upper).logits
+        state = IncrementalSampler(prior, 3, prior.condition(labels, upper))
+        for row in range(6):
+            for column in range(6):
+                torch.testing.assert_close(
+                    state.logits_at(row, column), full[:, :, row, column], rtol=0, atol=1e-4
+                )
+                state.set_codes(row, column, codes[:, row, column])
+
+
+@pytest.mark.parametrize("changes", CACHE_CONFIGURATIONS, ids=str)
+def test_cached_sampler_draws_the_same_codes_as_the_reference(changes):
+    prior = cache_prior(**changes)
+    labels, upper = cache_inputs(prior)
+    reference = sample_level_reference(
+        prior, 3, labels, upper, 1.0, torch.Generator().manual_seed(5)
+    )
+    cached = sample_level_cached(prior, 3, labels, upper, 1.0, torch.Generator().manual_seed(5))
+    assert torch.equal(reference, cached)
+
+
+@pytest.mark.parametrize("num_levels", [2, 3])
+def test_cached_and_reference_generate_the_same_images(num_levels):
+    vqvae = VQVAE2(tiny_config(num_levels=num_levels, image_size=32)).eval()
+    priors = priors_for(vqvae)
+    labels = torch.tensor([2, 0])
+    cached, _ = generate(vqvae, priors, 2, labels, 1.0, torch.Generator().manual_seed(3), "cached")
+    reference, _ = generate(
+        vqvae, priors, 2, labels, 1.0, torch.Generator().manual_seed(3), "reference"
+    )
+    assert torch.equal(cached, reference)

@@ -186,6 +186,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         progress=not args.quiet,
+        sampler=args.sampler,
     )
     columns = args.n // len(args.classes) if args.classes else math.ceil(math.sqrt(args.n))
     save_png(make_grid(result.images, columns=max(1, columns)), args.out)
@@ -200,6 +201,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         np.savez(args.save_codes, **arrays)
     summary: dict = {
         "samples": args.n,
+        "sampler": args.sampler,
         "grid": str(args.out),
         "seed": args.seed,
         "temperature": args.temperature,
@@ -334,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--save-codes", type=Path, help="also write the codes to this .npz")
     sample.add_argument("--quiet", action="store_true", help="no progress bar")
     sample.add_argument("--json", action="store_true", help="print a summary as JSON")
+    sample.add_argument(
+        "--sampler",
+        choices=("cached", "reference"),
+        default="cached",
+        help="cached: incremental (default); reference: one full forward pass per position",
+    )
     sample.set_defaults(handler=_cmd_sample)
 
     presets = commands.add_parser("presets", help="list the built-in config presets")

@@ -317,3 +317,157 @@ class PixelSNAIL(nn.Module):
             if str(index) in self.attention:
                 horizontal = horizontal + self.attention[str(index)](horizontal)
         return self.output(F.elu(self.output_stack(horizontal)))  # (B, K, H, W)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cached incremental sampling
+
+
+def _window(x: Tensor, row: int, col: int, above: int, left: int, right: int) -> Tensor:
+    """x[:, :, row-above:row+1, col-left:col+right+1] with zeros outside the map.
+
+    Args:
+        x: (B, C, H, W).
+
+    Returns:
+        (B, C, above + 1, left + right + 1).
+    """
+    _, _, height, width = x.shape
+    top, first, last = row - above, col - left, col + right
+    window = x[:, :, max(top, 0) : row + 1, max(first, 0) : min(last, width - 1) + 1]
+    return F.pad(window, (max(-first, 0), max(last - (width - 1), 0), max(-top, 0), 0))
+
+
+class IncrementalSampler:
+    """Computes a prior's logits one raster position at a time, reusing cached activations.
+
+    Each position costs the work of that position only: the horizontal stream is evaluated at
+    the new position through every block (its convolutions read the cached row to its left), the
+    vertical stream one whole row at a time once the row's codes are known, attention appends the
+    new key and value to its cache, and the conditioning is computed once. The result equals the
+    full forward pass (teacher forcing) up to float rounding. Memory is linear in
+    batch x positions x channels: one (B, C, H, W) map per stream and block, plus the attention
+    keys and values.
+
+    Use ``logits_at(row, col)`` then ``set_codes(row, col, codes)`` for every position in raster
+    order.
+    """
+
+    def __init__(self, prior: PixelSNAIL, batch_size: int, condition: Tensor | None) -> None:
+        self.prior = prior
+        config = prior.config
+        self.side = side = config.code_size
+        self.half = config.kernel_size // 2
+        parameter = next(prior.parameters())
+        shape = (batch_size, config.hidden_channels, side, side)
+
+        def zeros(*size: int) -> Tensor:
+            return torch.zeros(*size, device=parameter.device, dtype=parameter.dtype)
+
+        self.embedded = zeros(*shape)  # x: embedded codes known so far
+        self.vertical = [zeros(*shape) for _ in range(config.num_layers + 1)]  # v_0 .. v_L
+        self.horizontal = [zeros(*shape) for _ in range(config.num_layers + 1)]  # h_0 .. h_L
+        residual_shape = (batch_size, config.residual_channels, side, side)
+        # Vertical hidden activations shifted down one row, as the horizontal stream reads them.
+        self.vertical_hidden_down = [zeros(*residual_shape) for _ in range(config.num_layers)]
+        self.vertical_input_down = zeros(*shape)  # shift_down(v_0)
+        self.conditions = [
+            block.condition(condition).chunk(2, dim=1)
+            if block.condition is not None and condition is not None
+            else None
+            for block in prior.blocks
+        ]  # per block: (vertical, horizontal) each (B, 2C, H or 1, W or 1)
+        self.attention_cache: dict[str, tuple[Tensor, Tensor]] = {}
+        for name, attention in prior.attention.items():
+            head_dim = config.hidden_channels // attention.heads
+            cache_shape = (batch_size, attention.heads, side * side, head_dim)
+            self.attention_cache[name] = (zeros(*cache_shape), zeros(*cache_shape))
+        rows = torch.linspace(-1, 1, side, device=parameter.device, dtype=parameter.dtype)
+        self.coordinates = torch.stack(torch.meshgrid(rows, rows, indexing="ij"))  # (2, H, W)
+
+    @staticmethod
+    def _condition_at(condition: Tensor, row: int, col: int) -> Tensor:
+        """(B, 2C, H, W) or (B, 2C, 1, 1) -> (B, 2C, 1, 1) at one position."""
+        if condition.shape[-1] == 1:
+            return condition
+        return condition[:, :, row : row + 1, col : col + 1]
+
+    def _attend(self, name: str, features: Tensor, row: int, col: int) -> Tensor:
+        """Attention output (B, C, 1, 1) at one position, caching its key and value."""
+        attention = self.prior.attention[name]
+        position = row * self.side + col
+        token = torch.cat(
+            [
+                F.elu(features),
+                self.coordinates[:, row, col].expand(features.shape[0], -1)[:, :, None, None],
+            ],
+            dim=1,
+        )[:, :, 0, 0]  # (B, C + 2)
+        query, key, value = (
+            rearrange(proj(token), "b (n d) -> b n d", n=attention.heads)  # (B, heads, d)
+            for proj in (attention.query, attention.key, attention.value)
+        )
+        keys, values = self.attention_cache[name]
+        keys[:, :, position] = key
+        values[:, :, position] = value
+        scores = torch.einsum("bnd,bntd->bnt", query, keys[:, :, : position + 1])
+        weights = torch.softmax(scores / math.sqrt(query.shape[-1]), dim=-1)  # (B, heads, t)
+        attended = torch.einsum("bnt,bntd->bnd", weights, values[:, :, : position + 1])
+        return attention.output(rearrange(attended, "b n d -> b (n d)"))[:, :, None, None]
+
+    def logits_at(self, row: int, col: int) -> Tensor:
+        """Logits (B, K) of the code at (row, col); every earlier code must have been set."""
+        prior, half = self.prior, self.half
+        window = _window(self.embedded, row, col - 1, 0, half, 0)  # shift_right(x)
+        horizontal = prior.horizontal_input.conv(window) + prior.vertical_input_to_horizontal(
+            self.vertical_input_down[:, :, row : row + 1, col : col + 1]
+        )  # (B, C, 1, 1)
+        self.horizontal[0][:, :, row : row + 1, col : col + 1] = horizontal
+        for index, block in enumerate(prior.blocks):
+            window = F.elu(_window(self.horizontal[index], row, col, 0, half, 0))  # elu(0) = 0
+            hidden = block.horizontal.conv(window) + block.vertical_to_horizontal(
+                self.vertical_hidden_down[index][:, :, row : row + 1, col : col + 1]
+            )  # (B, R, 1, 1)
+            gates = block.horizontal_gates(F.elu(hidden))  # (B, 2C, 1, 1)
+            if self.conditions[index] is not None:
+                gates = gates + self._condition_at(self.conditions[index][1], row, col)
+            horizontal = horizontal + gate(gates)
+            if str(index) in prior.attention:
+                horizontal = horizontal + self._attend(str(index), horizontal, row, col)
+            self.horizontal[index + 1][:, :, row : row + 1, col : col + 1] = horizontal
+        logits = prior.output(F.elu(prior.output_stack(horizontal)))  # (B, K, 1, 1)
+        return logits[:, :, 0, 0]
+
+    def set_codes(self, row: int, col: int, codes: Tensor) -> None:
+        """Record the codes (B,) chosen at (row, col); after a row's last code, advance the
+        vertical stream by that row."""
+        self.embedded[:, :, row, col] = self.prior.embedding(codes)
+        if col == self.side - 1:
+            self._vertical_row(row)
+
+    def _vertical_row(self, row: int) -> None:
+        prior, half = self.prior, self.half
+        side = self.side
+        window = _window(
+            self.embedded, row, side // 2, half, side // 2 + half, side - 1 - side // 2 + half
+        )
+        vertical = prior.vertical_input.conv(window)  # (B, C, 1, W)
+        self.vertical[0][:, :, row : row + 1] = vertical
+        if row + 1 < side:
+            self.vertical_input_down[:, :, row + 1 : row + 2] = vertical
+        for index, block in enumerate(prior.blocks):
+            source = F.elu(self.vertical[index])
+            window = _window(
+                source, row, side // 2, half, side // 2 + half, side - 1 - side // 2 + half
+            )
+            hidden = block.vertical.conv(window)  # (B, R, 1, W)
+            if row + 1 < side:
+                self.vertical_hidden_down[index][:, :, row + 1 : row + 2] = hidden
+            gates = block.vertical_gates(F.elu(hidden))  # (B, 2C, 1, W)
+            if self.conditions[index] is not None:
+                condition = self.conditions[index][0]
+                gates = gates + (
+                    condition if condition.shape[-1] == 1 else condition[:, :, row : row + 1]
+                )
+            vertical = vertical + gate(gates)
+            self.vertical[index + 1][:, :, row : row + 1] = vertical

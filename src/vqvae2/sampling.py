@@ -8,12 +8,15 @@ then the VQ-VAE decoder maps all levels to pixels in one pass. Randomness comes 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .pixelsnail import PixelSNAIL
+from .pixelsnail import IncrementalSampler, PixelSNAIL
 from .vqvae import VQVAE2
+
+SamplerName = Literal["cached", "reference"]
 
 
 def _draw(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -60,26 +63,64 @@ def sample_level_reference(
 
 
 @torch.no_grad()
+def sample_level_cached(
+    prior: PixelSNAIL,
+    batch_size: int,
+    labels: Tensor | None = None,
+    condition_codes: list[Tensor] | None = None,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sample one level position by position with cached activations (``IncrementalSampler``).
+
+    Same arguments and result as ``sample_level_reference``; with dropout off and the same
+    generator state it draws the same codes, at about the cost of one forward pass.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    prior.eval()
+    device = next(prior.parameters()).device
+    side = prior.config.code_size
+    codes = torch.zeros(batch_size, side, side, dtype=torch.long, device=device)
+    prior.check_inputs(codes, labels, condition_codes)
+    state = IncrementalSampler(prior, batch_size, prior.condition(labels, condition_codes))
+    for row in range(side):
+        for column in range(side):
+            codes[:, row, column] = _draw(state.logits_at(row, column), temperature, generator)
+            state.set_codes(row, column, codes[:, row, column])
+    return codes
+
+
+SAMPLERS = {"cached": sample_level_cached, "reference": sample_level_reference}
+
+
+@torch.no_grad()
 def sample_codes(
     priors: Sequence[PixelSNAIL],
     batch_size: int,
     labels: Tensor | None = None,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    sampler: SamplerName = "cached",
 ) -> list[Tensor]:
     """Draw codes for every level, top first, each level given all levels above it.
+
+    Args:
+        sampler: ``cached`` (incremental, default) or ``reference`` (one full forward pass per
+            position); both give the same codes for the same generator state.
 
     Returns:
         Per level (B, h_l, w_l) int64 codes.
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
+    sample_level = SAMPLERS[sampler]
     codes: list[Tensor] = []
     for prior in priors:
         level_labels = labels if prior.config.num_classes > 0 else None
         conditions = list(codes) if prior.config.condition_sizes else None
         codes.append(
-            sample_level_reference(
-                prior, batch_size, level_labels, conditions, temperature, generator
-            )
+            sample_level(prior, batch_size, level_labels, conditions, temperature, generator)
         )
     return codes
 
@@ -118,6 +159,7 @@ def generate(
     labels: Tensor | None = None,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    sampler: SamplerName = "cached",
 ) -> tuple[Tensor, list[Tensor]]:
     """Sample images: codes top to bottom, then one decoder pass.
 
@@ -125,6 +167,6 @@ def generate(
         Images (B, C, H, W) float in about [-1, 1] and the codes per level, top first.
     """
     check_hierarchy(vqvae, priors)
-    codes = sample_codes(priors, batch_size, labels, temperature, generator)
+    codes = sample_codes(priors, batch_size, labels, temperature, generator, sampler)
     vqvae.eval()
     return vqvae.decode_codes(codes), codes

@@ -55,7 +55,7 @@ from .metrics import (
     squared_error_01,
 )
 from .pixelsnail import PixelSNAIL
-from .sampling import check_hierarchy, generate
+from .sampling import SamplerName, check_hierarchy, generate
 from .vqvae import VQVAE2
 
 VQVAE_KIND = "vqvae"
@@ -809,6 +809,7 @@ def sample_from_run(
     seed: int = 0,
     batch_size: int = SAMPLE_BATCH_SIZE,
     progress: bool = True,
+    sampler: SamplerName = "cached",
 ) -> SampleResult:
     """Draw ``count`` images from a trained run.
 
