@@ -368,9 +368,13 @@ class IncrementalSampler:
         self.vertical = [zeros(*shape) for _ in range(config.num_layers + 1)]  # v_0 .. v_L
         self.horizontal = [zeros(*shape) for _ in range(config.num_layers + 1)]  # h_0 .. h_L
         residual_shape = (batch_size, config.residual_channels, side, side)
-        # Vertical hidden activations shifted down one row, as the horizontal stream reads them.
-        self.vertical_hidden_down = [zeros(*residual_shape) for _ in range(config.num_layers)]
-        self.vertical_input_down = zeros(*shape)  # shift_down(v_0)
+        # What the horizontal stream adds from the row above: 1x1 convolutions of the shifted
+        # vertical activations, computed a row at a time. Row 0 sees only zeros, i.e. the bias.
+        self.input_from_above = zeros(*shape)
+        self.input_from_above[:, :, 0] = prior.vertical_input_to_horizontal.bias[None, :, None]
+        self.blocks_from_above = [zeros(*residual_shape) for _ in range(config.num_layers)]
+        for down, block in zip(self.blocks_from_above, prior.blocks, strict=True):
+            down[:, :, 0] = block.vertical_to_horizontal.bias[None, :, None]
         self.conditions = [
             block.condition(condition).chunk(2, dim=1)
             if block.condition is not None and condition is not None
@@ -419,14 +423,16 @@ class IncrementalSampler:
         """Logits (B, K) of the code at (row, col); every earlier code must have been set."""
         prior, half = self.prior, self.half
         window = _window(self.embedded, row, col - 1, 0, half, 0)  # shift_right(x)
-        horizontal = prior.horizontal_input.conv(window) + prior.vertical_input_to_horizontal(
-            self.vertical_input_down[:, :, row : row + 1, col : col + 1]
+        horizontal = (
+            prior.horizontal_input.conv(window)
+            + self.input_from_above[:, :, row : row + 1, col : col + 1]
         )  # (B, C, 1, 1)
         self.horizontal[0][:, :, row : row + 1, col : col + 1] = horizontal
         for index, block in enumerate(prior.blocks):
             window = F.elu(_window(self.horizontal[index], row, col, 0, half, 0))  # elu(0) = 0
-            hidden = block.horizontal.conv(window) + block.vertical_to_horizontal(
-                self.vertical_hidden_down[index][:, :, row : row + 1, col : col + 1]
+            hidden = (
+                block.horizontal.conv(window)
+                + self.blocks_from_above[index][:, :, row : row + 1, col : col + 1]
             )  # (B, R, 1, 1)
             gates = block.horizontal_gates(F.elu(hidden))  # (B, 2C, 1, 1)
             if self.conditions[index] is not None:
@@ -454,7 +460,9 @@ class IncrementalSampler:
         vertical = prior.vertical_input.conv(window)  # (B, C, 1, W)
         self.vertical[0][:, :, row : row + 1] = vertical
         if row + 1 < side:
-            self.vertical_input_down[:, :, row + 1 : row + 2] = vertical
+            self.input_from_above[:, :, row + 1 : row + 2] = prior.vertical_input_to_horizontal(
+                vertical
+            )
         for index, block in enumerate(prior.blocks):
             source = F.elu(self.vertical[index])
             window = _window(
@@ -462,7 +470,9 @@ class IncrementalSampler:
             )
             hidden = block.vertical.conv(window)  # (B, R, 1, W)
             if row + 1 < side:
-                self.vertical_hidden_down[index][:, :, row + 1 : row + 2] = hidden
+                self.blocks_from_above[index][:, :, row + 1 : row + 2] = (
+                    block.vertical_to_horizontal(hidden)
+                )
             gates = block.vertical_gates(F.elu(hidden))  # (B, 2C, 1, W)
             if self.conditions[index] is not None:
                 condition = self.conditions[index][0]
