@@ -149,7 +149,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, npz_data):
         str(run),
     ]
     process = subprocess.Popen(
-        [*args, "--max-steps", "100000", "train.checkpoint_every=5"],
+        [*args, "--max-steps", "100000", "train.checkpoint_every=5", "train.log_every=1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -178,6 +178,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, npz_data):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["step"] == killed_at + 3
+    # Steps logged after the last checkpoint by the killed process are not logged twice.
+    from vqvae2.train import read_metrics
+
+    keys = [(r["step"], r["split"], r["metric"]) for r in read_metrics(run / "metrics.csv")]
+    assert len(keys) == len(set(keys))
 
 
 def test_python_dash_m_matches_console_script():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -60,6 +61,7 @@ from .vqvae import VQVAE2
 
 VQVAE_KIND = "vqvae"
 METRICS_FILE = "metrics.csv"
+METRICS_COLUMNS = ["step", "elapsed_seconds", "split", "metric", "value"]
 EVAL_BATCH_SIZE = 256
 
 
@@ -114,13 +116,25 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Data
 
 
 class MetricsLog:
-    """Append-only CSV of (step, elapsed_seconds, split, metric, value) rows."""
+    """Append-only CSV of (step, elapsed_seconds, split, metric, value) rows.
 
-    def __init__(self, path: Path) -> None:
+    ``resume_step``: rows logged after this step (by a run killed before its next checkpoint)
+    are dropped, so a resumed run does not log those steps twice.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = path
+        if resume_step is not None and path.exists():
+            kept = [row for row in read_metrics(path) if int(row["step"]) <= resume_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=METRICS_COLUMNS)
+                writer.writeheader()
+                writer.writerows(kept)
+            os.replace(tmp, path)
         if not path.exists():
             with open(path, "w", newline="") as handle:
-                csv.writer(handle).writerow(["step", "elapsed_seconds", "split", "metric", "value"])
+                csv.writer(handle).writerow(METRICS_COLUMNS)
 
     def write(self, step: int, elapsed: float, split: str, values: dict[str, float]) -> None:
         with open(self.path, "a", newline="") as handle:
@@ -271,7 +285,7 @@ def train_vqvae(
     grid_images = torch.stack(
         [val_set[i][0] for i in range(min(train_config.grid_images, len(val_set)))]
     )
-    log = MetricsLog(run_dir / METRICS_FILE)
+    log = MetricsLog(run_dir / METRICS_FILE, resume_step=step if resume else None)
     sampler = EpochBatchSampler(
         len(train_set), train_config.batch_size, train_config.seed, step, train_config.max_steps
     )
@@ -556,7 +570,7 @@ def train_prior(
         elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
     prior.train()
 
-    log = MetricsLog(kind_dir / METRICS_FILE)
+    log = MetricsLog(kind_dir / METRICS_FILE, resume_step=step if resume else None)
     sampler = EpochBatchSampler(
         len(train_codes), train_config.batch_size, train_config.seed, step, train_config.max_steps
     )
@@ -710,7 +724,7 @@ def train_classifier(
         elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
     classifier.train()
 
-    log = MetricsLog(out_dir / METRICS_FILE)
+    log = MetricsLog(out_dir / METRICS_FILE, resume_step=step if resume else None)
     sampler = EpochBatchSampler(
         len(splits["train"]),
         train_config.batch_size,
