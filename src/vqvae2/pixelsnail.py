@@ -452,22 +452,17 @@ class IncrementalSampler:
             self._vertical_row(row)
 
     def _vertical_row(self, row: int) -> None:
-        prior, half = self.prior, self.half
-        side = self.side
-        window = _window(
-            self.embedded, row, side // 2, half, side // 2 + half, side - 1 - side // 2 + half
-        )
-        vertical = prior.vertical_input.conv(window)  # (B, C, 1, W)
+        prior, half, side = self.prior, self.half, self.side
+        # The whole row with the kernel's margins: rows row-half .. row, columns -half .. W-1+half.
+        span = (side // 2, half, side // 2 + half, side - 1 - side // 2 + half)
+        vertical = prior.vertical_input.conv(_window(self.embedded, row, *span))  # (B, C, 1, W)
         self.vertical[0][:, :, row : row + 1] = vertical
         if row + 1 < side:
             self.input_from_above[:, :, row + 1 : row + 2] = prior.vertical_input_to_horizontal(
                 vertical
             )
         for index, block in enumerate(prior.blocks):
-            source = F.elu(self.vertical[index])
-            window = _window(
-                source, row, side // 2, half, side // 2 + half, side - 1 - side // 2 + half
-            )
+            window = F.elu(_window(self.vertical[index], row, *span))  # elu(0) = 0
             hidden = block.vertical.conv(window)  # (B, R, 1, W)
             if row + 1 < side:
                 self.blocks_from_above[index][:, :, row + 1 : row + 2] = (
