@@ -189,3 +189,26 @@ def test_cached_and_reference_generate_the_same_images(num_levels):
         vqvae, priors, 2, labels, 1.0, torch.Generator().manual_seed(3), "reference"
     )
     assert torch.equal(cached, reference)
+
+
+def test_cache_memory_is_linear_in_batch_and_positions():
+    def cache_elements(batch: int, side: int) -> int:
+        prior = cache_prior(
+            code_size=side, attention_layers=1, condition_sizes=(2,), condition_res_blocks=1
+        )
+        upper = [torch.zeros(batch, 2, 2, dtype=torch.long)]
+        state = IncrementalSampler(prior, batch, prior.condition(None, upper))
+        tensors = [
+            state.embedded,
+            state.input_from_above,
+            *state.vertical,
+            *state.horizontal,
+            *state.blocks_from_above,
+            *[t for pair in state.attention_cache.values() for t in pair],
+            *[t for pair in state.conditions if pair is not None for t in pair],
+        ]
+        return sum(t.numel() for t in tensors)
+
+    base = cache_elements(2, 4)
+    assert cache_elements(4, 4) == 2 * base
+    assert cache_elements(2, 8) == 4 * base  # 4x the positions

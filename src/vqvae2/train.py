@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 from .checkpoint import (
@@ -468,7 +468,7 @@ def level_index(run_dir: str | Path, level: str) -> int:
 
 @torch.no_grad()
 def evaluate_prior(
-    prior: PixelSNAIL, codes: CodeDataset, level: int, max_batches: int | None = None
+    prior: PixelSNAIL, codes: Dataset, level: int, max_batches: int | None = None
 ) -> float:
     """Mean negative log-likelihood of a split's codes in nats per code (eval mode)."""
     was_training = prior.training
@@ -626,8 +626,12 @@ def train_prior(
         if out_of_time:
             break
     bar.close()
+    # Train NLL on a fixed random subset as large as the validation split: the same precision
+    # as the validation figure, without a pass over millions of training codes.
+    subset = np.sort(np.random.default_rng(train_config.seed).permutation(len(train_codes)))
+    train_sample = Subset(train_codes, subset[: len(val_codes)].tolist())
     metrics = {
-        **_nll_summary("train", evaluate_prior(prior, train_codes, index)),
+        **_nll_summary("train", evaluate_prior(prior, train_sample, index)),
         **_nll_summary("val", evaluate_prior(prior, val_codes, index)),
     }
     log.write(step, elapsed(), "final", metrics)
