@@ -357,16 +357,22 @@ class IncrementalSampler:
         self.prior = prior
         config = prior.config
         self.side = side = config.code_size
-        self.half = config.kernel_size // 2
+        self.half = half = config.kernel_size // 2
         parameter = next(prior.parameters())
         shape = (batch_size, config.hidden_channels, side, side)
 
         def zeros(*size: int) -> Tensor:
             return torch.zeros(*size, device=parameter.device, dtype=parameter.dtype)
 
-        self.embedded = zeros(*shape)  # x: embedded codes known so far
+        # Horizontal-stream maps carry zero columns on the left, so the window a horizontal
+        # convolution reads at (row, col) is a plain slice. Logical column j is stored at j + half
+        # (j + half + 1 for the embedded codes, which the first layer reads shifted right by one).
+        self.embedded = zeros(batch_size, config.hidden_channels, side, side + half + 1)
         self.vertical = [zeros(*shape) for _ in range(config.num_layers + 1)]  # v_0 .. v_L
-        self.horizontal = [zeros(*shape) for _ in range(config.num_layers + 1)]  # h_0 .. h_L
+        self.horizontal = [
+            zeros(batch_size, config.hidden_channels, side, side + half)
+            for _ in range(config.num_layers)
+        ]  # h_0 .. h_{L-1}: the inputs of the blocks
         residual_shape = (batch_size, config.residual_channels, side, side)
         # What the horizontal stream adds from the row above: 1x1 convolutions of the shifted
         # vertical activations, computed a row at a time. Row 0 sees only zeros, i.e. the bias.
@@ -388,25 +394,34 @@ class IncrementalSampler:
             self.attention_cache[name] = (zeros(*cache_shape), zeros(*cache_shape))
         rows = torch.linspace(-1, 1, side, device=parameter.device, dtype=parameter.dtype)
         self.coordinates = torch.stack(torch.meshgrid(rows, rows, indexing="ij"))  # (2, H, W)
+        # Per-position work is tiny, so convolutions become matrix products on flat windows:
+        # a (out, in, 1, k) weight flattens in the same (in, k) order as a (B, in, k) window.
+        self.input_weight = prior.horizontal_input.conv.weight.flatten(1)  # (C, C * (half + 1))
+        self.block_weights = [
+            (
+                block.horizontal.conv.weight.flatten(1),  # (R, C * (half + 1))
+                block.horizontal.conv.bias,
+                block.horizontal_gates.weight.flatten(1),  # (2C, R)
+                block.horizontal_gates.bias,
+            )
+            for block in prior.blocks
+        ]
 
-    @staticmethod
-    def _condition_at(condition: Tensor, row: int, col: int) -> Tensor:
-        """(B, 2C, H, W) or (B, 2C, 1, 1) -> (B, 2C, 1, 1) at one position."""
+    def _condition_at(self, index: int, row: int, col: int) -> Tensor | None:
+        """The horizontal gates' conditioning (B, 2C) of block ``index`` at one position."""
+        if self.conditions[index] is None:
+            return None
+        condition = self.conditions[index][1]
         if condition.shape[-1] == 1:
-            return condition
-        return condition[:, :, row : row + 1, col : col + 1]
+            return condition[:, :, 0, 0]
+        return condition[:, :, row, col]
 
     def _attend(self, name: str, features: Tensor, row: int, col: int) -> Tensor:
-        """Attention output (B, C, 1, 1) at one position, caching its key and value."""
+        """Attention output (B, C) at one position from features (B, C), caching key and value."""
         attention = self.prior.attention[name]
         position = row * self.side + col
-        token = torch.cat(
-            [
-                F.elu(features),
-                self.coordinates[:, row, col].expand(features.shape[0], -1)[:, :, None, None],
-            ],
-            dim=1,
-        )[:, :, 0, 0]  # (B, C + 2)
+        coordinates = self.coordinates[:, row, col].expand(features.shape[0], -1)  # (B, 2)
+        token = torch.cat([F.elu(features), coordinates], dim=1)  # (B, C + 2)
         query, key, value = (
             rearrange(proj(token), "b (n d) -> b n d", n=attention.heads)  # (B, heads, d)
             for proj in (attention.query, attention.key, attention.value)
@@ -417,37 +432,37 @@ class IncrementalSampler:
         scores = torch.einsum("bnd,bntd->bnt", query, keys[:, :, : position + 1])
         weights = torch.softmax(scores / math.sqrt(query.shape[-1]), dim=-1)  # (B, heads, t)
         attended = torch.einsum("bnt,bntd->bnd", weights, values[:, :, : position + 1])
-        return attention.output(rearrange(attended, "b n d -> b (n d)"))[:, :, None, None]
+        return attention.output(rearrange(attended, "b n d -> b (n d)"))  # (B, C)
 
     def logits_at(self, row: int, col: int) -> Tensor:
         """Logits (B, K) of the code at (row, col); every earlier code must have been set."""
         prior, half = self.prior, self.half
-        window = _window(self.embedded, row, col - 1, 0, half, 0)  # shift_right(x)
+        window = self.embedded[:, :, row, col : col + half + 1].flatten(1)  # shift_right(x)
         horizontal = (
-            prior.horizontal_input.conv(window)
-            + self.input_from_above[:, :, row : row + 1, col : col + 1]
-        )  # (B, C, 1, 1)
-        self.horizontal[0][:, :, row : row + 1, col : col + 1] = horizontal
-        for index, block in enumerate(prior.blocks):
-            window = F.elu(_window(self.horizontal[index], row, col, 0, half, 0))  # elu(0) = 0
+            F.linear(window, self.input_weight, prior.horizontal_input.conv.bias)
+            + self.input_from_above[:, :, row, col]
+        )  # (B, C)
+        for index, (conv_w, conv_b, gates_w, gates_b) in enumerate(self.block_weights):
+            stored = self.horizontal[index]
+            stored[:, :, row, col + half] = horizontal
+            window = F.elu(stored[:, :, row, col : col + half + 1]).flatten(1)  # (B, C*(half+1))
             hidden = (
-                block.horizontal.conv(window)
-                + self.blocks_from_above[index][:, :, row : row + 1, col : col + 1]
-            )  # (B, R, 1, 1)
-            gates = block.horizontal_gates(F.elu(hidden))  # (B, 2C, 1, 1)
-            if self.conditions[index] is not None:
-                gates = gates + self._condition_at(self.conditions[index][1], row, col)
+                F.linear(window, conv_w, conv_b) + self.blocks_from_above[index][:, :, row, col]
+            )
+            gates = F.linear(F.elu(hidden), gates_w, gates_b)  # (B, 2C)
+            condition = self._condition_at(index, row, col)
+            if condition is not None:
+                gates = gates + condition
             horizontal = horizontal + gate(gates)
             if str(index) in prior.attention:
                 horizontal = horizontal + self._attend(str(index), horizontal, row, col)
-            self.horizontal[index + 1][:, :, row : row + 1, col : col + 1] = horizontal
-        logits = prior.output(F.elu(prior.output_stack(horizontal)))  # (B, K, 1, 1)
-        return logits[:, :, 0, 0]
+        features = horizontal[:, :, None, None]  # (B, C, 1, 1)
+        return prior.output(F.elu(prior.output_stack(features)))[:, :, 0, 0]  # (B, K)
 
     def set_codes(self, row: int, col: int, codes: Tensor) -> None:
         """Record the codes (B,) chosen at (row, col); after a row's last code, advance the
         vertical stream by that row."""
-        self.embedded[:, :, row, col] = self.prior.embedding(codes)
+        self.embedded[:, :, row, col + self.half + 1] = self.prior.embedding(codes)
         if col == self.side - 1:
             self._vertical_row(row)
 
@@ -455,7 +470,8 @@ class IncrementalSampler:
         prior, half, side = self.prior, self.half, self.side
         # The whole row with the kernel's margins: rows row-half .. row, columns -half .. W-1+half.
         span = (side // 2, half, side // 2 + half, side - 1 - side // 2 + half)
-        vertical = prior.vertical_input.conv(_window(self.embedded, row, *span))  # (B, C, 1, W)
+        embedded = self.embedded[:, :, :, half + 1 :]  # (B, C, H, W) without the left margin
+        vertical = prior.vertical_input.conv(_window(embedded, row, *span))  # (B, C, 1, W)
         self.vertical[0][:, :, row : row + 1] = vertical
         if row + 1 < side:
             self.input_from_above[:, :, row + 1 : row + 2] = prior.vertical_input_to_horizontal(
