@@ -25,6 +25,24 @@ def _draw(logits: Tensor, temperature: float, generator: torch.Generator | None)
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
 
 
+def _empty_codes(
+    prior: PixelSNAIL,
+    batch_size: int,
+    labels: Tensor | None,
+    condition_codes: list[Tensor] | None,
+    temperature: float,
+) -> Tensor:
+    """Check the sampling inputs, put the prior in eval mode; (B, H, W) int64 zeros to fill."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    prior.eval()
+    side = prior.config.code_size
+    device = next(prior.parameters()).device
+    codes = torch.zeros(batch_size, side, side, dtype=torch.long, device=device)
+    prior.check_inputs(codes, labels, condition_codes)
+    return codes
+
+
 @torch.no_grad()
 def sample_level_reference(
     prior: PixelSNAIL,
@@ -47,13 +65,8 @@ def sample_level_reference(
     Returns:
         (B, H, W) int64 codes in [0, K).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    prior.eval()
-    device = next(prior.parameters()).device
+    codes = _empty_codes(prior, batch_size, labels, condition_codes, temperature)
     side = prior.config.code_size
-    codes = torch.zeros(batch_size, side, side, dtype=torch.long, device=device)
-    prior.check_inputs(codes, labels, condition_codes)
     condition = prior.condition(labels, condition_codes)
     for row in range(side):
         for column in range(side):
@@ -76,13 +89,8 @@ def sample_level_cached(
     Same arguments and result as ``sample_level_reference``; with dropout off and the same
     generator state it draws the same codes, at about the cost of one forward pass.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    prior.eval()
-    device = next(prior.parameters()).device
+    codes = _empty_codes(prior, batch_size, labels, condition_codes, temperature)
     side = prior.config.code_size
-    codes = torch.zeros(batch_size, side, side, dtype=torch.long, device=device)
-    prior.check_inputs(codes, labels, condition_codes)
     state = IncrementalSampler(prior, batch_size, prior.condition(labels, condition_codes))
     for row in range(side):
         for column in range(side):

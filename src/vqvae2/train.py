@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 from .checkpoint import (
+    Checkpoint,
     load_prior,
     load_run_config,
     load_state_checked,
@@ -212,6 +213,24 @@ class TrainResult:
     metrics: dict[str, Any]  # final validation metrics
 
 
+def _adam(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(
+        model.parameters(), lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2)
+    )
+
+
+def _restore(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Checkpoint | None
+) -> tuple[int, float]:
+    """Load a resumed run's weights and optimizer state; returns (step, elapsed seconds)."""
+    if checkpoint is None:
+        return 0, 0.0
+    load_state_checked(model, checkpoint.model_state, checkpoint.path)
+    if checkpoint.optimizer_state is not None:
+        optimizer.load_state_dict(checkpoint.optimizer_state)
+    return checkpoint.step, float(checkpoint.extra.get("elapsed_seconds", 0.0))
+
+
 def _learning_rate(train: TrainConfig, step: int) -> float:
     if train.lr_schedule == "cosine":
         return (
@@ -266,19 +285,9 @@ def train_vqvae(
 
     torch.manual_seed(train_config.seed)
     model = VQVAE2(model_config)
-    optimizer = torch.optim.Adam(
-        model.parameters(),
-        lr=train_config.learning_rate,
-        betas=(train_config.adam_beta1, train_config.adam_beta2),
-    )
-    step = 0
-    elapsed_before = 0.0
+    optimizer = _adam(model, train_config)
+    step, elapsed_before = _restore(model, optimizer, checkpoint)
     if checkpoint is not None:
-        load_state_checked(model, checkpoint.model_state, checkpoint.path)
-        if checkpoint.optimizer_state is not None:
-            optimizer.load_state_dict(checkpoint.optimizer_state)
-        step = checkpoint.step
-        elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
         preset = checkpoint.extra.get("preset", preset)
     model.train()
 
@@ -556,18 +565,8 @@ def train_prior(
 
     torch.manual_seed(train_config.seed)
     prior = PixelSNAIL(config.prior)
-    optimizer = torch.optim.Adam(
-        prior.parameters(),
-        lr=train_config.learning_rate,
-        betas=(train_config.adam_beta1, train_config.adam_beta2),
-    )
-    step, elapsed_before = 0, 0.0
-    if checkpoint is not None:
-        load_state_checked(prior, checkpoint.model_state, checkpoint.path)
-        if checkpoint.optimizer_state is not None:
-            optimizer.load_state_dict(checkpoint.optimizer_state)
-        step = checkpoint.step
-        elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
+    optimizer = _adam(prior, train_config)
+    step, elapsed_before = _restore(prior, optimizer, checkpoint)
     prior.train()
 
     log = MetricsLog(kind_dir / METRICS_FILE, resume_step=step if resume else None)
@@ -714,18 +713,8 @@ def train_classifier(
 
     torch.manual_seed(train_config.seed)
     classifier = Classifier(model_config)
-    optimizer = torch.optim.Adam(
-        classifier.parameters(),
-        lr=train_config.learning_rate,
-        betas=(train_config.adam_beta1, train_config.adam_beta2),
-    )
-    step, elapsed_before = 0, 0.0
-    if checkpoint is not None:
-        load_state_checked(classifier, checkpoint.model_state, checkpoint.path)
-        if checkpoint.optimizer_state is not None:
-            optimizer.load_state_dict(checkpoint.optimizer_state)
-        step = checkpoint.step
-        elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
+    optimizer = _adam(classifier, train_config)
+    step, elapsed_before = _restore(classifier, optimizer, checkpoint)
     classifier.train()
 
     log = MetricsLog(out_dir / METRICS_FILE, resume_step=step if resume else None)
