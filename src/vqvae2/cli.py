@@ -229,6 +229,15 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_training_options(parser: argparse.ArgumentParser, result: str) -> None:
+    """Options every training subcommand shares; ``result`` names what --json prints."""
+    parser.add_argument("--max-minutes", type=float, help="stop after this much wall time")
+    parser.add_argument("--max-steps", type=int, help="sets train.max_steps")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help=f"print {result} as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vqvae2",
@@ -254,13 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"image source: IDX folder, image folder or .npz (default: {DEFAULT_DATA_PATH})",
     )
     train.add_argument("--out", type=Path, required=True, help="run folder to write")
-    train.add_argument("--max-minutes", type=float, help="stop after this much wall time")
-    train.add_argument("--max-steps", type=int, help="sets train.max_steps")
     train.add_argument("--seed", type=int, help="sets train.seed")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _add_training_options(train, "the final metrics")
     train.set_defaults(handler=_cmd_train_vqvae)
 
     recon = commands.add_parser(
@@ -294,12 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_argument("run_dir", type=Path, help="stage-1 run folder (with extracted codes)")
     prior.add_argument("--level", required=True, choices=("top", "middle", "bottom"))
     prior.add_argument("--config", help="prior preset name or YAML file")
-    prior.add_argument("--max-minutes", type=float, help="stop after this much wall time")
-    prior.add_argument("--max-steps", type=int, help="sets train.max_steps")
     prior.add_argument("--resume", action="store_true", help="continue this level's prior")
-    prior.add_argument("--quiet", action="store_true", help="no progress bar")
-    prior.add_argument("--json", action="store_true", help="print the final NLL as JSON")
-    prior.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _add_training_options(prior, "the final NLL")
     prior.set_defaults(handler=_cmd_train_prior)
 
     classifier = commands.add_parser(
@@ -310,14 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.add_argument("--out", type=Path, help="output folder (default RUN_DIR/classifier)")
     classifier.add_argument("--run", type=Path, help="stage-1 run: image size, channels, --out")
     classifier.add_argument("--config", help="classifier preset name or YAML file")
-    classifier.add_argument("--max-minutes", type=float, help="stop after this much wall time")
-    classifier.add_argument("--max-steps", type=int, help="sets train.max_steps")
     classifier.add_argument(
         "--resume", action="store_true", help="continue the classifier in --out"
     )
-    classifier.add_argument("--quiet", action="store_true", help="no progress bar")
-    classifier.add_argument("--json", action="store_true", help="print accuracy as JSON")
-    classifier.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    _add_training_options(classifier, "the accuracy")
     classifier.set_defaults(handler=_cmd_train_classifier)
 
     sample = commands.add_parser(

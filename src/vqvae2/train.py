@@ -231,6 +231,33 @@ def _restore(
     return checkpoint.step, float(checkpoint.extra.get("elapsed_seconds", 0.0))
 
 
+class RunClock:
+    """Wall time of a run across resumes, and this process's ``--max-minutes`` deadline."""
+
+    def __init__(self, elapsed_before: float, max_minutes: float | None) -> None:
+        self.elapsed_before = elapsed_before
+        self.start = time.monotonic()
+        self.deadline = None if max_minutes is None else self.start + 60.0 * max_minutes
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, earlier processes of a resumed run included."""
+        return self.elapsed_before + time.monotonic() - self.start
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+def _progress_bar(train: TrainConfig, step: int, description: str, enabled: bool) -> tqdm:
+    return tqdm(
+        total=train.max_steps,
+        initial=step,
+        disable=not enabled,
+        desc=description,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+
+
 def _learning_rate(train: TrainConfig, step: int) -> float:
     if train.lr_schedule == "cosine":
         return (
@@ -299,11 +326,7 @@ def train_vqvae(
         len(train_set), train_config.batch_size, train_config.seed, step, train_config.max_steps
     )
     loader = batch_loader(train_set, sampler, config.data.num_workers)
-    start = time.monotonic()
-    deadline = None if max_minutes is None else start + 60.0 * max_minutes
-
-    def elapsed() -> float:
-        return elapsed_before + time.monotonic() - start
+    clock = RunClock(elapsed_before, max_minutes)
 
     def checkpoint_now() -> None:
         save_checkpoint(
@@ -313,17 +336,14 @@ def train_vqvae(
             config,
             model,
             optimizer,
-            extra={"elapsed_seconds": elapsed(), "data_path": str(data_path), "preset": preset},
+            extra={
+                "elapsed_seconds": clock.elapsed(),
+                "data_path": str(data_path),
+                "preset": preset,
+            },
         )
 
-    bar = tqdm(
-        total=train_config.max_steps,
-        initial=step,
-        disable=not progress,
-        desc="train-vqvae",
-        dynamic_ncols=True,
-        mininterval=1.0,
-    )
+    bar = _progress_bar(train_config, step, "train-vqvae", progress)
     for images, _ in loader:
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(train_config, step)
@@ -345,12 +365,12 @@ def train_vqvae(
             ):
                 values[f"perplexity_{name}"] = float(perplexity)
                 values[f"batch_usage_{name}"] = float(usage)
-            log.write(step, elapsed(), "train", values)
+            log.write(step, clock.elapsed(), "train", values)
             bar.set_postfix(mse=f"{values['mse']:.5f}", refresh=False)
-        out_of_time = deadline is not None and time.monotonic() >= deadline
+        out_of_time = clock.out_of_time()
         if step % train_config.val_every == 0 and step < train_config.max_steps and not out_of_time:
             metrics = evaluate_vqvae(model, val_set, train_config.val_batches)
-            log.write(step, elapsed(), "val", metrics)
+            log.write(step, clock.elapsed(), "val", metrics)
             save_png(
                 reconstruction_grid(model, grid_images),
                 run_dir / "reconstructions" / f"step-{step:08d}.png",
@@ -362,7 +382,7 @@ def train_vqvae(
     bar.close()
 
     metrics = evaluate_vqvae(model, val_set)
-    log.write(step, elapsed(), "val", metrics)
+    log.write(step, clock.elapsed(), "val", metrics)
     save_png(
         reconstruction_grid(model, grid_images),
         run_dir / "reconstructions" / f"step-{step:08d}.png",
@@ -573,11 +593,7 @@ def train_prior(
     sampler = EpochBatchSampler(
         len(train_codes), train_config.batch_size, train_config.seed, step, train_config.max_steps
     )
-    start = time.monotonic()
-    deadline = None if max_minutes is None else start + 60.0 * max_minutes
-
-    def elapsed() -> float:
-        return elapsed_before + time.monotonic() - start
+    clock = RunClock(elapsed_before, max_minutes)
 
     def checkpoint_now() -> None:
         save_checkpoint(
@@ -587,17 +603,10 @@ def train_prior(
             config,
             prior,
             optimizer,
-            extra={"elapsed_seconds": elapsed(), "level": level},
+            extra={"elapsed_seconds": clock.elapsed(), "level": level},
         )
 
-    bar = tqdm(
-        total=train_config.max_steps,
-        initial=step,
-        disable=not progress,
-        desc=f"train-prior {level}",
-        dynamic_ncols=True,
-        mininterval=1.0,
-    )
+    bar = _progress_bar(train_config, step, f"train-prior {level}", progress)
     for level_codes, labels in batch_loader(train_codes, sampler, num_workers=0):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(train_config, step)
@@ -611,15 +620,15 @@ def train_prior(
             nats = output.loss.item()
             log.write(
                 step,
-                elapsed(),
+                clock.elapsed(),
                 "train",
                 {**_nll_summary("batch", nats), "lr": optimizer.param_groups[0]["lr"]},
             )
             bar.set_postfix(nll=f"{nats:.3f}", refresh=False)
-        out_of_time = deadline is not None and time.monotonic() >= deadline
+        out_of_time = clock.out_of_time()
         if step % train_config.val_every == 0 and step < train_config.max_steps and not out_of_time:
             nats = evaluate_prior(prior, val_codes, index, train_config.val_batches)
-            log.write(step, elapsed(), "val", _nll_summary("val", nats))
+            log.write(step, clock.elapsed(), "val", _nll_summary("val", nats))
         if step % train_config.checkpoint_every == 0 and not out_of_time:
             checkpoint_now()
         if out_of_time:
@@ -633,7 +642,7 @@ def train_prior(
         **_nll_summary("train", evaluate_prior(prior, train_sample, index)),
         **_nll_summary("val", evaluate_prior(prior, val_codes, index)),
     }
-    log.write(step, elapsed(), "final", metrics)
+    log.write(step, clock.elapsed(), "final", metrics)
     checkpoint_now()
     return TrainResult(run_dir=kind_dir, step=step, metrics=metrics)
 
@@ -725,11 +734,7 @@ def train_classifier(
         step,
         train_config.max_steps,
     )
-    start = time.monotonic()
-    deadline = None if max_minutes is None else start + 60.0 * max_minutes
-
-    def elapsed() -> float:
-        return elapsed_before + time.monotonic() - start
+    clock = RunClock(elapsed_before, max_minutes)
 
     def checkpoint_now() -> None:
         save_checkpoint(
@@ -739,17 +744,10 @@ def train_classifier(
             config,
             classifier,
             optimizer,
-            extra={"elapsed_seconds": elapsed()},
+            extra={"elapsed_seconds": clock.elapsed()},
         )
 
-    bar = tqdm(
-        total=train_config.max_steps,
-        initial=step,
-        disable=not progress,
-        desc="train-classifier",
-        dynamic_ncols=True,
-        mininterval=1.0,
-    )
+    bar = _progress_bar(train_config, step, "train-classifier", progress)
     for images, labels in batch_loader(splits["train"], sampler, config.data.num_workers):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(train_config, step)
@@ -763,9 +761,9 @@ def train_classifier(
         bar.update(1)
         if step % train_config.log_every == 0:
             accuracy = float((logits.argmax(-1) == labels).float().mean())
-            log.write(step, elapsed(), "train", {"loss": loss.item(), "accuracy": accuracy})
+            log.write(step, clock.elapsed(), "train", {"loss": loss.item(), "accuracy": accuracy})
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        out_of_time = deadline is not None and time.monotonic() >= deadline
+        out_of_time = clock.out_of_time()
         if step % train_config.checkpoint_every == 0 and not out_of_time:
             checkpoint_now()
         if out_of_time:
@@ -775,7 +773,7 @@ def train_classifier(
         "val_accuracy": evaluate_classifier(classifier, splits["val"]),
         "test_accuracy": evaluate_classifier(classifier, splits["test"]),
     }
-    log.write(step, elapsed(), "final", metrics)
+    log.write(step, clock.elapsed(), "final", metrics)
     checkpoint_now()
     return TrainResult(run_dir=out_dir, step=step, metrics=metrics)
 
