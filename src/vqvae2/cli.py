@@ -11,16 +11,31 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import VQVAERunConfig, list_presets, load_config
+from .config import RuntimeConfig, VQVAERunConfig, list_presets, load_config
 from .data import DEFAULT_DATA_PATH, SPLITS
 
 DEFAULT_PRESET = "fashion-mnist-32"
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+
+def _runtime(args: argparse.Namespace) -> RuntimeConfig:
+    return RuntimeConfig(
+        device=args.device,
+        precision=getattr(args, "precision", "float32"),
+        compile=getattr(args, "compile", False),
+        channels_last=getattr(args, "channels_last", False),
+    )
+
+
+def _is_main_process() -> bool:
+    """Under torchrun only rank 0 reports; the other processes stay silent."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _cmd_train_vqvae(args: argparse.Namespace) -> int:
@@ -42,7 +57,10 @@ def _cmd_train_vqvae(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.quiet,
         preset=args.config or DEFAULT_PRESET,
+        runtime=_runtime(args),
     )
+    if not _is_main_process():
+        return 0
     summary = {"run_dir": str(result.run_dir), "step": result.step, **result.metrics}
     if args.json:
         print(json.dumps(summary))
@@ -76,15 +94,19 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _print_result(args: argparse.Namespace, result: dict, text: str) -> None:
-    print(json.dumps(result) if args.json else text)
+    if _is_main_process():
+        print(json.dumps(result) if args.json else text)
 
 
 def _cmd_extract_codes(args: argparse.Namespace) -> int:
     from .train import extract_codes
 
-    written = extract_codes(args.run_dir, args.data, progress=not args.quiet)
+    written = extract_codes(
+        args.run_dir, args.data, progress=not args.quiet, runtime=_runtime(args)
+    )
     for split, path in written.items():
-        print(f"{split}: {path}")
+        if _is_main_process():
+            print(f"{split}: {path}")
     return 0
 
 
@@ -118,8 +140,11 @@ def _cmd_train_prior(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         resume=args.resume,
         progress=not args.quiet,
+        runtime=_runtime(args),
     )
     metrics = result.metrics
+    if not metrics:
+        return 0  # not rank 0
     _print_result(
         args,
         {"level": args.level, "step": result.step, **metrics},
@@ -162,8 +187,11 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         resume=args.resume,
         progress=not args.quiet,
+        runtime=_runtime(args),
     )
     metrics = result.metrics
+    if not metrics:
+        return 0  # not rank 0
     _print_result(
         args,
         {"out": str(out), "step": result.step, **metrics},
@@ -229,12 +257,33 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda or cuda:N (default auto: cuda:LOCAL_RANK when CUDA is available, else cpu)",
+    )
+
+
 def _add_training_options(parser: argparse.ArgumentParser, result: str) -> None:
     """Options every training subcommand shares; ``result`` names what --json prints."""
     parser.add_argument("--max-minutes", type=float, help="stop after this much wall time")
     parser.add_argument("--max-steps", type=int, help="sets train.max_steps")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help=f"print {result} as JSON")
+    _add_device_option(parser)
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bf16"),
+        default="float32",
+        help="bf16: bfloat16 autocast (quantizer distances and EMA stay float32)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the training forward pass"
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="channels-last (NHWC) memory layout"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
@@ -289,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("run_dir", type=Path, help="stage-1 run folder")
     extract.add_argument("--data", type=Path, default=DEFAULT_DATA_PATH, help="image source")
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_device_option(extract)
     extract.set_defaults(handler=_cmd_extract_codes)
 
     prior = commands.add_parser(
@@ -367,3 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"vqvae2: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        from .distributed import shutdown
+
+        shutdown()

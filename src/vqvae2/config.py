@@ -146,6 +146,7 @@ class TrainConfig:
     """Optimisation and bookkeeping of one training run."""
 
     batch_size: int = 128  # Table 5 "batch size" (global across processes)
+    grad_accum_steps: int = 1  # micro-batches per step: each process runs batch/(world*this)
     learning_rate: float = 3e-4  # Adam step size
     adam_beta1: float = 0.9  # Adam first-moment decay
     adam_beta2: float = 0.999  # Adam second-moment decay
@@ -161,6 +162,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in (
             "batch_size",
+            "grad_accum_steps",
             "max_steps",
             "log_every",
             "val_every",
@@ -174,6 +176,25 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"train.{name} must be in [0, 1), got {value}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How this process runs, not what it learns: chosen per command, never saved in a run.
+
+    Every field is opt-in; the defaults are the CPU-friendly float32 eager path.
+    """
+
+    device: str = "auto"  # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu
+    precision: Literal["float32", "bf16"] = "float32"  # bf16 autocast; quantizer math stays fp32
+    compile: bool = False  # torch.compile the training forward pass
+    channels_last: bool = False  # NHWC memory layout for convolutions
+
+    def __post_init__(self) -> None:
+        _check(
+            self.precision in ("float32", "bf16"),
+            f"precision must be float32 or bf16, got {self.precision}",
+        )
 
 
 @dataclass(frozen=True)

@@ -443,7 +443,8 @@ class CodeStoreWriter:
     files, so the store can grow to millions of entries without being held in memory.
 
     Files go to a temporary folder that ``close`` renames into place: a killed extraction leaves
-    no half-written store behind.
+    no half-written store behind. Several processes can fill one store: one creates it, the
+    others ``attach`` to the same temporary folder and write their own rows.
     """
 
     def __init__(
@@ -476,6 +477,20 @@ class CodeStoreWriter:
             **(extra or {}),
         }
 
+    @classmethod
+    def attach(cls, directory: str | Path, level_names: Sequence[str]) -> CodeStoreWriter:
+        """Open the store another process is creating at ``directory``, to write rows into it.
+
+        Only the creator calls ``close``; an attached writer calls ``flush``.
+        """
+        writer = cls.__new__(cls)
+        writer.directory = Path(directory)
+        writer.tmp = writer.directory.with_name(f".{writer.directory.name}.tmp")
+        writer.codes = [np.load(writer.tmp / f"{name}.npy", mmap_mode="r+") for name in level_names]
+        writer.labels = np.load(writer.tmp / "labels.npy", mmap_mode="r+")
+        writer.meta = {}
+        return writer
+
     def write(self, start: int, codes: Sequence[Tensor], labels: Tensor) -> None:
         """Store a batch at rows ``start:start+B``: codes per level (B, h, w), labels (B,)."""
         stop = start + len(labels)
@@ -483,9 +498,12 @@ class CodeStoreWriter:
             store[start:stop] = level_codes.cpu().numpy()
         self.labels[start:stop] = labels.cpu().numpy()
 
-    def close(self) -> Path:
+    def flush(self) -> None:
         for array in (*self.codes, self.labels):
             array.flush()
+
+    def close(self) -> Path:
+        self.flush()
         (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=2))
         if self.directory.exists():
             shutil.rmtree(self.directory)

@@ -70,20 +70,36 @@ class HorizontalConv(nn.Module):
 
 
 class GatedBlock(nn.Module):
-    """One gated residual block on both streams, with optional conditioning on the gates."""
+    """One gated residual block on both streams, with optional conditioning on the gates.
 
-    def __init__(self, config: PixelSNAILConfig, condition_channels: int) -> None:
+    The last block updates only the horizontal stream: nothing reads the vertical stream after
+    it (and parameters without gradients would also stall DDP).
+    """
+
+    def __init__(
+        self, config: PixelSNAILConfig, condition_channels: int, updates_vertical: bool
+    ) -> None:
         super().__init__()
         hidden, residual = config.hidden_channels, config.residual_channels
         self.vertical = VerticalConv(hidden, residual, config.kernel_size)
         self.horizontal = HorizontalConv(hidden, residual, config.kernel_size)
         self.vertical_to_horizontal = nn.Conv2d(residual, residual, 1)
-        self.vertical_gates = nn.Conv2d(residual, 2 * hidden, 1)
+        self.vertical_gates = nn.Conv2d(residual, 2 * hidden, 1) if updates_vertical else None
         self.horizontal_gates = nn.Conv2d(residual, 2 * hidden, 1)
+        self.gate_channels = [2 * hidden if updates_vertical else 0, 2 * hidden]  # (v, h)
         self.condition = (
-            nn.Conv2d(condition_channels, 4 * hidden, 1) if condition_channels > 0 else None
+            nn.Conv2d(condition_channels, sum(self.gate_channels), 1)
+            if condition_channels > 0
+            else None
         )
         self.dropout = nn.Dropout(config.dropout)
+
+    def condition_gates(self, condition: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """What the conditioning adds to the (vertical, horizontal) gates, or None."""
+        if self.condition is None or condition is None:
+            return None
+        vertical, horizontal = self.condition(condition).split(self.gate_channels, dim=1)
+        return vertical, horizontal  # (B, 2C or 0, ...), (B, 2C, ...)
 
     def forward(
         self, vertical: Tensor, horizontal: Tensor, condition: Tensor | None
@@ -93,14 +109,16 @@ class GatedBlock(nn.Module):
         h_hidden = self.horizontal(F.elu(horizontal)) + self.vertical_to_horizontal(
             shift_down(v_hidden)
         )  # (B, R, H, W), strictly before (i, j)
-        v_gates = self.vertical_gates(F.elu(v_hidden))  # (B, 2C, H, W)
         h_gates = self.horizontal_gates(F.elu(h_hidden))  # (B, 2C, H, W)
-        if self.condition is not None and condition is not None:
-            v_condition, h_condition = self.condition(condition).chunk(2, dim=1)
-            v_gates = v_gates + v_condition
-            h_gates = h_gates + h_condition
-        vertical = vertical + self.dropout(gate(v_gates))
+        conditioning = self.condition_gates(condition)
+        if conditioning is not None:
+            h_gates = h_gates + conditioning[1]
         horizontal = horizontal + self.dropout(gate(h_gates))
+        if self.vertical_gates is not None:
+            v_gates = self.vertical_gates(F.elu(v_hidden))  # (B, 2C, H, W)
+            if conditioning is not None:
+                v_gates = v_gates + conditioning[0]
+            vertical = vertical + self.dropout(gate(v_gates))
         return vertical, horizontal
 
 
@@ -117,7 +135,9 @@ class CausalSelfAttention(nn.Module):
         self.heads = config.attention_heads
         inputs = hidden + 2  # features and (row, column) coordinates
         self.query = nn.Linear(inputs, hidden)
-        self.key = nn.Linear(inputs, hidden)
+        # No key bias: it adds the same q.b to every score of a query, which softmax ignores, so
+        # its true gradient is zero and Adam would only amplify rounding noise into it.
+        self.key = nn.Linear(inputs, hidden, bias=False)
         self.value = nn.Linear(inputs, hidden)
         self.output = nn.Linear(hidden, hidden)
         self.dropout = nn.Dropout(config.dropout)
@@ -217,7 +237,8 @@ class PixelSNAIL(nn.Module):
             condition_channels = max(condition_channels, config.condition_channels)
 
         self.blocks = nn.ModuleList(
-            GatedBlock(config, condition_channels) for _ in range(config.num_layers)
+            GatedBlock(config, condition_channels, updates_vertical=index < config.num_layers - 1)
+            for index in range(config.num_layers)
         )
         attention_layers = set(config.attention_layer_indices)
         self.attention = nn.ModuleDict(
@@ -368,7 +389,7 @@ class IncrementalSampler:
         # convolution reads at (row, col) is a plain slice. Logical column j is stored at j + half
         # (j + half + 1 for the embedded codes, which the first layer reads shifted right by one).
         self.embedded = zeros(batch_size, config.hidden_channels, side, side + half + 1)
-        self.vertical = [zeros(*shape) for _ in range(config.num_layers + 1)]  # v_0 .. v_L
+        self.vertical = [zeros(*shape) for _ in range(config.num_layers)]  # v_0 .. v_{L-1}
         self.horizontal = [
             zeros(batch_size, config.hidden_channels, side, side + half)
             for _ in range(config.num_layers)
@@ -382,11 +403,8 @@ class IncrementalSampler:
         for down, block in zip(self.blocks_from_above, prior.blocks, strict=True):
             down[:, :, 0] = block.vertical_to_horizontal.bias[None, :, None]
         self.conditions = [
-            block.condition(condition).chunk(2, dim=1)
-            if block.condition is not None and condition is not None
-            else None
-            for block in prior.blocks
-        ]  # per block: (vertical, horizontal) each (B, 2C, H or 1, W or 1)
+            block.condition_gates(condition) for block in prior.blocks
+        ]  # per block: None or (vertical, horizontal), each (B, 2C, H or 1, W or 1)
         self.attention_cache: dict[str, tuple[Tensor, Tensor]] = {}
         for name, attention in prior.attention.items():
             head_dim = config.hidden_channels // attention.heads
@@ -484,6 +502,8 @@ class IncrementalSampler:
                 self.blocks_from_above[index][:, :, row + 1 : row + 2] = (
                     block.vertical_to_horizontal(hidden)
                 )
+            if block.vertical_gates is None:
+                break  # the last block leaves the vertical stream alone
             gates = block.vertical_gates(F.elu(hidden))  # (B, 2C, 1, W)
             if self.conditions[index] is not None:
                 condition = self.conditions[index][0]

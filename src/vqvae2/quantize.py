@@ -10,8 +10,9 @@ Two additions fight codebook collapse, the most common failure of public VQ-VAE 
   * data initialisation: the first training batch seeds the codebook with encoder outputs;
   * dead-code restart: a code unused for ``dead_code_after_steps`` training steps is re-seeded
     with the encoder output that is currently worst served (farthest from its nearest code).
-Both are deterministic, so every process of a distributed run makes the same choice once the
-statistics are reduced.
+Both are deterministic and see the encoder outputs of every process (through ``gather_fn``), so
+each process of a data-parallel run makes the same choice a single process would make on the
+global batch.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-ReduceFn = Callable[[Tensor], Tensor]
+ReduceFn = Callable[[Tensor], Tensor]  # sums a tensor over processes
+GatherFn = Callable[[Tensor], Tensor]  # concatenates (N, ...) tensors over processes, rank order
 
 
 def identity_reduce(tensor: Tensor) -> Tensor:
-    """Default reduce function: a single process has nothing to sum with."""
+    """Default reduce and gather function: a single process has nothing to combine with."""
     return tensor
 
 
@@ -52,6 +54,8 @@ class VectorQuantizerEMA(nn.Module):
         dead_code_after_steps: re-seed codes unused for this many train steps (0 disables).
         reduce_fn: sums a tensor across processes (identity by default); applied to the batch
             counts and sums before the EMA update, so all processes keep the same codebook.
+        gather_fn: concatenates a tensor across processes in rank order (identity by default);
+            used for the codebook initialisation and dead-code restart candidates.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class VectorQuantizerEMA(nn.Module):
         epsilon: float,
         dead_code_after_steps: int,
         reduce_fn: ReduceFn = identity_reduce,
+        gather_fn: GatherFn = identity_reduce,
     ) -> None:
         super().__init__()
         self.codebook_size = codebook_size
@@ -72,6 +77,7 @@ class VectorQuantizerEMA(nn.Module):
         self.epsilon = epsilon
         self.dead_code_after_steps = dead_code_after_steps
         self.reduce_fn = reduce_fn
+        self.gather_fn = gather_fn
         codebook = torch.randn(codebook_size, embedding_dim)  # (K, D)
         self.register_buffer("codebook", codebook)
         # EMA state: N_i (counts) and m_i (sums). Starting N at 1 and m at the codebook makes
@@ -124,17 +130,18 @@ class VectorQuantizerEMA(nn.Module):
             raise ValueError(f"quantizer expects {self.embedding_dim} channels, got {dim}")
         flat_inputs = rearrange(inputs, "b d h w -> (b h w) d").detach().float()  # (N, D)
 
-        if self.training and not bool(self.initialized):
-            self._initialize_from(flat_inputs)
-        codes, min_distances = self.nearest_codes(flat_inputs)  # (N,), (N,)
-        one_hot = F.one_hot(codes, self.codebook_size).float()  # (N, K)
-        batch_counts = one_hot.sum(0)  # (K,)
-
-        if self.training:
-            batch_sums = one_hot.t() @ flat_inputs  # (K, D)
-            self._ema_update(self.reduce_fn(batch_counts), self.reduce_fn(batch_sums))
-            if self.dead_code_after_steps > 0:
-                self._restart_dead_codes(flat_inputs, min_distances)
+        # Distances and EMA statistics stay in float32 under bf16 autocast: nearest-neighbour
+        # choices and running averages are what low precision breaks first.
+        with torch.autocast(inputs.device.type, enabled=False):
+            if self.training and not bool(self.initialized):
+                self._initialize_from(flat_inputs)
+            codes, min_distances = self.nearest_codes(flat_inputs)  # (N,), (N,)
+            batch_counts = torch.bincount(codes, minlength=self.codebook_size).float()  # (K,)
+            if self.training:
+                batch_sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, flat_inputs)
+                self._ema_update(self.reduce_fn(batch_counts), self.reduce_fn(batch_sums))
+                if self.dead_code_after_steps > 0:
+                    self._restart_dead_codes(flat_inputs, min_distances)
 
         quantized = self.lookup(codes.view(batch, height, width)).to(inputs.dtype)  # (B, D, H, W)
         commitment_loss = self.commitment_weight * F.mse_loss(inputs, quantized.detach())
@@ -152,13 +159,12 @@ class VectorQuantizerEMA(nn.Module):
 
     @torch.no_grad()
     def _initialize_from(self, flat_inputs: Tensor) -> None:
-        """Seed the codebook with evenly spaced rows of the first training batch."""
-        count = flat_inputs.shape[0]
-        picks = torch.arange(self.codebook_size, device=flat_inputs.device) * count
+        """Seed the codebook with evenly spaced rows of the first (global) training batch."""
+        all_inputs = self.gather_fn(flat_inputs)  # (N_global, D), the same on every process
+        count = all_inputs.shape[0]
+        picks = torch.arange(self.codebook_size, device=all_inputs.device) * count
         picks = torch.div(picks, self.codebook_size, rounding_mode="floor")  # spread over batch
-        seeds = self.reduce_fn(flat_inputs[picks].clone()) / self.reduce_fn(
-            torch.ones((), device=flat_inputs.device)
-        )  # (K, D), averaged over processes so every process starts alike
+        seeds = all_inputs[picks]  # (K, D)
         self.codebook.copy_(seeds)
         self.embed_sum.copy_(seeds)
         self.cluster_size.fill_(1.0)
@@ -182,13 +188,23 @@ class VectorQuantizerEMA(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat_inputs: Tensor, min_distances: Tensor) -> None:
-        """Re-seed codes unused for too long with the worst-quantized inputs of this batch."""
+        """Re-seed codes unused for too long with the worst-quantized inputs of the global batch.
+
+        Each process offers its n worst-served inputs (n = number of dead codes); the n worst of
+        all offers are the n worst of the global batch, and stable sorts order ties by global
+        position, so every process, and a single process on the same batch, picks the same.
+        """
+        # steps_unused comes from reduced counts, so every process takes this branch together.
         dead = torch.nonzero(self.steps_unused >= self.dead_code_after_steps).flatten()  # (n,)
         if dead.numel() == 0:
             return
-        order = torch.argsort(min_distances, descending=True)  # worst-served inputs first
-        picks = order[torch.arange(dead.numel(), device=order.device) % order.numel()]
-        seeds = flat_inputs[picks]  # (n, D)
+        offered = min(dead.numel(), min_distances.numel())
+        order = torch.sort(min_distances, descending=True, stable=True).indices[:offered]
+        candidates = self.gather_fn(flat_inputs[order])  # (P * offered, D), worst first per rank
+        candidate_distances = self.gather_fn(min_distances[order])  # (P * offered,)
+        ranking = torch.sort(candidate_distances, descending=True, stable=True).indices
+        picks = ranking[torch.arange(dead.numel(), device=ranking.device) % ranking.numel()]
+        seeds = candidates[picks]  # (n, D)
         self.codebook[dead] = seeds
         self.embed_sum[dead] = seeds
         self.cluster_size[dead] = 1.0

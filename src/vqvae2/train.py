@@ -11,12 +11,14 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
@@ -33,6 +35,7 @@ from .classifier import Classifier
 from .config import (
     ClassifierRunConfig,
     PriorRunConfig,
+    RuntimeConfig,
     TrainConfig,
     VQVAERunConfig,
     config_from_dict,
@@ -49,6 +52,7 @@ from .data import (
     save_png,
     uint8_to_float,
 )
+from .distributed import DistributedContext, runtime_context
 from .metrics import (
     code_histogram,
     codebook_perplexity,
@@ -69,11 +73,22 @@ EVAL_BATCH_SIZE = 256
 class EpochBatchSampler(Sampler[list[int]]):
     """Batches of a fresh seeded permutation each epoch, starting from any global step.
 
-    The batch at global step s depends only on (seed, s), so a resumed run sees exactly the
-    batches an uninterrupted one would. Incomplete final batches of an epoch are dropped.
+    The global batch at step s depends only on (seed, s), so a resumed run sees exactly the
+    batches an uninterrupted one would, under any number of processes: process ``rank`` of
+    ``world_size`` gets the rank-th contiguous slice of it. Incomplete final batches of an
+    epoch are dropped.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, start_step: int, end_step: int):
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        start_step: int,
+        end_step: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if size < batch_size:
             raise ValueError(
                 f"the training split has {size} images, fewer than one batch ({batch_size})"
@@ -81,6 +96,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.start_step, self.end_step = start_step, end_step
         self.batches_per_epoch = size // batch_size
+        self.per_process = batch_size // world_size
+        self.offset = rank * self.per_process
 
     def __len__(self) -> int:
         return max(0, self.end_step - self.start_step)
@@ -93,8 +110,8 @@ class EpochBatchSampler(Sampler[list[int]]):
             for index in range(position, self.batches_per_epoch):
                 if step >= self.end_step:
                     return
-                start = index * self.batch_size
-                yield order[start : start + self.batch_size].tolist()
+                start = index * self.batch_size + self.offset
+                yield order[start : start + self.per_process].tolist()
                 step += 1
 
 
@@ -120,11 +137,15 @@ class MetricsLog:
     """Append-only CSV of (step, elapsed_seconds, split, metric, value) rows.
 
     ``resume_step``: rows logged after this step (by a run killed before its next checkpoint)
-    are dropped, so a resumed run does not log those steps twice.
+    are dropped, so a resumed run does not log those steps twice. ``enabled=False`` (processes
+    other than rank 0) writes nothing.
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True) -> None:
         self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
         if resume_step is not None and path.exists():
             kept = [row for row in read_metrics(path) if int(row["step"]) <= resume_step]
             tmp = path.with_name(f".{path.name}.tmp")
@@ -138,6 +159,8 @@ class MetricsLog:
                 csv.writer(handle).writerow(METRICS_COLUMNS)
 
     def write(self, step: int, elapsed: float, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", newline="") as handle:
             writer = csv.writer(handle)
             for name, value in values.items():
@@ -197,6 +220,7 @@ def reconstruction_grid(model: VQVAE2, images: torch.Tensor) -> torch.Tensor:
     """
     was_training = model.training
     model.eval()
+    images = images.to(next(model.parameters()).device)
     codes = model.encode(images)
     rows = [images, model.decode_codes(codes)]
     for kept in range(1, model.config.num_levels):
@@ -210,7 +234,8 @@ def reconstruction_grid(model: VQVAE2, images: torch.Tensor) -> torch.Tensor:
 class TrainResult:
     run_dir: Path
     step: int
-    metrics: dict[str, Any]  # final validation metrics
+    metrics: dict[str, Any]  # final validation metrics (empty on processes other than rank 0)
+    model: torch.nn.Module | None = None  # the trained module (not DDP-wrapped), on its device
 
 
 def _adam(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Adam:
@@ -219,16 +244,18 @@ def _adam(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Adam:
     )
 
 
-def _restore(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Checkpoint | None
-) -> tuple[int, float]:
-    """Load a resumed run's weights and optimizer state; returns (step, elapsed seconds)."""
+def _restore(model: torch.nn.Module, checkpoint: Checkpoint | None) -> tuple[int, float]:
+    """Load a resumed run's weights (on the CPU); returns (step, elapsed seconds)."""
     if checkpoint is None:
         return 0, 0.0
     load_state_checked(model, checkpoint.model_state, checkpoint.path)
-    if checkpoint.optimizer_state is not None:
-        optimizer.load_state_dict(checkpoint.optimizer_state)
     return checkpoint.step, float(checkpoint.extra.get("elapsed_seconds", 0.0))
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint | None) -> None:
+    """Load a resumed run's optimizer state (moved to the parameters' device by PyTorch)."""
+    if checkpoint is not None and checkpoint.optimizer_state is not None:
+        optimizer.load_state_dict(checkpoint.optimizer_state)
 
 
 class RunClock:
@@ -266,6 +293,77 @@ def _learning_rate(train: TrainConfig, step: int) -> float:
     return train.learning_rate
 
 
+@dataclass
+class StepModule:
+    """What a training step calls: the model, on its device, DDP-wrapped and compiled as asked.
+
+    ``model`` is the plain module (checkpoints, evaluation); ``forward`` is what the step calls.
+    """
+
+    model: torch.nn.Module
+    forward: Any  # callable module: the model, its DDP wrapper, or a compiled version of either
+    ddp: DistributedDataParallel | None
+    context: DistributedContext
+    runtime: RuntimeConfig
+
+    def autocast(self) -> AbstractContextManager:
+        """bf16 autocast when asked (quantizer math opts out of it inside the quantizer)."""
+        return torch.autocast(
+            self.context.device.type,
+            dtype=torch.bfloat16,
+            enabled=self.runtime.precision == "bf16",
+        )
+
+    def sync_gradients(self, last_micro_batch: bool) -> AbstractContextManager:
+        """DDP all-reduces gradients only after the last micro-batch of a step."""
+        if self.ddp is None or last_micro_batch:
+            return nullcontext()
+        return self.ddp.no_sync()
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Move a batch to this process's device (channels-last images when asked)."""
+        tensor = tensor.to(self.context.device, non_blocking=True)
+        if self.runtime.channels_last and tensor.dim() == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+
+def prepare_step_module(
+    model: torch.nn.Module, context: DistributedContext, runtime: RuntimeConfig
+) -> StepModule:
+    """Put ``model`` on the device; wrap it in DDP under torchrun; compile it when asked."""
+    model.to(context.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    forward: Any = model
+    ddp = None
+    if context.enabled:
+        # Buffers (the EMA codebooks) are kept equal by the quantizer's own reductions, so
+        # DDP's per-step broadcast of rank 0's buffers is not needed.
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        forward = ddp
+    if runtime.compile:
+        forward = torch.compile(forward)
+    return StepModule(model=model, forward=forward, ddp=ddp, context=context, runtime=runtime)
+
+
+def micro_batch_size(train: TrainConfig, context: DistributedContext) -> int:
+    """Images per process and micro-batch; the global batch must split evenly."""
+    parts = context.world_size * train.grad_accum_steps
+    if train.batch_size % parts:
+        raise ValueError(
+            f"train.batch_size {train.batch_size} does not split evenly over "
+            f"{context.world_size} process(es) x {train.grad_accum_steps} micro-batch(es)"
+        )
+    return train.batch_size // parts
+
+
+def _out_of_time(clock: RunClock, context: DistributedContext) -> bool:
+    """The --max-minutes deadline, agreed by all processes so they stop at the same step."""
+    return clock.deadline is not None and context.any(clock.out_of_time())
+
+
 def train_vqvae(
     config: VQVAERunConfig,
     data_path: str | Path,
@@ -275,8 +373,11 @@ def train_vqvae(
     resume: bool = False,
     progress: bool = True,
     preset: str | None = None,
+    runtime: RuntimeConfig | None = None,
 ) -> TrainResult:
     """Train stage 1 and write checkpoints, metrics, grids and the resolved config to ``run_dir``.
+
+    Under torchrun every process calls this; rank 0 alone writes files and measures.
 
     Args:
         config: the run config (ignored on resume except ``train.max_steps``: the saved one wins).
@@ -287,7 +388,11 @@ def train_vqvae(
         progress: show a progress bar on stderr.
         preset: name of the preset the config came from; later commands pick matching prior
             and classifier presets by it.
+        runtime: device, precision, compile and memory-layout choices (defaults: CPU or
+            cuda:LOCAL_RANK, float32, eager).
     """
+    runtime = runtime or RuntimeConfig()
+    context = runtime_context(runtime)
     run_dir = Path(run_dir)
     kind_dir = run_dir / VQVAE_KIND
     checkpoint = None
@@ -299,10 +404,12 @@ def train_vqvae(
         raise ValueError(
             f"{run_dir} already holds a trained VQ-VAE; pass --resume or another --out"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, run_dir / "config.yaml")
-
     model_config, train_config = config.model, config.train
+    micro_size = micro_batch_size(train_config, context)
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(config, run_dir / "config.yaml")
+
     train_set = open_dataset(
         data_path, "train", model_config.image_size, model_config.in_channels, config.data
     )
@@ -311,9 +418,11 @@ def train_vqvae(
     )
 
     torch.manual_seed(train_config.seed)
-    model = VQVAE2(model_config)
+    model = VQVAE2(model_config, reduce_fn=context.all_reduce_sum, gather_fn=context.all_gather_cat)
+    step, elapsed_before = _restore(model, checkpoint)
+    step_module = prepare_step_module(model, context, runtime)
     optimizer = _adam(model, train_config)
-    step, elapsed_before = _restore(model, optimizer, checkpoint)
+    _restore_optimizer(optimizer, checkpoint)
     if checkpoint is not None:
         preset = checkpoint.extra.get("preset", preset)
     model.train()
@@ -321,9 +430,17 @@ def train_vqvae(
     grid_images = torch.stack(
         [val_set[i][0] for i in range(min(train_config.grid_images, len(val_set)))]
     )
-    log = MetricsLog(run_dir / METRICS_FILE, resume_step=step if resume else None)
+    log = MetricsLog(
+        run_dir / METRICS_FILE, resume_step=step if resume else None, enabled=context.is_main
+    )
     sampler = EpochBatchSampler(
-        len(train_set), train_config.batch_size, train_config.seed, step, train_config.max_steps
+        len(train_set),
+        train_config.batch_size,
+        train_config.seed,
+        step,
+        train_config.max_steps,
+        context.rank,
+        context.world_size,
     )
     loader = batch_loader(train_set, sampler, config.data.num_workers)
     clock = RunClock(elapsed_before, max_minutes)
@@ -343,17 +460,25 @@ def train_vqvae(
             },
         )
 
-    bar = _progress_bar(train_config, step, "train-vqvae", progress)
+    bar = _progress_bar(train_config, step, "train-vqvae", progress and context.is_main)
     for images, _ in loader:
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(train_config, step)
-        output = model(images)
         optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
+        for micro in range(train_config.grad_accum_steps):
+            micro_images = step_module.to_device(
+                images[micro * micro_size : (micro + 1) * micro_size]
+            )
+            last = micro == train_config.grad_accum_steps - 1
+            with step_module.sync_gradients(last), step_module.autocast():
+                output = step_module.forward(micro_images)
+                loss = output.loss / train_config.grad_accum_steps
+            loss.backward()
         optimizer.step()
         step += 1
         bar.update(1)
-        if step % train_config.log_every == 0:
+        if step % train_config.log_every == 0 and context.is_main:
+            # Figures of rank 0's last micro-batch.
             values = {
                 "loss": output.loss.item(),
                 "mse": output.reconstruction_loss.item() / 4,  # [-1, 1] -> [0, 1] scale
@@ -367,7 +492,11 @@ def train_vqvae(
                 values[f"batch_usage_{name}"] = float(usage)
             log.write(step, clock.elapsed(), "train", values)
             bar.set_postfix(mse=f"{values['mse']:.5f}", refresh=False)
-        out_of_time = clock.out_of_time()
+        out_of_time = _out_of_time(clock, context)
+        if not context.is_main:
+            if out_of_time:
+                break
+            continue
         if step % train_config.val_every == 0 and step < train_config.max_steps and not out_of_time:
             metrics = evaluate_vqvae(model, val_set, train_config.val_batches)
             log.write(step, clock.elapsed(), "val", metrics)
@@ -380,16 +509,17 @@ def train_vqvae(
         if out_of_time:
             break
     bar.close()
+    model.eval()
+    if not context.is_main:
+        return TrainResult(run_dir=run_dir, step=step, metrics={}, model=model)
 
     metrics = evaluate_vqvae(model, val_set)
     log.write(step, clock.elapsed(), "val", metrics)
-    save_png(
-        reconstruction_grid(model, grid_images),
-        run_dir / "reconstructions" / f"step-{step:08d}.png",
-    )
-    save_png(reconstruction_grid(model, grid_images), run_dir / "reconstructions.png")
+    grid = reconstruction_grid(model, grid_images)
+    save_png(grid, run_dir / "reconstructions" / f"step-{step:08d}.png")
+    save_png(grid, run_dir / "reconstructions.png")
     checkpoint_now()
-    return TrainResult(run_dir=run_dir, step=step, metrics=metrics)
+    return TrainResult(run_dir=run_dir, step=step, metrics=metrics, model=model)
 
 
 def reconstruct(
@@ -446,35 +576,51 @@ def extract_codes(
     splits: tuple[str, ...] = ("train", "val"),
     batch_size: int = EVAL_BATCH_SIZE,
     progress: bool = True,
+    runtime: RuntimeConfig | None = None,
 ) -> dict[str, Path]:
     """Encode dataset splits once with the trained VQ-VAE into ``RUN_DIR/codes/<split>``.
+
+    Under torchrun each process encodes a contiguous share of every split into the same store.
 
     Returns:
         The store folder of each split.
     """
+    context = runtime_context(runtime)
     run_dir = Path(run_dir)
     checkpoint_step = read_checkpoint(run_dir, VQVAE_KIND).step
-    model = load_vqvae(run_dir)
+    model = load_vqvae(run_dir, map_location=context.device)
     config = model.config
     data_config = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).data
-    written = {}
     for split in splits:
         dataset = open_dataset(data_path, split, config.image_size, config.in_channels, data_config)
-        writer = CodeStoreWriter(
-            run_dir / CODES_DIR / split,
-            len(dataset),
-            config.level_names,
-            config.latent_sizes,
-            config.codebook_size,
-            extra={"num_classes": dataset.num_classes, "vqvae_step": checkpoint_step},
-        )
-        start = 0
-        batches = eval_loader(dataset, batch_size, data_config.num_workers)
-        for images, labels in tqdm(batches, desc=f"extract-codes {split}", disable=not progress):
-            writer.write(start, model.encode(images), labels)
+        directory = run_dir / CODES_DIR / split
+        if context.is_main:
+            writer = CodeStoreWriter(
+                directory,
+                len(dataset),
+                config.level_names,
+                config.latent_sizes,
+                config.codebook_size,
+                extra={"num_classes": dataset.num_classes, "vqvae_step": checkpoint_step},
+            )
+        context.barrier()  # the store's files exist before the other processes open them
+        if not context.is_main:
+            writer = CodeStoreWriter.attach(directory, config.level_names)
+        share = context.shard_range(len(dataset))
+        start = share.start
+        batches = eval_loader(Subset(dataset, share), batch_size, data_config.num_workers)
+        description = f"extract-codes {split}"
+        for images, labels in tqdm(
+            batches, desc=description, disable=not (progress and context.is_main)
+        ):
+            writer.write(start, model.encode(images.to(context.device)), labels)
             start += len(labels)
-        written[split] = writer.close()
-    return written
+        writer.flush()
+        context.barrier()  # every share is written before the store is closed
+        if context.is_main:
+            writer.close()
+        context.barrier()
+    return {split: run_dir / CODES_DIR / split for split in splits}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,11 +648,13 @@ def evaluate_prior(
     """Mean negative log-likelihood of a split's codes in nats per code (eval mode)."""
     was_training = prior.training
     prior.eval()
+    device = next(prior.parameters()).device
     total, count = 0.0, 0
     for batch_index, (level_codes, labels) in enumerate(eval_loader(codes, EVAL_BATCH_SIZE)):
         if max_batches is not None and batch_index >= max_batches:
             break
-        output = prior(*_prior_inputs(prior, level_codes, labels, level))
+        level_codes = [level_code.to(device) for level_code in level_codes]
+        output = prior(*_prior_inputs(prior, level_codes, labels.to(device), level))
         total += float(output.loss) * level_codes[level].numel()
         count += level_codes[level].numel()
     prior.train(was_training)
@@ -537,15 +685,19 @@ def train_prior(
     max_minutes: float | None = None,
     resume: bool = False,
     progress: bool = True,
+    runtime: RuntimeConfig | None = None,
 ) -> TrainResult:
     """Fit the prior of one level on the extracted codes (``extract_codes`` first).
 
     The prior's data fields (code size, codebook size, upper levels, classes) come from the
-    VQ-VAE and the code store; its checkpoints go to ``RUN_DIR/prior-<level>``.
+    VQ-VAE and the code store; its checkpoints go to ``RUN_DIR/prior-<level>``. Under torchrun
+    every process calls this; rank 0 alone writes files and measures.
 
     Returns:
         Final ``train_nll_nats``/``bits`` and ``val_nll_nats``/``bits`` (nats/bits per code).
     """
+    runtime = runtime or RuntimeConfig()
+    context = runtime_context(runtime)
     run_dir = Path(run_dir)
     vqvae_config = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model
     index = level_index(run_dir, level)
@@ -579,19 +731,33 @@ def train_prior(
             num_classes=num_classes if num_classes > 1 else 0,
         )
         config = replace(config, prior=prior_config)
-    kind_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, kind_dir / "config.yaml")
     train_config = config.train
+    micro_size = micro_batch_size(train_config, context)
+    if context.is_main:
+        kind_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(config, kind_dir / "config.yaml")
 
     torch.manual_seed(train_config.seed)
     prior = PixelSNAIL(config.prior)
+    step, elapsed_before = _restore(prior, checkpoint)
+    step_module = prepare_step_module(prior, context, runtime)
     optimizer = _adam(prior, train_config)
-    step, elapsed_before = _restore(prior, optimizer, checkpoint)
+    _restore_optimizer(optimizer, checkpoint)
+    if context.enabled:
+        torch.manual_seed(train_config.seed * 1_000_003 + context.rank)  # own dropout masks
     prior.train()
 
-    log = MetricsLog(kind_dir / METRICS_FILE, resume_step=step if resume else None)
+    log = MetricsLog(
+        kind_dir / METRICS_FILE, resume_step=step if resume else None, enabled=context.is_main
+    )
     sampler = EpochBatchSampler(
-        len(train_codes), train_config.batch_size, train_config.seed, step, train_config.max_steps
+        len(train_codes),
+        train_config.batch_size,
+        train_config.seed,
+        step,
+        train_config.max_steps,
+        context.rank,
+        context.world_size,
     )
     clock = RunClock(elapsed_before, max_minutes)
 
@@ -606,17 +772,26 @@ def train_prior(
             extra={"elapsed_seconds": clock.elapsed(), "level": level},
         )
 
-    bar = _progress_bar(train_config, step, f"train-prior {level}", progress)
+    bar = _progress_bar(train_config, step, f"train-prior {level}", progress and context.is_main)
     for level_codes, labels in batch_loader(train_codes, sampler, num_workers=0):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(train_config, step)
-        output = prior(*_prior_inputs(prior, level_codes, labels, index))
         optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
+        for micro in range(train_config.grad_accum_steps):
+            part = slice(micro * micro_size, (micro + 1) * micro_size)
+            micro_codes = [step_module.to_device(codes[part]) for codes in level_codes]
+            micro_labels = step_module.to_device(labels[part])
+            last = micro == train_config.grad_accum_steps - 1
+            with step_module.sync_gradients(last), step_module.autocast():
+                output = step_module.forward(
+                    *_prior_inputs(prior, micro_codes, micro_labels, index)
+                )
+                loss = output.loss / train_config.grad_accum_steps
+            loss.backward()
         optimizer.step()
         step += 1
         bar.update(1)
-        if step % train_config.log_every == 0:
+        if step % train_config.log_every == 0 and context.is_main:
             nats = output.loss.item()
             log.write(
                 step,
@@ -625,7 +800,11 @@ def train_prior(
                 {**_nll_summary("batch", nats), "lr": optimizer.param_groups[0]["lr"]},
             )
             bar.set_postfix(nll=f"{nats:.3f}", refresh=False)
-        out_of_time = clock.out_of_time()
+        out_of_time = _out_of_time(clock, context)
+        if not context.is_main:
+            if out_of_time:
+                break
+            continue
         if step % train_config.val_every == 0 and step < train_config.max_steps and not out_of_time:
             nats = evaluate_prior(prior, val_codes, index, train_config.val_batches)
             log.write(step, clock.elapsed(), "val", _nll_summary("val", nats))
@@ -634,6 +813,9 @@ def train_prior(
         if out_of_time:
             break
     bar.close()
+    prior.eval()
+    if not context.is_main:
+        return TrainResult(run_dir=kind_dir, step=step, metrics={}, model=prior)
     # Train NLL on a fixed random subset as large as the validation split: the same precision
     # as the validation figure, without a pass over millions of training codes.
     subset = np.sort(np.random.default_rng(train_config.seed).permutation(len(train_codes)))
@@ -644,7 +826,7 @@ def train_prior(
     }
     log.write(step, clock.elapsed(), "final", metrics)
     checkpoint_now()
-    return TrainResult(run_dir=kind_dir, step=step, metrics=metrics)
+    return TrainResult(run_dir=kind_dir, step=step, metrics=metrics, model=prior)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -672,8 +854,9 @@ def evaluate_classifier(classifier: Classifier, dataset: Dataset, num_workers: i
     was_training = classifier.training
     classifier.eval()
     correct, total = 0, 0
+    device = next(classifier.parameters()).device
     for images, labels in eval_loader(dataset, EVAL_BATCH_SIZE, num_workers):
-        predictions = classifier(images).logits.argmax(dim=-1)
+        predictions = classifier(images.to(device)).logits.argmax(dim=-1).cpu()
         correct += int((predictions == labels).sum())
         total += len(labels)
     classifier.train(was_training)
@@ -688,12 +871,15 @@ def train_classifier(
     max_minutes: float | None = None,
     resume: bool = False,
     progress: bool = True,
+    runtime: RuntimeConfig | None = None,
 ) -> TrainResult:
     """Train the image classifier; checkpoints, metrics and config go to ``out_dir``.
 
     ``model.num_classes`` is taken from the data. Returns ``val_accuracy`` and
-    ``test_accuracy``.
+    ``test_accuracy`` (on rank 0; under torchrun every process calls this).
     """
+    runtime = runtime or RuntimeConfig()
+    context = runtime_context(runtime)
     out_dir = Path(out_dir)
     checkpoint = None
     if resume:
@@ -717,22 +903,32 @@ def train_classifier(
             raise ValueError(f"{data_path} has {num_classes} class; a classifier needs at least 2")
         config = replace(config, model=replace(model_config, num_classes=num_classes))
         model_config = config.model
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, out_dir / "config.yaml")
+    micro_size = micro_batch_size(train_config, context)
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(config, out_dir / "config.yaml")
 
     torch.manual_seed(train_config.seed)
     classifier = Classifier(model_config)
+    step, elapsed_before = _restore(classifier, checkpoint)
+    step_module = prepare_step_module(classifier, context, runtime)
     optimizer = _adam(classifier, train_config)
-    step, elapsed_before = _restore(classifier, optimizer, checkpoint)
+    _restore_optimizer(optimizer, checkpoint)
+    if context.enabled:
+        torch.manual_seed(train_config.seed * 1_000_003 + context.rank)  # own dropout masks
     classifier.train()
 
-    log = MetricsLog(out_dir / METRICS_FILE, resume_step=step if resume else None)
+    log = MetricsLog(
+        out_dir / METRICS_FILE, resume_step=step if resume else None, enabled=context.is_main
+    )
     sampler = EpochBatchSampler(
         len(splits["train"]),
         train_config.batch_size,
         train_config.seed,
         step,
         train_config.max_steps,
+        context.rank,
+        context.world_size,
     )
     clock = RunClock(elapsed_before, max_minutes)
 
@@ -747,35 +943,48 @@ def train_classifier(
             extra={"elapsed_seconds": clock.elapsed()},
         )
 
-    bar = _progress_bar(train_config, step, "train-classifier", progress)
+    bar = _progress_bar(train_config, step, "train-classifier", progress and context.is_main)
     for images, labels in batch_loader(splits["train"], sampler, config.data.num_workers):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(train_config, step)
-        generator = torch.Generator().manual_seed(train_config.seed * 1_000_003 + step)
-        logits = classifier(augment(images, generator)).logits
-        loss = torch.nn.functional.cross_entropy(logits, labels)
+        seed = (train_config.seed * 1_000_003 + step) * context.world_size + context.rank
+        images = augment(images, torch.Generator().manual_seed(seed))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for micro in range(train_config.grad_accum_steps):
+            part = slice(micro * micro_size, (micro + 1) * micro_size)
+            micro_images, micro_labels = (
+                step_module.to_device(images[part]),
+                step_module.to_device(labels[part]),
+            )
+            last = micro == train_config.grad_accum_steps - 1
+            with step_module.sync_gradients(last), step_module.autocast():
+                logits = step_module.forward(micro_images).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), micro_labels)
+                scaled_loss = loss / train_config.grad_accum_steps
+            scaled_loss.backward()
         optimizer.step()
         step += 1
         bar.update(1)
-        if step % train_config.log_every == 0:
-            accuracy = float((logits.argmax(-1) == labels).float().mean())
+        if step % train_config.log_every == 0 and context.is_main:
+            accuracy = float((logits.argmax(-1) == micro_labels).float().mean())
             log.write(step, clock.elapsed(), "train", {"loss": loss.item(), "accuracy": accuracy})
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        out_of_time = clock.out_of_time()
-        if step % train_config.checkpoint_every == 0 and not out_of_time:
+        out_of_time = _out_of_time(clock, context)
+        if context.is_main and step % train_config.checkpoint_every == 0 and not out_of_time:
             checkpoint_now()
         if out_of_time:
             break
     bar.close()
+    classifier.eval()
+    if not context.is_main:
+        return TrainResult(run_dir=out_dir, step=step, metrics={}, model=classifier)
     metrics = {
         "val_accuracy": evaluate_classifier(classifier, splits["val"]),
         "test_accuracy": evaluate_classifier(classifier, splits["test"]),
     }
     log.write(step, clock.elapsed(), "final", metrics)
     checkpoint_now()
-    return TrainResult(run_dir=out_dir, step=step, metrics=metrics)
+    return TrainResult(run_dir=out_dir, step=step, metrics=metrics, model=classifier)
 
 
 # ----------------------------------------------------------------------------------------------

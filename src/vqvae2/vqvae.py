@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import VQVAEConfig
-from .quantize import QuantizerOutput, ReduceFn, VectorQuantizerEMA, identity_reduce
+from .quantize import GatherFn, QuantizerOutput, ReduceFn, VectorQuantizerEMA, identity_reduce
 
 
 class ResBlock(nn.Module):
@@ -143,9 +143,16 @@ class VQVAE2(nn.Module):
     Args:
         config: architecture and quantizer settings.
         reduce_fn: sums EMA statistics across processes (identity for one process).
+        gather_fn: concatenates tensors across processes in rank order (identity for one
+            process); the quantizers' initialisation and dead-code restarts use it.
     """
 
-    def __init__(self, config: VQVAEConfig, reduce_fn: ReduceFn = identity_reduce) -> None:
+    def __init__(
+        self,
+        config: VQVAEConfig,
+        reduce_fn: ReduceFn = identity_reduce,
+        gather_fn: GatherFn = identity_reduce,
+    ) -> None:
         super().__init__()
         self.config = config
         levels = config.num_levels
@@ -169,6 +176,7 @@ class VQVAE2(nn.Module):
                 epsilon=config.ema_epsilon,
                 dead_code_after_steps=config.dead_code_after_steps,
                 reduce_fn=reduce_fn,
+                gather_fn=gather_fn,
             )
             for _ in range(levels)
         )

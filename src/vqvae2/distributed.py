@@ -1,0 +1,136 @@
+"""Data-parallel training with PyTorch's own engine: ``torch.distributed`` + DDP under torchrun.
+
+``torchrun --nproc_per_node=N -m vqvae2 SUBCOMMAND ...`` starts N processes and sets ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK``; ``runtime_context`` joins the process group (NCCL on GPUs,
+gloo on CPUs) and says which device this process drives. Without those variables everything
+runs as one process and no process group is created.
+
+The split of work is by the *global* batch: the batch sampler picks the same global batch on
+every process from (seed, step), and process r takes the r-th contiguous slice of it, so the
+gradient that DDP averages is the gradient of the global batch, whatever the world size, and a
+checkpoint written by N processes resumes under M.
+
+This module holds training infrastructure (process-group side effects); the model modules stay
+pure and receive only the ``all_reduce_sum`` / ``all_gather_cat`` functions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .config import RuntimeConfig
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Who this process is in a (possibly one-process) data-parallel run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes checkpoints, logs, images and progress bars."""
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of ``tensor`` over processes (a new tensor; the input is left alone)."""
+        if not self.enabled:
+            return tensor
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's ``tensor`` (same shape on each) concatenated along dim 0 in rank order."""
+        if not self.enabled:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any (e.g. a --max-minutes deadline)."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's ``value`` (any picklable object made by this program) on every process."""
+        if not self.enabled:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0, device=self.device)
+        return holder[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def shard(self, global_batch: Sequence[Any]) -> Sequence[Any]:
+        """This process's contiguous slice of a global batch (its length must divide evenly)."""
+        per_process = len(global_batch) // self.world_size
+        return global_batch[self.rank * per_process : (self.rank + 1) * per_process]
+
+    def shard_range(self, count: int) -> range:
+        """This process's contiguous share of ``range(count)`` (sizes differ by at most one)."""
+        base, extra = divmod(count, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (1 if self.rank < extra else 0))
+
+
+def _device_for(runtime: RuntimeConfig, local_rank: int) -> torch.device:
+    if runtime.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    device = torch.device(runtime.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {runtime.device}: CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def runtime_context(runtime: RuntimeConfig | None = None) -> DistributedContext:
+    """Join the torchrun process group when launched by torchrun; pick this process's device.
+
+    Safe to call more than once (the group is created on the first call).
+    """
+    runtime = runtime or RuntimeConfig()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device_for(runtime, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if runtime.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--precision bf16: this GPU does not support bfloat16")
+    return DistributedContext(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=device
+    )
+
+
+def shutdown() -> None:
+    """Leave the process group (end of a torchrun process); a no-op without one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,88 @@
+"""Run under torchrun by test_distributed.py: one training stage, then every process saves the
+weights and buffers it holds, so the test can compare processes with each other and with a
+single-process run.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=N tests/ddp_worker.py \
+        STAGE DATA RUN_DIR STEPS [--resume]
+
+STAGE is ``vqvae`` (train_vqvae on the tiny preset) or ``prior`` (extract_codes, then the top
+prior). Each process writes ``RUN_DIR/<stage>-rank<R>-of-<N>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vqvae2.config import PriorRunConfig, VQVAERunConfig, load_config
+from vqvae2.distributed import shutdown
+from vqvae2.quantize import VectorQuantizerEMA
+from vqvae2.train import extract_codes, train_prior, train_vqvae
+
+# Same global batch of 8 whatever the world size; restarts after 2 idle steps so that the
+# dead-code path runs; no dropout, so one process and many can agree to float precision.
+VQVAE_OVERRIDES = [
+    "model.image_size=16",
+    "model.dead_code_after_steps=2",
+    "train.batch_size=8",
+    "train.val_every=1000",
+    "train.checkpoint_every=2",
+]
+PRIOR_OVERRIDES = ["train.batch_size=8", "train.val_every=1000", "train.checkpoint_every=2"]
+
+
+def count_restarts() -> list[int]:
+    """Wrap the dead-code restart so that the codes it re-seeds are counted (one list entry)."""
+    counter = [0]
+    original = VectorQuantizerEMA._restart_dead_codes
+
+    def counting(self, flat_inputs, min_distances):
+        counter[0] += int((self.steps_unused >= self.dead_code_after_steps).sum())
+        return original(self, flat_inputs, min_distances)
+
+    VectorQuantizerEMA._restart_dead_codes = counting
+    return counter
+
+
+def run(stage: str, data: Path, run_dir: Path, steps: int, resume: bool = False) -> Path:
+    """Train one stage in this process (one of a torchrun group, or alone); save its state,
+    and for stage 1 the number of dead codes re-seeded, beside it."""
+    restarts = [0]
+    if stage == "vqvae":
+        config = load_config(VQVAERunConfig, "tiny", [*VQVAE_OVERRIDES, f"train.max_steps={steps}"])
+        original = VectorQuantizerEMA._restart_dead_codes
+        restarts = count_restarts()
+        try:
+            result = train_vqvae(config, data, run_dir, resume=resume, progress=False)
+        finally:
+            VectorQuantizerEMA._restart_dead_codes = original
+    else:
+        if not resume:
+            extract_codes(run_dir, data, progress=False)
+        config = load_config(
+            PriorRunConfig, "prior-top-tiny", [*PRIOR_OVERRIDES, f"train.max_steps={steps}"]
+        )
+        result = train_prior(run_dir, "top", config, resume=resume, progress=False)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
+    path = run_dir / f"{stage}-rank{rank}-of-{world}.safetensors"
+    save_file(state, str(path))
+    if stage == "vqvae":
+        path.with_suffix(".restarts.json").write_text(json.dumps(restarts[0]))
+    return path
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    stage, data, run_dir, steps = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    run(stage, data, run_dir, int(steps), resume="--resume" in sys.argv[5:])
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

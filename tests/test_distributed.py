@@ -1,0 +1,200 @@
+"""Data-parallel training under torchrun (gloo, CPU): processes agree bit for bit, agree with one
+process on the same global batch to float precision, and checkpoints move between world sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vqvae2.config import PriorRunConfig, load_config
+from vqvae2.distributed import DistributedContext
+from vqvae2.train import train_prior
+
+from .conftest import write_npz
+from .ddp_worker import PRIOR_OVERRIDES, run
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+STEPS = 6
+RESUME_FROM = 4  # a checkpoint is written every 2 steps
+
+
+def torchrun(processes: int, *args: object) -> None:
+    """Launch ``ddp_worker.py`` on ``processes`` local CPU processes; fail with their output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        str(WORKER),
+        *map(str, args),
+    ]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+
+def rewind(run_dir: Path, copy_to: Path, kind: str, step: int) -> Path:
+    """A copy of a run as if it had been killed right after its checkpoint at ``step``."""
+    shutil.copytree(run_dir, copy_to)
+    (copy_to / kind / "latest").write_text(f"step-{step:08d}\n")
+    for later in (copy_to / kind).glob("step-*"):
+        if int(later.name.split("-")[1]) > step:
+            shutil.rmtree(later)
+    return copy_to
+
+
+def assert_states_close(first: Path, second: Path, atol: float) -> None:
+    a, b = load_file(str(first)), load_file(str(second))
+    assert a.keys() == b.keys()
+    for name in a:
+        if a[name].is_floating_point():
+            difference = (a[name] - b[name]).abs().max().item()
+            assert difference <= atol, f"{name}: max difference {difference:.3g} > {atol}"
+        else:
+            assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Six steps of stage 1 under 2 processes and under 1, same global batch."""
+    root = tmp_path_factory.mktemp("ddp")
+    data = write_npz(root / "blobs.npz", count=64)
+    torchrun(2, "vqvae", data, root / "two", STEPS)
+    run("vqvae", data, root / "one", STEPS)
+    return root, data
+
+
+def test_two_processes_hold_bit_identical_weights_and_codebooks(runs):
+    root, _ = runs
+    rank0 = load_file(str(root / "two" / "vqvae-rank0-of-2.safetensors"))
+    rank1 = load_file(str(root / "two" / "vqvae-rank1-of-2.safetensors"))
+    assert rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    # The dead-code restarts ran (and picked the same replacements on both processes).
+    restarts = [
+        json.loads((root / "two" / f"vqvae-rank{r}-of-2.restarts.json").read_text()) for r in (0, 1)
+    ]
+    assert restarts[0] == restarts[1] > 0
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(runs):
+    root, _ = runs
+    assert_states_close(
+        root / "two" / "vqvae-rank0-of-2.safetensors",
+        root / "one" / "vqvae-rank0-of-1.safetensors",
+        atol=1e-5,
+    )
+
+
+def test_checkpoint_of_two_processes_resumes_in_one_and_back(runs):
+    root, data = runs
+    two_to_one = rewind(root / "two", root / "two-to-one", "vqvae", RESUME_FROM)
+    run("vqvae", data, two_to_one, STEPS, resume=True)
+    one_to_two = rewind(root / "one", root / "one-to-two", "vqvae", RESUME_FROM)
+    torchrun(2, "vqvae", data, one_to_two, STEPS, "--resume")
+    reference = root / "one" / "vqvae-rank0-of-1.safetensors"
+    assert_states_close(two_to_one / "vqvae-rank0-of-1.safetensors", reference, atol=1e-5)
+    assert_states_close(one_to_two / "vqvae-rank0-of-2.safetensors", reference, atol=1e-5)
+    assert_states_close(
+        one_to_two / "vqvae-rank0-of-2.safetensors",
+        one_to_two / "vqvae-rank1-of-2.safetensors",
+        atol=0.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def prior_runs(runs):
+    """Four steps of the top prior (codes extracted first) under 2 processes and under 1."""
+    root, data = runs
+    two = shutil.copytree(root / "one", root / "prior-two")
+    one = shutil.copytree(root / "one", root / "prior-one")
+    torchrun(2, "prior", data, two, 4)
+    run("prior", data, one, 4)
+    return two, one
+
+
+def test_prior_and_code_extraction_under_two_processes_match_one(prior_runs):
+    two, one = prior_runs
+    for split in ("train", "val"):
+        for name in ("top.npy", "bottom.npy", "labels.npy"):
+            assert (two / "codes" / split / name).read_bytes() == (
+                one / "codes" / split / name
+            ).read_bytes(), f"{split}/{name}"
+    assert_states_close(
+        two / "prior-rank0-of-2.safetensors", two / "prior-rank1-of-2.safetensors", atol=0.0
+    )
+    assert_states_close(
+        two / "prior-rank0-of-2.safetensors", one / "prior-rank0-of-1.safetensors", atol=1e-5
+    )
+
+
+def test_gradient_accumulation_matches_the_whole_batch(prior_runs):
+    """Two micro-batches of 4 give the step of one batch of 8 (the prior has no EMA state)."""
+    _, one = prior_runs
+    accumulated = one.parent / "prior-accumulated"
+    shutil.copytree(one, accumulated, ignore=shutil.ignore_patterns("prior-top"))
+    config = load_config(
+        PriorRunConfig,
+        "prior-top-tiny",
+        [*PRIOR_OVERRIDES, "train.max_steps=4", "train.grad_accum_steps=2"],
+    )
+    result = train_prior(accumulated, "top", config, progress=False)
+    save_file(
+        {k: v.contiguous() for k, v in result.model.state_dict().items()},
+        str(accumulated / "accumulated.safetensors"),
+    )
+    assert_states_close(
+        accumulated / "accumulated.safetensors", one / "prior-rank0-of-1.safetensors", atol=1e-5
+    )
+
+
+def test_torchrun_cli_reports_once_from_rank_zero(runs, tmp_path):
+    """`torchrun -m vqvae2 train-vqvae ...` works unchanged; only rank 0 prints its summary."""
+    _, data = runs
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "vqvae2",
+        "train-vqvae",
+        "--config",
+        "tiny",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        "--quiet",
+        "--json",
+        "model.image_size=16",
+        "train.batch_size=8",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    lines = [line for line in finished.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1 and json.loads(lines[0])["step"] == 2
+    assert (tmp_path / "run" / "vqvae" / "step-00000002" / "model.safetensors").is_file()
+
+
+def test_shards_cover_a_batch_and_a_range_exactly_once():
+    batch = list(range(12))
+    contexts = [DistributedContext(rank=r, world_size=3) for r in range(3)]
+    assert [list(c.shard(batch)) for c in contexts] == [batch[0:4], batch[4:8], batch[8:12]]
+    ranges = [c.shard_range(10) for c in contexts]
+    assert [list(r) for r in ranges] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
