@@ -259,6 +259,28 @@ def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> VQ
     return model.to(map_location).eval()
 
 
+def upgrade_prior_state(state: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    """Bring prior weights saved before 0.2 to the current layout; the function is unchanged.
+
+    Those priors gave the last gated block a vertical update nobody read (its gates and the
+    vertical half of its conditioning are dropped) and the attention keys a bias that softmax
+    ignores (dropped: it shifts every score of a query by the same amount).
+    """
+    last = f"blocks.{num_layers - 1}."
+    if f"{last}vertical_gates.weight" not in state:
+        return state
+    upgraded = {}
+    for key, value in state.items():
+        if key.startswith(f"{last}vertical_gates.") or (
+            key.startswith("attention.") and key.endswith(".key.bias")
+        ):
+            continue
+        if key.startswith(f"{last}condition."):
+            value = value[value.shape[0] // 2 :]  # keep the horizontal gates' half
+        upgraded[key] = value
+    return upgraded
+
+
 def load_prior(
     run_dir: str | Path, level: str, map_location: str | torch.device = "cpu"
 ) -> PixelSNAIL:
@@ -266,7 +288,8 @@ def load_prior(
     kind = f"prior-{level}"
     checkpoint = read_checkpoint(Path(run_dir), kind)
     prior = PixelSNAIL(config_from_dict(PriorRunConfig, checkpoint.config).prior)
-    load_state_checked(prior, checkpoint.model_state, checkpoint.path)
+    state = upgrade_prior_state(checkpoint.model_state, prior.config.num_layers)
+    load_state_checked(prior, state, checkpoint.path)
     return prior.to(map_location).eval()
 
 
