@@ -801,10 +801,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("command"):
         lines += ["```bash", report["command"], "```", ""]
     features = report["features"]
+    seeds = ", ".join(
+        f"{name.replace('_', ' ')} {value}" for name, value in report["seeds"].items()
+    )
     lines += [
         f"Run: `{report['run_dir']}`; data: `{report['data']}`. Feature network: "
         f"{features['network']} ({features['dimensions']} features, `{features['path']}`). "
-        f"Rejection scorer: the run's classifier. Seeds: {report['seeds']}.",
+        f"Rejection scorer: the run's classifier. Seeds: {seeds}.",
         "",
     ]
     if not features["network"].startswith("InceptionV3"):
@@ -923,8 +926,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     else:
         lines.append("- Only the no-rejection rate was measured.")
-    total = report["timings_seconds"]["total"]
-    lines += ["", f"Wall time: {total / 60:.1f} min ({report['timings_seconds']}).", ""]
+    timings = report["timings_seconds"]
+    parts = ", ".join(
+        f"{name.replace('_', ' ')} {seconds:.0f} s"
+        for name, seconds in timings.items()
+        if name != "total"
+    )
+    lines += ["", f"Wall time: {timings['total'] / 60:.1f} min ({parts}).", ""]
     return "\n".join(lines)
 
 
