@@ -340,6 +340,44 @@ def test_evaluate_prior_nll_matches_train_prior(tiny_run, tmp_path):
     assert report["table1"]["priors"]["top"]["val_nll_nats"] == pytest.approx(stored, rel=1e-5)
 
 
+def test_evaluate_feature_network_options(tiny_run, tmp_path, monkeypatch):
+    run, data = tiny_run
+    config = tiny_evaluate_config(reject_fractions=(0.0,), cas_steps=1)
+    default = evaluate_run(run, data, tmp_path / "default", config, progress=False)
+    # The run's own classifier named explicitly: the same features, the same numbers.
+    named = evaluate_run(
+        run, data, tmp_path / "named", config, feature_classifier=run / "classifier", progress=False
+    )
+    assert named["features"]["path"] == str(run / "classifier")
+    for key in ("fid", "fid_star", "precision", "recall", "inception_score"):
+        assert named["rejection"][0][key] == pytest.approx(default["rejection"][0][key])
+
+    # InceptionV3 plumbing, with a small stand-in for the 299x299 network (slow on a CPU; 32
+    # features instead of 2048 keep the 2048x2048 matrix square roots of FID out of the test).
+    from vqvae2.inception import InceptionOutput
+
+    class StandIn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.projection = torch.nn.Linear(16 * 16, 32)
+            self.fc = torch.nn.Linear(32, 1008)
+
+        def forward(self, images):  # (B, 1, 16, 16) -> 32 features, 1008 logits
+            features = torch.relu(self.projection(images.flatten(1)))
+            return InceptionOutput(logits=self.fc(features), features=features)
+
+    loaded = []
+    monkeypatch.setattr(
+        "vqvae2.evaluate.load_inception", lambda path: loaded.append(path) or StandIn()
+    )
+    report = evaluate_run(
+        run, data, tmp_path / "inception", config, inception_weights="w.pth", progress=False
+    )
+    assert loaded == ["w.pth"] and report["features"]["dimensions"] == 32
+    assert report["features"]["network"].startswith("InceptionV3")
+    assert "not comparable" not in (tmp_path / "inception" / "report.md").read_text()
+
+
 def test_sample_with_rejection_from_a_run(tiny_run):
     run, _ = tiny_run
     result = sample_with_rejection(

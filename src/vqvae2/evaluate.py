@@ -621,6 +621,7 @@ def evaluate_run(
 
     clock = time.monotonic()
     rows = []
+    bar = tqdm(total=len(fractions) + 2, desc="metrics", disable=not progress, leave=False)
     for fraction, selection in zip(fractions, selections, strict=True):
         rows_features = sample_features[position[selection]]
         rows_logits = sample_logits[position[selection]]
@@ -632,26 +633,30 @@ def evaluate_run(
         }
         row.update(_sample_metrics(reference, rows_features, rows_logits, config, kid_subset_size))
         rows.append(row)
-    references = {
+        bar.update(1)
+    references: dict[str, Any] = {
         "train_images": _sample_metrics(
             reference,
             reference["train"],
             reference_logits["train"],
             config,
             min(kid_subset_size, len(reference["train"])),
-        ),
-        "test_reconstructions": _sample_metrics(
-            reference,
-            reference["reconstructions"],
-            reference_logits["reconstructions"],
-            config,
-            kid_subset_size,
-            with_star=False,
-        ),
-        "test_images_inception_score": inception_score(
-            reference_logits["test"], config.inception_score_splits, config.seed
-        )[0],
+        )
     }
+    bar.update(1)
+    references["test_reconstructions"] = _sample_metrics(
+        reference,
+        reference["reconstructions"],
+        reference_logits["reconstructions"],
+        config,
+        kid_subset_size,
+        with_star=False,
+    )
+    references["test_images_inception_score"] = inception_score(
+        reference_logits["test"], config.inception_score_splits, config.seed
+    )[0]
+    bar.update(1)
+    bar.close()
     timings["metrics"] = time.monotonic() - clock
 
     # Table 2: CAS on unrejected samples, with the real train split's size and class balance.
