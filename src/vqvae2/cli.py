@@ -207,6 +207,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .data import make_grid, save_png
     from .train import sample_from_run
 
+    if args.reject_fraction is not None or args.accept_threshold is not None:
+        return _cmd_sample_with_rejection(args)
     result = sample_from_run(
         args.run_dir,
         args.n,
@@ -248,6 +250,141 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             f"{summary['class_agreement']:.1%} of them"
         )
     _print_result(args, summary, text)
+    return 0
+
+
+def _cmd_sample_with_rejection(args: argparse.Namespace) -> int:
+    """``sample --reject-fraction F`` / ``--accept-threshold T`` (Section 3.3)."""
+    import numpy as np
+
+    from .data import make_grid, save_png
+    from .evaluate import sample_with_rejection
+
+    if args.reject_fraction is not None and args.accept_threshold is not None:
+        raise ValueError("give --reject-fraction or --accept-threshold, not both")
+    if args.save_codes is not None:
+        raise ValueError("--save-codes is not available with rejection sampling")
+    result = sample_with_rejection(
+        args.run_dir,
+        args.n,
+        classes=args.classes,
+        reject_fraction=args.reject_fraction,
+        accept_threshold=args.accept_threshold,
+        temperature=args.temperature,
+        seed=args.seed,
+        progress=not args.quiet,
+        sampler=args.sampler,
+    )
+    columns = args.n // len(args.classes) if args.classes else math.ceil(math.sqrt(args.n))
+    save_png(make_grid(result.images, columns=max(1, columns)), args.out)
+    if args.save_images is not None:
+        for index, image in enumerate(result.images):
+            save_png(image, args.save_images / f"sample-{index:05d}.png")
+        np.savez(
+            args.save_images / "scores.npz",
+            labels=result.labels.numpy(),
+            scores=result.scores.numpy(),
+        )
+    summary = {
+        "samples": args.n,
+        "candidates": result.candidates,
+        "accepted_fraction": args.n / result.candidates,
+        "reject_fraction": args.reject_fraction,
+        "accept_threshold": args.accept_threshold,
+        "mean_score": float(result.scores.mean()),
+        "min_score": float(result.scores.min()),
+        "sampler": args.sampler,
+        "grid": str(args.out),
+        "seed": args.seed,
+        "temperature": args.temperature,
+    }
+    _print_result(
+        args,
+        summary,
+        f"{args.n} samples kept of {result.candidates} drawn: {args.out}\n"
+        f"the run's classifier gives their requested class a mean probability of "
+        f"{summary['mean_score']:.3f} (lowest {summary['min_score']:.3f})",
+    )
+    return 0
+
+
+def _fractions(text: str) -> list[float]:
+    """``"0,0.25,0.5"`` -> [0.0, 0.25, 0.5] for ``--reject-fractions``."""
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0,0.25,0.5,0.75, got {text!r}"
+        ) from None
+
+
+def _evaluate_command(args: argparse.Namespace) -> str:
+    """The command line of an ``evaluate`` call, for the report."""
+    words = ["vqvae2", "evaluate", str(args.run_dir), "--data", str(args.data)]
+    for option in (
+        "n_samples",
+        "cas_samples",
+        "cas_steps",
+        "inception_weights",
+        "feature_classifier",
+    ):
+        value = getattr(args, option)
+        if value is not None:
+            words += [f"--{option.replace('_', '-')}", str(value)]
+    if args.reject_fractions is not None:
+        words += ["--reject-fractions", ",".join(f"{f:g}" for f in args.reject_fractions)]
+    words += ["--seed", str(args.seed), "--out", str(args.out)]
+    return " ".join(words)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .config import EvaluateConfig
+    from .evaluate import REPORT_MARKDOWN, evaluate_run
+
+    config = EvaluateConfig()
+    changes: dict = {"seed": args.seed}
+    if args.n_samples is not None:
+        changes["num_samples"] = args.n_samples
+    if args.cas_samples is not None:
+        changes["cas_samples"] = args.cas_samples
+    if args.cas_steps is not None:
+        changes["cas_steps"] = args.cas_steps
+    if args.reject_fractions is not None:
+        changes["reject_fractions"] = tuple(args.reject_fractions)
+    config = replace(config, **changes)
+    report = evaluate_run(
+        args.run_dir,
+        args.data,
+        args.out,
+        config,
+        inception_weights=args.inception_weights,
+        feature_classifier=args.feature_classifier,
+        progress=not args.quiet,
+        command=_evaluate_command(args),
+    )
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    base, last = report["rejection"][0], report["rejection"][-1]
+    table2 = report["table2"]
+    print(
+        f"CAS top-1: samples {table2['samples']['top1']:.2%} (after reconstructing "
+        f"{table2['samples_after_reconstructing']['top1']:.2%}), real data "
+        f"{table2['real']['top1']:.2%}"
+    )
+    print(
+        f"no rejection: FID {base['fid']:.3f}, IS {base['inception_score']:.3f}, precision "
+        f"{base['precision']:.3f}, recall {base['recall']:.3f}"
+    )
+    if last is not base:
+        print(
+            f"rejecting {last['reject_fraction']:.0%}: FID {last['fid']:.3f}, IS "
+            f"{last['inception_score']:.3f}, precision {last['precision']:.3f}, recall "
+            f"{last['recall']:.3f}"
+        )
+    print(f"report: {args.out / REPORT_MARKDOWN}")
     return 0
 
 
@@ -389,7 +526,64 @@ def build_parser() -> argparse.ArgumentParser:
         default="cached",
         help="cached: incremental (default); reference: one full forward pass per position",
     )
+    sample.add_argument(
+        "--reject-fraction",
+        type=float,
+        help="classifier rejection (Section 3.3): draw n/(1-F) per class, keep the n the run's "
+        "classifier scores highest for their class",
+    )
+    sample.add_argument(
+        "--accept-threshold",
+        type=float,
+        help="classifier rejection: keep samples whose class probability is at least this",
+    )
     sample.set_defaults(handler=_cmd_sample)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="Tables 1-2 and Fig. 7: NLL, MSE, CAS, FID/FID*/KID/IS, precision/recall vs rejection",
+        description="Evaluate a trained run (VQ-VAE, priors, classifier) and write report.json, "
+        "report.md, Fig. 7 plots and sample grids to --out. Features come from the run's "
+        "classifier unless --inception-weights or --feature-classifier is given; classifier "
+        "features give numbers that are not comparable with published FID/IS.",
+    )
+    evaluate.add_argument(
+        "run_dir", type=Path, help="run folder with the VQ-VAE, priors, classifier"
+    )
+    evaluate.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA_PATH, help="the image source of the run"
+    )
+    evaluate.add_argument("--out", type=Path, required=True, help="report folder to write")
+    evaluate.add_argument(
+        "--n-samples", type=int, help="samples per metric set at each rejection rate (10000)"
+    )
+    evaluate.add_argument(
+        "--reject-fractions",
+        type=_fractions,
+        help="comma-separated rejection rates in [0, 1) (default 0,0.25,0.5,0.75)",
+    )
+    evaluate.add_argument(
+        "--cas-samples", type=int, help="samples the CAS classifier trains on (default: train size)"
+    )
+    evaluate.add_argument(
+        "--cas-steps",
+        type=int,
+        help="CAS classifier steps (default: those of the run's classifier)",
+    )
+    evaluate.add_argument(
+        "--inception-weights",
+        type=Path,
+        help="FID InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth) for the features",
+    )
+    evaluate.add_argument(
+        "--feature-classifier",
+        type=Path,
+        help="take features from this classifier folder instead of the run's classifier",
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    evaluate.set_defaults(handler=_cmd_evaluate)
 
     presets = commands.add_parser("presets", help="list the built-in config presets")
     presets.set_defaults(handler=_cmd_presets)

@@ -478,3 +478,51 @@ def load_config(
 def save_yaml(config: Any, path: Path) -> None:
     """Write a config dataclass as YAML (the resolved run config beside the checkpoints)."""
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What `vqvae2 evaluate` measures and how many samples it draws (paper Section 5)."""
+
+    num_samples: int = 10_000  # samples in each metric set (FID, KID, IS, precision/recall)
+    cas_samples: int = 0  # CAS classifier's training samples; 0 = the real train split's size
+    cas_steps: int = 0  # CAS classifier steps; 0 = as many as the run's classifier was trained
+    reject_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)  # Fig. 7 rejection rates
+    nearest_k: int = 3  # k of the precision/recall manifolds (Kynkaanniemi et al. 2019)
+    inception_score_splits: int = 10  # splits of the Inception Score (Salimans et al. 2016)
+    kid_subsets: int = 100  # random subsets of KID (Binkowski et al. 2018)
+    kid_subset_size: int = 1000  # samples per KID subset (capped by the set sizes)
+    temperature: float = 1.0  # softmax temperature of the priors while sampling
+    batch_size: int = 256  # samples per prior call, images per feature-network call
+    seed: int = 0  # seeds sampling, the subsets drawn and the metrics' random splits
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 2, f"evaluate.num_samples must be >= 2, got {self.num_samples}")
+        for name in ("cas_samples", "cas_steps"):
+            value = getattr(self, name)
+            _check(value >= 0, f"evaluate.{name} must be >= 0, got {value}")
+        _check(len(self.reject_fractions) >= 1, "evaluate.reject_fractions must not be empty")
+        _check(
+            all(0.0 <= fraction < 1.0 for fraction in self.reject_fractions),
+            f"evaluate.reject_fractions must lie in [0, 1), got {list(self.reject_fractions)}",
+        )
+        for name in ("nearest_k", "inception_score_splits", "kid_subsets", "kid_subset_size"):
+            value = getattr(self, name)
+            _check(value >= 1, f"evaluate.{name} must be >= 1, got {value}")
+        _check(self.temperature > 0, f"evaluate.temperature must be > 0, got {self.temperature}")
+        _check(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
+        _check(
+            self.num_samples > self.nearest_k,
+            f"evaluate.num_samples={self.num_samples} is too few for precision/recall with "
+            f"k={self.nearest_k}: it needs more than k samples",
+        )
+        _check(
+            self.num_samples >= self.inception_score_splits,
+            f"evaluate.num_samples={self.num_samples} is too few for the Inception Score over "
+            f"{self.inception_score_splits} splits",
+        )
+
+    @property
+    def fractions(self) -> tuple[float, ...]:
+        """The rejection fractions, sorted, always starting with 0 (no rejection)."""
+        return tuple(sorted({0.0, *self.reject_fractions}))

@@ -1,18 +1,25 @@
-"""Ancestral sampling through the hierarchy (Razavi et al. 2019, Algorithm 2, lines 10-13).
+"""Ancestral sampling through the hierarchy (Razavi et al. 2019, Algorithm 2, lines 10-13), and
+classifier-based rejection sampling (Section 3.3).
 
 Top codes are drawn from the top prior, each lower level from its prior given the levels above,
 then the VQ-VAE decoder maps all levels to pixels in one pass. Randomness comes only from the
 ``torch.Generator`` passed in, so a seed reproduces a batch exactly.
+
+Rejection sampling scores every class-conditional sample by the probability a pre-trained
+classifier gives the requested class, and keeps the best-scored share of each class (or those
+above a threshold): the paper's way of trading diversity for quality.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
+from .classifier import Classifier
 from .pixelsnail import IncrementalSampler, PixelSNAIL
 from .vqvae import VQVAE2
 
@@ -178,3 +185,197 @@ def generate(
     codes = sample_codes(priors, batch_size, labels, temperature, generator, sampler)
     vqvae.eval()
     return vqvae.decode_codes(codes), codes
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier-based rejection sampling (Section 3.3)
+
+
+@torch.no_grad()
+def requested_class_scores(
+    classifier: Classifier, images: Tensor, labels: Tensor, batch_size: int
+) -> Tensor:
+    """Probability the classifier gives each image's requested class.
+
+    Args:
+        classifier: put in eval mode (and left so).
+        images: (N, C, H, W) float in [-1, 1].
+        labels: (N,) int64 requested classes.
+        batch_size: images per classifier call.
+
+    Returns:
+        (N,) float32 in [0, 1].
+    """
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    classifier.eval()
+    scores = [
+        torch.softmax(classifier(images[start : start + batch_size]).logits.float(), dim=-1)
+        .gather(1, labels[start : start + batch_size, None])
+        .squeeze(1)
+        for start in range(0, len(images), batch_size)
+    ]
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def keep_top_per_class(scores: Tensor, labels: Tensor, counts: dict[int, int]) -> Tensor:
+    """Indices of the ``counts[c]`` best-scored items of each class c.
+
+    Args:
+        scores: (N,) float, higher is better; ties go to the earlier item.
+        labels: (N,) int64.
+        counts: items to keep per class; each at most that class's number of items.
+
+    Returns:
+        (M,) int64 indices into the N items, ascending (so the original order is kept).
+    """
+    kept = []
+    for label, count in counts.items():
+        members = torch.nonzero(labels == label).squeeze(1)  # (n_c,)
+        if count > len(members):
+            raise ValueError(f"cannot keep {count} items of class {label}: it has {len(members)}")
+        order = torch.sort(scores[members], descending=True, stable=True).indices
+        kept.append(members[order[:count]])
+    return torch.sort(torch.cat(kept)).values if kept else torch.zeros(0, dtype=torch.long)
+
+
+def reject_fraction_per_class(scores: Tensor, labels: Tensor, reject_fraction: float) -> Tensor:
+    """Drop the worst-scored ``reject_fraction`` of every class, keep the rest.
+
+    A class of n items keeps ceil((1 - reject_fraction) * n) of them (at least one).
+
+    Args:
+        scores: (N,) float, higher is better.
+        labels: (N,) int64.
+        reject_fraction: in [0, 1).
+
+    Returns:
+        (M,) int64 ascending indices of the kept items.
+    """
+    if not 0.0 <= reject_fraction < 1.0:
+        raise ValueError(f"the rejection fraction must be in [0, 1), got {reject_fraction}")
+    counts = {
+        int(label): math.ceil((1.0 - reject_fraction) * int(count))
+        for label, count in zip(*torch.unique(labels, return_counts=True), strict=True)
+    }
+    return keep_top_per_class(scores, labels, counts)
+
+
+def accept_above_threshold(scores: Tensor, threshold: float) -> Tensor:
+    """(M,) int64 ascending indices of the items scored at least ``threshold`` (in [0, 1])."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"the acceptance threshold must be in [0, 1], got {threshold}")
+    return torch.nonzero(scores >= threshold).squeeze(1)
+
+
+class RejectionOutput(NamedTuple):
+    images: Tensor  # (N, C, H, W) float in about [-1, 1], the kept samples
+    labels: Tensor  # (N,) int64, the requested labels in the order asked for
+    scores: Tensor  # (N,) float, classifier probability of the requested class
+    candidates: int  # samples drawn in all (kept and rejected)
+
+
+@torch.no_grad()
+def generate_with_rejection(
+    vqvae: VQVAE2,
+    priors: Sequence[PixelSNAIL],
+    classifier: Classifier,
+    labels: Tensor,
+    *,
+    reject_fraction: float | None = None,
+    accept_threshold: float | None = None,
+    max_candidates: int,
+    batch_size: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    sampler: SamplerName = "cached",
+    on_batch: Callable[[int], None] | None = None,
+) -> RejectionOutput:
+    """Class-conditional samples filtered by the classifier (Section 3.3), one per requested label.
+
+    With ``reject_fraction`` F, each class with n requests draws ceil(n / (1 - F)) candidates and
+    keeps its n best-scored. With ``accept_threshold`` T, candidates are drawn in batches until
+    every class has n samples scored at least T (the first ones reached, in draw order).
+
+    Args:
+        labels: (N,) int64 requested classes.
+        reject_fraction: in [0, 1); exactly one of it and ``accept_threshold`` is given.
+        accept_threshold: in [0, 1].
+        max_candidates: stop with ``ValueError`` once this many candidates were drawn.
+        batch_size: samples per call of the priors.
+        on_batch: called with the size of each drawn batch (a progress bar).
+
+    Returns:
+        ``RejectionOutput``; images keep the order of ``labels``.
+    """
+    if (reject_fraction is None) == (accept_threshold is None):
+        raise ValueError("give exactly one of a rejection fraction and an acceptance threshold")
+    if priors[0].config.num_classes == 0:
+        raise ValueError("rejection sampling needs class-conditional priors")
+    if classifier.config.num_classes != priors[0].config.num_classes:
+        raise ValueError(
+            f"the classifier knows {classifier.config.num_classes} classes, the priors "
+            f"{priors[0].config.num_classes}"
+        )
+    wanted = {
+        int(c): int(n) for c, n in zip(*torch.unique(labels, return_counts=True), strict=True)
+    }
+
+    def draw(batch_labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(B,) labels -> images (B, C, H, W) and their scores (B,), in batches."""
+        images = []
+        for start in range(0, len(batch_labels), batch_size):
+            chunk = batch_labels[start : start + batch_size]
+            images.append(
+                generate(vqvae, priors, len(chunk), chunk, temperature, generator, sampler)[0]
+            )
+            if on_batch is not None:
+                on_batch(len(chunk))
+        images_all = torch.cat(images)
+        return images_all, requested_class_scores(classifier, images_all, batch_labels, batch_size)
+
+    if reject_fraction is not None:
+        if not 0.0 <= reject_fraction < 1.0:
+            raise ValueError(f"the rejection fraction must be in [0, 1), got {reject_fraction}")
+        per_class = {c: math.ceil(n / (1.0 - reject_fraction)) for c, n in wanted.items()}
+        drawn = sum(per_class.values())
+        if drawn > max_candidates:
+            raise ValueError(
+                f"rejecting {reject_fraction:.0%} needs {drawn} candidates, more than the "
+                f"limit of {max_candidates}"
+            )
+        candidate_labels = torch.cat([torch.full((m,), c) for c, m in per_class.items()])
+        images, scores = draw(candidate_labels)
+        kept = keep_top_per_class(scores, candidate_labels, wanted)
+        pools = {c: kept[candidate_labels[kept] == c] for c in wanted}
+    else:
+        assert accept_threshold is not None
+        if not 0.0 <= accept_threshold <= 1.0:
+            raise ValueError(f"the acceptance threshold must be in [0, 1], got {accept_threshold}")
+        found: dict[int, list[int]] = {c: [] for c in wanted}
+        image_batches, score_batches, label_batches = [], [], []
+        drawn = 0
+        while any(len(found[c]) < n for c, n in wanted.items()):
+            short = [c for c, n in wanted.items() if len(found[c]) < n]
+            room = max_candidates - drawn
+            if room <= 0:
+                total = sum(min(len(found[c]), n) for c, n in wanted.items())
+                raise ValueError(
+                    f"only {total} of {len(labels)} samples reached the acceptance threshold "
+                    f"{accept_threshold} in {drawn} candidates; lower the threshold"
+                )
+            batch_labels = torch.tensor(short).repeat(math.ceil(batch_size / len(short)))[:room]
+            batch_images, batch_scores = draw(batch_labels)
+            for index in accept_above_threshold(batch_scores, accept_threshold).tolist():
+                found[int(batch_labels[index])].append(drawn + index)
+            image_batches.append(batch_images)
+            score_batches.append(batch_scores)
+            label_batches.append(batch_labels)
+            drawn += len(batch_labels)
+        images, scores = torch.cat(image_batches), torch.cat(score_batches)
+        pools = {c: torch.tensor(found[c][:n], dtype=torch.long) for c, n in wanted.items()}
+    # Hand the kept samples of each class out in the order the labels were requested.
+    order = torch.empty(len(labels), dtype=torch.long)
+    for label, members in pools.items():
+        order[labels == label] = members
+    return RejectionOutput(images[order], labels.clone(), scores[order], drawn)

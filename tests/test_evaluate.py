@@ -1,0 +1,522 @@
+"""Rejection sampling, CAS, the InceptionV3 weights loader and `vqvae2 evaluate` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vqvae2.checkpoint import load_classifier
+from vqvae2.classifier import Classifier
+from vqvae2.cli import build_parser, main
+from vqvae2.config import (
+    ClassifierConfig,
+    ClassifierRunConfig,
+    EvaluateConfig,
+    PixelSNAILConfig,
+    PriorRunConfig,
+    VQVAERunConfig,
+    load_config,
+)
+from vqvae2.data import float_to_uint8, open_dataset
+from vqvae2.evaluate import (
+    classification_accuracy_score,
+    evaluate_run,
+    proportional_counts,
+    render_markdown,
+    sample_with_rejection,
+)
+from vqvae2.inception import InceptionV3, load_inception
+from vqvae2.pixelsnail import PixelSNAIL
+from vqvae2.sampling import (
+    accept_above_threshold,
+    generate,
+    generate_with_rejection,
+    keep_top_per_class,
+    reject_fraction_per_class,
+    requested_class_scores,
+)
+from vqvae2.train import extract_codes, train_classifier, train_prior, train_vqvae
+from vqvae2.vqvae import VQVAE2
+
+from .conftest import tiny_config, write_npz
+
+# ----------------------------------------------------------------------------------------------
+# Pure rejection rules
+
+
+def test_keep_top_per_class_keeps_the_best_of_each_class():
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.2, 0.8, 0.3])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    kept = keep_top_per_class(scores, labels, {0: 2, 1: 1, 2: 1})
+    assert kept.tolist() == [1, 2, 5, 6]  # ascending indices: original order kept
+    with pytest.raises(ValueError, match="cannot keep 2 items of class 2"):
+        keep_top_per_class(scores, labels, {2: 2})
+
+
+def test_reject_fraction_per_class_drops_the_worst_share_of_each_class():
+    scores = torch.arange(8, dtype=torch.float32)  # higher index, better
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    kept = reject_fraction_per_class(scores, labels, 0.5)
+    assert kept.tolist() == [4, 5, 6, 7]
+    assert reject_fraction_per_class(scores, labels, 0.0).tolist() == list(range(8))
+    # ceil((1 - 0.75) * 4) = 1 per class: the single best.
+    assert reject_fraction_per_class(scores, labels, 0.75).tolist() == [6, 7]
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        reject_fraction_per_class(scores, labels, 1.0)
+
+
+def test_accept_above_threshold():
+    scores = torch.tensor([0.2, 0.6, 0.5, 0.9])
+    assert accept_above_threshold(scores, 0.5).tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="threshold"):
+        accept_above_threshold(scores, 1.5)
+
+
+def test_proportional_counts_sum_to_the_total():
+    assert proportional_counts([5, 5], 7) in ([4, 3], [3, 4])
+    assert proportional_counts([1, 2, 7], 10) == [1, 2, 7]
+    assert sum(proportional_counts([5700, 5699, 5701], 1000)) == 1000
+
+
+# ----------------------------------------------------------------------------------------------
+# Rejection sampling with (untrained) models
+
+
+@pytest.fixture
+def hierarchy():
+    vqvae = VQVAE2(tiny_config()).eval()  # 16x16, top 2x2, bottom 4x4, K = 13
+    common = dict(
+        codebook_size=13,
+        hidden_channels=8,
+        residual_channels=8,
+        num_layers=1,
+        attention_layers=0,
+        kernel_size=3,
+        dropout=0.0,
+        output_stack_layers=0,
+        condition_channels=8,
+        num_classes=3,
+    )
+    priors = [
+        PixelSNAIL(PixelSNAILConfig(code_size=2, **common)).eval(),
+        PixelSNAIL(PixelSNAILConfig(code_size=4, condition_sizes=(2,), **common)).eval(),
+    ]
+    classifier = Classifier(
+        ClassifierConfig(image_size=16, in_channels=1, num_classes=3, stage_channels=(4,))
+    ).eval()
+    return vqvae, priors, classifier
+
+
+def test_rejection_keeps_the_best_scored_candidates_of_each_class(hierarchy):
+    vqvae, priors, classifier = hierarchy
+    labels = torch.tensor([2, 2, 0, 0, 0])
+    output = generate_with_rejection(
+        vqvae,
+        priors,
+        classifier,
+        labels,
+        reject_fraction=0.5,
+        max_candidates=100,
+        batch_size=64,
+        generator=torch.Generator().manual_seed(3),
+    )
+    # The same candidates drawn by hand: class 0 needs ceil(3 / 0.5) = 6, class 2 needs 4.
+    candidate_labels = torch.tensor([0] * 6 + [2] * 4)
+    images, _ = generate(
+        vqvae, priors, 10, candidate_labels, generator=torch.Generator().manual_seed(3)
+    )
+    scores = requested_class_scores(classifier, images, candidate_labels, 64)
+    best_0 = torch.argsort(scores[:6], descending=True, stable=True)[:3].sort().values
+    best_2 = 6 + torch.argsort(scores[6:], descending=True, stable=True)[:2].sort().values
+    expected = torch.cat([best_2, best_0])  # in the order the labels were requested
+    assert output.candidates == 10
+    assert output.labels.tolist() == labels.tolist()
+    torch.testing.assert_close(output.images, images[expected])
+    torch.testing.assert_close(output.scores, scores[expected])
+    worst_kept = output.scores[labels == 0].min()
+    assert (scores[:6] > worst_kept).sum() <= 2  # nothing rejected beats a kept one
+
+
+def test_threshold_rejection_keeps_only_samples_above_it(hierarchy):
+    vqvae, priors, classifier = hierarchy
+    labels = torch.tensor([0, 1, 2, 1])
+    probe_labels = torch.arange(60) % 3
+    probe, _ = generate(vqvae, priors, 60, probe_labels)
+    probe_scores = requested_class_scores(classifier, probe, probe_labels, 64)
+    # A threshold about half of every class's samples reach.
+    threshold = min(float(probe_scores[probe_labels == c].median()) for c in range(3))
+    output = generate_with_rejection(
+        vqvae,
+        priors,
+        classifier,
+        labels,
+        accept_threshold=threshold,
+        max_candidates=2000,
+        batch_size=16,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert output.labels.tolist() == [0, 1, 2, 1]
+    assert bool((output.scores >= threshold).all()) and output.candidates >= 4
+    rescored = requested_class_scores(classifier, output.images, output.labels, 64)
+    torch.testing.assert_close(rescored, output.scores)
+    with pytest.raises(ValueError, match="lower the threshold"):
+        generate_with_rejection(
+            vqvae,
+            priors,
+            classifier,
+            labels,
+            accept_threshold=1.0,
+            max_candidates=20,
+            batch_size=16,
+            generator=torch.Generator().manual_seed(0),
+        )
+    with pytest.raises(ValueError, match="exactly one"):
+        generate_with_rejection(vqvae, priors, classifier, labels, max_candidates=10, batch_size=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification Accuracy Score
+
+
+def test_cas_of_real_images_is_the_real_data_accuracy(tmp_path):
+    data = write_npz(tmp_path / "blobs.npz", count=240)
+    config = load_config(
+        ClassifierRunConfig, "classifier-tiny", ["model.image_size=16", "train.max_steps=25"]
+    )
+    real = train_classifier(config, data, tmp_path / "real", progress=False)
+    trained = load_classifier(tmp_path / "real").config  # num_classes filled in from the data
+    train = open_dataset(data, "train", 16, 1, config.data)
+    test = open_dataset(data, "test", 16, 1, config.data)
+    result = classification_accuracy_score(
+        train.images,
+        train.labels,
+        {"test": (test.images, test.labels)},
+        ClassifierRunConfig(model=trained, data=config.data, train=config.train),
+        progress=False,
+    )
+    assert result["test"]["top1"] == pytest.approx(real.metrics["test_accuracy"])
+    assert result["test"]["top5"] == 1.0  # 3 classes: every label is in the top 5
+    with pytest.raises(ValueError, match="too few to train the CAS classifier"):
+        classification_accuracy_score(
+            train.images[:4], train.labels[:4], {"test": (test.images, test.labels)}, config
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# InceptionV3 weights
+
+
+@pytest.fixture(scope="module")
+def inception_state():
+    torch.manual_seed(0)
+    return InceptionV3().state_dict()
+
+
+def test_inception_loads_a_state_dict_and_gives_pool_features_and_logits(tmp_path, inception_state):
+    path = tmp_path / "pt_inception.pth"
+    torch.save(inception_state, path)
+    network = load_inception(path)
+    assert not network.training
+    with torch.no_grad():
+        output = network(torch.rand(2, 1, 16, 16) * 2 - 1)  # grey 16x16: resized to 299
+    assert output.features.shape == (2, 2048) and output.logits.shape == (2, 1008)
+    assert torch.isfinite(output.features).all()
+    # safetensors without the batch-norm counters loads too, to the same weights.
+    counters = [k for k in inception_state if k.endswith("num_batches_tracked")]
+    save_file(
+        {k: v for k, v in inception_state.items() if k not in counters},
+        str(tmp_path / "inception.safetensors"),
+    )
+    again = load_inception(tmp_path / "inception.safetensors")
+    torch.testing.assert_close(again.fc.weight, network.fc.weight)
+
+
+def test_weights_of_another_network_are_refused_in_one_line(tmp_path, inception_state):
+    classifier = Classifier(ClassifierConfig())
+    torch.save(classifier.state_dict(), tmp_path / "classifier.pth")
+    with pytest.raises(ValueError, match="does not hold the FID InceptionV3 weights"):
+        load_inception(tmp_path / "classifier.pth")
+    # The right keys with a torchvision-style 1000-class head: a shape mismatch.
+    wrong = dict(inception_state)
+    wrong["fc.weight"] = torch.zeros(1000, 2048)
+    wrong["fc.bias"] = torch.zeros(1000)
+    torch.save(wrong, tmp_path / "imagenet1000.pth")
+    with pytest.raises(ValueError, match="fc.weight has shape"):
+        load_inception(tmp_path / "imagenet1000.pth")
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read Inception weights"):
+        load_inception(tmp_path / "junk.pth")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_inception(tmp_path / "missing.pth")
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny trained run, evaluated end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """VQ-VAE, both priors and the classifier of a run on 3 classes of 16x16 blobs."""
+    root = tmp_path_factory.mktemp("evaluate")
+    data = write_npz(root / "blobs.npz", count=300)
+    vqvae_config = load_config(
+        VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=30"]
+    )
+    train_vqvae(vqvae_config, data, root / "run", progress=False)
+    extract_codes(root / "run", data, progress=False)
+    for level in ("top", "bottom"):
+        config = load_config(PriorRunConfig, f"prior-{level}-tiny", ["train.max_steps=10"])
+        train_prior(root / "run", level, config, progress=False)
+    classifier_config = load_config(
+        ClassifierRunConfig, "classifier-tiny", ["model.image_size=16", "train.max_steps=20"]
+    )
+    train_classifier(classifier_config, data, root / "run" / "classifier", progress=False)
+    return root / "run", data
+
+
+def tiny_evaluate_config(**changes) -> EvaluateConfig:
+    values = dict(
+        num_samples=24,
+        cas_samples=48,
+        reject_fractions=(0.5,),
+        kid_subsets=3,
+        inception_score_splits=2,
+        batch_size=64,
+    )
+    values.update(changes)
+    return EvaluateConfig(**values)
+
+
+def test_evaluate_writes_tables_curves_and_plots(tiny_run, tmp_path):
+    run, data = tiny_run
+    report = evaluate_run(run, data, tmp_path / "report", tiny_evaluate_config(), progress=False)
+    table1 = report["table1"]
+    assert set(table1["priors"]) == {"top", "bottom"}
+    assert 0 < table1["vqvae"]["test_mse"] < 1 and 0 < table1["vqvae"]["train_mse"] < 1
+    top = table1["priors"]["top"]
+    assert top["val_nll_bits"] == pytest.approx(top["val_nll_nats"] / np.log(2))
+    assert [row["reject_fraction"] for row in report["rejection"]] == [0.0, 0.5]
+    for row in report["rejection"]:
+        assert row["samples"] == 24 and row["fid"] >= 0 and row["fid_star"] >= 0
+        assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+    # The kept half is the better-scored half.
+    assert report["rejection"][1]["mean_score"] >= report["rejection"][0]["mean_score"]
+    table2 = report["table2"]
+    assert table2["cas_samples"] == 48 and 0 <= table2["samples"]["top1"] <= 1
+    assert table2["cas_steps"] == 20  # as many as the run's classifier
+    assert report["seeds"]["sampling"] == 0
+    out = tmp_path / "report"
+    for name in (
+        "report.json",
+        "report.md",
+        "fid-vs-inception-score.png",
+        "precision-vs-recall.png",
+        "samples-reject-0.00.png",
+        "samples-reject-0.50.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    assert json.loads((out / "report.json").read_text())["table2"] == table2
+    markdown = (out / "report.md").read_text()
+    assert "Table 1" in markdown and "Classification Accuracy Score" in markdown
+    assert "not comparable with published values" in markdown
+    assert render_markdown(report) == markdown
+
+
+def test_evaluate_prior_nll_matches_train_prior(tiny_run, tmp_path):
+    from vqvae2.data import CodeDataset
+    from vqvae2.train import evaluate_prior
+
+    run, data = tiny_run
+    report = evaluate_run(
+        run, data, tmp_path / "r", tiny_evaluate_config(reject_fractions=(0.0,)), progress=False
+    )
+    from vqvae2.checkpoint import load_prior
+
+    stored = evaluate_prior(load_prior(run, "top"), CodeDataset(run / "codes" / "val"), 0)
+    assert report["table1"]["priors"]["top"]["val_nll_nats"] == pytest.approx(stored, rel=1e-5)
+
+
+def test_evaluate_feature_network_options(tiny_run, tmp_path, monkeypatch):
+    run, data = tiny_run
+    config = tiny_evaluate_config(reject_fractions=(0.0,), cas_steps=1)
+    default = evaluate_run(run, data, tmp_path / "default", config, progress=False)
+    # The run's own classifier named explicitly: the same features, the same numbers.
+    named = evaluate_run(
+        run, data, tmp_path / "named", config, feature_classifier=run / "classifier", progress=False
+    )
+    assert named["features"]["path"] == str(run / "classifier")
+    for key in ("fid", "fid_star", "precision", "recall", "inception_score"):
+        assert named["rejection"][0][key] == pytest.approx(default["rejection"][0][key])
+
+    # InceptionV3 plumbing, with a small stand-in for the 299x299 network (slow on a CPU; 32
+    # features instead of 2048 keep the 2048x2048 matrix square roots of FID out of the test).
+    from vqvae2.inception import InceptionOutput
+
+    class StandIn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.projection = torch.nn.Linear(16 * 16, 32)
+            self.fc = torch.nn.Linear(32, 1008)
+
+        def forward(self, images):  # (B, 1, 16, 16) -> 32 features, 1008 logits
+            features = torch.relu(self.projection(images.flatten(1)))
+            return InceptionOutput(logits=self.fc(features), features=features)
+
+    loaded = []
+    monkeypatch.setattr(
+        "vqvae2.evaluate.load_inception", lambda path: loaded.append(path) or StandIn()
+    )
+    report = evaluate_run(
+        run, data, tmp_path / "inception", config, inception_weights="w.pth", progress=False
+    )
+    assert loaded == ["w.pth"] and report["features"]["dimensions"] == 32
+    assert report["features"]["network"].startswith("InceptionV3")
+    assert "not comparable" not in (tmp_path / "inception" / "report.md").read_text()
+
+
+def test_sample_with_rejection_from_a_run(tiny_run):
+    run, _ = tiny_run
+    result = sample_with_rejection(
+        run, 6, classes=[2, 0], reject_fraction=0.5, seed=1, progress=False
+    )
+    assert result.images.shape == (6, 1, 16, 16) and result.images.dtype == torch.uint8
+    assert result.labels.tolist() == [2, 2, 2, 0, 0, 0] and result.candidates == 12
+    again = sample_with_rejection(
+        run, 6, classes=[2, 0], reject_fraction=0.5, seed=1, progress=False
+    )
+    assert torch.equal(result.images, again.images)
+
+
+def test_cli_sample_with_rejection_and_evaluate(tiny_run, tmp_path, capsys):
+    run, data = tiny_run
+    code = main(
+        [
+            "sample",
+            str(run),
+            "--n",
+            "4",
+            "--class",
+            "0",
+            "1",
+            "--reject-fraction",
+            "0.5",
+            "--out",
+            str(tmp_path / "grid.png"),
+            "--quiet",
+            "--json",
+        ]
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["samples"] == 4 and summary["candidates"] == 8
+    assert (tmp_path / "grid.png").is_file()
+    code = main(
+        [
+            "evaluate",
+            str(run),
+            "--data",
+            str(data),
+            "--n-samples",
+            "24",
+            "--cas-samples",
+            "48",
+            "--cas-steps",
+            "3",
+            "--reject-fractions",
+            "0,0.5",
+            "--out",
+            str(tmp_path / "report"),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "CAS top-1" in out and "rejecting 50%" in out
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["command"].startswith(f"vqvae2 evaluate {run} --data {data}")
+    assert report["table2"]["cas_steps"] == 3
+
+
+def assert_one_line_error(capsys, code: int, fragment: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("vqvae2: error: ") and fragment in err[-1], err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_evaluate_bad_input_is_one_line(tiny_run, tmp_path, capsys):
+    run, data = tiny_run
+    out = ["--out", str(tmp_path / "report"), "--quiet"]
+    # A run folder missing a model.
+    (tmp_path / "empty").mkdir()
+    code = main(["evaluate", str(tmp_path / "empty"), "--data", str(data), *out])
+    assert_one_line_error(capsys, code, "no vqvae checkpoint")
+    # A weights file of the wrong network.
+    torch.save(Classifier(ClassifierConfig()).state_dict(), tmp_path / "wrong.pth")
+    code = main(
+        [
+            "evaluate",
+            str(run),
+            "--data",
+            str(data),
+            "--inception-weights",
+            str(tmp_path / "wrong.pth"),
+            *out,
+        ]
+    )
+    assert_one_line_error(capsys, code, "does not hold the FID InceptionV3 weights")
+    # Too few samples for the metric.
+    code = main(["evaluate", str(run), "--data", str(data), "--n-samples", "3", *out])
+    assert_one_line_error(capsys, code, "too few for precision/recall")
+    code = main(
+        ["evaluate", str(run), "--data", str(data), "--n-samples", "24", "--cas-samples", "5", *out]
+    )
+    assert_one_line_error(capsys, code, "CAS samples are too few")
+    code = main(["evaluate", str(run), "--data", str(data), "--reject-fractions", "0,1", *out])
+    assert_one_line_error(capsys, code, "reject_fractions must lie in [0, 1)")
+    code = main(
+        [
+            "sample",
+            str(run),
+            "--reject-fraction",
+            "0.5",
+            "--accept-threshold",
+            "0.5",
+            "--out",
+            str(tmp_path / "g.png"),
+            "--quiet",
+        ]
+    )
+    assert_one_line_error(capsys, code, "not both")
+    assert not (tmp_path / "report" / "report.json").exists()
+
+
+def test_evaluate_without_a_classifier_is_one_line(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run, data = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("classifier", "codes"))
+    code = main(["evaluate", str(copy), "--data", str(data), "--out", str(tmp_path / "r")])
+    assert_one_line_error(capsys, code, "no classifier checkpoint")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "sample"])
+def test_help_lists_the_evaluation_options(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    expected = "--inception-weights" if command == "evaluate" else "--reject-fraction"
+    assert expected in out
+
+
+def test_float_to_uint8_round_trip_used_by_the_pool():
+    images = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
+    from vqvae2.data import uint8_to_float
+
+    assert torch.equal(float_to_uint8(uint8_to_float(images)), images)
