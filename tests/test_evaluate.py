@@ -520,3 +520,54 @@ def test_float_to_uint8_round_trip_used_by_the_pool():
     from vqvae2.data import uint8_to_float
 
     assert torch.equal(float_to_uint8(uint8_to_float(images)), images)
+
+
+def test_pool_batches_cover_the_pool_once_over_processes():
+    from vqvae2.distributed import DistributedContext
+    from vqvae2.evaluate import pool_batches
+
+    starts = [pool_batches(10, 2, DistributedContext(rank=r, world_size=3)) for r in range(3)]
+    assert starts == [[0, 6], [2, 8], [4]]
+    assert pool_batches(10, 2, DistributedContext()) == [0, 2, 4, 6, 8]
+
+
+def test_evaluate_under_torchrun_splits_the_pool_and_reports_once(tiny_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run, data = tiny_run
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "vqvae2",
+        "evaluate",
+        str(run),
+        "--data",
+        str(data),
+        "--n-samples",
+        "24",
+        "--cas-samples",
+        "48",
+        "--cas-steps",
+        "3",
+        "--reject-fractions",
+        "0,0.5",
+        "--out",
+        str(tmp_path / "report"),
+        "--quiet",
+        "--json",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    lines = [line for line in finished.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    report = json.loads(lines[0])
+    assert [row["samples"] for row in report["rejection"]] == [24, 24]
+    assert report["table2"]["cas_samples"] == 48
+    assert json.loads((tmp_path / "report" / "report.json").read_text()) == report

@@ -364,6 +364,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         command=_evaluate_command(args),
     )
+    if not _is_main_process():
+        return 0
     if args.json:
         print(json.dumps(report))
         return 0

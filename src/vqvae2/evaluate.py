@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
@@ -49,6 +50,7 @@ from .checkpoint import load_classifier, load_run_config, read_checkpoint
 from .classifier import Classifier
 from .config import ClassifierRunConfig, EvaluateConfig, VQVAERunConfig, config_from_dict
 from .data import float_to_uint8, make_grid, open_dataset, save_png, uint8_to_float
+from .distributed import DistributedContext, runtime_context
 from .inception import load_inception
 from .metrics import (
     frechet_distance,
@@ -75,6 +77,7 @@ PRECISION_RECALL_PLOT = "precision-vs-recall.png"
 TOP_K = 5  # Table 2 reports top-1 and top-5 accuracy
 GRID_COLUMNS = 10  # samples per class in the report's sample grids
 MAX_CANDIDATES_PER_SAMPLE = 100  # default cap of threshold rejection sampling
+SEED_STRIDE = 1_000_003  # process r of a torchrun evaluation samples with seed + r * stride
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,8 +254,9 @@ def classification_accuracy_score(
             test_images=as_arrays(first_images),
             test_labels=first_labels.numpy(),
         )
-        train_classifier(config, data, Path(work) / "classifier", progress=progress)
-        classifier = load_classifier(Path(work) / "classifier")
+        # Under torchrun the classifier trains data-parallel; every process gets the model.
+        result = train_classifier(config, data, Path(work) / "classifier", progress=progress)
+        classifier = result.model
     return {
         name: accuracy_pair(class_logits(classifier, images, batch_size), labels)
         for name, (images, labels) in test_sets.items()
@@ -334,6 +338,11 @@ def proportional_counts(histogram: list[int], total: int) -> list[int]:
     return counts
 
 
+def pool_batches(count: int, batch_size: int, context: DistributedContext) -> list[int]:
+    """Start rows of the pool batches this process draws: every ``world_size``-th batch."""
+    return list(range(context.rank * batch_size, count, context.world_size * batch_size))
+
+
 @torch.no_grad()
 def draw_pool(
     vqvae: VQVAE2,
@@ -341,18 +350,33 @@ def draw_pool(
     labels: Tensor,
     batch_size: int,
     temperature: float,
-    generator: torch.Generator,
+    seed: int,
     progress: bool,
+    context: DistributedContext | None = None,
 ) -> Tensor:
-    """Samples for (N,) requested ``labels``, in batches -> (N, C, H, W) uint8."""
-    images = []
-    with tqdm(total=len(labels), desc="sample", disable=not progress, unit="img") as bar:
-        for start in range(0, len(labels), batch_size):
+    """Samples for (N,) requested ``labels``, in batches -> (N, C, H, W) uint8.
+
+    Under torchrun each process draws every ``world_size``-th batch with its own generator
+    (seeded ``seed`` on rank 0, so one process reproduces the single-process pool) and the
+    batches are gathered, in order, on every process.
+    """
+    context = context or DistributedContext()
+    generator = torch.Generator().manual_seed(seed + SEED_STRIDE * context.rank)
+    starts = pool_batches(len(labels), batch_size, context)
+    drawn = {}
+    with tqdm(
+        total=len(labels), desc="sample", disable=not (progress and context.is_main), unit="img"
+    ) as bar:
+        for start in starts:
             chunk = labels[start : start + batch_size]
             batch, _ = generate(vqvae, priors, len(chunk), chunk, temperature, generator)
-            images.append(float_to_uint8(batch))
-            bar.update(len(chunk))
-    return torch.cat(images)
+            drawn[start] = float_to_uint8(batch)
+            bar.update(len(chunk) * context.world_size)
+    if context.enabled:
+        gathered: list[dict[int, Tensor] | None] = [None] * context.world_size
+        dist.all_gather_object(gathered, drawn)
+        drawn = {start: images for part in gathered for start, images in part.items()}
+    return torch.cat([drawn[start] for start in sorted(drawn)])
 
 
 def _sample_metrics(
@@ -411,6 +435,9 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a trained run (VQ-VAE, every prior, classifier) and write the report.
 
+    Under torchrun the processes split the sample pool and train the CAS classifier
+    data-parallel; rank 0 writes the report.
+
     Args:
         run_dir: run folder with ``vqvae/``, ``prior-<level>/`` for every level and
             ``classifier/`` (the rejection scorer and the real-data row of Table 2).
@@ -433,6 +460,8 @@ def evaluate_run(
     """
     config = config or EvaluateConfig()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    context = runtime_context()
+    progress = progress and context.is_main
     started = time.monotonic()
     timings: dict[str, float] = {}
 
@@ -573,9 +602,15 @@ def evaluate_run(
     pool_labels = torch.cat(
         [torch.full((count,), label, dtype=torch.long) for label, count in enumerate(pool_counts)]
     )
-    generator = torch.Generator().manual_seed(config.seed)
     pool = draw_pool(
-        vqvae, priors, pool_labels, config.batch_size, config.temperature, generator, progress
+        vqvae,
+        priors,
+        pool_labels,
+        config.batch_size,
+        config.temperature,
+        config.seed,
+        progress,
+        context,
     )
     timings["sampling"] = time.monotonic() - clock
     clock = time.monotonic()
@@ -735,7 +770,8 @@ def evaluate_run(
         "verdict": verdict,
         "timings_seconds": timings,
     }
-    _write_report(report, out_dir, pool, pool_labels, selections, fractions, num_classes)
+    if context.is_main:
+        _write_report(report, out_dir, pool, pool_labels, selections, fractions, num_classes)
     return report
 
 

@@ -831,8 +831,8 @@ def train_prior(
         return TrainResult(run_dir=kind_dir, step=step, metrics={}, model=prior)
     # Train NLL on a fixed random subset as large as the validation split: the same precision
     # as the validation figure, without a pass over millions of training codes.
-    subset = np.sort(np.random.default_rng(train_config.seed).permutation(len(train_codes)))
-    train_sample = Subset(train_codes, subset[: len(val_codes)].tolist())
+    order = np.random.default_rng(train_config.seed).permutation(len(train_codes))
+    train_sample = Subset(train_codes, np.sort(order[: len(val_codes)]).tolist())
     metrics = {
         **_nll_summary("train", evaluate_prior(prior, train_sample, index)),
         **_nll_summary("val", evaluate_prior(prior, val_codes, index)),
