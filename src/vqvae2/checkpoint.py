@@ -228,20 +228,26 @@ def load_run_config(path: str | Path, kind: str, config_class: type) -> Any:
     return config_from_dict(config_class, read_meta(Path(path), kind)[1]["config"])
 
 
+def state_mismatch(
+    expected: dict[str, Tensor], given: dict[str, Tensor], listed: int = 3
+) -> str | None:
+    """Why ``given`` weights do not fit a model whose state is ``expected`` (the first ``listed``
+    missing or unexpected keys, or the first shape that differs), or None when they fit."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        return f"missing {missing[:listed]}" if missing else f"unexpected {unexpected[:listed]}"
+    for key, value in given.items():
+        if value.shape != expected[key].shape:
+            return f"{key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+    return None
+
+
 def load_state_checked(model: nn.Module, state: dict[str, Tensor], where: Path) -> None:
     """``model.load_state_dict(state)`` with a one-line error when the weights do not fit."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise ValueError(f"weights in {where} do not fit the model: {detail}")
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(
-                f"weights in {where} do not fit the model: {key} has shape "
-                f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}"
-            )
+    problem = state_mismatch(model.state_dict(), state)
+    if problem is not None:
+        raise ValueError(f"weights in {where} do not fit the model: {problem}")
     model.load_state_dict(state)
 
 

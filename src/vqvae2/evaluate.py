@@ -66,6 +66,7 @@ from .sampling import (
     generate,
     generate_with_rejection,
     reject_fraction_per_class,
+    requested_labels,
 )
 from .train import CLASSIFIER_KIND, eval_loader, load_hierarchy, train_classifier
 from .vqvae import VQVAE2
@@ -122,13 +123,7 @@ def sample_with_rejection(
     if num_classes == 0:
         raise ValueError("rejection sampling needs class-conditional priors; this run has none")
     classifier = load_classifier(run_dir)
-    chosen = classes if classes else list(range(num_classes))
-    bad = [c for c in chosen if not 0 <= c < num_classes]
-    if bad:
-        raise ValueError(
-            f"class {bad[0]} is out of range: the priors know classes 0..{num_classes - 1}"
-        )
-    labels = torch.tensor(chosen).repeat_interleave(math.ceil(count / len(chosen)))[:count]
+    labels = requested_labels(classes, count, num_classes)
     limit = max_candidates if max_candidates is not None else MAX_CANDIDATES_PER_SAMPLE * count
     generator = torch.Generator().manual_seed(seed)
     with tqdm(total=None, desc="sample with rejection", disable=not progress, unit="img") as bar:

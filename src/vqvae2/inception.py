@@ -28,6 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .checkpoint import state_mismatch
+
 INPUT_SIZE = 299  # side the network was trained at
 NUM_FEATURES = 2048  # width of the final average pool ("pool3"): the FID features
 NUM_LOGITS = 1008  # classes of the 2015-12-05 graph (1000 ImageNet classes + 8 unused)
@@ -285,16 +287,8 @@ def load_inception(path: str | Path, map_location: str | torch.device = "cpu") -
     model = InceptionV3()
     expected = {k: v for k, v in model.state_dict().items() if not _is_batch_count(k)}
     given = {k: v for k, v in state.items() if not _is_batch_count(k)}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing or unexpected:
-        detail = f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}"
-        raise ValueError(f"{wrong}: weights file of another network, {detail}")
-    for key, value in given.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(
-                f"{wrong}: weights file of another network, {key} has shape "
-                f"{tuple(value.shape)}, expected {tuple(expected[key].shape)}"
-            )
+    problem = state_mismatch(expected, given, listed=2)
+    if problem is not None:
+        raise ValueError(f"{wrong}: weights file of another network, {problem}")
     model.load_state_dict(given, strict=False)  # only the batch counters may be absent
     return model.to(map_location).eval()

@@ -140,6 +140,22 @@ def sample_codes(
     return codes
 
 
+def requested_labels(classes: Sequence[int] | None, count: int, num_classes: int) -> Tensor:
+    """(count,) int64 class labels: ``classes`` (all classes when None or empty) in equal
+    blocks, in the order given, the last block cut short when ``count`` does not divide evenly.
+
+    Raises:
+        ValueError: a class outside [0, num_classes).
+    """
+    chosen = list(classes) if classes else list(range(num_classes))
+    bad = [c for c in chosen if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(
+            f"class {bad[0]} is out of range: the priors know classes 0..{num_classes - 1}"
+        )
+    return torch.tensor(chosen).repeat_interleave(math.ceil(count / len(chosen)))[:count]
+
+
 def check_hierarchy(vqvae: VQVAE2, priors: Sequence[PixelSNAIL]) -> None:
     """Raise ``ValueError`` unless ``priors`` (top first) fit the VQ-VAE's levels and codebook."""
     config = vqvae.config

@@ -62,7 +62,7 @@ from .metrics import (
     squared_error_01,
 )
 from .pixelsnail import PixelSNAIL
-from .sampling import SamplerName, check_hierarchy, generate
+from .sampling import SamplerName, check_hierarchy, generate, requested_labels
 from .vqvae import VQVAE2
 
 VQVAE_KIND = "vqvae"
@@ -1050,13 +1050,7 @@ def sample_from_run(
     num_classes = priors[0].config.num_classes
     labels = None
     if num_classes > 0:
-        chosen = classes if classes else list(range(num_classes))
-        bad = [c for c in chosen if not 0 <= c < num_classes]
-        if bad:
-            raise ValueError(
-                f"class {bad[0]} is out of range: the priors know classes 0..{num_classes - 1}"
-            )
-        labels = torch.tensor(chosen).repeat_interleave(math.ceil(count / len(chosen)))[:count]
+        labels = requested_labels(classes, count, num_classes)
     elif classes:
         raise ValueError("the priors of this run are not class-conditional; drop --class")
     generator = torch.Generator().manual_seed(seed)
