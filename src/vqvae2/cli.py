@@ -15,9 +15,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import RuntimeConfig, VQVAERunConfig, list_presets, load_config
 from .data import DEFAULT_DATA_PATH, SPLITS
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 DEFAULT_PRESET = "fashion-mnist-32"
 EXIT_USER_ERROR = 2
@@ -201,10 +205,20 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_sample_images(args: argparse.Namespace, images: Tensor) -> None:
+    """The grid (one row per requested class) and, with --save-images, each image."""
+    from .data import make_grid, save_png
+
+    columns = args.n // len(args.classes) if args.classes else math.ceil(math.sqrt(args.n))
+    save_png(make_grid(images, columns=max(1, columns)), args.out)
+    if args.save_images is not None:
+        for index, image in enumerate(images):
+            save_png(image, args.save_images / f"sample-{index:05d}.png")
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .data import make_grid, save_png
     from .train import sample_from_run
 
     if args.reject_fraction is not None or args.accept_threshold is not None:
@@ -218,11 +232,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         sampler=args.sampler,
     )
-    columns = args.n // len(args.classes) if args.classes else math.ceil(math.sqrt(args.n))
-    save_png(make_grid(result.images, columns=max(1, columns)), args.out)
-    if args.save_images is not None:
-        for index, image in enumerate(result.images):
-            save_png(image, args.save_images / f"sample-{index:05d}.png")
+    _write_sample_images(args, result.images)
     if args.save_codes is not None:
         arrays = {f"codes_{i}": c.numpy() for i, c in enumerate(result.codes)}
         if result.labels is not None:
@@ -257,7 +267,6 @@ def _cmd_sample_with_rejection(args: argparse.Namespace) -> int:
     """``sample --reject-fraction F`` / ``--accept-threshold T`` (Section 3.3)."""
     import numpy as np
 
-    from .data import make_grid, save_png
     from .evaluate import sample_with_rejection
 
     if args.reject_fraction is not None and args.accept_threshold is not None:
@@ -275,11 +284,8 @@ def _cmd_sample_with_rejection(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         sampler=args.sampler,
     )
-    columns = args.n // len(args.classes) if args.classes else math.ceil(math.sqrt(args.n))
-    save_png(make_grid(result.images, columns=max(1, columns)), args.out)
+    _write_sample_images(args, result.images)
     if args.save_images is not None:
-        for index, image in enumerate(result.images):
-            save_png(image, args.save_images / f"sample-{index:05d}.png")
         np.savez(
             args.save_images / "scores.npz",
             labels=result.labels.numpy(),

@@ -68,7 +68,13 @@ from .sampling import (
     reject_fraction_per_class,
     requested_labels,
 )
-from .train import CLASSIFIER_KIND, eval_loader, load_hierarchy, train_classifier
+from .train import (
+    CLASSIFIER_KIND,
+    SEED_STRIDE,
+    eval_loader,
+    load_hierarchy,
+    train_classifier,
+)
 from .vqvae import VQVAE2
 
 REPORT_JSON = "report.json"
@@ -78,7 +84,6 @@ PRECISION_RECALL_PLOT = "precision-vs-recall.png"
 TOP_K = 5  # Table 2 reports top-1 and top-5 accuracy
 GRID_COLUMNS = 10  # samples per class in the report's sample grids
 MAX_CANDIDATES_PER_SAMPLE = 100  # default cap of threshold rejection sampling
-SEED_STRIDE = 1_000_003  # process r of a torchrun evaluation samples with seed + r * stride
 
 
 # ----------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ VQVAE_KIND = "vqvae"
 METRICS_FILE = "metrics.csv"
 METRICS_COLUMNS = ["step", "elapsed_seconds", "split", "metric", "value"]
 EVAL_BATCH_SIZE = 256
+SEED_STRIDE = 1_000_003  # derived seeds: base * stride + offset (step, process rank)
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -372,6 +373,27 @@ def micro_batch_size(train: TrainConfig, context: DistributedContext) -> int:
     return train.batch_size // parts
 
 
+def rank_batch_sampler(
+    size: int, train: TrainConfig, step: int, context: DistributedContext
+) -> EpochBatchSampler:
+    """This process's slice of every global batch from ``step`` to ``train.max_steps``."""
+    return EpochBatchSampler(
+        size,
+        train.batch_size,
+        train.seed,
+        step,
+        train.max_steps,
+        context.rank,
+        context.world_size,
+    )
+
+
+def seed_own_dropout(train: TrainConfig, context: DistributedContext) -> None:
+    """Under DDP every process draws its own dropout masks; one process keeps its stream."""
+    if context.enabled:
+        torch.manual_seed(train.seed * SEED_STRIDE + context.rank)
+
+
 def _out_of_time(clock: RunClock, context: DistributedContext) -> bool:
     """The --max-minutes deadline, agreed by all processes so they stop at the same step."""
     return clock.deadline is not None and context.any(clock.out_of_time())
@@ -446,15 +468,7 @@ def train_vqvae(
     log = MetricsLog(
         run_dir / METRICS_FILE, resume_step=step if resume else None, enabled=context.is_main
     )
-    sampler = EpochBatchSampler(
-        len(train_set),
-        train_config.batch_size,
-        train_config.seed,
-        step,
-        train_config.max_steps,
-        context.rank,
-        context.world_size,
-    )
+    sampler = rank_batch_sampler(len(train_set), train_config, step, context)
     loader = batch_loader(train_set, sampler, config.data.num_workers)
     clock = RunClock(elapsed_before, max_minutes)
 
@@ -756,22 +770,13 @@ def train_prior(
     step_module = prepare_step_module(prior, context, runtime)
     optimizer = make_optimizer(prior, train_config)
     _restore_optimizer(optimizer, checkpoint)
-    if context.enabled:
-        torch.manual_seed(train_config.seed * 1_000_003 + context.rank)  # own dropout masks
+    seed_own_dropout(train_config, context)
     prior.train()
 
     log = MetricsLog(
         kind_dir / METRICS_FILE, resume_step=step if resume else None, enabled=context.is_main
     )
-    sampler = EpochBatchSampler(
-        len(train_codes),
-        train_config.batch_size,
-        train_config.seed,
-        step,
-        train_config.max_steps,
-        context.rank,
-        context.world_size,
-    )
+    sampler = rank_batch_sampler(len(train_codes), train_config, step, context)
     clock = RunClock(elapsed_before, max_minutes)
 
     def checkpoint_now() -> None:
@@ -927,22 +932,13 @@ def train_classifier(
     step_module = prepare_step_module(classifier, context, runtime)
     optimizer = make_optimizer(classifier, train_config)
     _restore_optimizer(optimizer, checkpoint)
-    if context.enabled:
-        torch.manual_seed(train_config.seed * 1_000_003 + context.rank)  # own dropout masks
+    seed_own_dropout(train_config, context)
     classifier.train()
 
     log = MetricsLog(
         out_dir / METRICS_FILE, resume_step=step if resume else None, enabled=context.is_main
     )
-    sampler = EpochBatchSampler(
-        len(splits["train"]),
-        train_config.batch_size,
-        train_config.seed,
-        step,
-        train_config.max_steps,
-        context.rank,
-        context.world_size,
-    )
+    sampler = rank_batch_sampler(len(splits["train"]), train_config, step, context)
     clock = RunClock(elapsed_before, max_minutes)
 
     def checkpoint_now() -> None:
@@ -960,7 +956,7 @@ def train_classifier(
     for images, labels in batch_loader(splits["train"], sampler, config.data.num_workers):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(train_config, step)
-        seed = (train_config.seed * 1_000_003 + step) * context.world_size + context.rank
+        seed = (train_config.seed * SEED_STRIDE + step) * context.world_size + context.rank
         images = augment(images, torch.Generator().manual_seed(seed))
         optimizer.zero_grad(set_to_none=True)
         for micro in range(train_config.grad_accum_steps):
