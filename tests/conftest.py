@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +61,24 @@ def write_npz(path: Path, count: int = 96, size: int = 16, classes: int = 3) -> 
 @pytest.fixture
 def npz_data(tmp_path: Path) -> Path:
     return write_npz(tmp_path / "blobs.npz")
+
+
+def torchrun(processes: int, *args: object, timeout: float = 180) -> str:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=N ARGS`` on the CPU (one
+    thread per process); fails the test with the processes' output unless all exit 0.
+
+    Returns:
+        Their standard output.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        *map(str, args),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    return finished.stdout

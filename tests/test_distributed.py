@@ -5,10 +5,7 @@ process on the same global batch to float precision, and checkpoints move betwee
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,28 +16,12 @@ from vqvae2.config import PriorRunConfig, load_config
 from vqvae2.distributed import DistributedContext
 from vqvae2.train import train_prior
 
-from .conftest import write_npz
+from .conftest import torchrun, write_npz
 from .ddp_worker import PRIOR_OVERRIDES, run
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 STEPS = 6
 RESUME_FROM = 4  # a checkpoint is written every 2 steps
-
-
-def torchrun(processes: int, *args: object) -> None:
-    """Launch ``ddp_worker.py`` on ``processes`` local CPU processes; fail with their output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={processes}",
-        str(WORKER),
-        *map(str, args),
-    ]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
 
 
 def rewind(run_dir: Path, copy_to: Path, kind: str, step: int) -> Path:
@@ -69,7 +50,7 @@ def runs(tmp_path_factory):
     """Six steps of stage 1 under 2 processes and under 1, same global batch."""
     root = tmp_path_factory.mktemp("ddp")
     data = write_npz(root / "blobs.npz", count=64)
-    torchrun(2, "vqvae", data, root / "two", STEPS)
+    torchrun(2, WORKER, "vqvae", data, root / "two", STEPS)
     run("vqvae", data, root / "one", STEPS)
     return root, data
 
@@ -102,7 +83,7 @@ def test_checkpoint_of_two_processes_resumes_in_one_and_back(runs):
     two_to_one = rewind(root / "two", root / "two-to-one", "vqvae", RESUME_FROM)
     run("vqvae", data, two_to_one, STEPS, resume=True)
     one_to_two = rewind(root / "one", root / "one-to-two", "vqvae", RESUME_FROM)
-    torchrun(2, "vqvae", data, one_to_two, STEPS, "--resume")
+    torchrun(2, WORKER, "vqvae", data, one_to_two, STEPS, "--resume")
     reference = root / "one" / "vqvae-rank0-of-1.safetensors"
     assert_states_close(two_to_one / "vqvae-rank0-of-1.safetensors", reference, atol=1e-5)
     assert_states_close(one_to_two / "vqvae-rank0-of-2.safetensors", reference, atol=1e-5)
@@ -119,7 +100,7 @@ def prior_runs(runs):
     root, data = runs
     two = shutil.copytree(root / "one", root / "prior-two")
     one = shutil.copytree(root / "one", root / "prior-one")
-    torchrun(2, "prior", data, two, 4)
+    torchrun(2, WORKER, "prior", data, two, 4)
     run("prior", data, one, 4)
     return two, one
 
@@ -162,32 +143,25 @@ def test_gradient_accumulation_matches_the_whole_batch(prior_runs):
 def test_torchrun_cli_reports_once_from_rank_zero(runs, tmp_path):
     """`torchrun -m vqvae2 train-vqvae ...` works unchanged; only rank 0 prints its summary."""
     _, data = runs
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+    stdout = torchrun(
+        2,
         "-m",
         "vqvae2",
         "train-vqvae",
         "--config",
         "tiny",
         "--data",
-        str(data),
+        data,
         "--out",
-        str(tmp_path / "run"),
+        tmp_path / "run",
         "--max-steps",
         "2",
         "--quiet",
         "--json",
         "model.image_size=16",
         "train.batch_size=8",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    lines = [line for line in finished.stdout.splitlines() if line.startswith("{")]
+    )
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1 and json.loads(lines[0])["step"] == 2
     assert (tmp_path / "run" / "vqvae" / "step-00000002" / "model.safetensors").is_file()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ from vqvae2.sampling import (
 from vqvae2.train import extract_codes, train_classifier, train_prior, train_vqvae
 from vqvae2.vqvae import VQVAE2
 
-from .conftest import tiny_config, write_npz
+from .conftest import tiny_config, torchrun, write_npz
 
 # ----------------------------------------------------------------------------------------------
 # Pure rejection rules
@@ -391,6 +392,27 @@ def test_sample_with_rejection_from_a_run(tiny_run):
     assert torch.equal(result.images, again.images)
 
 
+def tiny_evaluate_args(run: Path, data: Path, out: Path) -> list[str]:
+    """`vqvae2 evaluate` arguments for the tiny run: 24 samples per set, 48 for CAS, 3 steps."""
+    return [
+        "evaluate",
+        str(run),
+        "--data",
+        str(data),
+        "--n-samples",
+        "24",
+        "--cas-samples",
+        "48",
+        "--cas-steps",
+        "3",
+        "--reject-fractions",
+        "0,0.5",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+
+
 def test_cli_sample_with_rejection_and_evaluate(tiny_run, tmp_path, capsys):
     run, data = tiny_run
     code = main(
@@ -414,25 +436,7 @@ def test_cli_sample_with_rejection_and_evaluate(tiny_run, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["samples"] == 4 and summary["candidates"] == 8
     assert (tmp_path / "grid.png").is_file()
-    code = main(
-        [
-            "evaluate",
-            str(run),
-            "--data",
-            str(data),
-            "--n-samples",
-            "24",
-            "--cas-samples",
-            "48",
-            "--cas-steps",
-            "3",
-            "--reject-fractions",
-            "0,0.5",
-            "--out",
-            str(tmp_path / "report"),
-            "--quiet",
-        ]
-    )
+    code = main(tiny_evaluate_args(run, data, tmp_path / "report"))
     assert code == 0
     out = capsys.readouterr().out
     assert "CAS top-1" in out and "rejecting 50%" in out
@@ -532,40 +536,16 @@ def test_pool_batches_cover_the_pool_once_over_processes():
 
 
 def test_evaluate_under_torchrun_splits_the_pool_and_reports_once(tiny_run, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     run, data = tiny_run
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+    stdout = torchrun(
+        2,
         "-m",
         "vqvae2",
-        "evaluate",
-        str(run),
-        "--data",
-        str(data),
-        "--n-samples",
-        "24",
-        "--cas-samples",
-        "48",
-        "--cas-steps",
-        "3",
-        "--reject-fractions",
-        "0,0.5",
-        "--out",
-        str(tmp_path / "report"),
-        "--quiet",
+        *tiny_evaluate_args(run, data, tmp_path / "report"),
         "--json",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    lines = [line for line in finished.stdout.splitlines() if line.startswith("{")]
+        timeout=300,
+    )
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1
     report = json.loads(lines[0])
     assert [row["samples"] for row in report["rejection"]] == [24, 24]
