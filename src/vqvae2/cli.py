@@ -610,8 +610,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from .distributed import shutdown
+
+    finished = False
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        finished = True
+        return status
     except KeyboardInterrupt:
         print("vqvae2: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -620,6 +625,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vqvae2: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     finally:
-        from .distributed import shutdown
-
-        shutdown()
+        # After a failure the other processes may never reach the closing barrier.
+        shutdown(wait_for_others=finished)

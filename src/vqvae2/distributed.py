@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -27,6 +28,10 @@ import torch.distributed as dist
 from .config import RuntimeConfig
 
 T = TypeVar("T")
+# How long a collective may wait. Ranks other than 0 wait in the next collective while rank 0
+# validates, and in ``shutdown`` while it runs the final evaluation, which can take minutes on
+# large data: longer than NCCL's 10-minute default must be allowed.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,9 @@ def runtime_context(runtime: RuntimeConfig | None = None) -> DistributedContext:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT
+        )
     if runtime.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("--precision bf16: this GPU does not support bfloat16")
     return DistributedContext(
@@ -130,7 +137,16 @@ def runtime_context(runtime: RuntimeConfig | None = None) -> DistributedContext:
     )
 
 
-def shutdown() -> None:
-    """Leave the process group (end of a torchrun process); a no-op without one."""
+def shutdown(wait_for_others: bool = True) -> None:
+    """Leave the process group (end of a torchrun process); a no-op without one.
+
+    With ``wait_for_others`` (after success) every process first waits for the others: ranks
+    other than 0 finish training before rank 0 has run its final evaluation and checkpoint, and
+    one process tearing the group down while another still holds it can abort the latter
+    ("terminate called without an active exception", seen with gloo). After a failure, leave
+    at once: the others may never reach the barrier, and torchrun stops them.
+    """
     if dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
