@@ -2,7 +2,8 @@
 # The default job, end to end on Fashion-MNIST in about 15 minutes on 2 CPU cores:
 # set up (if needed), train stage 1, extract the codes, train the top and bottom priors and the
 # classifier, then draw a 10 classes x 10 samples grid and print its path.
-# Override the lengths with environment variables, e.g. VQVAE_STEPS=12000 for a better stage 1.
+# Override the lengths with environment variables, e.g. VQVAE_STEPS=12000 for a better stage 1,
+# and AUGMENT="flip shift" to train the priors on mirrored and shifted copies too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,7 +15,8 @@ $bin train-vqvae --config fashion-mnist-32 --data "$data" --out "$run" \
   --max-steps "${VQVAE_STEPS:-1500}"
 $bin reconstruct "$run" --data "$data" --split test --out "$run/test-reconstructions.png"
 echo "== stage 2: codes, priors, classifier"
-$bin extract-codes "$run" --data "$data"
+# shellcheck disable=SC2086  # AUGMENT is a list of words
+$bin extract-codes "$run" --data "$data" ${AUGMENT:+--augment $AUGMENT}
 $bin train-prior "$run" --level top --max-steps "${TOP_PRIOR_STEPS:-600}"
 $bin train-prior "$run" --level bottom --max-steps "${BOTTOM_PRIOR_STEPS:-240}"
 $bin train-classifier --run "$run" --data "$data" --max-steps "${CLASSIFIER_STEPS:-600}"

@@ -63,7 +63,7 @@ def run(stage: str, data: Path, run_dir: Path, steps: int, resume: bool = False)
             VectorQuantizerEMA._restart_dead_codes = original
     else:
         if not resume:
-            extract_codes(run_dir, data, progress=False)
+            extract_codes(run_dir, data, progress=False, augment=["flip"])
         config = load_config(
             PriorRunConfig, "prior-top-tiny", [*PRIOR_OVERRIDES, f"train.max_steps={steps}"]
         )

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vqvae2.checkpoint import load_prior
 from vqvae2.config import PriorRunConfig, load_config
 from vqvae2.distributed import DistributedContext
 from vqvae2.train import train_prior
@@ -96,7 +97,8 @@ def test_checkpoint_of_two_processes_resumes_in_one_and_back(runs):
 
 @pytest.fixture(scope="module")
 def prior_runs(runs):
-    """Four steps of the top prior (codes extracted first) under 2 processes and under 1."""
+    """Four steps of the top prior (codes extracted first, with mirrored copies) under 2
+    processes and under 1."""
     root, data = runs
     two = shutil.copytree(root / "one", root / "prior-two")
     one = shutil.copytree(root / "one", root / "prior-one")
@@ -107,11 +109,16 @@ def prior_runs(runs):
 
 def test_prior_and_code_extraction_under_two_processes_match_one(prior_runs):
     two, one = prior_runs
-    for split in ("train", "val"):
-        for name in ("top.npy", "bottom.npy", "labels.npy"):
-            assert (two / "codes" / split / name).read_bytes() == (
-                one / "codes" / split / name
-            ).read_bytes(), f"{split}/{name}"
+    stores = [
+        (split, name)
+        for split in ("train", "val", "train-augmented")
+        for name in ("top.npy", "bottom.npy", "labels.npy")
+    ]
+    for split, name in [*stores, ("train-augmented", "augmentations.npy")]:
+        assert (two / "codes" / split / name).read_bytes() == (
+            one / "codes" / split / name
+        ).read_bytes(), f"{split}/{name}"
+    assert load_prior(two, "top").config.num_augmentations == 2  # identity and mirror
     assert_states_close(
         two / "prior-rank0-of-2.safetensors", two / "prior-rank1-of-2.safetensors", atol=0.0
     )

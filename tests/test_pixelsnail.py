@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import pytest
 import torch
@@ -46,6 +47,9 @@ CONFIGURATIONS = [
         condition_res_blocks=2 if conditions else 0,
     )
     for attention, classes, conditions in itertools.product((0, 2), (0, 3), ((), (2,), (2, 3)))
+] + [
+    dict(attention_layers=2, num_augmentations=3),
+    dict(num_classes=3, condition_sizes=(2,), condition_res_blocks=2, num_augmentations=3),
 ]
 
 
@@ -56,6 +60,8 @@ def test_logits_depend_only_on_earlier_codes(changes):
     config = small_config(**changes)
     prior = PixelSNAIL(config).eval()
     codes, labels, upper = inputs_for(config)
+    if config.num_augmentations:  # a transform other than the identity for one image
+        prior = partial(prior, augmentations=torch.tensor([0, config.num_augmentations - 1]))
     with torch.no_grad():
         base = prior(codes, labels, upper).logits
         for position in range(SIDE * SIDE):
@@ -123,3 +129,19 @@ def test_attention_layers_are_spread_over_the_blocks():
     assert small_config(num_layers=4, attention_layers=4).attention_layer_indices == (0, 1, 2, 3)
     with pytest.raises(ValueError, match="divisible"):
         small_config(hidden_channels=9, attention_layers=1, attention_heads=2)
+
+
+def test_augmentation_conditioning_defaults_to_the_identity_and_is_checked():
+    config = small_config(num_classes=3, num_augmentations=4)
+    prior = PixelSNAIL(config).eval()
+    codes, labels, _ = inputs_for(config)
+    with torch.no_grad():
+        default = prior(codes, labels).logits
+        identity = prior(codes, labels, augmentations=torch.zeros(2, dtype=torch.long)).logits
+        flipped = prior(codes, labels, augmentations=torch.tensor([2, 2])).logits
+    assert torch.equal(default, identity)
+    assert (flipped - default)[:, :, 0, 0].abs().max() > 0  # reaches the first position
+    with pytest.raises(ValueError, match=r"augmentation indices must .* lie in \[0, 4\)"):
+        prior(codes, labels, augmentations=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="augmentation indices"):
+        PixelSNAIL(small_config())(codes, augmentations=torch.zeros(2, dtype=torch.long))

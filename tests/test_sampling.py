@@ -124,6 +124,8 @@ CACHE_CONFIGURATIONS = [
     dict(attention_layers=1, num_classes=3),
     dict(condition_sizes=(3,), condition_res_blocks=2, num_classes=3),  # bottom of 2 levels
     dict(condition_sizes=(2, 3), condition_res_blocks=1, attention_layers=1),  # bottom of 3
+    dict(attention_layers=1, num_augmentations=3),  # augmentation-conditioned, no classes
+    dict(condition_sizes=(3,), condition_res_blocks=1, num_classes=3, num_augmentations=2),
 ]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import RuntimeConfig, VQVAERunConfig, list_presets, load_config
-from .data import DEFAULT_DATA_PATH, SPLITS
+from .data import AUGMENTATION_KINDS, DEFAULT_DATA_PATH, SPLITS
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -106,7 +106,11 @@ def _cmd_extract_codes(args: argparse.Namespace) -> int:
     from .train import extract_codes
 
     written = extract_codes(
-        args.run_dir, args.data, progress=not args.quiet, runtime=_runtime(args)
+        args.run_dir,
+        args.data,
+        progress=not args.quiet,
+        runtime=_runtime(args),
+        augment=args.augment,
     )
     for split, path in written.items():
         if _is_main_process():
@@ -482,6 +486,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     extract.add_argument("run_dir", type=Path, help="stage-1 run folder")
     extract.add_argument("--data", type=Path, default=DEFAULT_DATA_PATH, help="image source")
+    extract.add_argument(
+        "--augment",
+        nargs="+",
+        choices=AUGMENTATION_KINDS,
+        default=[],
+        help="also store the codes of flipped and/or one-pixel-shifted training images in "
+        "codes/train-augmented; priors then train on them conditioned on the transform "
+        "(distribution augmentation) and evaluate and sample with the identity",
+    )
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_device_option(extract)
     extract.set_defaults(handler=_cmd_extract_codes)

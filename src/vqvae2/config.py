@@ -228,6 +228,9 @@ class PixelSNAILConfig:
     condition_channels: int = 512  # width of the conditioning stack and class embedding
     condition_sizes: tuple[int, ...] = ()  # sides of the upper levels' code maps, top first
     num_classes: int = 0  # > 0 makes the prior class-conditional
+    # > 0: also conditioned on which of this many image transforms made the codes (index 0 the
+    # identity, used for evaluation and sampling): distribution augmentation (Jun et al., 2020)
+    num_augmentations: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -258,7 +261,12 @@ class PixelSNAILConfig:
             f"prior.kernel_size must be odd, got {self.kernel_size}",
         )
         _check(0.0 <= self.dropout < 1.0, f"prior.dropout must be in [0, 1), got {self.dropout}")
-        for name in ("output_stack_layers", "condition_res_blocks", "num_classes"):
+        for name in (
+            "output_stack_layers",
+            "condition_res_blocks",
+            "num_classes",
+            "num_augmentations",
+        ):
             value = getattr(self, name)
             _check(value >= 0, f"prior.{name} must be >= 0, got {value}")
         _check(
@@ -280,6 +288,8 @@ class PriorRunConfig:
     prior: PixelSNAILConfig = field(default_factory=PixelSNAILConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     class_conditional: bool = True  # condition on the labels when the data has several classes
+    # also train on RUN_DIR/codes/train-augmented (extract-codes --augment) when it exists
+    augmented_codes: bool = True
 
 
 @dataclass(frozen=True)

@@ -434,6 +434,60 @@ def load_image_files(paths: Sequence[str | Path], image_size: int, channels: int
 CODE_STORE_VERSION = 1
 
 
+# ----------------------------------------------------------------------------------------------
+# Image transforms for distribution augmentation of the priors' training codes
+
+AUGMENTATION_KINDS = ("flip", "shift")
+SHIFTS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}  # (dy, dx) pixels
+
+
+def shift_image(images: Tensor, dy: int, dx: int) -> Tensor:
+    """Translate (B, C, S, S) images by (dy, dx) pixels, repeating the edge pixels."""
+    size = images.shape[-1]
+    pad = max(abs(dy), abs(dx))
+    padded = torch.nn.functional.pad(images, (pad,) * 4, mode="replicate")
+    top, left = pad - dy, pad - dx
+    return padded[..., top : top + size, left : left + size]
+
+
+def augmentation_names(kinds: Sequence[str]) -> list[str]:
+    """Transforms that ``kinds`` ("flip", "shift") ask for, identity first.
+
+    "flip" adds the mirror image; "shift" four one-pixel translations; both add the
+    translations of the mirror image too.
+    """
+    unknown = sorted(set(kinds) - set(AUGMENTATION_KINDS))
+    if unknown:
+        raise ValueError(
+            f"unknown augmentation {', '.join(unknown)}; choose from {', '.join(AUGMENTATION_KINDS)}"
+        )
+    bases = ["identity", "flip"] if "flip" in kinds else ["identity"]
+    names = list(bases)
+    if "shift" in kinds:
+        names += [
+            f"shift-{shift}" if base == "identity" else f"{base}+shift-{shift}"
+            for base in bases
+            for shift in SHIFTS
+        ]
+    return names
+
+
+def apply_augmentation(images: Tensor, name: str) -> Tensor:
+    """One transform of ``augmentation_names`` applied to (B, C, S, S) images."""
+    for part in name.split("+"):
+        if part == "flip":
+            images = images.flip(-1)
+        elif part.startswith("shift-"):
+            images = shift_image(images, *SHIFTS[part.removeprefix("shift-")])
+        elif part != "identity":
+            raise ValueError(f"unknown augmentation '{name}'")
+    return images
+
+
+# ----------------------------------------------------------------------------------------------
+# Code stores
+
+
 def _code_dtype(codebook_size: int) -> np.dtype:
     return np.dtype(np.uint16) if codebook_size <= 2**16 else np.dtype(np.int32)
 
@@ -455,7 +509,10 @@ class CodeStoreWriter:
         code_sizes: Sequence[int],
         codebook_size: int,
         extra: dict | None = None,
+        augmentations: Sequence[str] = (),
     ) -> None:
+        """``augmentations``: names of the transforms whose codes the store holds (index 0 the
+        identity); when given, every row also records its transform index."""
         self.directory = Path(directory)
         self.tmp = self.directory.with_name(f".{self.directory.name}.tmp")
         if self.tmp.exists():
@@ -467,6 +524,11 @@ class CodeStoreWriter:
             for name, side in zip(level_names, code_sizes, strict=True)
         ]
         self.labels = np.lib.format.open_memmap(self.tmp / "labels.npy", "w+", np.int64, (count,))
+        self.augmentations = None
+        if augmentations:
+            self.augmentations = np.lib.format.open_memmap(
+                self.tmp / "augmentations.npy", "w+", np.int16, (count,)
+            )
         self.meta = {
             "format": "vqvae2-codes",
             "format_version": CODE_STORE_VERSION,
@@ -474,6 +536,7 @@ class CodeStoreWriter:
             "levels": list(level_names),
             "code_sizes": list(code_sizes),
             "codebook_size": codebook_size,
+            **({"augmentations": list(augmentations)} if augmentations else {}),
             **(extra or {}),
         }
 
@@ -488,18 +551,30 @@ class CodeStoreWriter:
         writer.tmp = writer.directory.with_name(f".{writer.directory.name}.tmp")
         writer.codes = [np.load(writer.tmp / f"{name}.npy", mmap_mode="r+") for name in level_names]
         writer.labels = np.load(writer.tmp / "labels.npy", mmap_mode="r+")
+        augmentations = writer.tmp / "augmentations.npy"
+        writer.augmentations = (
+            np.load(augmentations, mmap_mode="r+") if augmentations.is_file() else None
+        )
         writer.meta = {}
         return writer
 
-    def write(self, start: int, codes: Sequence[Tensor], labels: Tensor) -> None:
-        """Store a batch at rows ``start:start+B``: codes per level (B, h, w), labels (B,)."""
+    def write(
+        self, start: int, codes: Sequence[Tensor], labels: Tensor, augmentation: int = 0
+    ) -> None:
+        """Store a batch at rows ``start:start+B``: codes per level (B, h, w), labels (B,), and
+        in a store of augmented codes the index of the transform that made them."""
         stop = start + len(labels)
         for store, level_codes in zip(self.codes, codes, strict=True):
             store[start:stop] = level_codes.cpu().numpy()
         self.labels[start:stop] = labels.cpu().numpy()
+        if self.augmentations is not None:
+            self.augmentations[start:stop] = augmentation
 
     def flush(self) -> None:
-        for array in (*self.codes, self.labels):
+        arrays = [*self.codes, self.labels]
+        if self.augmentations is not None:
+            arrays.append(self.augmentations)
+        for array in arrays:
             array.flush()
 
     def close(self) -> Path:
@@ -559,6 +634,20 @@ class CodeDataset(Dataset):
             raise ValueError(
                 f"the code store {self.directory} is inconsistent: labels {self.labels.shape}"
             )
+        self.augmentation_names: list[str] = meta.get("augmentations", ["identity"])
+        self.augmentations = None  # (N,) transform index per row; None: all the identity
+        if "augmentations" in meta:
+            try:
+                self.augmentations = np.load(self.directory / "augmentations.npy", mmap_mode="r")
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"the code store {self.directory} is truncated or corrupt: {error}"
+                ) from None
+            if self.augmentations.shape != (count,):
+                raise ValueError(
+                    f"the code store {self.directory} is inconsistent: augmentation indices "
+                    f"{self.augmentations.shape}"
+                )
 
     @property
     def num_classes(self) -> int:
@@ -583,3 +672,65 @@ class CodeDataset(Dataset):
         ]
         labels = torch.from_numpy(self.labels[sorted_index].astype(np.int64))[inverse]
         return codes, labels
+
+    def augmentation_indices(self, indices: Sequence[int]) -> Tensor:
+        """(B,) int64 transform index of each row (0, the identity, in a plain store)."""
+        if self.augmentations is None:
+            return torch.zeros(len(indices), dtype=torch.long)
+        index = np.asarray(indices, dtype=np.int64)
+        return torch.from_numpy(self.augmentations[index].astype(np.int64))
+
+
+class PriorTrainingCodes(Dataset):
+    """The train codes a prior fits: the plain store, then (optionally) a store of the codes of
+    transformed training images. Items are (codes per level, label, transform index).
+    """
+
+    def __init__(self, plain: CodeDataset, augmented: CodeDataset | None = None) -> None:
+        self.plain = plain
+        self.augmented = augmented
+        if augmented is not None and (
+            augmented.level_names != plain.level_names
+            or augmented.code_sizes != plain.code_sizes
+            or augmented.codebook_size != plain.codebook_size
+            or augmented.meta.get("vqvae_step") != plain.meta.get("vqvae_step")
+        ):
+            raise ValueError(
+                f"the augmented codes in {augmented.directory} do not match {plain.directory}; "
+                "extract them again"
+            )
+
+    @property
+    def num_augmentations(self) -> int:
+        """Transforms incl. the identity; 0 without augmented codes (no conditioning needed)."""
+        return 0 if self.augmented is None else len(self.augmented.augmentation_names)
+
+    def __len__(self) -> int:
+        return len(self.plain) + (0 if self.augmented is None else len(self.augmented))
+
+    def __getitem__(self, index: int) -> tuple[list[Tensor], Tensor, Tensor]:
+        codes, labels, augmentations = self.__getitems__([index])
+        return [level[0] for level in codes], labels[0], augmentations[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Codes per level (B, h, w), labels (B,), transform indices (B,), all int64."""
+        index = np.asarray(indices, dtype=np.int64)
+        in_plain = index < len(self.plain)
+        parts = [(np.flatnonzero(in_plain), self.plain, index[in_plain])]
+        if self.augmented is not None:
+            parts.append(
+                (np.flatnonzero(~in_plain), self.augmented, index[~in_plain] - len(self.plain))
+            )
+        count = len(index)
+        codes = [torch.empty(count, side, side, dtype=torch.long) for side in self.plain.code_sizes]
+        labels = torch.empty(count, dtype=torch.long)
+        augmentations = torch.zeros(count, dtype=torch.long)
+        for positions, store, rows in parts:
+            if len(rows) == 0:
+                continue
+            store_codes, store_labels = store.__getitems__(rows.tolist())
+            for level, level_codes in zip(codes, store_codes, strict=True):
+                level[positions] = level_codes
+            labels[positions] = store_labels
+            augmentations[positions] = store.augmentation_indices(rows.tolist())
+        return codes, labels, augmentations

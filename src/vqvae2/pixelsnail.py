@@ -4,7 +4,9 @@ A gated PixelCNN (van den Oord et al. 2016) with PixelSNAIL-style (Chen et al. 2
 multi-head self-attention every few blocks, dropout and a residual stack of 1x1 convolutions on
 the output. The same module serves every level: the top prior has attention; a lower prior is
 conditioned on the codes of the levels above through a deep residual conditioning stack (no
-attention, Table 3). Any prior may also be conditioned on a class label.
+attention, Table 3). Any prior may also be conditioned on a class label, and on which image
+transform produced its training codes (distribution augmentation: the identity, index 0, is what
+evaluation and sampling use).
 
 Causality without a blind spot comes from two streams:
   * the vertical stream at row i sees input rows <= i (all columns within its kernel) and is
@@ -235,6 +237,11 @@ class PixelSNAIL(nn.Module):
         if config.num_classes > 0:
             self.class_embedding = nn.Embedding(config.num_classes, config.condition_channels)
             condition_channels = max(condition_channels, config.condition_channels)
+        if config.num_augmentations > 0:
+            self.augmentation_embedding = nn.Embedding(
+                config.num_augmentations, config.condition_channels
+            )
+            condition_channels = max(condition_channels, config.condition_channels)
 
         self.blocks = nn.ModuleList(
             GatedBlock(config, condition_channels, updates_vertical=index < config.num_layers - 1)
@@ -254,7 +261,11 @@ class PixelSNAIL(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def check_inputs(
-        self, codes: Tensor, labels: Tensor | None, condition_codes: list[Tensor] | None
+        self,
+        codes: Tensor,
+        labels: Tensor | None,
+        condition_codes: list[Tensor] | None,
+        augmentations: Tensor | None = None,
     ) -> None:
         """Raise ``ValueError`` when inputs do not fit this prior."""
         config = self.config
@@ -270,6 +281,21 @@ class PixelSNAIL(nn.Module):
                 int(labels.min()) < 0 or int(labels.max()) >= config.num_classes
             ):
                 raise ValueError(f"class labels must lie in [0, {config.num_classes})")
+        if augmentations is not None and (
+            config.num_augmentations == 0
+            or tuple(augmentations.shape) != (len(codes),)
+            or (
+                augmentations.numel()
+                and (
+                    int(augmentations.min()) < 0
+                    or int(augmentations.max()) >= config.num_augmentations
+                )
+            )
+        ):
+            raise ValueError(
+                f"augmentation indices must have shape ({len(codes)},) and lie in "
+                f"[0, {config.num_augmentations})"
+            )
         conditions = condition_codes or []
         if len(conditions) != len(config.condition_sizes):
             raise ValueError(
@@ -283,11 +309,15 @@ class PixelSNAIL(nn.Module):
                 )
 
     def condition(
-        self, labels: Tensor | None, condition_codes: list[Tensor] | None
+        self,
+        labels: Tensor | None,
+        condition_codes: list[Tensor] | None,
+        augmentations: Tensor | None = None,
     ) -> Tensor | None:
         """Conditioning features (B, C_cond, H, W), (B, C_cond, 1, 1) for labels only, or None.
 
-        Computed once per image: during sampling it does not change from step to step.
+        ``augmentations`` (B,) int64 names the transform behind each code map; None means the
+        identity (index 0). Computed once per image: during sampling it does not change.
         """
         config = self.config
         features = None
@@ -303,6 +333,14 @@ class PixelSNAIL(nn.Module):
             assert labels is not None
             class_features = self.class_embedding(labels)[:, :, None, None]  # (B, C_cond, 1, 1)
             features = class_features if features is None else features + class_features
+        if config.num_augmentations > 0:
+            if augmentations is None:  # the identity for every image: (1, C_cond, 1, 1)
+                augmentation_features = self.augmentation_embedding.weight[0][None, :, None, None]
+            else:  # (B, C_cond, 1, 1)
+                augmentation_features = self.augmentation_embedding(augmentations)[:, :, None, None]
+            features = (
+                augmentation_features if features is None else features + augmentation_features
+            )
         return features
 
     def forward(
@@ -310,6 +348,7 @@ class PixelSNAIL(nn.Module):
         codes: Tensor,
         labels: Tensor | None = None,
         condition_codes: list[Tensor] | None = None,
+        augmentations: Tensor | None = None,
     ) -> PriorOutput:
         """Logits of every code given the codes before it (teacher forcing) and the loss.
 
@@ -317,12 +356,14 @@ class PixelSNAIL(nn.Module):
             codes: (B, H, W) int64 in [0, K), this level's codes.
             labels: (B,) int64 class labels, required when ``num_classes > 0``.
             condition_codes: codes of the upper levels, top first, each (B, h_l, w_l) int64.
+            augmentations: (B,) int64 transform indices for a prior with ``num_augmentations``;
+                None means the identity (index 0).
 
         Returns:
             ``PriorOutput`` with logits (B, K, H, W) and mean NLL in nats per code.
         """
-        self.check_inputs(codes, labels, condition_codes)
-        logits = self.logits(codes, self.condition(labels, condition_codes))
+        self.check_inputs(codes, labels, condition_codes, augmentations)
+        logits = self.logits(codes, self.condition(labels, condition_codes, augmentations))
         loss = F.cross_entropy(logits, codes)
         return PriorOutput(logits=logits, loss=loss)
 

@@ -10,8 +10,9 @@ import csv
 import inspect
 import math
 import os
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,7 +46,10 @@ from .config import (
 from .data import (
     CodeDataset,
     CodeStoreWriter,
+    PriorTrainingCodes,
     TensorImageDataset,
+    apply_augmentation,
+    augmentation_names,
     float_to_uint8,
     load_image_files,
     make_grid,
@@ -594,6 +598,7 @@ def reconstruct(
 # Stage 2: code extraction (Algorithm 2, lines 1-7)
 
 CODES_DIR = "codes"
+AUGMENTED_CODES = "train-augmented"  # store of the codes of transformed training images
 
 
 @torch.no_grad()
@@ -604,50 +609,72 @@ def extract_codes(
     batch_size: int = EVAL_BATCH_SIZE,
     progress: bool = True,
     runtime: RuntimeConfig | None = None,
+    augment: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Encode dataset splits once with the trained VQ-VAE into ``RUN_DIR/codes/<split>``.
+
+    With ``augment`` ("flip", "shift"), the codes of transformed training images go to a second
+    store, ``RUN_DIR/codes/train-augmented``, one copy per transform, each row with its
+    transform's index; priors trained on it are told which transform made each code map
+    (distribution augmentation) and use the identity for evaluation and sampling. Without
+    ``augment`` an earlier augmented store is removed, so priors never mix two VQ-VAEs' codes.
 
     Under torchrun each process encodes a contiguous share of every split into the same store.
 
     Returns:
-        The store folder of each split.
+        The store folder of each split written.
     """
     context = runtime_context(runtime)
     run_dir = Path(run_dir)
+    names = augmentation_names(augment)  # checked before any work
     checkpoint_step = read_checkpoint(run_dir, VQVAE_KIND).step
     model = load_vqvae(run_dir, map_location=context.device)
     config = model.config
     data_config = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).data
-    for split in splits:
+    jobs = [(split, split, ["identity"]) for split in splits]
+    if len(names) > 1 and "train" in splits:
+        jobs.append(("train", AUGMENTED_CODES, names))
+    written = {}
+    for split, store_name, transforms in jobs:
         dataset = open_dataset(data_path, split, config.image_size, config.in_channels, data_config)
-        directory = run_dir / CODES_DIR / split
+        directory = run_dir / CODES_DIR / store_name
+        augmented = store_name == AUGMENTED_CODES
+        copies = transforms[1:] if augmented else transforms  # the identity is the plain store
         if context.is_main:
             writer = CodeStoreWriter(
                 directory,
-                len(dataset),
+                len(dataset) * len(copies),
                 config.level_names,
                 config.latent_sizes,
                 config.codebook_size,
                 extra={"num_classes": dataset.num_classes, "vqvae_step": checkpoint_step},
+                augmentations=transforms if augmented else (),
             )
         context.barrier()  # the store's files exist before the other processes open them
         if not context.is_main:
             writer = CodeStoreWriter.attach(directory, config.level_names)
         share = context.shard_range(len(dataset))
-        start = share.start
-        batches = eval_loader(Subset(dataset, share), batch_size, data_config.num_workers)
-        description = f"extract-codes {split}"
-        for images, labels in tqdm(
-            batches, desc=description, disable=not (progress and context.is_main)
-        ):
-            writer.write(start, model.encode(images.to(context.device)), labels)
-            start += len(labels)
+        for copy_index, transform in enumerate(copies):
+            start = copy_index * len(dataset) + share.start
+            batches = eval_loader(Subset(dataset, share), batch_size, data_config.num_workers)
+            description = f"extract-codes {split}" + (f" {transform}" if augmented else "")
+            for images, labels in tqdm(
+                batches, desc=description, disable=not (progress and context.is_main)
+            ):
+                images = apply_augmentation(images.to(context.device), transform)
+                writer.write(start, model.encode(images), labels, transforms.index(transform))
+                start += len(labels)
         writer.flush()
         context.barrier()  # every share is written before the store is closed
         if context.is_main:
             writer.close()
         context.barrier()
-    return {split: run_dir / CODES_DIR / split for split in splits}
+        written[store_name] = directory
+    stale = run_dir / CODES_DIR / AUGMENTED_CODES
+    if AUGMENTED_CODES not in written and "train" in splits and context.is_main and stale.exists():
+        shutil.rmtree(stale)
+    context.barrier()
+    return written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -739,6 +766,12 @@ def train_prior(
                 f"the codes in {store.directory} were not made by this VQ-VAE; extract them again"
             )
 
+    augmented_dir = run_dir / CODES_DIR / AUGMENTED_CODES
+    use_augmented = config.augmented_codes and (augmented_dir / "meta.json").is_file()
+    training_codes = PriorTrainingCodes(
+        train_codes, CodeDataset(augmented_dir) if use_augmented else None
+    )
+
     kind = prior_kind(level)
     kind_dir = run_dir / kind
     checkpoint = None
@@ -756,8 +789,15 @@ def train_prior(
             codebook_size=vqvae_config.codebook_size,
             condition_sizes=tuple(vqvae_config.latent_sizes[:index]),
             num_classes=num_classes if num_classes > 1 else 0,
+            num_augmentations=training_codes.num_augmentations,
         )
         config = replace(config, prior=prior_config)
+    if config.prior.num_augmentations != training_codes.num_augmentations:
+        raise ValueError(
+            f"this prior was started on codes with {config.prior.num_augmentations} transforms "
+            f"but {run_dir / CODES_DIR} now holds {training_codes.num_augmentations}; "
+            "extract the codes as before or train a new prior"
+        )
     train_config = config.train
     micro_size = micro_batch_size(train_config, context)
     if context.is_main:
@@ -776,7 +816,7 @@ def train_prior(
     log = MetricsLog(
         kind_dir / METRICS_FILE, resume_step=step if resume else None, enabled=context.is_main
     )
-    sampler = rank_batch_sampler(len(train_codes), train_config, step, context)
+    sampler = rank_batch_sampler(len(training_codes), train_config, step, context)
     clock = RunClock(elapsed_before, max_minutes)
 
     def checkpoint_now() -> None:
@@ -791,7 +831,8 @@ def train_prior(
         )
 
     bar = _progress_bar(train_config, step, f"train-prior {level}", progress and context.is_main)
-    for level_codes, labels in batch_loader(train_codes, sampler, num_workers=0):
+    augmentation_conditional = config.prior.num_augmentations > 0
+    for level_codes, labels, augmentations in batch_loader(training_codes, sampler, num_workers=0):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(train_config, step)
         optimizer.zero_grad(set_to_none=True)
@@ -799,10 +840,13 @@ def train_prior(
             part = slice(micro * micro_size, (micro + 1) * micro_size)
             micro_codes = [step_module.to_device(codes[part]) for codes in level_codes]
             micro_labels = step_module.to_device(labels[part])
+            micro_augmentations = (
+                step_module.to_device(augmentations[part]) if augmentation_conditional else None
+            )
             last = micro == train_config.grad_accum_steps - 1
             with step_module.sync_gradients(last), step_module.autocast():
                 output = step_module.forward(
-                    *_prior_inputs(prior, micro_codes, micro_labels, index)
+                    *_prior_inputs(prior, micro_codes, micro_labels, index), micro_augmentations
                 )
                 loss = output.loss / train_config.grad_accum_steps
             loss.backward()
