@@ -61,10 +61,8 @@ def test_short_real_training_run_learns(tmp_path, capsys):
     trained = json.loads(capsys.readouterr().out)
     code = main(
         [
-            "reconstruct",
+            "reconstruct",  # --data defaults to the Fashion-MNIST files
             str(run),
-            "--data",
-            str(FASHION_MNIST),
             "--split",
             "test",
             "--out",

@@ -85,7 +85,8 @@ def _cmd_train_vqvae(args: argparse.Namespace) -> int:
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .train import reconstruct
 
-    result = reconstruct(args.run_dir, args.data, args.split, args.out, image_files=args.images)
+    data = args.data if args.data is not None or args.images else DEFAULT_DATA_PATH
+    result = reconstruct(args.run_dir, data, args.split, args.out, image_files=args.images)
     if args.json:
         print(json.dumps(result))
     else:
@@ -473,7 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
         "level alone, the top two levels, ... (what each level adds).",
     )
     recon.add_argument("run_dir", type=Path, help="stage-1 run folder")
-    recon.add_argument("--data", type=Path, default=None, help="image source to measure")
+    recon.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=f"image source to measure (default without --images: {DEFAULT_DATA_PATH})",
+    )
     recon.add_argument("--split", choices=SPLITS, default="test", help="split (default: test)")
     recon.add_argument("--images", nargs="+", help="image files to reconstruct instead")
     recon.add_argument("--out", type=Path, required=True, help="grid PNG to write")
