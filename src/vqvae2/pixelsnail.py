@@ -198,6 +198,11 @@ class PriorOutput(NamedTuple):
     loss: Tensor  # () mean negative log-likelihood in nats per code
 
 
+def _indices_below(indices: Tensor, upper: int) -> bool:
+    """Whether every entry of an integer tensor lies in [0, upper) (true when empty)."""
+    return indices.numel() == 0 or (int(indices.min()) >= 0 and int(indices.max()) < upper)
+
+
 class PixelSNAIL(nn.Module):
     """Prior p(codes | class, upper codes) over one level's code map.
 
@@ -277,20 +282,12 @@ class PixelSNAIL(nn.Module):
         if config.num_classes > 0:
             if labels is None:
                 raise ValueError("this prior is class-conditional: give class labels")
-            if labels.numel() and (
-                int(labels.min()) < 0 or int(labels.max()) >= config.num_classes
-            ):
+            if not _indices_below(labels, config.num_classes):
                 raise ValueError(f"class labels must lie in [0, {config.num_classes})")
         if augmentations is not None and (
             config.num_augmentations == 0
             or tuple(augmentations.shape) != (len(codes),)
-            or (
-                augmentations.numel()
-                and (
-                    int(augmentations.min()) < 0
-                    or int(augmentations.max()) >= config.num_augmentations
-                )
-            )
+            or not _indices_below(augmentations, config.num_augmentations)
         ):
             raise ValueError(
                 f"augmentation indices must have shape ({len(codes)},) and lie in "

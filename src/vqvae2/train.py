@@ -631,50 +631,82 @@ def extract_codes(
     model = load_vqvae(run_dir, map_location=context.device)
     config = model.config
     data_config = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).data
-    jobs = [(split, split, ["identity"]) for split in splits]
-    if len(names) > 1 and "train" in splits:
-        jobs.append(("train", AUGMENTED_CODES, names))
     written = {}
-    for split, store_name, transforms in jobs:
+    for split in splits:
         dataset = open_dataset(data_path, split, config.image_size, config.in_channels, data_config)
-        directory = run_dir / CODES_DIR / store_name
-        augmented = store_name == AUGMENTED_CODES
-        copies = transforms[1:] if augmented else transforms  # the identity is the plain store
-        if context.is_main:
-            writer = CodeStoreWriter(
-                directory,
-                len(dataset) * len(copies),
-                config.level_names,
-                config.latent_sizes,
-                config.codebook_size,
-                extra={"num_classes": dataset.num_classes, "vqvae_step": checkpoint_step},
-                augmentations=transforms if augmented else (),
+        extra = {"num_classes": dataset.num_classes, "vqvae_step": checkpoint_step}
+        stores = [(split, ["identity"], ())]  # (store, transforms encoded, names recorded)
+        if split == "train" and len(names) > 1:  # the identity is the plain store
+            stores.append((AUGMENTED_CODES, names[1:], names))
+        for store_name, transforms, recorded in stores:
+            written[store_name] = _encode_into_store(
+                model,
+                dataset,
+                run_dir / CODES_DIR / store_name,
+                transforms,
+                recorded,
+                extra,
+                context,
+                batch_size,
+                data_config.num_workers,
+                progress,
             )
-        context.barrier()  # the store's files exist before the other processes open them
-        if not context.is_main:
-            writer = CodeStoreWriter.attach(directory, config.level_names)
-        share = context.shard_range(len(dataset))
-        for copy_index, transform in enumerate(copies):
-            start = copy_index * len(dataset) + share.start
-            batches = eval_loader(Subset(dataset, share), batch_size, data_config.num_workers)
-            description = f"extract-codes {split}" + (f" {transform}" if augmented else "")
-            for images, labels in tqdm(
-                batches, desc=description, disable=not (progress and context.is_main)
-            ):
-                images = apply_augmentation(images.to(context.device), transform)
-                writer.write(start, model.encode(images), labels, transforms.index(transform))
-                start += len(labels)
-        writer.flush()
-        context.barrier()  # every share is written before the store is closed
-        if context.is_main:
-            writer.close()
-        context.barrier()
-        written[store_name] = directory
     stale = run_dir / CODES_DIR / AUGMENTED_CODES
     if AUGMENTED_CODES not in written and "train" in splits and context.is_main and stale.exists():
         shutil.rmtree(stale)
     context.barrier()
     return written
+
+
+def _encode_into_store(
+    model: VQVAE2,
+    dataset: Dataset,
+    directory: Path,
+    transforms: Sequence[str],
+    recorded: Sequence[str],
+    extra: dict,
+    context: DistributedContext,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+) -> Path:
+    """Encode ``dataset`` once per transform into one code store, transform-major rows.
+
+    ``recorded`` names every transform of an augmented store (its rows record their index in
+    it); empty for a plain store. Each process encodes its contiguous share of every copy.
+    """
+    config = model.config
+    if context.is_main:
+        writer = CodeStoreWriter(
+            directory,
+            len(dataset) * len(transforms),
+            config.level_names,
+            config.latent_sizes,
+            config.codebook_size,
+            extra=extra,
+            augmentations=recorded,
+        )
+    context.barrier()  # the store's files exist before the other processes open them
+    if not context.is_main:
+        writer = CodeStoreWriter.attach(directory, config.level_names)
+    share = context.shard_range(len(dataset))
+    for copy_index, transform in enumerate(transforms):
+        transform_index = recorded.index(transform) if recorded else 0
+        start = copy_index * len(dataset) + share.start
+        batches = eval_loader(Subset(dataset, share), batch_size, num_workers)
+        description = f"extract-codes {directory.name}" + (f" {transform}" if recorded else "")
+        for images, labels in tqdm(
+            batches, desc=description, disable=not (progress and context.is_main)
+        ):
+            images = apply_augmentation(images.to(context.device), transform)
+            writer.write(start, model.encode(images), labels, transform_index)
+            start += len(labels)
+    writer.flush()
+    context.barrier()  # every share is written before the store is closed
+    if context.is_main:
+        writer.close()
+    context.barrier()
+    return directory
 
 
 # ----------------------------------------------------------------------------------------------
