@@ -78,7 +78,8 @@ def test_overrides_are_typed_and_nested():
         ("model.num_levels=4", "num_levels must be 1, 2 or 3"),
         ("model.ema_decay=1.5", r"ema_decay must be in \[0, 1\)"),
         ("train.batch_size=abc", "batch_size must be an integer"),
-        ("train.lr_schedule=linear", "lr_schedule must be one of"),
+        ("train.lr_schedule=step", "lr_schedule must be one of"),
+        ("train.warmup_steps=-1", r"warmup_steps must be in \[0, max_steps\)"),
         ("nonsense", "section.key=value"),
     ],
 )

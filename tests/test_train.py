@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import pytest
 import torch
 
-from vqvae2.config import VQVAERunConfig, load_config
+from vqvae2.config import TrainConfig, VQVAERunConfig, load_config
 from vqvae2.data import open_dataset
-from vqvae2.train import EpochBatchSampler, read_metrics, reconstruct, train_vqvae
+from vqvae2.train import (
+    EpochBatchSampler,
+    _learning_rate,
+    read_metrics,
+    reconstruct,
+    train_vqvae,
+)
 
 
 def tiny_run_config(*overrides: str) -> VQVAERunConfig:
@@ -37,6 +44,23 @@ def test_sampler_batch_depends_only_on_seed_and_step():
     assert len(set(first_epoch)) == 48  # no repeats within an epoch
     with pytest.raises(ValueError, match="fewer than one batch"):
         EpochBatchSampler(5, 8, seed=0, start_step=0, end_step=1)
+
+
+def test_learning_rate_schedules_by_hand():
+    def rates(**fields):
+        train = TrainConfig(learning_rate=1.0, max_steps=10, **fields)
+        return [_learning_rate(train, step) for step in range(10)]
+
+    assert rates() == [1.0] * 10
+    assert rates(lr_schedule="linear") == pytest.approx([1 - s / 10 for s in range(10)])
+    assert rates(lr_schedule="cosine") == pytest.approx(
+        [0.5 * (1 + math.cos(math.pi * s / 10)) for s in range(10)]
+    )
+    # Warm-up 0.5, 1.0 over two steps, then the linear decay over the remaining eight.
+    assert rates(lr_schedule="linear", warmup_steps=2) == pytest.approx(
+        [0.5, 1.0] + [1 - s / 8 for s in range(8)]
+    )
+    assert rates(lr_schedule="cosine", warmup_steps=2)[2] == 1.0
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, npz_data):

@@ -34,6 +34,31 @@ def test_decode_codes_of_encode_equals_eval_forward():
     torch.testing.assert_close(decoded, forward, rtol=0, atol=1e-5)
 
 
+def test_decoder_fine_blocks_sit_at_the_intermediate_resolution():
+    """decoder_fine_blocks adds residual blocks after the decoder's intermediate upsampling."""
+    from vqvae2.vqvae import ResBlock
+
+    plain = VQVAE2(tiny_config(image_size=16))
+    model = VQVAE2(tiny_config(image_size=16, decoder_fine_blocks=2)).eval()
+    hidden = model.config.hidden_channels
+    seen: list[tuple[int, ...]] = []
+    for module in model.decoder.modules():
+        if isinstance(module, ResBlock):
+            module.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape[1:])))
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        output = model(images)
+        decoded = model.decode_codes(model.encode(images))
+    # Per decoder pass: the residual stack at the bottom latent (one block, 4x4, hidden wide),
+    # then the two fine blocks at 8x8.
+    assert seen == ([(hidden, 4, 4)] + [(hidden // 2, 8, 8)] * 2) * 2
+    assert output.reconstruction.shape == images.shape
+    torch.testing.assert_close(decoded, output.reconstruction, rtol=0, atol=1e-5)
+    extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
+    half, inner = hidden // 2, max(model.config.residual_channels // 2, 1)
+    assert extra == 2 * (half * inner * 9 + inner + inner * half + half)
+
+
 def test_straight_through_gradient_reaches_every_encoder():
     model = VQVAE2(tiny_config(num_levels=3, image_size=32)).train()
     images = torch.rand(4, 1, 32, 32) * 2 - 1

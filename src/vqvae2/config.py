@@ -46,6 +46,9 @@ class VQVAEConfig:
     bottom_downsample: int = 4  # image -> bottom latent factor (64x64 from 256x256, Fig. 2a)
     encoder_kernel_size: int = 3  # Table 5 "encoder conv filter size"
     upsample_kernel_size: int = 4  # Table 5 "upsampling conv filter size" (transposed convs)
+    # Residual blocks (hidden/2 wide) after each intermediate upsampling of the image decoder,
+    # i.e. at the finer resolutions the paper's decoder crosses with transposed convs alone.
+    decoder_fine_blocks: int = 0
 
     def __post_init__(self) -> None:
         _check(
@@ -73,6 +76,10 @@ class VQVAEConfig:
         _check(
             self.num_res_blocks >= 0,
             f"model.num_res_blocks must be >= 0, got {self.num_res_blocks}",
+        )
+        _check(
+            self.decoder_fine_blocks >= 0,
+            f"model.decoder_fine_blocks must be >= 0, got {self.decoder_fine_blocks}",
         )
         _check(
             self.commitment_weight >= 0,
@@ -150,7 +157,10 @@ class TrainConfig:
     learning_rate: float = 3e-4  # Adam step size
     adam_beta1: float = 0.9  # Adam first-moment decay
     adam_beta2: float = 0.999  # Adam second-moment decay
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine decays to 0 at max_steps
+    lr_schedule: Literal["constant", "cosine", "linear"] = (
+        "constant"  # cosine/linear: to 0 at max_steps
+    )
+    warmup_steps: int = 0  # linear ramp from 0 to learning_rate over the first steps
     max_steps: int = 100_000  # optimisation steps (Table 5 trains for 2.2M on ImageNet)
     log_every: int = 50  # steps between metric log rows
     val_every: int = 500  # steps between validation passes (and reconstruction grids)
@@ -176,6 +186,10 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"train.{name} must be in [0, 1), got {value}")
+        _check(
+            0 <= self.warmup_steps < self.max_steps,
+            f"train.warmup_steps must be in [0, max_steps), got {self.warmup_steps}",
+        )
 
 
 @dataclass(frozen=True)

@@ -298,10 +298,17 @@ def _progress_bar(train: TrainConfig, step: int, description: str, enabled: bool
 
 
 def _learning_rate(train: TrainConfig, step: int) -> float:
+    """Step size for optimisation step ``step`` (0-based): optional linear warm-up, then the schedule.
+
+    ``cosine`` and ``linear`` decay from ``learning_rate`` after the warm-up to 0 at ``max_steps``.
+    """
+    if step < train.warmup_steps:
+        return train.learning_rate * (step + 1) / train.warmup_steps
+    progress = min((step - train.warmup_steps) / (train.max_steps - train.warmup_steps), 1.0)
     if train.lr_schedule == "cosine":
-        return (
-            train.learning_rate * 0.5 * (1 + math.cos(math.pi * min(step / train.max_steps, 1.0)))
-        )
+        return train.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+    if train.lr_schedule == "linear":
+        return train.learning_rate * (1 - progress)
     return train.learning_rate
 
 

@@ -103,10 +103,19 @@ class DownEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Stack of (conv, residual blocks, ``num_upsamples`` transposed convs): (B, in, h, w) -> (B, out, h*2^u, w*2^u)."""
+    """Stack of (conv, residual blocks, ``num_upsamples`` transposed convs): (B, in, h, w) -> (B, out, h*2^u, w*2^u).
+
+    With ``fine_blocks`` > 0, that many residual blocks (hidden/2 wide, residual/2 inner) follow
+    each intermediate transposed conv.
+    """
 
     def __init__(
-        self, in_channels: int, out_channels: int, num_upsamples: int, config: VQVAEConfig
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_upsamples: int,
+        config: VQVAEConfig,
+        fine_blocks: int = 0,
     ) -> None:
         super().__init__()
         hidden = config.hidden_channels
@@ -117,6 +126,10 @@ class Decoder(nn.Module):
             out = out_channels if last else hidden // 2
             layers.append(_upsample_conv(channels, out, config))
             if not last:
+                layers += [
+                    ResBlock(out, max(config.residual_channels // 2, 1), config.encoder_kernel_size)
+                    for _ in range(fine_blocks)
+                ]
                 layers.append(nn.ReLU())
             channels = out
         if num_upsamples == 0:
@@ -195,6 +208,7 @@ class VQVAE2(nn.Module):
             config.in_channels,
             num_upsamples=config.bottom_downsample.bit_length() - 1,
             config=config,
+            fine_blocks=config.decoder_fine_blocks,
         )
 
     # ------------------------------------------------------------------------------------------
