@@ -79,7 +79,7 @@ def test_overrides_are_typed_and_nested():
         ("model.ema_decay=1.5", r"ema_decay must be in \[0, 1\)"),
         ("train.batch_size=abc", "batch_size must be an integer"),
         ("train.lr_schedule=step", "lr_schedule must be one of"),
-        ("train.warmup_steps=-1", r"warmup_steps must be in \[0, max_steps\)"),
+        ("train.warmup_steps=-1", "warmup_steps must be >= 0"),
         ("nonsense", "section.key=value"),
     ],
 )

@@ -61,6 +61,10 @@ def test_learning_rate_schedules_by_hand():
         [0.5, 1.0] + [1 - s / 8 for s in range(8)]
     )
     assert rates(lr_schedule="cosine", warmup_steps=2)[2] == 1.0
+    # A warm-up longer than half the run is cut to max_steps // 2 = 5 steps.
+    assert rates(lr_schedule="linear", warmup_steps=50)[:6] == pytest.approx(
+        [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
+    )
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, npz_data):

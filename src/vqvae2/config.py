@@ -160,7 +160,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine", "linear"] = (
         "constant"  # cosine/linear: to 0 at max_steps
     )
-    warmup_steps: int = 0  # linear ramp from 0 to learning_rate over the first steps
+    warmup_steps: int = 0  # linear ramp from 0 to learning_rate (at most max_steps // 2 steps)
     max_steps: int = 100_000  # optimisation steps (Table 5 trains for 2.2M on ImageNet)
     log_every: int = 50  # steps between metric log rows
     val_every: int = 500  # steps between validation passes (and reconstruction grids)
@@ -186,10 +186,7 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"train.{name} must be in [0, 1), got {value}")
-        _check(
-            0 <= self.warmup_steps < self.max_steps,
-            f"train.warmup_steps must be in [0, max_steps), got {self.warmup_steps}",
-        )
+        _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass(frozen=True)

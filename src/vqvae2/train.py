@@ -301,10 +301,12 @@ def _learning_rate(train: TrainConfig, step: int) -> float:
     """Step size for optimisation step ``step`` (0-based): optional linear warm-up, then the schedule.
 
     ``cosine`` and ``linear`` decay from ``learning_rate`` after the warm-up to 0 at ``max_steps``.
+    The warm-up is cut to ``max_steps // 2`` steps so that short runs of a preset still decay.
     """
-    if step < train.warmup_steps:
-        return train.learning_rate * (step + 1) / train.warmup_steps
-    progress = min((step - train.warmup_steps) / (train.max_steps - train.warmup_steps), 1.0)
+    warmup = min(train.warmup_steps, train.max_steps // 2)
+    if step < warmup:
+        return train.learning_rate * (step + 1) / warmup
+    progress = min((step - warmup) / (train.max_steps - warmup), 1.0)
     if train.lr_schedule == "cosine":
         return train.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
     if train.lr_schedule == "linear":
