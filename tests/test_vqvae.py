@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vqvae2.config import VQVAERunConfig, load_config
-from vqvae2.vqvae import VQVAE2
+from vqvae2.vqvae import VQVAE2, ResBlock
 
 from .conftest import tiny_config
 
@@ -36,8 +36,6 @@ def test_decode_codes_of_encode_equals_eval_forward():
 
 def test_decoder_fine_blocks_sit_at_the_intermediate_resolution():
     """decoder_fine_blocks adds residual blocks after the decoder's intermediate upsampling."""
-    from vqvae2.vqvae import ResBlock
-
     plain = VQVAE2(tiny_config(image_size=16))
     model = VQVAE2(tiny_config(image_size=16, decoder_fine_blocks=2)).eval()
     hidden = model.config.hidden_channels

@@ -157,9 +157,8 @@ class TrainConfig:
     learning_rate: float = 3e-4  # Adam step size
     adam_beta1: float = 0.9  # Adam first-moment decay
     adam_beta2: float = 0.999  # Adam second-moment decay
-    lr_schedule: Literal["constant", "cosine", "linear"] = (
-        "constant"  # cosine/linear: to 0 at max_steps
-    )
+    # Step-size schedule after the warm-up; "cosine" and "linear" decay to 0 at max_steps.
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = 0  # linear ramp from 0 to learning_rate (at most max_steps // 2 steps)
     max_steps: int = 100_000  # optimisation steps (Table 5 trains for 2.2M on ImageNet)
     log_every: int = 50  # steps between metric log rows
