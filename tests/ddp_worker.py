@@ -5,8 +5,9 @@ single-process run.
     python -m torch.distributed.run --standalone --nproc_per_node=N tests/ddp_worker.py \
         STAGE DATA RUN_DIR STEPS [--resume]
 
-STAGE is ``vqvae`` (train_vqvae on the tiny preset) or ``prior`` (extract_codes, then the top
-prior). Each process writes ``RUN_DIR/<stage>-rank<R>-of-<N>.safetensors``.
+STAGE is ``vqvae`` (train_vqvae on the tiny preset), ``vqvae-budget`` (the same on a linear
+schedule that a 2-second ``train.schedule_minutes`` budget ends; STEPS is then only a cap) or
+``prior`` (extract_codes, then the top prior). Each process writes ``RUN_DIR/<stage>-rank<R>-of-<N>.safetensors``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ VQVAE_OVERRIDES = [
     "train.val_every=1000",
     "train.checkpoint_every=2",
 ]
+BUDGET_OVERRIDES = ["train.lr_schedule=linear", "train.schedule_minutes=0.033"]
 PRIOR_OVERRIDES = ["train.batch_size=8", "train.val_every=1000", "train.checkpoint_every=2"]
 
 
@@ -53,8 +55,11 @@ def run(stage: str, data: Path, run_dir: Path, steps: int, resume: bool = False)
     """Train one stage in this process (one of a torchrun group, or alone); save its state,
     and for stage 1 the number of dead codes re-seeded, beside it."""
     restarts = [0]
-    if stage == "vqvae":
-        config = load_config(VQVAERunConfig, "tiny", [*VQVAE_OVERRIDES, f"train.max_steps={steps}"])
+    if stage in ("vqvae", "vqvae-budget"):
+        overrides = [*VQVAE_OVERRIDES, f"train.max_steps={steps}"]
+        if stage == "vqvae-budget":
+            overrides += BUDGET_OVERRIDES
+        config = load_config(VQVAERunConfig, "tiny", overrides)
         original = VectorQuantizerEMA._restart_dead_codes
         restarts = count_restarts()
         try:
@@ -72,7 +77,7 @@ def run(stage: str, data: Path, run_dir: Path, steps: int, resume: bool = False)
     state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
     path = run_dir / f"{stage}-rank{rank}-of-{world}.safetensors"
     save_file(state, str(path))
-    if stage == "vqvae":
+    if stage != "prior":
         path.with_suffix(".restarts.json").write_text(json.dumps(restarts[0]))
     return path
 

@@ -79,7 +79,9 @@ def test_overrides_are_typed_and_nested():
         ("model.ema_decay=1.5", r"ema_decay must be in \[0, 1\)"),
         ("train.batch_size=abc", "batch_size must be an integer"),
         ("train.lr_schedule=step", "lr_schedule must be one of"),
+        ("model.gradient_estimator=gumbel", "gradient_estimator must be one of"),
         ("train.warmup_steps=-1", "warmup_steps must be >= 0"),
+        ("train.schedule_minutes=-1", "schedule_minutes must be >= 0"),
         ("nonsense", "section.key=value"),
     ],
 )

@@ -70,6 +70,18 @@ def test_two_processes_hold_bit_identical_weights_and_codebooks(runs):
     assert restarts[0] == restarts[1] > 0
 
 
+def test_a_time_budget_ends_every_process_at_the_same_step_and_rate(tmp_path):
+    """The budget's clock is agreed over processes: same steps, same rates, same weights."""
+    data = write_npz(tmp_path / "blobs.npz", count=64)
+    torchrun(2, WORKER, "vqvae-budget", data, tmp_path / "two", 100000)
+    rank0 = load_file(str(tmp_path / "two" / "vqvae-budget-rank0-of-2.safetensors"))
+    rank1 = load_file(str(tmp_path / "two" / "vqvae-budget-rank1-of-2.safetensors"))
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    latest = (tmp_path / "two" / "vqvae" / "latest").read_text().strip()  # "step-00000042"
+    assert 2 < int(latest.split("-")[1]) < 100000  # stopped by the budget, not the step cap
+
+
 def test_two_processes_match_one_process_on_the_same_global_batch(runs):
     root, _ = runs
     assert_states_close(

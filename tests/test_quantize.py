@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from vqvae2.quantize import VectorQuantizerEMA
+from vqvae2.quantize import VectorQuantizerEMA, rotate_to_codes
 
 
 def make_quantizer(codebook_size=13, dim=6, decay=0.99, dead_after=0, **kwargs):
@@ -79,6 +80,76 @@ def test_straight_through_gradient_is_identity():
     output = quantizer(inputs)
     (output.quantized * weights).sum().backward()
     torch.testing.assert_close(inputs.grad, weights)
+
+
+def rotation_gradient_by_matrices(inputs, codes, upstream):
+    """lambda * R^T g per vector, R built as an explicit D x D matrix (Fifty et al. 2024, eq. 4)."""
+    vectors_e = inputs.permute(0, 2, 3, 1).reshape(-1, inputs.shape[1]).double()  # (N, D)
+    vectors_q = codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1]).double()
+    vectors_g = upstream.permute(0, 2, 3, 1).reshape(-1, upstream.shape[1]).double()
+    rows = []
+    for e, q, g in zip(vectors_e, vectors_q, vectors_g, strict=True):
+        e_hat, q_hat = e / e.norm(), q / q.norm()
+        r = (e_hat + q_hat) / (e_hat + q_hat).norm()
+        rotation = torch.eye(len(e), dtype=torch.float64) - 2 * torch.outer(r, r)
+        rotation += 2 * torch.outer(q_hat, e_hat)
+        torch.testing.assert_close(rotation @ e_hat, q_hat)  # R turns e's direction into q's
+        rows.append(q.norm() / e.norm() * rotation.T @ g)
+    batch, dim, height, width = inputs.shape
+    return torch.stack(rows).view(batch, height, width, dim).permute(0, 3, 1, 2).float()
+
+
+def test_rotation_trick_returns_codes_and_rotates_the_gradient():
+    inputs = torch.randn(2, 5, 3, 3, requires_grad=True)
+    codes = torch.randn(2, 5, 3, 3)
+    upstream = torch.randn(2, 5, 3, 3)
+    output = rotate_to_codes(inputs, codes)
+    torch.testing.assert_close(output, codes)
+    (output * upstream).sum().backward()
+    expected = rotation_gradient_by_matrices(inputs.detach(), codes, upstream)
+    torch.testing.assert_close(inputs.grad, expected, rtol=1e-4, atol=1e-5)
+    # Rotation keeps lengths: each vector's gradient norm is ||g|| * ||q|| / ||e||.
+    ratio = codes.norm(dim=1) / inputs.detach().norm(dim=1)
+    torch.testing.assert_close(inputs.grad.norm(dim=1), upstream.norm(dim=1) * ratio)
+
+
+def test_rotation_trick_handles_opposite_and_equal_directions():
+    inputs = torch.tensor([1.0, 2.0, -2.0]).view(1, 3, 1, 1).repeat(1, 1, 1, 2)
+    codes = torch.cat([-3 * inputs[..., :1], 0.5 * inputs[..., 1:]], dim=3)  # opposite, same
+    inputs.requires_grad_(True)
+    upstream = torch.tensor([0.3, -1.0, 0.7]).view(1, 3, 1, 1).repeat(1, 1, 1, 2)
+    output = rotate_to_codes(inputs, codes)
+    torch.testing.assert_close(output, codes)
+    (output * upstream).sum().backward()
+    assert torch.isfinite(inputs.grad).all()
+    # Same direction: R = I, so the gradient is the upstream one scaled by ||q|| / ||e|| = 0.5.
+    torch.testing.assert_close(inputs.grad[..., 1], 0.5 * upstream[..., 1])
+
+
+def test_quantizer_with_rotation_trick():
+    straight = make_quantizer().eval()
+    rotation = make_quantizer(gradient_estimator="rotation").eval()
+    rotation.load_state_dict(straight.state_dict())
+    inputs = torch.randn(2, 6, 3, 3, requires_grad=True)
+    upstream = torch.randn(2, 6, 3, 3)
+    output = rotation(inputs)
+    expected = straight(inputs.detach())
+    assert torch.equal(output.codes, expected.codes)
+    torch.testing.assert_close(output.quantized, expected.quantized)
+    torch.testing.assert_close(output.commitment_loss, expected.commitment_loss)
+    (output.quantized * upstream).sum().backward()
+    snapped = rotation.lookup(output.codes)
+    want = rotation_gradient_by_matrices(inputs.detach(), snapped, upstream)
+    torch.testing.assert_close(inputs.grad, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(inputs.grad, upstream)  # not the straight-through gradient
+    with torch.no_grad():  # without gradients the output is the code vectors to the bit
+        assert torch.equal(straight(inputs).quantized, snapped)
+        assert torch.equal(rotation(inputs).quantized, snapped)
+
+
+def test_unknown_gradient_estimator_is_refused():
+    with pytest.raises(ValueError, match="gradient_estimator must be one of"):
+        make_quantizer(gradient_estimator="gumbel")
 
 
 def test_commitment_loss_is_beta_times_mse_to_codes():

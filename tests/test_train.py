@@ -12,6 +12,7 @@ from vqvae2.config import TrainConfig, VQVAERunConfig, load_config
 from vqvae2.data import open_dataset
 from vqvae2.train import (
     EpochBatchSampler,
+    RunClock,
     _learning_rate,
     read_metrics,
     reconstruct,
@@ -65,6 +66,42 @@ def test_learning_rate_schedules_by_hand():
     assert rates(lr_schedule="linear", warmup_steps=50)[:6] == pytest.approx(
         [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
     )
+
+
+def test_time_budget_moves_the_schedule_on():
+    train = TrainConfig(learning_rate=1.0, max_steps=10, lr_schedule="linear", warmup_steps=2)
+    # The decay follows whichever of steps and budget is further along; the warm-up does not.
+    assert _learning_rate(train, 0, budget_spent=0.9) == 0.5
+    assert _learning_rate(train, 2, budget_spent=0.25) == pytest.approx(0.75)
+    assert _learning_rate(train, 6, budget_spent=0.25) == pytest.approx(0.5)  # steps: 4 of 8
+    assert _learning_rate(train, 3, budget_spent=1.5) == 0.0
+    cosine = TrainConfig(learning_rate=1.0, max_steps=10, lr_schedule="cosine")
+    assert _learning_rate(cosine, 1, budget_spent=0.5) == pytest.approx(0.5)
+    constant = TrainConfig(learning_rate=1.0, max_steps=10)
+    assert _learning_rate(constant, 1, budget_spent=0.5) == 1.0
+    # The budget counts the time of earlier processes of a resumed run.
+    assert RunClock(59.0, None, budget_minutes=1.0).out_of_time() is False
+    assert RunClock(60.0, None, budget_minutes=1.0).out_of_time() is True
+    assert RunClock(1e6, None).out_of_time() is False and not RunClock(1e6, None).limited
+
+
+def test_time_budget_ends_the_run_and_its_schedule(tmp_path, npz_data):
+    config = tiny_run_config(
+        "train.max_steps=100000", "train.lr_schedule=linear", "train.schedule_minutes=0.04"
+    )
+    result = train_vqvae(config, npz_data, tmp_path / "run", progress=False)
+    assert 10 < result.step < 100000  # stopped by the 2.4-second budget
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["metric"] == "lr"]
+    assert [int(r["step"]) for r in rows] == list(range(1, result.step + 1))
+    rates = [float(r["value"]) for r in rows]
+    assert rates == sorted(rates, reverse=True) and rates[-1] < 0.1 * rates[0]
+    # Linear in the time spent (logged to 0.1 s, after the step that used the rate).
+    for row, rate in zip(rows, rates, strict=True):
+        expected = 1e-3 * (1 - float(row["elapsed_seconds"]) / 2.4)
+        assert rate == pytest.approx(expected, abs=1e-3 * 0.1)
+    # A resumed run whose budget is spent stops after at most one more step.
+    again = train_vqvae(config, npz_data, tmp_path / "run", resume=True, progress=False)
+    assert again.step <= result.step + 1
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, npz_data):

@@ -57,8 +57,9 @@ def test_decoder_fine_blocks_sit_at_the_intermediate_resolution():
     assert extra == 2 * (half * inner * 9 + inner + inner * half + half)
 
 
-def test_straight_through_gradient_reaches_every_encoder():
-    model = VQVAE2(tiny_config(num_levels=3, image_size=32)).train()
+@pytest.mark.parametrize("estimator", ["straight_through", "rotation"])
+def test_gradient_reaches_every_encoder(estimator):
+    model = VQVAE2(tiny_config(num_levels=3, image_size=32, gradient_estimator=estimator)).train()
     images = torch.rand(4, 1, 32, 32) * 2 - 1
     output = model(images)
     output.reconstruction_loss.backward()  # reconstruction only: gradient must cross the codes
@@ -68,6 +69,30 @@ def test_straight_through_gradient_reaches_every_encoder():
         assert pre.weight.grad.abs().sum() > 0, f"level {level} got no gradient"
     for encoder in model.up_encoders:
         assert encoder.layers[0].weight.grad.abs().sum() > 0
+
+
+def test_rotation_trick_changes_only_the_encoder_gradients():
+    """Same forward pass and decoder gradients as straight-through; other encoder gradients."""
+    torch.manual_seed(0)
+    straight = VQVAE2(tiny_config()).train()
+    rotation = VQVAE2(tiny_config(gradient_estimator="rotation")).train()
+    rotation.load_state_dict(straight.state_dict())
+    images = torch.rand(4, 1, 16, 16) * 2 - 1
+    outputs = [model(images) for model in (straight, rotation)]
+    for output in outputs:
+        output.reconstruction_loss.backward()
+    torch.testing.assert_close(outputs[1].reconstruction, outputs[0].reconstruction)
+    decoder_names = []
+    for (name, p_straight), p_rotation in zip(
+        straight.named_parameters(), rotation.parameters(), strict=True
+    ):
+        if name.startswith("decoder."):
+            torch.testing.assert_close(p_rotation.grad, p_straight.grad, rtol=1e-4, atol=1e-6)
+            decoder_names.append(name)
+    assert len(decoder_names) >= 4
+    first_straight = straight.bottom_encoder.layers[0].weight.grad
+    first_rotation = rotation.bottom_encoder.layers[0].weight.grad
+    assert not torch.allclose(first_rotation, first_straight, rtol=1e-2, atol=1e-6)
 
 
 def test_leaving_levels_out_uses_zero_vectors():

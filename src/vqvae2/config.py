@@ -49,6 +49,10 @@ class VQVAEConfig:
     # Residual blocks (hidden/2 wide) after each intermediate upsampling of the image decoder,
     # i.e. at the finer resolutions the paper's decoder crosses with transposed convs alone.
     decoder_fine_blocks: int = 0
+    # Encoder gradient through the quantizer: the paper's straight-through copy, or the rotation
+    # trick (Fifty et al. 2024), which rotates and rescales the decoder's gradient from the code
+    # vector onto the encoder output. The forward pass is the same either way.
+    gradient_estimator: Literal["straight_through", "rotation"] = "straight_through"
 
     def __post_init__(self) -> None:
         _check(
@@ -161,6 +165,9 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = 0  # linear ramp from 0 to learning_rate (at most max_steps // 2 steps)
     max_steps: int = 100_000  # optimisation steps (Table 5 trains for 2.2M on ImageNet)
+    # Wall-time budget in minutes of training (summed over resumes; 0 = none): the schedule then
+    # decays over whichever of max_steps and this budget runs out first, and training stops there.
+    schedule_minutes: float = 0.0
     log_every: int = 50  # steps between metric log rows
     val_every: int = 500  # steps between validation passes (and reconstruction grids)
     val_batches: int = 20  # batches per periodic validation pass (the final pass uses all)
@@ -186,6 +193,10 @@ class TrainConfig:
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"train.{name} must be in [0, 1), got {value}")
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(
+            self.schedule_minutes >= 0,
+            f"train.schedule_minutes must be >= 0, got {self.schedule_minutes}",
+        )
 
 
 @dataclass(frozen=True)

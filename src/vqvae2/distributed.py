@@ -76,6 +76,14 @@ class DistributedContext:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
+    def max(self, value: float) -> float:
+        """The largest ``value`` over processes (e.g. the wall time of the slowest)."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
+
     def broadcast(self, value: T) -> T:
         """Rank 0's ``value`` (any picklable object made by this program) on every process."""
         if not self.enabled:

@@ -4,7 +4,8 @@ VQ-VAE (van den Oord et al. 2017, eq. 1 and Appendix A.1) as used by VQ-VAE-2 (R
 2019, Section 2.1): each encoder vector snaps to its nearest codebook vector, the codebook follows
 an EMA of the vectors assigned to it (decay gamma = 0.99, Laplace-smoothed counts), the encoder is
 pulled towards its code by the commitment loss beta * ||sg[e] - E(x)||^2, and gradients pass the
-quantization straight through.
+quantization straight through. As an option the encoder's gradient instead goes through the
+rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation Trick").
 
 Two additions fight codebook collapse, the most common failure of public VQ-VAE code:
   * data initialisation: the first training batch seeds the codebook with encoder outputs;
@@ -34,8 +35,42 @@ def identity_reduce(tensor: Tensor) -> Tensor:
     return tensor
 
 
+GRADIENT_ESTIMATORS = ("straight_through", "rotation")
+
+
+def rotate_to_codes(inputs: Tensor, codes: Tensor, eps: float = 1e-6) -> Tensor:
+    """The rotation trick: code vectors in the forward pass, a rotated gradient backwards.
+
+    Each encoder vector e maps onto its code vector q as ``lambda * R e`` where R is the rotation
+    (in the plane of e and q) that turns e's direction into q's and lambda = ||q|| / ||e||; both
+    are treated as constants, so the output equals q (up to rounding) while the gradient reaching
+    e is ``lambda * R^T`` times the gradient at q. With r = (e_hat + q_hat) / ||e_hat + q_hat||,
+    R = I - 2 r r^T + 2 q_hat e_hat^T, applied here without forming the D x D matrix.
+
+    Args:
+        inputs: (B, D, H, W) encoder outputs e (carrying gradients).
+        codes: (B, D, H, W) their code vectors q (no gradient needed).
+
+    Returns:
+        (B, D, H, W) tensor equal to ``codes`` whose gradient flows to ``inputs``.
+    """
+    inputs_norm = inputs.detach().norm(dim=1, keepdim=True).clamp_min(eps)  # (B, 1, H, W)
+    codes = codes.detach()
+    codes_norm = codes.norm(dim=1, keepdim=True).clamp_min(eps)  # (B, 1, H, W)
+    inputs_unit = inputs.detach() / inputs_norm  # (B, D, H, W)
+    codes_unit = codes / codes_norm
+    bisector = inputs_unit + codes_unit
+    bisector = bisector / bisector.norm(dim=1, keepdim=True).clamp_min(eps)  # r, (B, D, H, W)
+    rotated = (
+        inputs
+        - 2 * bisector * (bisector * inputs).sum(1, keepdim=True)
+        + 2 * codes_unit * (inputs_unit * inputs).sum(1, keepdim=True)
+    )  # R e, (B, D, H, W)
+    return rotated * (codes_norm / inputs_norm)
+
+
 class QuantizerOutput(NamedTuple):
-    quantized: Tensor  # (B, D, H, W) float, straight-through: gradients flow to the input
+    quantized: Tensor  # (B, D, H, W) float code vectors; gradients flow to the input
     codes: Tensor  # (B, H, W) int64 in [0, K)
     commitment_loss: Tensor  # () float, beta * mean ||sg[e] - z||^2
     perplexity: Tensor  # () float, exp(entropy) of this batch's code histogram
@@ -52,6 +87,7 @@ class VectorQuantizerEMA(nn.Module):
         decay: gamma of the EMA updates, in [0, 1).
         epsilon: Laplace smoothing added to the EMA cluster counts.
         dead_code_after_steps: re-seed codes unused for this many train steps (0 disables).
+        gradient_estimator: "straight_through" (the paper) or "rotation" (see ``rotate_to_codes``).
         reduce_fn: sums a tensor across processes (identity by default); applied to the batch
             counts and sums before the EMA update, so all processes keep the same codebook.
         gather_fn: concatenates a tensor across processes in rank order (identity by default);
@@ -66,6 +102,7 @@ class VectorQuantizerEMA(nn.Module):
         decay: float,
         epsilon: float,
         dead_code_after_steps: int,
+        gradient_estimator: str = "straight_through",
         reduce_fn: ReduceFn = identity_reduce,
         gather_fn: GatherFn = identity_reduce,
     ) -> None:
@@ -76,6 +113,12 @@ class VectorQuantizerEMA(nn.Module):
         self.decay = decay
         self.epsilon = epsilon
         self.dead_code_after_steps = dead_code_after_steps
+        if gradient_estimator not in GRADIENT_ESTIMATORS:
+            raise ValueError(
+                f"gradient_estimator must be one of {', '.join(GRADIENT_ESTIMATORS)}, "
+                f"got {gradient_estimator!r}"
+            )
+        self.gradient_estimator = gradient_estimator
         self.reduce_fn = reduce_fn
         self.gather_fn = gather_fn
         codebook = torch.randn(codebook_size, embedding_dim)  # (K, D)
@@ -145,7 +188,11 @@ class VectorQuantizerEMA(nn.Module):
 
         quantized = self.lookup(codes.view(batch, height, width)).to(inputs.dtype)  # (B, D, H, W)
         commitment_loss = self.commitment_weight * F.mse_loss(inputs, quantized.detach())
-        quantized = inputs + (quantized - inputs).detach()  # straight-through estimator
+        if inputs.requires_grad and torch.is_grad_enabled():  # else the code vectors as they are
+            if self.gradient_estimator == "rotation":
+                quantized = rotate_to_codes(inputs, quantized)
+            else:
+                quantized = inputs + (quantized - inputs).detach()  # straight-through estimator
 
         probabilities = batch_counts / batch_counts.sum()
         entropy = -(probabilities * torch.log(probabilities.clamp_min(1e-10))).sum()

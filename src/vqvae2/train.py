@@ -271,19 +271,28 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint 
 
 
 class RunClock:
-    """Wall time of a run across resumes, and this process's ``--max-minutes`` deadline."""
+    """Wall time of a run across resumes, this process's ``--max-minutes`` deadline, and the
+    run's ``train.schedule_minutes`` budget (which counts earlier processes too)."""
 
-    def __init__(self, elapsed_before: float, max_minutes: float | None) -> None:
+    def __init__(
+        self, elapsed_before: float, max_minutes: float | None, budget_minutes: float = 0.0
+    ) -> None:
         self.elapsed_before = elapsed_before
         self.start = time.monotonic()
         self.deadline = None if max_minutes is None else self.start + 60.0 * max_minutes
+        self.budget = 60.0 * budget_minutes if budget_minutes > 0 else None  # seconds
 
     def elapsed(self) -> float:
         """Seconds of training so far, earlier processes of a resumed run included."""
         return self.elapsed_before + time.monotonic() - self.start
 
     def out_of_time(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        past_deadline = self.deadline is not None and time.monotonic() >= self.deadline
+        return past_deadline or (self.budget is not None and self.elapsed() >= self.budget)
+
+    @property
+    def limited(self) -> bool:
+        return self.deadline is not None or self.budget is not None
 
 
 def _progress_bar(train: TrainConfig, step: int, description: str, enabled: bool) -> tqdm:
@@ -297,16 +306,17 @@ def _progress_bar(train: TrainConfig, step: int, description: str, enabled: bool
     )
 
 
-def _learning_rate(train: TrainConfig, step: int) -> float:
+def _learning_rate(train: TrainConfig, step: int, budget_spent: float = 0.0) -> float:
     """Step size for optimisation step ``step`` (0-based): optional linear warm-up, then the schedule.
 
-    ``cosine`` and ``linear`` decay from ``learning_rate`` after the warm-up to 0 at ``max_steps``.
+    ``cosine`` and ``linear`` decay from ``learning_rate`` after the warm-up to 0 at ``max_steps``,
+    or sooner when ``budget_spent`` (the fraction of ``schedule_minutes`` used) is further along.
     The warm-up is cut to ``max_steps // 2`` steps so that short runs of a preset still decay.
     """
     warmup = min(train.warmup_steps, train.max_steps // 2)
     if step < warmup:
         return train.learning_rate * (step + 1) / warmup
-    progress = min((step - warmup) / (train.max_steps - warmup), 1.0)
+    progress = min(max((step - warmup) / (train.max_steps - warmup), budget_spent), 1.0)
     if train.lr_schedule == "cosine":
         return train.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
     if train.lr_schedule == "linear":
@@ -407,9 +417,28 @@ def seed_own_dropout(train: TrainConfig, context: DistributedContext) -> None:
         torch.manual_seed(train.seed * SEED_STRIDE + context.rank)
 
 
+def _with_run_length(saved: Any, config: Any) -> Any:
+    """A resumed run's saved config with this command's run length (steps and time budget)."""
+    train = replace(
+        saved.train,
+        max_steps=config.train.max_steps,
+        schedule_minutes=config.train.schedule_minutes,
+    )
+    return replace(saved, train=train)
+
+
 def _out_of_time(clock: RunClock, context: DistributedContext) -> bool:
-    """The --max-minutes deadline, agreed by all processes so they stop at the same step."""
-    return clock.deadline is not None and context.any(clock.out_of_time())
+    """The --max-minutes deadline or the time budget, agreed by all processes so they stop at
+    the same step."""
+    return clock.limited and context.any(clock.out_of_time())
+
+
+def _budget_spent(clock: RunClock, context: DistributedContext) -> float:
+    """Fraction of the ``train.schedule_minutes`` budget used (0 without one), the same on every
+    process so that all of them take the same step size."""
+    if clock.budget is None:
+        return 0.0
+    return context.max(clock.elapsed()) / clock.budget
 
 
 def train_vqvae(
@@ -428,7 +457,8 @@ def train_vqvae(
     Under torchrun every process calls this; rank 0 alone writes files and measures.
 
     Args:
-        config: the run config (ignored on resume except ``train.max_steps``: the saved one wins).
+        config: the run config (on resume only its ``train.max_steps`` and
+            ``train.schedule_minutes`` count: the saved run's config wins otherwise).
         data_path: image source (see ``vqvae2.data.open_dataset``).
         run_dir: output folder; must not hold a run unless ``resume``.
         max_minutes: stop (after checkpointing) once this much wall time has passed.
@@ -447,7 +477,7 @@ def train_vqvae(
     if resume:
         checkpoint = read_checkpoint(run_dir, VQVAE_KIND, with_optimizer=True)
         saved = config_from_dict(VQVAERunConfig, checkpoint.config)
-        config = replace(saved, train=replace(saved.train, max_steps=config.train.max_steps))
+        config = _with_run_length(saved, config)
     elif (kind_dir / "latest").exists():
         raise ValueError(
             f"{run_dir} already holds a trained VQ-VAE; pass --resume or another --out"
@@ -483,7 +513,7 @@ def train_vqvae(
     )
     sampler = rank_batch_sampler(len(train_set), train_config, step, context)
     loader = batch_loader(train_set, sampler, config.data.num_workers)
-    clock = RunClock(elapsed_before, max_minutes)
+    clock = RunClock(elapsed_before, max_minutes, train_config.schedule_minutes)
 
     def checkpoint_now() -> None:
         save_checkpoint(
@@ -502,8 +532,9 @@ def train_vqvae(
 
     bar = _progress_bar(train_config, step, "train-vqvae", progress and context.is_main)
     for images, _ in loader:
+        learning_rate = _learning_rate(train_config, step, _budget_spent(clock, context))
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(train_config, step)
+            group["lr"] = learning_rate
         optimizer.zero_grad(set_to_none=True)
         for micro in range(train_config.grad_accum_steps):
             micro_images = step_module.to_device(
@@ -819,7 +850,7 @@ def train_prior(
     if resume:
         checkpoint = read_checkpoint(run_dir, kind, with_optimizer=True)
         saved = config_from_dict(PriorRunConfig, checkpoint.config)
-        config = replace(saved, train=replace(saved.train, max_steps=config.train.max_steps))
+        config = _with_run_length(saved, config)
     elif (kind_dir / "latest").exists():
         raise ValueError(f"{kind_dir} already holds a trained prior; pass --resume")
     else:
@@ -858,7 +889,7 @@ def train_prior(
         kind_dir / METRICS_FILE, resume_step=step if resume else None, enabled=context.is_main
     )
     sampler = rank_batch_sampler(len(training_codes), train_config, step, context)
-    clock = RunClock(elapsed_before, max_minutes)
+    clock = RunClock(elapsed_before, max_minutes, train_config.schedule_minutes)
 
     def checkpoint_now() -> None:
         save_checkpoint(
@@ -874,8 +905,9 @@ def train_prior(
     bar = _progress_bar(train_config, step, f"train-prior {level}", progress and context.is_main)
     augmentation_conditional = config.prior.num_augmentations > 0
     for level_codes, labels, augmentations in batch_loader(training_codes, sampler, num_workers=0):
+        learning_rate = _learning_rate(train_config, step, _budget_spent(clock, context))
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(train_config, step)
+            group["lr"] = learning_rate
         optimizer.zero_grad(set_to_none=True)
         for micro in range(train_config.grad_accum_steps):
             part = slice(micro * micro_size, (micro + 1) * micro_size)
@@ -988,7 +1020,7 @@ def train_classifier(
     if resume:
         checkpoint = read_checkpoint(out_dir, CLASSIFIER_KIND, with_optimizer=True)
         saved = config_from_dict(ClassifierRunConfig, checkpoint.config)
-        config = replace(saved, train=replace(saved.train, max_steps=config.train.max_steps))
+        config = _with_run_length(saved, config)
     elif (out_dir / "latest").exists():
         raise ValueError(
             f"{out_dir} already holds a trained classifier; pass --resume or another --out"
@@ -1024,7 +1056,7 @@ def train_classifier(
         out_dir / METRICS_FILE, resume_step=step if resume else None, enabled=context.is_main
     )
     sampler = rank_batch_sampler(len(splits["train"]), train_config, step, context)
-    clock = RunClock(elapsed_before, max_minutes)
+    clock = RunClock(elapsed_before, max_minutes, train_config.schedule_minutes)
 
     def checkpoint_now() -> None:
         save_checkpoint(
@@ -1039,8 +1071,9 @@ def train_classifier(
 
     bar = _progress_bar(train_config, step, "train-classifier", progress and context.is_main)
     for images, labels in batch_loader(splits["train"], sampler, config.data.num_workers):
+        learning_rate = _learning_rate(train_config, step, _budget_spent(clock, context))
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(train_config, step)
+            group["lr"] = learning_rate
         seed = (train_config.seed * SEED_STRIDE + step) * context.world_size + context.rank
         images = augment(images, torch.Generator().manual_seed(seed))
         optimizer.zero_grad(set_to_none=True)

@@ -188,6 +188,7 @@ class VQVAE2(nn.Module):
                 decay=config.ema_decay,
                 epsilon=config.ema_epsilon,
                 dead_code_after_steps=config.dead_code_after_steps,
+                gradient_estimator=config.gradient_estimator,
                 reduce_fn=reduce_fn,
                 gather_fn=gather_fn,
             )
