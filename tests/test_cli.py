@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from vqvae2.cli import build_parser, main
 
@@ -241,6 +242,14 @@ def test_whole_pipeline_end_to_end(tmp_path, npz_data, capsys):
     with np.load(tmp_path / "codes.npz") as saved:
         assert saved["codes_0"].shape == (4, 2, 2) and saved["codes_1"].shape == (4, 4, 4)
         assert saved["labels"].tolist() == [0, 0, 2, 2]
+        first_codes = [saved["codes_0"], saved["codes_1"]]
+    # --device cpu is what the default picks on a machine without CUDA: the same draws.
+    args = ["sample", str(run), "--n", "4", "--class", "0", "2", "--quiet", "--device", "cpu"]
+    out = ["--out", str(tmp_path / "again.png"), "--save-codes", str(tmp_path / "again.npz")]
+    assert main(args + out) == 0
+    if not torch.cuda.is_available():
+        with np.load(tmp_path / "again.npz") as again:
+            assert all(np.array_equal(again[f"codes_{i}"], first_codes[i]) for i in (0, 1))
 
 
 def test_stage2_bad_input_is_one_line(tmp_path, npz_data, capsys):
@@ -275,6 +284,12 @@ def test_stage2_bad_input_is_one_line(tmp_path, npz_data, capsys):
         ]
     )
     assert_one_line_error(capsys, code, "class 7 is out of range")
+    code = main(
+        ["sample", str(run), "--n", "2", "--out", str(tmp_path / "s.png"), "--device", "gpu"]
+    )
+    assert_one_line_error(capsys, code, "--device gpu: not a device")
+    code = main(["reconstruct", str(run), "--out", str(tmp_path / "r.png"), "--device", "gpu"])
+    assert_one_line_error(capsys, code, "--device gpu: not a device")
     # Truncate a code file: a clear error, not a crash.
     codes = run / "codes" / "train" / "top.npy"
     codes.write_bytes(codes.read_bytes()[:100])

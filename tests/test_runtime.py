@@ -103,8 +103,14 @@ def test_global_batch_splits_over_processes_and_micro_batches():
 def test_bad_runtime_choices_are_named():
     with pytest.raises(ValueError, match="precision must be float32 or bf16"):
         RuntimeConfig(precision="fp8")
-    if not torch.cuda.is_available():
-        from vqvae2.distributed import runtime_context
+    from vqvae2.distributed import pick_device, runtime_context
 
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device gpu: not a device"):
+        pick_device("gpu")
+    if not torch.cuda.is_available():
+        assert pick_device("auto") == torch.device("cpu")
         with pytest.raises(ValueError, match="CUDA is not available"):
             runtime_context(RuntimeConfig(device="cuda"))
+        with pytest.raises(ValueError, match="--device cuda:0: CUDA is not available"):
+            pick_device("cuda:0")

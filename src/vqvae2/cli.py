@@ -37,6 +37,13 @@ def _runtime(args: argparse.Namespace) -> RuntimeConfig:
     )
 
 
+def _device(args: argparse.Namespace):
+    """The torch.device of ``--device`` (auto: CUDA when available, else the CPU)."""
+    from .distributed import pick_device
+
+    return pick_device(args.device)
+
+
 def _is_main_process() -> bool:
     """Under torchrun only rank 0 reports; the other processes stay silent."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -86,7 +93,14 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .train import reconstruct
 
     data = args.data if args.data is not None or args.images else DEFAULT_DATA_PATH
-    result = reconstruct(args.run_dir, data, args.split, args.out, image_files=args.images)
+    result = reconstruct(
+        args.run_dir,
+        data,
+        args.split,
+        args.out,
+        image_files=args.images,
+        device=_device(args),
+    )
     if args.json:
         print(json.dumps(result))
     else:
@@ -236,6 +250,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         sampler=args.sampler,
+        device=_device(args),
     )
     _write_sample_images(args, result.images)
     if args.save_codes is not None:
@@ -288,6 +303,7 @@ def _cmd_sample_with_rejection(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         sampler=args.sampler,
+        device=_device(args),
     )
     _write_sample_images(args, result.images)
     if args.save_images is not None:
@@ -344,6 +360,8 @@ def _evaluate_command(args: argparse.Namespace) -> str:
             words += [f"--{option.replace('_', '-')}", str(value)]
     if args.reject_fractions is not None:
         words += ["--reject-fractions", ",".join(f"{f:g}" for f in args.reject_fractions)]
+    if args.device != "auto":
+        words += ["--device", args.device]
     words += ["--seed", str(args.seed), "--out", str(args.out)]
     return " ".join(words)
 
@@ -374,6 +392,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         feature_classifier=args.feature_classifier,
         progress=not args.quiet,
         command=_evaluate_command(args),
+        device=_device(args),
     )
     if not _is_main_process():
         return 0
@@ -484,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--images", nargs="+", help="image files to reconstruct instead")
     recon.add_argument("--out", type=Path, required=True, help="grid PNG to write")
     recon.add_argument("--json", action="store_true", help="print metrics as one JSON object")
+    _add_device_option(recon)
     recon.set_defaults(handler=_cmd_reconstruct)
 
     extract = commands.add_parser(
@@ -564,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="classifier rejection: keep samples whose class probability is at least this",
     )
+    _add_device_option(sample)
     sample.set_defaults(handler=_cmd_sample)
 
     evaluate = commands.add_parser(
@@ -610,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    _add_device_option(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     presets = commands.add_parser("presets", help="list the built-in config presets")

@@ -108,6 +108,15 @@ class DistributedContext:
         return range(start, start + base + (1 if self.rank < extra else 0))
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """The device a command asked for: ``auto`` (CUDA when available, else the CPU), ``cpu``,
+    ``cuda`` or ``cuda:N``; a clear ``ValueError`` when CUDA is asked for and missing."""
+    try:
+        return _device_for(RuntimeConfig(device=name), int(os.environ.get("LOCAL_RANK", "0")))
+    except RuntimeError as error:  # torch.device("gpu") and other unknown names
+        raise ValueError(f"--device {name}: not a device ({error})") from None
+
+
 def _device_for(runtime: RuntimeConfig, local_rank: int) -> torch.device:
     if runtime.device == "auto":
         if torch.cuda.is_available():

@@ -48,7 +48,13 @@ from tqdm import tqdm
 
 from .checkpoint import load_classifier, load_run_config, read_checkpoint
 from .classifier import Classifier
-from .config import ClassifierRunConfig, EvaluateConfig, VQVAERunConfig, config_from_dict
+from .config import (
+    ClassifierRunConfig,
+    EvaluateConfig,
+    RuntimeConfig,
+    VQVAERunConfig,
+    config_from_dict,
+)
 from .data import float_to_uint8, make_grid, open_dataset, save_png, uint8_to_float
 from .distributed import DistributedContext, runtime_context
 from .inception import load_inception
@@ -111,6 +117,7 @@ def sample_with_rejection(
     max_candidates: int | None = None,
     progress: bool = True,
     sampler: SamplerName = "cached",
+    device: str | torch.device = "cpu",
 ) -> RejectionSampleResult:
     """Draw ``count`` class-conditional images from a run, filtered by the run's classifier.
 
@@ -119,18 +126,19 @@ def sample_with_rejection(
     class's candidates) and ``accept_threshold`` (keep candidates whose requested-class
     probability reaches it). ``max_candidates`` caps the samples drawn (default: 100 per image
     asked for); threshold sampling that cannot fill its quota within it raises ``ValueError``.
+    The models and the generator run on ``device``; the results are on the CPU.
     """
     if count < 1:
         raise ValueError(f"the number of samples must be >= 1, got {count}")
     run_dir = Path(run_dir)
-    vqvae, priors = load_hierarchy(run_dir)
+    vqvae, priors = load_hierarchy(run_dir, device)
     num_classes = priors[0].config.num_classes
     if num_classes == 0:
         raise ValueError("rejection sampling needs class-conditional priors; this run has none")
-    classifier = load_classifier(run_dir)
+    classifier = load_classifier(run_dir, map_location=device)
     labels = requested_labels(classes, count, num_classes)
     limit = max_candidates if max_candidates is not None else MAX_CANDIDATES_PER_SAMPLE * count
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     with tqdm(total=None, desc="sample with rejection", disable=not progress, unit="img") as bar:
         output = generate_with_rejection(
             vqvae,
@@ -174,25 +182,31 @@ def extract_features(
         images: (N, C, H, W) uint8.
 
     Returns:
-        features (N, F) float32 and logits (N, K) float32.
+        features (N, F) float32 and logits (N, K) float32, on the CPU (the network runs on its
+        own device).
     """
     network.eval()
+    device = next(network.parameters()).device
     features, logits = [], []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=description, disable=not progress, leave=False):
-        output = network(uint8_to_float(images[start : start + batch_size]))
-        features.append(output.features.float())
-        logits.append(output.logits.float())
+        output = network(uint8_to_float(images[start : start + batch_size].to(device)))
+        features.append(output.features.float().cpu())
+        logits.append(output.logits.float().cpu())
     return torch.cat(features), torch.cat(logits)
 
 
 @torch.no_grad()
 def class_logits(classifier: Classifier, images: Tensor, batch_size: int) -> Tensor:
-    """(N, C, H, W) uint8 images -> (N, K) float32 logits of ``classifier`` (eval mode)."""
+    """(N, C, H, W) uint8 images -> (N, K) float32 logits of ``classifier`` (eval mode), on
+    the CPU."""
     classifier.eval()
+    device = next(classifier.parameters()).device
     return torch.cat(
         [
-            classifier(uint8_to_float(images[start : start + batch_size])).logits.float()
+            classifier(uint8_to_float(images[start : start + batch_size].to(device)))
+            .logits.float()
+            .cpu()
             for start in range(0, len(images), batch_size)
         ]
     )
@@ -214,6 +228,7 @@ def classification_accuracy_score(
     *,
     progress: bool = True,
     batch_size: int = 256,
+    runtime: RuntimeConfig | None = None,
 ) -> dict[str, dict[str, float]]:
     """Classification Accuracy Score (Ravuri & Vinyals 2019): train a classifier only on
     ``train_images`` (samples) with the recipe of ``config``, test it on each of ``test_sets``.
@@ -227,6 +242,7 @@ def classification_accuracy_score(
         train_labels: (N,) int64 in [0, config.model.num_classes).
         test_sets: name -> ((M, C, H, W) uint8 images, (M,) int64 labels); at least one.
         config: the classifier run config (its ``model.num_classes`` is set from the labels).
+        runtime: where and how the classifier trains (default: ``train_classifier``'s).
 
     Returns:
         name -> ``{"top1": ..., "top5": ...}`` accuracies in [0, 1].
@@ -255,7 +271,9 @@ def classification_accuracy_score(
             test_labels=first_labels.numpy(),
         )
         # Under torchrun the classifier trains data-parallel; every process gets the model.
-        result = train_classifier(config, data, Path(work) / "classifier", progress=progress)
+        result = train_classifier(
+            config, data, Path(work) / "classifier", progress=progress, runtime=runtime
+        )
         classifier = result.model
     return {
         name: accuracy_pair(class_logits(classifier, images, batch_size), labels)
@@ -287,9 +305,11 @@ def measure_split(
     """Encode a split with the VQ-VAE; its reconstruction MSE and each prior's NLL of its codes.
 
     The codes are those ``extract-codes`` stores (the encoder is deterministic), so the NLL equals
-    what ``train-prior`` reports on the same images.
+    what ``train-prior`` reports on the same images. The models run on the VQ-VAE's device; kept
+    images are on the CPU.
     """
     vqvae.eval()
+    device = next(vqvae.parameters()).device
     for prior in priors:
         prior.eval()
     names = vqvae.config.level_names
@@ -298,14 +318,15 @@ def measure_split(
     images_kept, reconstructions_kept, labels_seen = [], [], []
     batches = eval_loader(dataset, batch_size)
     for images, labels in tqdm(batches, desc=description, disable=not progress, leave=False):
-        codes = vqvae.encode(images)  # per level (B, h, w)
+        images_on_device = images.to(device)
+        codes = vqvae.encode(images_on_device)  # per level (B, h, w)
         reconstruction = vqvae.decode_codes(codes)  # (B, C, H, W)
-        squared += float(squared_error_01(reconstruction, images).sum())
+        squared += float(squared_error_01(reconstruction, images_on_device).sum())
         values += images.numel()
         for level, (name, prior) in enumerate(zip(names, priors, strict=True)):
             output = prior(
                 codes[level],
-                labels if prior.config.num_classes > 0 else None,
+                labels.to(device) if prior.config.num_classes > 0 else None,
                 codes[:level] if prior.config.condition_sizes else None,
             )
             nats[name] += float(output.loss) * codes[level].numel()
@@ -313,7 +334,7 @@ def measure_split(
         labels_seen.append(labels)
         if keep_images:
             images_kept.append(float_to_uint8(images))
-            reconstructions_kept.append(float_to_uint8(reconstruction))
+            reconstructions_kept.append(float_to_uint8(reconstruction.cpu()))
     per_level = {
         name: nats[name] / (codes_seen * vqvae.config.latent_sizes[i] ** 2)
         for i, name in enumerate(names)
@@ -361,7 +382,8 @@ def draw_pool(
     batches are gathered, in order, on every process.
     """
     context = context or DistributedContext()
-    generator = torch.Generator().manual_seed(seed + SEED_STRIDE * context.rank)
+    device = next(vqvae.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed + SEED_STRIDE * context.rank)
     starts = pool_batches(len(labels), batch_size, context)
     drawn = {}
     with tqdm(
@@ -370,7 +392,7 @@ def draw_pool(
         for start in starts:
             chunk = labels[start : start + batch_size]
             batch, _ = generate(vqvae, priors, len(chunk), chunk, temperature, generator)
-            drawn[start] = float_to_uint8(batch)
+            drawn[start] = float_to_uint8(batch.cpu())
             bar.update(len(chunk) * context.world_size)
     if context.enabled:
         gathered: list[dict[int, Tensor] | None] = [None] * context.world_size
@@ -432,6 +454,7 @@ def evaluate_run(
     feature_classifier: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run (VQ-VAE, every prior, classifier) and write the report.
 
@@ -450,6 +473,8 @@ def evaluate_run(
             run's classifier (ignored with ``inception_weights``).
         progress: progress bars on stderr.
         command: the command line, recorded in the report.
+        device: where the networks run (default: this process's device, CUDA when available;
+            the sample pool then depends on it, as a seed draws other codes on a GPU).
 
     Returns:
         The report (also written as ``report.json``).
@@ -461,18 +486,19 @@ def evaluate_run(
     config = config or EvaluateConfig()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     context = runtime_context()
+    device = context.device if device is None else torch.device(device)
     progress = progress and context.is_main
     started = time.monotonic()
     timings: dict[str, float] = {}
 
     # Load and check everything first: bad input fails before the long parts.
-    vqvae, priors = load_hierarchy(run_dir)
+    vqvae, priors = load_hierarchy(run_dir, device)
     vqvae_config = vqvae.config
     num_classes = priors[0].config.num_classes
     if num_classes == 0:
         raise ValueError("evaluate needs class-conditional priors (for CAS and rejection sampling)")
     classifier_checkpoint = read_checkpoint(run_dir, CLASSIFIER_KIND)
-    scorer = load_classifier(run_dir)
+    scorer = load_classifier(run_dir, map_location=device)
     classifier_config = config_from_dict(ClassifierRunConfig, classifier_checkpoint.config)
     expected_shape = (vqvae_config.in_channels, vqvae_config.image_size)
     if (scorer.config.in_channels, scorer.config.image_size) != expected_shape:
@@ -487,10 +513,10 @@ def evaluate_run(
             f"{num_classes}"
         )
     if inception_weights is not None:
-        network: nn.Module = load_inception(inception_weights)
+        network: nn.Module = load_inception(inception_weights).to(device)
         feature_source = {"network": "InceptionV3 (FID weights)", "path": str(inception_weights)}
     elif feature_classifier is not None:
-        network = load_classifier(feature_classifier)
+        network = load_classifier(feature_classifier, map_location=device)
         if (network.config.in_channels, network.config.image_size) != expected_shape:
             raise ValueError(
                 f"the classifier in {feature_classifier} takes other images than the run"
@@ -713,6 +739,7 @@ def evaluate_run(
         cas_config,
         progress=progress,
         batch_size=config.batch_size,
+        runtime=RuntimeConfig(device=str(device)),
     )
     real = {
         name: accuracy_pair(class_logits(scorer, images, config.batch_size), labels)

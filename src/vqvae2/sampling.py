@@ -195,9 +195,12 @@ def generate(
     """Sample images: codes top to bottom, then one decoder pass.
 
     Returns:
-        Images (B, C, H, W) float in about [-1, 1] and the codes per level, top first.
+        Images (B, C, H, W) float in about [-1, 1] and the codes per level, top first, on the
+        models' device (``labels`` may be on any device; ``generator`` must be on the models').
     """
     check_hierarchy(vqvae, priors)
+    if labels is not None:
+        labels = labels.to(next(priors[0].parameters()).device)
     codes = sample_codes(priors, batch_size, labels, temperature, generator, sampler)
     vqvae.eval()
     return vqvae.decode_codes(codes), codes
@@ -220,15 +223,17 @@ def requested_class_scores(
         batch_size: images per classifier call.
 
     Returns:
-        (N,) float32 in [0, 1].
+        (N,) float32 in [0, 1], on the CPU (images and labels may be on any device).
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     classifier.eval()
+    device = next(classifier.parameters()).device
     scores = [
-        torch.softmax(classifier(images[start : start + batch_size]).logits.float(), dim=-1)
-        .gather(1, labels[start : start + batch_size, None])
+        torch.softmax(classifier(images[start : start + batch_size].to(device)).logits.float(), -1)
+        .gather(1, labels[start : start + batch_size, None].to(device))
         .squeeze(1)
+        .cpu()
         for start in range(0, len(images), batch_size)
     ]
     return torch.cat(scores) if scores else torch.zeros(0)
@@ -285,7 +290,7 @@ def accept_above_threshold(scores: Tensor, threshold: float) -> Tensor:
 
 
 class RejectionOutput(NamedTuple):
-    images: Tensor  # (N, C, H, W) float in about [-1, 1], the kept samples
+    images: Tensor  # (N, C, H, W) float in about [-1, 1], the kept samples, on the CPU
     labels: Tensor  # (N,) int64, the requested labels in the order asked for
     scores: Tensor  # (N,) float, classifier probability of the requested class
     candidates: int  # samples drawn in all (kept and rejected)
@@ -343,7 +348,7 @@ def generate_with_rejection(
         for start in range(0, len(batch_labels), batch_size):
             chunk = batch_labels[start : start + batch_size]
             images.append(
-                generate(vqvae, priors, len(chunk), chunk, temperature, generator, sampler)[0]
+                generate(vqvae, priors, len(chunk), chunk, temperature, generator, sampler)[0].cpu()
             )
             if on_batch is not None:
                 on_batch(len(chunk))

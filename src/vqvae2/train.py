@@ -600,8 +600,9 @@ def reconstruct(
     out_png: str | Path,
     image_files: list[str] | None = None,
     grid_images: int = 16,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Write an original / reconstruction / per-level grid and measure a split.
+    """Write an original / reconstruction / per-level grid and measure a split (on ``device``).
 
     Args:
         run_dir: stage-1 run folder (or checkpoint folder).
@@ -615,7 +616,7 @@ def reconstruct(
         ``mse``/``psnr`` ([0, 1] pixels), per level ``usage_*``/``perplexity_*``, ``images``,
         ``grid`` (path).
     """
-    model = load_vqvae(run_dir)
+    model = load_vqvae(run_dir, map_location=device)
     config = model.config
     if image_files:
         images = load_image_files(image_files, config.image_size, config.in_channels)
@@ -1127,17 +1128,20 @@ class SampleResult:
     labels: torch.Tensor | None  # (N,) int64 requested classes, or None (unconditional)
 
 
-def load_hierarchy(run_dir: str | Path) -> tuple[VQVAE2, list[PixelSNAIL]]:
-    """The VQ-VAE and one trained prior per level (top first) of a run, checked to fit."""
+def load_hierarchy(
+    run_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[VQVAE2, list[PixelSNAIL]]:
+    """The VQ-VAE and one trained prior per level (top first) of a run on ``device``, checked
+    to fit."""
     run_dir = Path(run_dir)
-    vqvae = load_vqvae(run_dir)
+    vqvae = load_vqvae(run_dir, map_location=device)
     priors = []
     for level in vqvae.config.level_names:
         if not (run_dir / prior_kind(level) / "latest").is_file():
             raise ValueError(
                 f"{run_dir} has no trained {level} prior; run `vqvae2 train-prior {run_dir} --level {level}`"
             )
-        priors.append(load_prior(run_dir, level))
+        priors.append(load_prior(run_dir, level, map_location=device))
     check_hierarchy(vqvae, priors)
     return vqvae, priors
 
@@ -1151,23 +1155,26 @@ def sample_from_run(
     batch_size: int = SAMPLE_BATCH_SIZE,
     progress: bool = True,
     sampler: SamplerName = "cached",
+    device: str | torch.device = "cpu",
 ) -> SampleResult:
     """Draw ``count`` images from a trained run.
 
     With class-conditional priors, ``classes`` are spread evenly over the samples in blocks
     (``count // len(classes)`` of each class, in the order given); without ``classes`` every
-    class gets an equal share. Randomness comes from one generator seeded with ``seed``.
+    class gets an equal share. Randomness comes from one generator seeded with ``seed`` on
+    ``device`` (where the models run), so the same seed draws other images on another device.
+    The results are on the CPU.
     """
     if count < 1:
         raise ValueError(f"the number of samples must be >= 1, got {count}")
-    vqvae, priors = load_hierarchy(run_dir)
+    vqvae, priors = load_hierarchy(run_dir, device)
     num_classes = priors[0].config.num_classes
     labels = None
     if num_classes > 0:
         labels = requested_labels(classes, count, num_classes)
     elif classes:
         raise ValueError("the priors of this run are not class-conditional; drop --class")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     images, codes = [], []
     starts = range(0, count, batch_size)
     for start in tqdm(starts, desc="sample", disable=not progress):
@@ -1176,8 +1183,8 @@ def sample_from_run(
         batch_images, batch_codes = generate(
             vqvae, priors, size, batch_labels, temperature, generator
         )
-        images.append(float_to_uint8(batch_images))
-        codes.append(batch_codes)
+        images.append(float_to_uint8(batch_images.cpu()))
+        codes.append([level_codes.cpu() for level_codes in batch_codes])
     all_codes = [torch.cat([batch[level] for batch in codes]) for level in range(len(priors))]
     return SampleResult(images=torch.cat(images), codes=all_codes, labels=labels)
 
