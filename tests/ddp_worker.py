@@ -7,7 +7,8 @@ single-process run.
 
 STAGE is ``vqvae`` (train_vqvae on the tiny preset), ``vqvae-budget`` (the same on a linear
 schedule that a 2-second ``train.schedule_minutes`` budget ends; STEPS is then only a cap) or
-``prior`` (extract_codes, then the top prior). Each process writes ``RUN_DIR/<stage>-rank<R>-of-<N>.safetensors``.
+``prior`` (extract_codes, then the top prior). Each process writes
+``RUN_DIR/<stage>-rank<R>-of-<N>.safetensors``.
 """
 
 from __future__ import annotations

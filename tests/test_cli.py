@@ -136,6 +136,21 @@ def test_train_then_reconstruct_end_to_end(tmp_path, npz_data):
     assert json.loads(files.stdout)["images"] == 1
 
 
+def test_resume_keeps_the_saved_run_length(tmp_path, npz_data, capsys):
+    """--resume continues the saved config, max_steps included, not the default preset's."""
+    run = tmp_path / "run"
+    data = ["--data", str(npz_data), "--out", str(run)]
+    first = ["train-vqvae", *TINY, *data, "--max-steps", "3", "train.checkpoint_every=1"]
+    assert main(first) == 0
+    assert (run / "vqvae" / "step-00000002").is_dir()
+    (run / "vqvae" / "latest").write_text("step-00000002\n")  # as if killed after step 2
+    capsys.readouterr()
+    assert main(["train-vqvae", *data, "--resume", "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
+    assert main(["train-vqvae", *data, "--resume", "--quiet", "--json", "--max-steps", "5"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 5
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, npz_data):
     run = tmp_path / "run"
     args = [

@@ -49,6 +49,18 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _resumed_config(run_dir: Path, kind: str, config_class: type, max_steps: int | None):
+    """The config saved with a run, for --resume; --max-steps may lengthen or shorten it."""
+    from dataclasses import replace
+
+    from .checkpoint import load_run_config
+
+    config = load_run_config(run_dir, kind, config_class)
+    if max_steps is None:
+        return config
+    return replace(config, train=replace(config.train, max_steps=max_steps))
+
+
 def _cmd_train_vqvae(args: argparse.Namespace) -> int:
     from .train import train_vqvae
 
@@ -59,7 +71,10 @@ def _cmd_train_vqvae(args: argparse.Namespace) -> int:
         overrides.append(f"train.seed={args.seed}")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
-    config = load_config(VQVAERunConfig, args.config or DEFAULT_PRESET, overrides)
+    if args.resume:
+        config = _resumed_config(args.out, "vqvae", VQVAERunConfig, args.max_steps)
+    else:
+        config = load_config(VQVAERunConfig, args.config or DEFAULT_PRESET, overrides)
     result = train_vqvae(
         config,
         args.data,
@@ -154,8 +169,12 @@ def _cmd_train_prior(args: argparse.Namespace) -> int:
         raise ValueError("--resume continues the saved config; drop --config and overrides")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
-    preset = args.config or _default_preset(args.run_dir, f"prior-{args.level}")
-    config = load_config(PriorRunConfig, preset, overrides)
+    if args.resume:
+        kind = f"prior-{args.level}"
+        config = _resumed_config(args.run_dir, kind, PriorRunConfig, args.max_steps)
+    else:
+        preset = args.config or _default_preset(args.run_dir, f"prior-{args.level}")
+        config = load_config(PriorRunConfig, preset, overrides)
     result = train_prior(
         args.run_dir,
         args.level,
@@ -202,7 +221,12 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
         raise ValueError("give --out DIR (or --run RUN_DIR to write RUN_DIR/classifier)")
     if args.resume and (args.config is not None or args.overrides):
         raise ValueError("--resume continues the saved config; drop --config and overrides")
-    config = load_config(ClassifierRunConfig, preset or "classifier-fashion-mnist-32", overrides)
+    if args.resume:
+        config = _resumed_config(out, "classifier", ClassifierRunConfig, args.max_steps)
+    else:
+        config = load_config(
+            ClassifierRunConfig, preset or "classifier-fashion-mnist-32", overrides
+        )
     result = train_classifier(
         config,
         args.data,
