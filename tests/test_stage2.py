@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -138,6 +139,20 @@ def test_classifier_beats_chance(trained_run, tmp_path):
     assert class_agreement(classifier, images, labels) == pytest.approx(
         result.metrics["test_accuracy"]
     )
+
+
+def test_time_budget_ends_prior_and_classifier_training(trained_run, tmp_path):
+    run, data = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("prior-*", "classifier"))
+    budget = ["train.max_steps=100000", "train.lr_schedule=linear", "train.schedule_minutes=0.01"]
+    prior_config = load_config(PriorRunConfig, "prior-top-tiny", budget)
+    assert 0 < train_prior(copy, "top", prior_config, progress=False).step < 100000
+    classifier_config = load_config(
+        ClassifierRunConfig, "classifier-tiny", ["model.image_size=16", *budget]
+    )
+    result = train_classifier(classifier_config, data, tmp_path / "classifier", progress=False)
+    assert 0 < result.step < 100000
 
 
 def test_sampling_from_a_run(trained_run):

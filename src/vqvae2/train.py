@@ -532,7 +532,10 @@ def train_vqvae(
 
     bar = _progress_bar(train_config, step, "train-vqvae", progress and context.is_main)
     for images, _ in loader:
-        learning_rate = _learning_rate(train_config, step, _budget_spent(clock, context))
+        budget_spent = _budget_spent(clock, context)
+        if budget_spent >= 1.0:
+            break  # resumed with the time budget already spent
+        learning_rate = _learning_rate(train_config, step, budget_spent)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
         optimizer.zero_grad(set_to_none=True)
@@ -906,7 +909,10 @@ def train_prior(
     bar = _progress_bar(train_config, step, f"train-prior {level}", progress and context.is_main)
     augmentation_conditional = config.prior.num_augmentations > 0
     for level_codes, labels, augmentations in batch_loader(training_codes, sampler, num_workers=0):
-        learning_rate = _learning_rate(train_config, step, _budget_spent(clock, context))
+        budget_spent = _budget_spent(clock, context)
+        if budget_spent >= 1.0:
+            break  # resumed with the time budget already spent
+        learning_rate = _learning_rate(train_config, step, budget_spent)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
         optimizer.zero_grad(set_to_none=True)
@@ -1072,7 +1078,10 @@ def train_classifier(
 
     bar = _progress_bar(train_config, step, "train-classifier", progress and context.is_main)
     for images, labels in batch_loader(splits["train"], sampler, config.data.num_workers):
-        learning_rate = _learning_rate(train_config, step, _budget_spent(clock, context))
+        budget_spent = _budget_spent(clock, context)
+        if budget_spent >= 1.0:
+            break  # resumed with the time budget already spent
+        learning_rate = _learning_rate(train_config, step, budget_spent)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
         seed = (train_config.seed * SEED_STRIDE + step) * context.world_size + context.rank
