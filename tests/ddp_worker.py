@@ -34,6 +34,9 @@ VQVAE_OVERRIDES = [
     "train.batch_size=8",
     "train.val_every=1000",
     "train.checkpoint_every=2",
+    # Seed 0 hit a near tie in a top-level code choice, which the summation order of
+    # two processes decides otherwise than one process; seed 1 has none in these 6 steps.
+    "train.seed=1",
 ]
 BUDGET_OVERRIDES = ["train.lr_schedule=linear", "train.schedule_minutes=0.033"]
 PRIOR_OVERRIDES = ["train.batch_size=8", "train.val_every=1000", "train.checkpoint_every=2"]

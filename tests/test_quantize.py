@@ -152,6 +152,46 @@ def test_unknown_gradient_estimator_is_refused():
         make_quantizer(gradient_estimator="gumbel")
 
 
+def test_deferred_updates_move_the_codebook_as_one_whole_batch():
+    torch.manual_seed(3)
+    whole = make_quantizer(dead_after=1).train()
+    whole.initialized.fill_(True)  # random codebook, so that some codes go unused
+    split = make_quantizer().train()
+    split.load_state_dict(whole.state_dict())
+    split.dead_code_after_steps = 1
+    inputs = torch.randn(4, 6, 3, 3) * 3
+    expected = whole(inputs)
+    before = split.codebook.clone()
+    with split.deferred_updates():
+        outputs = [split(inputs[:2]), split(inputs[2:])]
+        assert torch.equal(split.codebook, before)  # held still while the batches pass
+    assert torch.equal(torch.cat([o.codes for o in outputs]), expected.codes)
+    # Codes this batch left unused were re-seeded with its inputs (dead after one step).
+    unused = torch.ones(13, dtype=torch.bool)
+    unused[expected.codes.flatten()] = False
+    vectors = inputs.permute(0, 2, 3, 1).reshape(-1, 6)
+    assert unused.any()
+    assert all((vectors == whole.codebook[code]).all(1).any() for code in unused.nonzero())
+    for name, buffer in whole.named_buffers():
+        torch.testing.assert_close(dict(split.named_buffers())[name], buffer, msg=name)
+
+
+def test_deferred_updates_drop_their_statistics_on_error():
+    quantizer = make_quantizer().train()
+    quantizer(torch.randn(2, 6, 3, 3))  # seeds the codebook
+    before = {name: buffer.clone() for name, buffer in quantizer.named_buffers()}
+    with pytest.raises(KeyError), quantizer.deferred_updates():
+        quantizer(torch.randn(2, 6, 3, 3))
+        raise KeyError("interrupted")
+    for name, buffer in quantizer.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    nested = (quantizer.deferred_updates(), quantizer.deferred_updates())
+    with pytest.raises(RuntimeError, match="already active"), nested[0], nested[1]:
+        pass
+    quantizer(torch.randn(2, 6, 3, 3))  # immediate updates again afterwards
+    assert not torch.equal(quantizer.codebook, before["codebook"])
+
+
 def test_commitment_loss_is_beta_times_mse_to_codes():
     quantizer = make_quantizer().eval()
     inputs = torch.randn(2, 6, 3, 3, requires_grad=True)

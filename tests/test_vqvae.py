@@ -95,6 +95,28 @@ def test_rotation_trick_changes_only_the_encoder_gradients():
     assert not torch.allclose(first_rotation, first_straight, rtol=1e-2, atol=1e-6)
 
 
+def test_accumulated_micro_batches_match_the_whole_batch():
+    """Two half batches under deferred codebook updates: the gradients and the codebooks after
+    the step are those of the whole batch (the codebooks already seeded)."""
+    torch.manual_seed(0)
+    whole = VQVAE2(tiny_config(dead_code_after_steps=1)).train()
+    images = torch.rand(8, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        whole(images)  # seeds and moves the codebooks once
+    split = VQVAE2(tiny_config(dead_code_after_steps=1)).train()
+    split.load_state_dict(whole.state_dict())
+    whole(images).loss.backward()
+    with split.deferred_codebook_updates():
+        for half in (images[:4], images[4:]):
+            (split(half).loss / 2).backward()
+    split_parameters = dict(split.named_parameters())
+    for name, parameter in whole.named_parameters():
+        torch.testing.assert_close(split_parameters[name].grad, parameter.grad, msg=name)
+    split_buffers = dict(split.named_buffers())
+    for name, buffer in whole.named_buffers():
+        torch.testing.assert_close(split_buffers[name], buffer, msg=name)
+
+
 def test_leaving_levels_out_uses_zero_vectors():
     model = VQVAE2(tiny_config()).eval()
     images = torch.rand(2, 1, 16, 16) * 2 - 1

@@ -18,7 +18,8 @@ global batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -129,6 +130,41 @@ class VectorQuantizerEMA(nn.Module):
         self.register_buffer("embed_sum", codebook.clone())  # (K, D)
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))  # (K,)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        # Batch statistics held back inside ``deferred_updates`` (None: update at once).
+        self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
+
+    @contextmanager
+    def deferred_updates(self) -> Iterator[None]:
+        """Hold the codebook still while several batches pass, then update it once for all.
+
+        Inside, train-mode calls quantize with the codebook as it is and keep their statistics;
+        on a normal exit one EMA update and one dead-code check cover all of them, as if they
+        had been one batch. Gradient accumulation uses it so that a step of micro-batches
+        moves the codebook as the whole batch would (and ``dead_code_after_steps`` counts
+        optimiser steps). Only the very first batch, which seeds the codebook, differs: the
+        first micro-batch seeds it alone.
+        """
+        if self._pending is not None:
+            raise RuntimeError("deferred_updates is already active")
+        self._pending = []
+        try:
+            yield
+            pending = self._pending
+        finally:
+            self._pending = None
+        if pending:
+            counts, sums, inputs, distances = zip(*pending, strict=True)
+            self._update(sum(counts), sum(sums), torch.cat(inputs), torch.cat(distances))
+
+    @torch.no_grad()
+    def _update(
+        self, batch_counts: Tensor, batch_sums: Tensor, flat_inputs: Tensor, min_distances: Tensor
+    ) -> None:
+        """One EMA step from a batch's code counts (K,) and sums (K, D) (summed over processes),
+        then the dead-code restart with its inputs (N, D) and their code distances (N,)."""
+        self._ema_update(self.reduce_fn(batch_counts), self.reduce_fn(batch_sums))
+        if self.dead_code_after_steps > 0:
+            self._restart_dead_codes(flat_inputs, min_distances)
 
     def nearest_codes(self, flat_inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Index and squared distance of the nearest code for each row of ``flat_inputs``.
@@ -180,13 +216,15 @@ class VectorQuantizerEMA(nn.Module):
                 self._initialize_from(flat_inputs)
             codes, min_distances = self.nearest_codes(flat_inputs)  # (N,), (N,)
             batch_counts = torch.bincount(codes, minlength=self.codebook_size).float()  # (K,)
+            # The code vectors as they stand before this batch moves the codebook.
+            quantized = self.lookup(codes.view(batch, height, width)).to(inputs.dtype)
             if self.training:
                 batch_sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, flat_inputs)
-                self._ema_update(self.reduce_fn(batch_counts), self.reduce_fn(batch_sums))
-                if self.dead_code_after_steps > 0:
-                    self._restart_dead_codes(flat_inputs, min_distances)
-
-        quantized = self.lookup(codes.view(batch, height, width)).to(inputs.dtype)  # (B, D, H, W)
+                statistics = (batch_counts, batch_sums, flat_inputs, min_distances)
+                if self._pending is None:
+                    self._update(*statistics)
+                else:
+                    self._pending.append(statistics)
         commitment_loss = self.commitment_weight * F.mse_loss(inputs, quantized.detach())
         if inputs.requires_grad and torch.is_grad_enabled():  # else the code vectors as they are
             if self.gradient_estimator == "rotation":

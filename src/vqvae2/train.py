@@ -539,15 +539,18 @@ def train_vqvae(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
         optimizer.zero_grad(set_to_none=True)
-        for micro in range(train_config.grad_accum_steps):
-            micro_images = step_module.to_device(
-                images[micro * micro_size : (micro + 1) * micro_size]
-            )
-            last = micro == train_config.grad_accum_steps - 1
-            with step_module.sync_gradients(last), step_module.autocast():
-                output = step_module.forward(micro_images)
-                loss = output.loss / train_config.grad_accum_steps
-            loss.backward()
+        # Micro-batches see the same codebooks, which then move once for the whole batch.
+        accumulating = train_config.grad_accum_steps > 1
+        with model.deferred_codebook_updates() if accumulating else nullcontext():
+            for micro in range(train_config.grad_accum_steps):
+                micro_images = step_module.to_device(
+                    images[micro * micro_size : (micro + 1) * micro_size]
+                )
+                last = micro == train_config.grad_accum_steps - 1
+                with step_module.sync_gradients(last), step_module.autocast():
+                    output = step_module.forward(micro_images)
+                    loss = output.loss / train_config.grad_accum_steps
+                loss.backward()
         optimizer.step()
         step += 1
         bar.update(1)

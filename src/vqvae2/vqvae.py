@@ -13,7 +13,8 @@ Levels are always ordered top first. Images are float in [-1, 1], shape (B, C, H
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import NamedTuple
 
 import torch
@@ -278,6 +279,16 @@ class VQVAE2(nn.Module):
                 vectors = self.upsamplers[level](vectors)  # (B, D, h_bottom, w_bottom)
             upsampled.append(vectors)
         return self.decoder(torch.cat(upsampled, dim=1))  # (B, L*D, h, w) -> (B, C, H, W)
+
+    @contextmanager
+    def deferred_codebook_updates(self) -> Iterator[None]:
+        """Every level's codebook holds still inside and takes one EMA update on exit, for all
+        the batches that passed (``VectorQuantizerEMA.deferred_updates``): gradient
+        accumulation then moves the codebooks as one whole batch would."""
+        with ExitStack() as stack:
+            for quantizer in self.quantizers:
+                stack.enter_context(quantizer.deferred_updates())
+            yield
 
     def decode_codes(
         self, codes: Sequence[Tensor], keep_levels: Sequence[int] | None = None
