@@ -108,6 +108,8 @@ def test_bad_runtime_choices_are_named():
     assert pick_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="--device gpu: not a device"):
         pick_device("gpu")
+    with pytest.raises(ValueError, match="--device gpu: not a device"):
+        runtime_context(RuntimeConfig(device="gpu"))  # the training commands' path
     if not torch.cuda.is_available():
         assert pick_device("auto") == torch.device("cpu")
         with pytest.raises(ValueError, match="CUDA is not available"):

@@ -70,11 +70,7 @@ class DistributedContext:
 
     def any(self, flag: bool) -> bool:
         """True on every process when ``flag`` is true on any (e.g. a --max-minutes deadline)."""
-        if not self.enabled:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item() > 0)
+        return self.max(1.0 if flag else 0.0) > 0
 
     def max(self, value: float) -> float:
         """The largest ``value`` over processes (e.g. the wall time of the slowest)."""
@@ -111,10 +107,7 @@ class DistributedContext:
 def pick_device(name: str = "auto") -> torch.device:
     """The device a command asked for: ``auto`` (CUDA when available, else the CPU), ``cpu``,
     ``cuda`` or ``cuda:N``; a clear ``ValueError`` when CUDA is asked for and missing."""
-    try:
-        return _device_for(RuntimeConfig(device=name), int(os.environ.get("LOCAL_RANK", "0")))
-    except RuntimeError as error:  # torch.device("gpu") and other unknown names
-        raise ValueError(f"--device {name}: not a device ({error})") from None
+    return _device_for(RuntimeConfig(device=name), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _device_for(runtime: RuntimeConfig, local_rank: int) -> torch.device:
@@ -122,7 +115,10 @@ def _device_for(runtime: RuntimeConfig, local_rank: int) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
         return torch.device("cpu")
-    device = torch.device(runtime.device)
+    try:
+        device = torch.device(runtime.device)
+    except RuntimeError as error:  # "gpu" and other names torch does not know
+        raise ValueError(f"--device {runtime.device}: not a device ({error})") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {runtime.device}: CUDA is not available on this machine")

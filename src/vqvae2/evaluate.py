@@ -200,16 +200,7 @@ def extract_features(
 def class_logits(classifier: Classifier, images: Tensor, batch_size: int) -> Tensor:
     """(N, C, H, W) uint8 images -> (N, K) float32 logits of ``classifier`` (eval mode), on
     the CPU."""
-    classifier.eval()
-    device = next(classifier.parameters()).device
-    return torch.cat(
-        [
-            classifier(uint8_to_float(images[start : start + batch_size].to(device)))
-            .logits.float()
-            .cpu()
-            for start in range(0, len(images), batch_size)
-        ]
-    )
+    return extract_features(classifier, images, batch_size)[1]
 
 
 def accuracy_pair(logits: Tensor, labels: Tensor) -> dict[str, float]:

@@ -441,6 +441,24 @@ def _budget_spent(clock: RunClock, context: DistributedContext) -> float:
     return context.max(clock.elapsed()) / clock.budget
 
 
+def _set_step_size(
+    optimizer: torch.optim.Optimizer,
+    train: TrainConfig,
+    step: int,
+    clock: RunClock,
+    context: DistributedContext,
+) -> bool:
+    """Give ``optimizer`` the step size of step ``step``; False (and nothing set) when the time
+    budget is already spent, so that no step is taken."""
+    budget_spent = _budget_spent(clock, context)
+    if budget_spent >= 1.0:
+        return False
+    learning_rate = _learning_rate(train, step, budget_spent)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    return True
+
+
 def train_vqvae(
     config: VQVAERunConfig,
     data_path: str | Path,
@@ -532,12 +550,8 @@ def train_vqvae(
 
     bar = _progress_bar(train_config, step, "train-vqvae", progress and context.is_main)
     for images, _ in loader:
-        budget_spent = _budget_spent(clock, context)
-        if budget_spent >= 1.0:
+        if not _set_step_size(optimizer, train_config, step, clock, context):
             break  # resumed with the time budget already spent
-        learning_rate = _learning_rate(train_config, step, budget_spent)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
         optimizer.zero_grad(set_to_none=True)
         # Micro-batches see the same codebooks, which then move once for the whole batch.
         accumulating = train_config.grad_accum_steps > 1
@@ -912,12 +926,8 @@ def train_prior(
     bar = _progress_bar(train_config, step, f"train-prior {level}", progress and context.is_main)
     augmentation_conditional = config.prior.num_augmentations > 0
     for level_codes, labels, augmentations in batch_loader(training_codes, sampler, num_workers=0):
-        budget_spent = _budget_spent(clock, context)
-        if budget_spent >= 1.0:
+        if not _set_step_size(optimizer, train_config, step, clock, context):
             break  # resumed with the time budget already spent
-        learning_rate = _learning_rate(train_config, step, budget_spent)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
         optimizer.zero_grad(set_to_none=True)
         for micro in range(train_config.grad_accum_steps):
             part = slice(micro * micro_size, (micro + 1) * micro_size)
@@ -1081,12 +1091,8 @@ def train_classifier(
 
     bar = _progress_bar(train_config, step, "train-classifier", progress and context.is_main)
     for images, labels in batch_loader(splits["train"], sampler, config.data.num_workers):
-        budget_spent = _budget_spent(clock, context)
-        if budget_spent >= 1.0:
+        if not _set_step_size(optimizer, train_config, step, clock, context):
             break  # resumed with the time budget already spent
-        learning_rate = _learning_rate(train_config, step, budget_spent)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
         seed = (train_config.seed * SEED_STRIDE + step) * context.world_size + context.rank
         images = augment(images, torch.Generator().manual_seed(seed))
         optimizer.zero_grad(set_to_none=True)
