@@ -171,3 +171,27 @@ def test_sampling_from_a_run(trained_run):
     with pytest.raises(ValueError, match="class 5 is out of range"):
         sample_from_run(run, 2, classes=[5], progress=False)
     assert np.all(result.codes[0].numpy() < 16)
+
+
+def test_sample_from_run_uses_the_sampler_asked_for(trained_run, monkeypatch):
+    """``sampler="reference"`` reaches the level sampler (it was once accepted and ignored)."""
+    import vqvae2.sampling as sampling
+
+    run, _ = trained_run
+    if not (run / "prior-bottom" / "latest").exists():
+        train_prior(run, "bottom", load_config(PriorRunConfig, "prior-bottom-tiny"), progress=False)
+    if not (run / "prior-top" / "latest").exists():
+        train_prior(run, "top", load_config(PriorRunConfig, "prior-top-tiny"), progress=False)
+    calls = {"cached": 0, "reference": 0}
+    for name, sample_level in list(sampling.SAMPLERS.items()):
+
+        def counted(*args, _name=name, _sample_level=sample_level, **kwargs):
+            calls[_name] += 1
+            return _sample_level(*args, **kwargs)
+
+        monkeypatch.setitem(sampling.SAMPLERS, name, counted)
+    reference = sample_from_run(run, 2, seed=5, progress=False, sampler="reference")
+    assert calls == {"cached": 0, "reference": 2}  # one call per level
+    cached = sample_from_run(run, 2, seed=5, progress=False)
+    assert calls == {"cached": 2, "reference": 2}
+    assert all(torch.equal(a, b) for a, b in zip(reference.codes, cached.codes, strict=True))

@@ -1199,7 +1199,7 @@ def sample_from_run(
         size = min(batch_size, count - start)
         batch_labels = None if labels is None else labels[start : start + size]
         batch_images, batch_codes = generate(
-            vqvae, priors, size, batch_labels, temperature, generator
+            vqvae, priors, size, batch_labels, temperature, generator, sampler
         )
         images.append(float_to_uint8(batch_images.cpu()))
         codes.append([level_codes.cpu() for level_codes in batch_codes])
