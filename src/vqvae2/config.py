@@ -242,7 +242,7 @@ class PixelSNAILConfig:
     num_layers: int = 20  # Table 3 "layers": gated residual blocks
     attention_layers: int = 4  # Table 3 "attention layers", spread evenly over the blocks
     attention_heads: int = 8  # Table 3 "attention heads"
-    kernel_size: int = 5  # Table 3 "conv filter size"
+    kernel_size: int = 5  # Table 3 "conv filter size"; odd, >= 3
     dropout: float = 0.1  # Table 3 "dropout", after each block and on the attention weights
     output_stack_layers: int = 20  # Table 3 "output stack layers": 1x1 residual blocks
     condition_res_blocks: int = 0  # Table 3 "conditioning stack residual blocks" (lower priors)
@@ -277,9 +277,11 @@ class PixelSNAILConfig:
             f"prior.hidden_channels={self.hidden_channels} must be divisible by "
             f"prior.attention_heads={self.attention_heads}",
         )
+        # A 1x1 kernel leaves a blind spot: the vertical stream never reaches column j + 1 of
+        # the rows above, and only attention could see it.
         _check(
-            self.kernel_size >= 1 and self.kernel_size % 2 == 1,
-            f"prior.kernel_size must be odd, got {self.kernel_size}",
+            self.kernel_size >= 3 and self.kernel_size % 2 == 1,
+            f"prior.kernel_size must be odd and >= 3, got {self.kernel_size}",
         )
         _check(0.0 <= self.dropout < 1.0, f"prior.dropout must be in [0, 1), got {self.dropout}")
         for name in (
