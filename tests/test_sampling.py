@@ -61,6 +61,32 @@ def test_seeded_generator_reproduces_samples_and_codes_are_in_range():
     assert all(int(c.min()) >= 0 and int(c.max()) < 13 for c in codes)
 
 
+def test_sampling_runs_in_eval_mode_and_restores_the_mode_it_found():
+    """Priors and VQ-VAE in train mode (dropout on) sample as in eval mode and stay in train mode."""
+    vqvae = VQVAE2(tiny_config())
+    priors = priors_for(vqvae)
+    for prior in priors:
+        for module in prior.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.5
+    labels = torch.tensor([0, 2])
+    for sampler in ("cached", "reference"):
+        for module in (vqvae, *priors):
+            module.train()
+        images, codes = generate(
+            vqvae, priors, 2, labels, 1.0, torch.Generator().manual_seed(3), sampler
+        )
+        assert vqvae.training and all(prior.training for prior in priors)
+        for module in (vqvae, *priors):
+            module.eval()
+        expected, expected_codes = generate(
+            vqvae, priors, 2, labels, 1.0, torch.Generator().manual_seed(3), sampler
+        )
+        assert not vqvae.training and not any(prior.training for prior in priors)
+        assert all(torch.equal(a, b) for a, b in zip(codes, expected_codes, strict=True))
+        torch.testing.assert_close(images, expected)
+
+
 def test_low_temperature_picks_the_most_likely_code():
     vqvae = VQVAE2(tiny_config()).eval()
     prior = priors_for(vqvae, num_classes=0)[0]

@@ -19,6 +19,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from ._helpers import evaluating
 from .classifier import Classifier
 from .pixelsnail import IncrementalSampler, PixelSNAIL
 from .vqvae import VQVAE2
@@ -39,10 +40,9 @@ def _empty_codes(
     condition_codes: list[Tensor] | None,
     temperature: float,
 ) -> Tensor:
-    """Check the sampling inputs, put the prior in eval mode; (B, H, W) int64 zeros to fill."""
+    """Check the sampling inputs; (B, H, W) int64 zeros to fill."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    prior.eval()
     side = prior.config.code_size
     device = next(prior.parameters()).device
     codes = torch.zeros(batch_size, side, side, dtype=torch.long, device=device)
@@ -62,7 +62,7 @@ def sample_level_reference(
     """Sample one level by running the whole prior once per code position (raster order).
 
     Args:
-        prior: the level's prior (put in eval mode here).
+        prior: the level's prior (run in eval mode; its mode is restored afterwards).
         batch_size: B.
         labels: (B,) int64 when the prior is class-conditional.
         condition_codes: codes of the upper levels, top first, each (B, h_l, w_l).
@@ -74,11 +74,12 @@ def sample_level_reference(
     """
     codes = _empty_codes(prior, batch_size, labels, condition_codes, temperature)
     side = prior.config.code_size
-    condition = prior.condition(labels, condition_codes)
-    for row in range(side):
-        for column in range(side):
-            logits = prior.logits(codes, condition)[:, :, row, column]  # (B, K)
-            codes[:, row, column] = _draw(logits, temperature, generator)
+    with evaluating(prior):
+        condition = prior.condition(labels, condition_codes)
+        for row in range(side):
+            for column in range(side):
+                logits = prior.logits(codes, condition)[:, :, row, column]  # (B, K)
+                codes[:, row, column] = _draw(logits, temperature, generator)
     return codes
 
 
@@ -98,11 +99,12 @@ def sample_level_cached(
     """
     codes = _empty_codes(prior, batch_size, labels, condition_codes, temperature)
     side = prior.config.code_size
-    state = IncrementalSampler(prior, batch_size, prior.condition(labels, condition_codes))
-    for row in range(side):
-        for column in range(side):
-            codes[:, row, column] = _draw(state.logits_at(row, column), temperature, generator)
-            state.set_codes(row, column, codes[:, row, column])
+    with evaluating(prior):
+        state = IncrementalSampler(prior, batch_size, prior.condition(labels, condition_codes))
+        for row in range(side):
+            for column in range(side):
+                codes[:, row, column] = _draw(state.logits_at(row, column), temperature, generator)
+                state.set_codes(row, column, codes[:, row, column])
     return codes
 
 
@@ -202,8 +204,8 @@ def generate(
     if labels is not None:
         labels = labels.to(next(priors[0].parameters()).device)
     codes = sample_codes(priors, batch_size, labels, temperature, generator, sampler)
-    vqvae.eval()
-    return vqvae.decode_codes(codes), codes
+    with evaluating(vqvae):
+        return vqvae.decode_codes(codes), codes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +219,7 @@ def requested_class_scores(
     """Probability the classifier gives each image's requested class.
 
     Args:
-        classifier: put in eval mode (and left so).
+        classifier: run in eval mode (its mode is restored afterwards).
         images: (N, C, H, W) float in [-1, 1].
         labels: (N,) int64 requested classes.
         batch_size: images per classifier call.
@@ -227,15 +229,17 @@ def requested_class_scores(
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    classifier.eval()
     device = next(classifier.parameters()).device
-    scores = [
-        torch.softmax(classifier(images[start : start + batch_size].to(device)).logits.float(), -1)
-        .gather(1, labels[start : start + batch_size, None].to(device))
-        .squeeze(1)
-        .cpu()
-        for start in range(0, len(images), batch_size)
-    ]
+    with evaluating(classifier):
+        scores = [
+            torch.softmax(
+                classifier(images[start : start + batch_size].to(device)).logits.float(), -1
+            )
+            .gather(1, labels[start : start + batch_size, None].to(device))
+            .squeeze(1)
+            .cpu()
+            for start in range(0, len(images), batch_size)
+        ]
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
