@@ -95,7 +95,10 @@ def test_prior_kernel_must_be_odd_and_at_least_3(kernel_size):
     """A 1x1 kernel leaves a blind spot: the vertical stream never sees column j + 1 above."""
     with pytest.raises(ValueError, match=f"kernel_size must be odd and >= 3, got {kernel_size}"):
         load_config(PriorRunConfig, "prior-top-tiny", [f"prior.kernel_size={kernel_size}"])
-    assert load_config(PriorRunConfig, "prior-top-tiny", ["prior.kernel_size=3"]).prior.kernel_size == 3
+    assert (
+        load_config(PriorRunConfig, "prior-top-tiny", ["prior.kernel_size=3"]).prior.kernel_size
+        == 3
+    )
 
 
 def test_unknown_preset_and_bad_yaml(tmp_path):
