@@ -208,13 +208,32 @@ def test_first_training_batch_seeds_the_codebook():
     inputs = torch.arange(16.0).view(1, 2, 2, 4)  # 8 vectors of dimension 2
     quantizer(inputs)
     vectors = inputs.permute(0, 2, 3, 1).reshape(-1, 2)
-    # Evenly spaced picks 0, 2, 4, 6 seed the 4 codes; decay 0 then makes each code the mean
-    # of the vectors assigned to it, and every code owns its seed so all 4 are used.
+    # 4 of the 8 vectors seed the 4 codes; decay 0 then makes each code the mean of the
+    # vectors assigned to it, and every code owns its seed so all 4 are used.
     assert bool(quantizer.initialized)
     assert int((quantizer.cluster_size > 0.5).sum()) == 4
     for code in range(4):
         members = vectors[quantizer.nearest_codes(vectors)[0] == code]
         assert len(members) >= 1
+
+
+def test_codebook_seeds_are_a_seeded_random_choice_over_the_whole_map():
+    """At paper shapes (N = K x W rows) evenly spaced rows k*N//K all lie in column 0 of the
+    latent map, the zero-padded edge; the seeds must come from across the map instead."""
+    width = 8
+    vectors = torch.randn(2 * 4 * width, 6)  # a (2, 6, 4, 8) batch flattened: 64 rows, K = 16
+    columns = torch.arange(width).repeat(2 * 4)  # map column of each row: k * 64 // 16 is 0 or 4
+
+    def seed_rows(**seed) -> list[int]:
+        quantizer = make_quantizer(codebook_size=16, **seed).train()
+        quantizer._initialize_from(vectors)  # what the first training batch does first
+        return [int(torch.nonzero((vectors == code).all(1))[0]) for code in quantizer.codebook]
+
+    rows = seed_rows()
+    assert len(set(rows)) == 16  # 16 distinct inputs, none picked twice
+    assert len({int(columns[row]) for row in rows}) >= 5  # not the columns 0 and 4 alone
+    assert seed_rows(seed=0) == rows  # the default seed is 0, and a seed repeats its picks
+    assert seed_rows(seed=1) != rows
 
 
 def test_dead_codes_are_restarted_from_worst_served_inputs():

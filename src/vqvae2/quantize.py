@@ -8,7 +8,8 @@ quantization straight through. As an option the encoder's gradient instead goes 
 rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation Trick").
 
 Two additions fight codebook collapse, the most common failure of public VQ-VAE code:
-  * data initialisation: the first training batch seeds the codebook with encoder outputs;
+  * data initialisation: the first training batch seeds the codebook with a seeded random
+    choice of its encoder outputs;
   * dead-code restart: a code unused for ``dead_code_after_steps`` training steps is re-seeded
     with the encoder output that is currently worst served (farthest from its nearest code).
 Both are deterministic and see the encoder outputs of every process (through ``gather_fn``), so
@@ -93,6 +94,8 @@ class VectorQuantizerEMA(nn.Module):
             counts and sums before the EMA update, so all processes keep the same codebook.
         gather_fn: concatenates a tensor across processes in rank order (identity by default);
             used for the codebook initialisation and dead-code restart candidates.
+        seed: seeds the random choice of the encoder outputs that initialise the codebook
+            (the same on every process, which all see the same gathered batch).
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class VectorQuantizerEMA(nn.Module):
         gradient_estimator: str = "straight_through",
         reduce_fn: ReduceFn = identity_reduce,
         gather_fn: GatherFn = identity_reduce,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.codebook_size = codebook_size
@@ -122,6 +126,7 @@ class VectorQuantizerEMA(nn.Module):
         self.gradient_estimator = gradient_estimator
         self.reduce_fn = reduce_fn
         self.gather_fn = gather_fn
+        self.seed = seed
         codebook = torch.randn(codebook_size, embedding_dim)  # (K, D)
         self.register_buffer("codebook", codebook)
         # EMA state: N_i (counts) and m_i (sums). Starting N at 1 and m at the codebook makes
@@ -244,12 +249,15 @@ class VectorQuantizerEMA(nn.Module):
 
     @torch.no_grad()
     def _initialize_from(self, flat_inputs: Tensor) -> None:
-        """Seed the codebook with evenly spaced rows of the first (global) training batch."""
+        """Seed the codebook with K rows of the first (global) training batch, chosen at random
+        without repeats while the batch has K rows (a random choice, not evenly spaced rows: at
+        paper shapes those all fall in one column of the latent map)."""
         all_inputs = self.gather_fn(flat_inputs)  # (N_global, D), the same on every process
         count = all_inputs.shape[0]
-        picks = torch.arange(self.codebook_size, device=all_inputs.device) * count
-        picks = torch.div(picks, self.codebook_size, rounding_mode="floor")  # spread over batch
-        seeds = all_inputs[picks]  # (K, D)
+        generator = torch.Generator().manual_seed(self.seed)
+        rounds = -(-self.codebook_size // count)  # whole permutations needed to cover K
+        picks = torch.cat([torch.randperm(count, generator=generator) for _ in range(rounds)])
+        seeds = all_inputs[picks[: self.codebook_size].to(all_inputs.device)]  # (K, D)
         self.codebook.copy_(seeds)
         self.embed_sum.copy_(seeds)
         self.cluster_size.fill_(1.0)

@@ -514,7 +514,12 @@ def train_vqvae(
     )
 
     torch.manual_seed(train_config.seed)
-    model = VQVAE2(model_config, reduce_fn=context.all_reduce_sum, gather_fn=context.all_gather_cat)
+    model = VQVAE2(
+        model_config,
+        reduce_fn=context.all_reduce_sum,
+        gather_fn=context.all_gather_cat,
+        seed=train_config.seed,
+    )
     step, elapsed_before = _restore(model, checkpoint)
     step_module = prepare_step_module(model, context, runtime)
     optimizer = make_optimizer(model, train_config)

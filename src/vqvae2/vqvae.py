@@ -159,6 +159,8 @@ class VQVAE2(nn.Module):
         reduce_fn: sums EMA statistics across processes (identity for one process).
         gather_fn: concatenates tensors across processes in rank order (identity for one
             process); the quantizers' initialisation and dead-code restarts use it.
+        seed: seeds the quantizers' random choice of first-batch encoder outputs as initial
+            code vectors (level l uses ``seed * num_levels + l``).
     """
 
     def __init__(
@@ -166,6 +168,7 @@ class VQVAE2(nn.Module):
         config: VQVAEConfig,
         reduce_fn: ReduceFn = identity_reduce,
         gather_fn: GatherFn = identity_reduce,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.config = config
@@ -192,8 +195,9 @@ class VQVAE2(nn.Module):
                 gradient_estimator=config.gradient_estimator,
                 reduce_fn=reduce_fn,
                 gather_fn=gather_fn,
+                seed=seed * levels + level,
             )
-            for _ in range(levels)
+            for level in range(levels)
         )
         # Bring every level above the bottom to the bottom resolution: level i is 2^(L-1-i) smaller.
         self.upsamplers = nn.ModuleList()
