@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from vqvae2.checkpoint import load_classifier, load_prior, load_vqvae
-from vqvae2.config import ClassifierRunConfig, PriorRunConfig, VQVAERunConfig, load_config
+from vqvae2.config import (
+    ClassifierRunConfig,
+    PriorRunConfig,
+    VQVAERunConfig,
+    load_config,
+)
 from vqvae2.data import CodeDataset, CodeStoreWriter, float_to_uint8, open_dataset
 from vqvae2.train import (
     class_agreement,
@@ -120,6 +127,41 @@ def test_prior_for_a_missing_level_is_refused(trained_run):
     run, _ = trained_run
     with pytest.raises(ValueError, match="there is no 'middle' level"):
         train_prior(run, "middle", load_config(PriorRunConfig, "prior-top-tiny"), progress=False)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "code_size=8",
+        "codebook_size=32",
+        "condition_sizes=[4]",
+        "num_classes=7",
+        "num_augmentations=2",
+    ],
+)
+def test_a_prior_config_that_sets_a_data_field_is_refused(trained_run, tmp_path, setting):
+    """The data fields come from the VQ-VAE and the codes: a YAML or override that sets one is
+    refused in one line instead of being silently replaced."""
+    run, _ = trained_run
+    field = setting.partition("=")[0]
+    with pytest.raises(ValueError, match=f"prior.{field} is set from the VQ-VAE"):
+        load_config(PriorRunConfig, "prior-top-tiny", [f"prior.{setting}"])
+    yaml_file = tmp_path / "prior.yaml"
+    yaml_file.write_text(f"prior:\n  {field}: {setting.partition('=')[2]}\n")
+    with pytest.raises(ValueError, match=f"remove it from {yaml_file}"):
+        load_config(PriorRunConfig, yaml_file)
+    # From Python, with a config built by hand: refused when the value is not the data's.
+    config = load_config(PriorRunConfig, "prior-top-tiny", ["train.max_steps=1"])
+    value = yaml.safe_load(setting.partition("=")[2])
+    hand_made = replace(
+        config,
+        prior=replace(config.prior, **{field: tuple(value) if isinstance(value, list) else value}),
+    )
+    scratch = tmp_path / "run"
+    shutil.copytree(run, scratch, ignore=shutil.ignore_patterns("prior-*", "classifier"))
+    with pytest.raises(ValueError, match=f"prior.{field}"):
+        train_prior(scratch, "top", hand_made, progress=False)
+    assert train_prior(scratch, "top", config, progress=False).step == 1  # defaults are fine
 
 
 def test_classifier_beats_chance(trained_run, tmp_path):

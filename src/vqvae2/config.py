@@ -304,6 +304,17 @@ class PixelSNAILConfig:
         return tuple((i + 1) * layers // count - 1 for i in range(count))
 
 
+# Fields of a prior that describe the data it models: train-prior sets them from the VQ-VAE
+# and the code store, so a prior's config file or overrides must leave them out.
+PRIOR_DATA_FIELDS = (
+    "code_size",
+    "codebook_size",
+    "condition_sizes",
+    "num_classes",
+    "num_augmentations",
+)
+
+
 @dataclass(frozen=True)
 class PriorRunConfig:
     """Everything `vqvae2 train-prior` needs besides the run folder and level."""
@@ -502,10 +513,24 @@ def read_yaml(preset_or_path: str | Path) -> dict[str, Any]:
 def load_config(
     cls: type, preset_or_path: str | Path | None = None, overrides: list[str] | None = None
 ) -> Any:
-    """Load a run config: preset/YAML data, then ``key=value`` overrides, validated into ``cls``."""
+    """Load a run config: preset/YAML data, then ``key=value`` overrides, validated into ``cls``.
+
+    Raises:
+        ValueError: an unknown key, a bad value, or a prior config that sets one of the fields
+            ``train-prior`` takes from the data (``PRIOR_DATA_FIELDS``).
+    """
     data = read_yaml(preset_or_path) if preset_or_path is not None else {}
-    data = _merge(data, parse_overrides(overrides or []))
-    return config_from_dict(cls, data)
+    override_data = parse_overrides(overrides or [])
+    if cls is PriorRunConfig:
+        for source, values in ((preset_or_path, data), ("the overrides", override_data)):
+            prior = values.get("prior") if isinstance(values, dict) else None
+            for name in PRIOR_DATA_FIELDS:
+                _check(
+                    not isinstance(prior, dict) or name not in prior,
+                    f"prior.{name} is set from the VQ-VAE and the extracted codes when the prior "
+                    f"is trained; remove it from {source}",
+                )
+    return config_from_dict(cls, _merge(data, override_data))
 
 
 def save_yaml(config: Any, path: Path) -> None:

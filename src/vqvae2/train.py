@@ -36,6 +36,7 @@ from .checkpoint import (
 from .classifier import Classifier
 from .config import (
     ClassifierRunConfig,
+    PixelSNAILConfig,
     PriorRunConfig,
     RuntimeConfig,
     TrainConfig,
@@ -829,6 +830,20 @@ def _nll_summary(prefix: str, nats: float) -> dict[str, float]:
     return {f"{prefix}_nll_nats": nats, f"{prefix}_nll_bits": nats / math.log(2)}
 
 
+def _prior_for_data(prior: PixelSNAILConfig, from_data: dict[str, Any]) -> PixelSNAILConfig:
+    """``prior`` with its data fields set from the data; a field set by hand to another value
+    than both its default and the data's is refused rather than silently replaced."""
+    defaults = PixelSNAILConfig()
+    for name, value in from_data.items():
+        given = getattr(prior, name)
+        if given != getattr(defaults, name) and given != value:
+            raise ValueError(
+                f"prior.{name}={given} does not fit the data ({value}): it is set from the "
+                "VQ-VAE and the extracted codes, leave it at its default"
+            )
+    return replace(prior, **from_data)
+
+
 def train_prior(
     run_dir: str | Path,
     level: str,
@@ -881,15 +896,14 @@ def train_prior(
         raise ValueError(f"{kind_dir} already holds a trained prior; pass --resume")
     else:
         num_classes = train_codes.num_classes if config.class_conditional else 0
-        prior_config = replace(
-            config.prior,
-            code_size=vqvae_config.latent_sizes[index],
-            codebook_size=vqvae_config.codebook_size,
-            condition_sizes=tuple(vqvae_config.latent_sizes[:index]),
-            num_classes=num_classes if num_classes > 1 else 0,
-            num_augmentations=training_codes.num_augmentations,
-        )
-        config = replace(config, prior=prior_config)
+        from_data = {
+            "code_size": vqvae_config.latent_sizes[index],
+            "codebook_size": vqvae_config.codebook_size,
+            "condition_sizes": tuple(vqvae_config.latent_sizes[:index]),
+            "num_classes": num_classes if num_classes > 1 else 0,
+            "num_augmentations": training_codes.num_augmentations,
+        }
+        config = replace(config, prior=_prior_for_data(config.prior, from_data))
     if config.prior.num_augmentations != training_codes.num_augmentations:
         raise ValueError(
             f"this prior was started on codes with {config.prior.num_augmentations} transforms "
