@@ -171,3 +171,41 @@ def test_metrics_log_has_train_and_val_rows(tmp_path, npz_data):
     assert {"loss", "mse", "perplexity_top", "batch_usage_bottom"} <= by_split["train"]
     assert {"mse", "psnr", "usage_top", "usage_bottom"} <= by_split["val"]
     assert torch.tensor([float(r["value"]) for r in rows]).isfinite().all()
+
+
+def test_train_log_mse_is_the_validation_measure(tmp_path, npz_data, monkeypatch):
+    """The train rows' ``mse`` is measured like validation's: reconstructions clamped to the
+    image range, squared error on [0, 1] pixels (not the loss's unclamped [-1, 1] error / 4)."""
+    from vqvae2.metrics import squared_error_01
+    from vqvae2.vqvae import VQVAE2
+
+    forward = VQVAE2.forward
+    seen = []
+
+    def out_of_range_forward(self, images):
+        # Push the reconstructions outside [-1, 1], where clamping changes the error.
+        output = forward(self, images)
+        reconstruction = output.reconstruction + 1.5
+        seen.append((reconstruction.detach().clone(), images.detach().clone()))
+        return output._replace(
+            reconstruction=reconstruction,
+            reconstruction_loss=torch.mean((reconstruction - images) ** 2),
+        )
+
+    monkeypatch.setattr(VQVAE2, "forward", out_of_range_forward)
+    train_vqvae(
+        tiny_run_config("train.max_steps=2", "train.val_every=100"),
+        npz_data,
+        tmp_path / "r",
+        progress=False,
+    )
+    logged = [
+        float(row["value"])
+        for row in read_metrics(tmp_path / "r" / "metrics.csv")
+        if row["split"] == "train" and row["metric"] == "mse"
+    ]
+    expected = [
+        float(squared_error_01(reconstruction, images).sum() / images.numel())
+        for reconstruction, images in seen[:2]  # the two training steps' batches
+    ]
+    assert logged == pytest.approx(expected, rel=1e-5)

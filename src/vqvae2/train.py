@@ -576,9 +576,11 @@ def train_vqvae(
         bar.update(1)
         if step % train_config.log_every == 0 and context.is_main:
             # Figures of rank 0's last micro-batch.
+            # MSE measured as validation measures it (clamped, [0, 1] pixels), not the loss.
+            squared_error = squared_error_01(output.reconstruction.detach(), micro_images)
             values = {
                 "loss": output.loss.item(),
-                "mse": output.reconstruction_loss.item() / 4,  # [-1, 1] -> [0, 1] scale
+                "mse": float(squared_error.sum()) / micro_images.numel(),
                 "commitment": output.commitment_loss.item(),
                 "lr": optimizer.param_groups[0]["lr"],
             }
