@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vqvae2.checkpoint import load_classifier
+from vqvae2.checkpoint import load_classifier, load_run_config
 from vqvae2.classifier import Classifier
 from vqvae2.cli import build_parser, main
 from vqvae2.config import (
@@ -341,17 +341,54 @@ def test_evaluate_prior_nll_matches_train_prior(tiny_run, tmp_path):
     assert report["table1"]["priors"]["top"]["val_nll_nats"] == pytest.approx(stored, rel=1e-5)
 
 
+def test_evaluate_scores_with_a_network_that_did_not_reject(tiny_run, tmp_path):
+    """By default the features come from a second classifier (another seed), not from the
+    run's classifier that chose the samples; the report says which network did what."""
+    run, data = tiny_run
+    config = tiny_evaluate_config(reject_fractions=(0.0, 0.5), cas_steps=1)
+    report = evaluate_run(run, data, tmp_path / "default", config, progress=False)
+    scorer = str(run / "classifier")
+    assert report["rejection_scorer"] == scorer
+    assert report["features"]["path"] == str(run / "feature-classifier") != scorer
+    feature_config = load_run_config(run / "feature-classifier", "classifier", ClassifierRunConfig)
+    scorer_config = load_run_config(run / "classifier", "classifier", ClassifierRunConfig)
+    assert feature_config.train.seed == scorer_config.train.seed + 1
+    assert feature_config.model == scorer_config.model
+    feature_weights = load_classifier(run / "feature-classifier").state_dict()
+    scorer_weights = load_classifier(run / "classifier").state_dict()
+    assert not torch.equal(feature_weights["head.weight"], scorer_weights["head.weight"])
+    markdown = (tmp_path / "default" / "report.md").read_text()
+    assert "Rejection scorer: the run's classifier" in markdown
+    assert str(run / "feature-classifier") in markdown
+
+
 def test_evaluate_feature_network_options(tiny_run, tmp_path, monkeypatch):
     run, data = tiny_run
     config = tiny_evaluate_config(reject_fractions=(0.0,), cas_steps=1)
     default = evaluate_run(run, data, tmp_path / "default", config, progress=False)
-    # The run's own classifier named explicitly: the same features, the same numbers.
+    # The default feature classifier named explicitly: the same features, the same numbers.
     named = evaluate_run(
-        run, data, tmp_path / "named", config, feature_classifier=run / "classifier", progress=False
+        run,
+        data,
+        tmp_path / "named",
+        config,
+        feature_classifier=run / "feature-classifier",
+        progress=False,
     )
-    assert named["features"]["path"] == str(run / "classifier")
+    assert named["features"]["path"] == default["features"]["path"]
     for key in ("fid", "fid_star", "precision", "recall", "inception_score"):
         assert named["rejection"][0][key] == pytest.approx(default["rejection"][0][key])
+    # The rejection scorer named as the feature network: other features, other numbers.
+    scorer = evaluate_run(
+        run,
+        data,
+        tmp_path / "scorer",
+        config,
+        feature_classifier=run / "classifier",
+        progress=False,
+    )
+    assert scorer["features"]["path"] == str(run / "classifier")
+    assert scorer["rejection"][0]["fid"] != pytest.approx(default["rejection"][0]["fid"])
 
     # InceptionV3 plumbing, with a small stand-in for the 299x299 network (slow on a CPU; 32
     # features instead of 2048 keep the 2048x2048 matrix square roots of FID out of the test).

@@ -615,9 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="Tables 1-2 and Fig. 7: NLL, MSE, CAS, FID/FID*/KID/IS, precision/recall vs rejection",
         description="Evaluate a trained run (VQ-VAE, priors, classifier) and write report.json, "
-        "report.md, Fig. 7 plots and sample grids to --out. Features come from the run's "
-        "classifier unless --inception-weights or --feature-classifier is given; classifier "
-        "features give numbers that are not comparable with published FID/IS.",
+        "report.md, Fig. 7 plots and sample grids to --out. Features come from a second "
+        "classifier of the run's recipe with another seed (RUN_DIR/feature-classifier, trained "
+        "on the first evaluation), not from the run's classifier that rejects the samples, "
+        "unless --inception-weights or --feature-classifier is given; classifier features give "
+        "numbers that are not comparable with published FID/IS.",
     )
     evaluate.add_argument(
         "run_dir", type=Path, help="run folder with the VQ-VAE, priors, classifier"
@@ -650,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--feature-classifier",
         type=Path,
-        help="take features from this classifier folder instead of the run's classifier",
+        help="take features from this classifier folder (default RUN_DIR/feature-classifier)",
     )
     evaluate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")

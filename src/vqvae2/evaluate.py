@@ -18,12 +18,12 @@ a random subset of those with the same size and class balance at every F (the te
 metrics at different rates compare equal-sized sets. The pool is large enough for the highest
 rate, and its first samples of each class (no rejection) also train the CAS classifier.
 
-Feature networks: by default the run's classifier (penultimate-layer features for FID, KID and
-precision/recall; its class logits for IS). Those numbers rank models of this project but are
-**not comparable with published FID/IS values**, which use InceptionV3. Given the standard FID
-weights file, ``vqvae2.inception`` provides InceptionV3 instead. A separately trained classifier
-can serve as feature network too, so that the network that computes the metrics is not the one
-that chose the samples.
+Feature networks: by default a second classifier of the run's recipe, trained with another seed
+(penultimate-layer features for FID, KID and precision/recall; its class logits for IS), so that
+the network that computes the metrics is not the one that chose the samples. Those numbers rank
+models of this project but are **not comparable with published FID/IS values**, which use
+InceptionV3. Given the standard FID weights file, ``vqvae2.inception`` provides InceptionV3
+instead; any other classifier checkpoint can be named too.
 
 This module does I/O (checkpoints, the report files); the metric arithmetic is in
 ``vqvae2.metrics`` and the rejection rules in ``vqvae2.sampling``.
@@ -35,7 +35,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +431,38 @@ def _nll_row(train: float, val: float) -> dict[str, float]:
     }
 
 
+FEATURE_CLASSIFIER_DIR = "feature-classifier"  # RUN_DIR/feature-classifier
+
+
+def _independent_classifier(
+    run_dir: Path,
+    data_path: str | Path,
+    scorer_config: ClassifierRunConfig,
+    device: torch.device,
+    progress: bool,
+) -> tuple[Classifier, dict[str, Any]]:
+    """The default feature network: a second classifier, the run's recipe with the next seed,
+    so the network that measures the samples is not the one that rejected them. It is trained
+    once into ``RUN_DIR/feature-classifier`` (under torchrun by every process, data-parallel)
+    and reused by later evaluations."""
+    folder = run_dir / FEATURE_CLASSIFIER_DIR
+    source = {
+        "network": "classifier (a second one, the run's recipe with seed "
+        f"{scorer_config.train.seed + 1}; not the rejection scorer)",
+        "path": str(folder),
+    }
+    if (folder / "latest").is_file():
+        return load_classifier(folder, map_location=device), source
+    config = replace(
+        scorer_config, train=replace(scorer_config.train, seed=scorer_config.train.seed + 1)
+    )
+    result = train_classifier(
+        config, data_path, folder, progress=progress, runtime=RuntimeConfig(device=str(device))
+    )
+    assert isinstance(result.model, Classifier)
+    return result.model.eval(), {**source, "trained_by_this_evaluation": True}
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole evaluation
 
@@ -460,8 +492,10 @@ def evaluate_run(
             sample grid per rejection rate.
         config: sample counts, rejection rates, metric settings and seed.
         inception_weights: the FID InceptionV3 weights file; features then come from it.
-        feature_classifier: a classifier checkpoint folder to take features from instead of the
-            run's classifier (ignored with ``inception_weights``).
+        feature_classifier: a classifier checkpoint folder to take features from (ignored with
+            ``inception_weights``). Default: ``RUN_DIR/feature-classifier``, a second classifier
+            of the run's recipe with another seed, trained here when missing, so that the
+            network that measures the samples is not the one that rejected them.
         progress: progress bars on stderr.
         command: the command line, recorded in the report.
         device: where the networks run (default: this process's device, CUDA when available;
@@ -514,11 +548,9 @@ def evaluate_run(
             )
         feature_source = {"network": "classifier", "path": str(feature_classifier)}
     else:
-        network = scorer
-        feature_source = {
-            "network": "classifier (the run's, also the rejection scorer)",
-            "path": str(run_dir / CLASSIFIER_KIND),
-        }
+        network, feature_source = _independent_classifier(
+            run_dir, data_path, classifier_config, device, progress
+        )
     data_config = load_run_config(run_dir, "vqvae", VQVAERunConfig).data
     splits = {
         split: open_dataset(
