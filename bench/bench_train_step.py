@@ -41,7 +41,10 @@ def build_step(case: str, variant: str):
 
     import torch
 
-    from vqvae2 import train as training
+    try:
+        from vqvae2 import loop as training
+    except ImportError:  # a baseline from before the training machinery had its own module
+        from vqvae2 import train as training
     from vqvae2.config import PriorRunConfig, VQVAERunConfig, load_config
 
     torch.manual_seed(0)

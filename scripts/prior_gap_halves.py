@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from vqvae2.codes import CodeDataset, CodeStoreWriter
 from vqvae2.config import PriorRunConfig, load_config
-from vqvae2.data import CodeDataset, CodeStoreWriter
-from vqvae2.train import CODES_DIR, evaluate_prior, train_prior
+from vqvae2.measure import measure_nll
+from vqvae2.run import CODES_DIR
+from vqvae2.train import train_prior
 
 
 def copy_codes(store: CodeDataset, rows: np.ndarray, directory: Path) -> CodeDataset:
@@ -57,7 +59,7 @@ def main() -> None:
     result = train_prior(scratch, "top", config, progress=False)
     # As many held-out codes as validation codes, like the train figure.
     batches = -(-len(val) // 256)
-    held_out_nats = evaluate_prior(result.model, held_out, 0, max_batches=batches)
+    held_out_nats = measure_nll(result.model, held_out, 0, max_batches=batches)
     print(json.dumps({**result.metrics, "held_out_train_nll_nats": held_out_nats}))
 
 

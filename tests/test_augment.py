@@ -10,18 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from vqvae2.checkpoint import load_prior, load_vqvae
+from vqvae2.codes import CodeDataset, PriorTrainingCodes
 from vqvae2.config import PriorRunConfig, VQVAERunConfig, load_config
 from vqvae2.data import (
-    CodeDataset,
-    PriorTrainingCodes,
     apply_augmentation,
     augmentation_names,
     float_to_uint8,
     open_dataset,
     shift_image,
 )
-from vqvae2.train import evaluate_prior, extract_codes, sample_from_run, train_prior, train_vqvae
+from vqvae2.measure import measure_nll
+from vqvae2.run import load_prior, load_vqvae
+from vqvae2.sample import sample_from_run
+from vqvae2.train import extract_codes, train_prior, train_vqvae
 
 KINDS = ("flip", "shift")
 NAMES = ["identity", "flip"] + [
@@ -121,7 +122,7 @@ def test_prior_trains_on_augmented_codes_and_evaluates_with_the_identity(augment
     assert prior.config.num_augmentations == 10
     # Reported figures are on the plain codes, with the identity transform.
     val = CodeDataset(run / "codes" / "val")
-    assert evaluate_prior(prior, val, 0) == pytest.approx(metrics["val_nll_nats"], rel=1e-5)
+    assert measure_nll(prior, val, 0) == pytest.approx(metrics["val_nll_nats"], rel=1e-5)
     assert metrics["val_nll_nats"] < np.log(16)
     bottom = load_config(PriorRunConfig, "prior-bottom-tiny", ["train.max_steps=3"])
     train_prior(run, "bottom", bottom, progress=False)

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from vqvae2 import load_vqvae
 from vqvae2.checkpoint import LATEST, read_checkpoint, save_checkpoint
 from vqvae2.config import VQVAERunConfig
+from vqvae2.run import load_vqvae
 from vqvae2.vqvae import VQVAE2
 
 from .conftest import tiny_config
@@ -97,41 +97,3 @@ def test_weights_of_another_shape_are_refused(tmp_path):
     (step_dir / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="do not fit the model"):
         load_vqvae(tmp_path)
-
-
-def test_priors_saved_in_the_old_layout_are_upgraded_on_load(tmp_path):
-    """Old priors carried an unused last vertical update and a key bias; loading drops them."""
-    from vqvae2.checkpoint import upgrade_prior_state
-    from vqvae2.config import PixelSNAILConfig
-    from vqvae2.pixelsnail import PixelSNAIL
-
-    config = PixelSNAILConfig(
-        code_size=4,
-        codebook_size=7,
-        hidden_channels=8,
-        residual_channels=8,
-        num_layers=2,
-        attention_layers=1,
-        attention_heads=2,
-        dropout=0.0,
-        output_stack_layers=1,
-        condition_channels=4,
-        condition_res_blocks=1,
-        condition_sizes=(2,),
-    )
-    prior = PixelSNAIL(config).eval()
-    state = prior.state_dict()
-    legacy = dict(state)
-    legacy["blocks.1.vertical_gates.weight"] = torch.randn(16, 8, 1, 1)
-    legacy["blocks.1.vertical_gates.bias"] = torch.randn(16)
-    key_biases = [k.replace(".key.weight", ".key.bias") for k in state if k.endswith(".key.weight")]
-    assert key_biases
-    for key in key_biases:
-        legacy[key] = torch.randn(8)
-    for name in ("weight", "bias"):
-        current = state[f"blocks.1.condition.{name}"]
-        legacy[f"blocks.1.condition.{name}"] = torch.cat([torch.randn_like(current), current])
-    upgraded = upgrade_prior_state(legacy, config.num_layers)
-    assert upgraded.keys() == state.keys()
-    assert all(torch.equal(upgraded[k], state[k]) for k in state)
-    assert upgrade_prior_state(state, config.num_layers) is state  # current layout: untouched

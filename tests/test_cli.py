@@ -195,7 +195,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, npz_data):
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["step"] == killed_at + 3
     # Steps logged after the last checkpoint by the killed process are not logged twice.
-    from vqvae2.train import read_metrics
+    from vqvae2.loop import read_metrics
 
     keys = [(r["step"], r["split"], r["metric"]) for r in read_metrics(run / "metrics.csv")]
     assert len(keys) == len(set(keys))

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from vqvae2.config import DataConfig
-from vqvae2.data import make_grid, open_dataset, split_indices
+from vqvae2.data import open_dataset, split_indices
+from vqvae2.report import make_grid
 
 
 def write_idx(path, array, gz):

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vqvae2.checkpoint import load_classifier, load_run_config
 from vqvae2.classifier import Classifier
 from vqvae2.cli import build_parser, main
 from vqvae2.config import (
@@ -27,11 +26,12 @@ from vqvae2.evaluate import (
     classification_accuracy_score,
     evaluate_run,
     proportional_counts,
-    render_markdown,
-    sample_with_rejection,
 )
 from vqvae2.inception import InceptionV3, load_inception
 from vqvae2.pixelsnail import PixelSNAIL
+from vqvae2.report import render_markdown
+from vqvae2.run import load_classifier, load_prior, load_run_config
+from vqvae2.sample import sample_with_rejection
 from vqvae2.sampling import (
     accept_above_threshold,
     generate,
@@ -328,16 +328,14 @@ def test_evaluate_writes_tables_curves_and_plots(tiny_run, tmp_path):
 
 
 def test_evaluate_prior_nll_matches_train_prior(tiny_run, tmp_path):
-    from vqvae2.data import CodeDataset
-    from vqvae2.train import evaluate_prior
+    from vqvae2.codes import CodeDataset
+    from vqvae2.measure import measure_nll
 
     run, data = tiny_run
     report = evaluate_run(
         run, data, tmp_path / "r", tiny_evaluate_config(reject_fractions=(0.0,)), progress=False
     )
-    from vqvae2.checkpoint import load_prior
-
-    stored = evaluate_prior(load_prior(run, "top"), CodeDataset(run / "codes" / "val"), 0)
+    stored = measure_nll(load_prior(run, "top"), CodeDataset(run / "codes" / "val"), 0)
     assert report["table1"]["priors"]["top"]["val_nll_nats"] == pytest.approx(stored, rel=1e-5)
 
 

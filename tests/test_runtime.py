@@ -10,8 +10,9 @@ import torch
 
 from vqvae2.config import RuntimeConfig, TrainConfig, VQVAERunConfig, load_config
 from vqvae2.distributed import DistributedContext
+from vqvae2.loop import micro_batch_size, prepare_step_module
 from vqvae2.quantize import VectorQuantizerEMA
-from vqvae2.train import micro_batch_size, prepare_step_module, train_vqvae
+from vqvae2.train import train_vqvae
 
 TINY = ["model.image_size=16", "train.batch_size=8", "train.val_every=1000"]
 

@@ -11,19 +11,19 @@ import pytest
 import torch
 import yaml
 
-from vqvae2.checkpoint import load_classifier, load_prior, load_vqvae
+from vqvae2.codes import CodeDataset, CodeStoreWriter
 from vqvae2.config import (
     ClassifierRunConfig,
     PriorRunConfig,
     VQVAERunConfig,
     load_config,
 )
-from vqvae2.data import CodeDataset, CodeStoreWriter, float_to_uint8, open_dataset
+from vqvae2.data import float_to_uint8, open_dataset
+from vqvae2.measure import class_agreement, measure_nll
+from vqvae2.run import load_classifier, load_prior, load_vqvae
+from vqvae2.sample import sample_from_run
 from vqvae2.train import (
-    class_agreement,
-    evaluate_prior,
     extract_codes,
-    sample_from_run,
     train_classifier,
     train_prior,
     train_vqvae,
@@ -102,7 +102,7 @@ def test_prior_learns_resumes_and_reports_nll(trained_run, tmp_path):
     prior = load_prior(run, "top")
     assert prior.config.num_classes == 3 and prior.config.code_size == 2
     store = CodeDataset(run / "codes" / "val")
-    assert evaluate_prior(prior, store, 0) == pytest.approx(metrics["val_nll_nats"], rel=1e-5)
+    assert measure_nll(prior, store, 0) == pytest.approx(metrics["val_nll_nats"], rel=1e-5)
     more = train_prior(
         run,
         "top",

@@ -10,14 +10,9 @@ import torch
 
 from vqvae2.config import TrainConfig, VQVAERunConfig, load_config
 from vqvae2.data import open_dataset
-from vqvae2.train import (
-    EpochBatchSampler,
-    RunClock,
-    _learning_rate,
-    read_metrics,
-    reconstruct,
-    train_vqvae,
-)
+from vqvae2.loop import EpochBatchSampler, RunClock, learning_rate, read_metrics
+from vqvae2.reconstruct import reconstruct
+from vqvae2.train import train_vqvae
 
 
 def tiny_run_config(*overrides: str) -> VQVAERunConfig:
@@ -50,7 +45,7 @@ def test_sampler_batch_depends_only_on_seed_and_step():
 def test_learning_rate_schedules_by_hand():
     def rates(**fields):
         train = TrainConfig(learning_rate=1.0, max_steps=10, **fields)
-        return [_learning_rate(train, step) for step in range(10)]
+        return [learning_rate(train, step) for step in range(10)]
 
     assert rates() == [1.0] * 10
     assert rates(lr_schedule="linear") == pytest.approx([1 - s / 10 for s in range(10)])
@@ -71,14 +66,14 @@ def test_learning_rate_schedules_by_hand():
 def test_time_budget_moves_the_schedule_on():
     train = TrainConfig(learning_rate=1.0, max_steps=10, lr_schedule="linear", warmup_steps=2)
     # The decay follows whichever of steps and budget is further along; the warm-up does not.
-    assert _learning_rate(train, 0, budget_spent=0.9) == 0.5
-    assert _learning_rate(train, 2, budget_spent=0.25) == pytest.approx(0.75)
-    assert _learning_rate(train, 6, budget_spent=0.25) == pytest.approx(0.5)  # steps: 4 of 8
-    assert _learning_rate(train, 3, budget_spent=1.5) == 0.0
+    assert learning_rate(train, 0, budget_spent=0.9) == 0.5
+    assert learning_rate(train, 2, budget_spent=0.25) == pytest.approx(0.75)
+    assert learning_rate(train, 6, budget_spent=0.25) == pytest.approx(0.5)  # steps: 4 of 8
+    assert learning_rate(train, 3, budget_spent=1.5) == 0.0
     cosine = TrainConfig(learning_rate=1.0, max_steps=10, lr_schedule="cosine")
-    assert _learning_rate(cosine, 1, budget_spent=0.5) == pytest.approx(0.5)
+    assert learning_rate(cosine, 1, budget_spent=0.5) == pytest.approx(0.5)
     constant = TrainConfig(learning_rate=1.0, max_steps=10)
-    assert _learning_rate(constant, 1, budget_spent=0.5) == 1.0
+    assert learning_rate(constant, 1, budget_spent=0.5) == 1.0
     # The budget counts the time of earlier processes of a resumed run.
     assert RunClock(59.0, None, budget_minutes=1.0).out_of_time() is False
     assert RunClock(60.0, None, budget_minutes=1.0).out_of_time() is True

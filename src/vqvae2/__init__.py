@@ -1,58 +1,61 @@
-"""vqvae2: VQ-VAE-2 (Razavi, van den Oord, Vinyals 2019) in PyTorch."""
+"""vqvae2: VQ-VAE-2 (Razavi, van den Oord, Vinyals 2019) in PyTorch.
 
-from .checkpoint import load_classifier, load_prior, load_vqvae
-from .config import (
-    ClassifierRunConfig,
-    DataConfig,
-    PixelSNAILConfig,
-    PriorRunConfig,
-    TrainConfig,
-    VQVAEConfig,
-    VQVAERunConfig,
-    load_config,
-)
-from .data import open_dataset
-from .pixelsnail import PixelSNAIL
-from .quantize import QuantizerOutput, VectorQuantizerEMA
-from .sampling import generate, sample_codes
-from .train import (
-    evaluate_vqvae,
-    extract_codes,
-    reconstruct,
-    sample_from_run,
-    train_classifier,
-    train_prior,
-    train_vqvae,
-)
-from .vqvae import VQVAE2, VQVAEOutput
+The names below load their module on first use, so ``import vqvae2`` stays light: the models,
+the trainers and the evaluation are imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ClassifierRunConfig",
-    "PixelSNAIL",
-    "PixelSNAILConfig",
-    "PriorRunConfig",
-    "extract_codes",
-    "generate",
-    "load_classifier",
-    "load_prior",
-    "sample_codes",
-    "sample_from_run",
-    "train_classifier",
-    "train_prior",
-    "VQVAE2",
-    "DataConfig",
-    "QuantizerOutput",
-    "TrainConfig",
-    "VQVAEConfig",
-    "VQVAEOutput",
-    "VQVAERunConfig",
-    "VectorQuantizerEMA",
-    "evaluate_vqvae",
-    "load_config",
-    "load_vqvae",
-    "open_dataset",
-    "reconstruct",
-    "train_vqvae",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    "ClassifierRunConfig": "config",
+    "DataConfig": "config",
+    "EvaluateConfig": "config",
+    "PixelSNAILConfig": "config",
+    "PriorRunConfig": "config",
+    "RuntimeConfig": "config",
+    "TrainConfig": "config",
+    "VQVAEConfig": "config",
+    "VQVAERunConfig": "config",
+    "load_config": "config",
+    "VectorQuantizerEMA": "quantize",
+    "QuantizerOutput": "quantize",
+    "VQVAE2": "vqvae",
+    "VQVAEOutput": "vqvae",
+    "PixelSNAIL": "pixelsnail",
+    "generate": "sampling",
+    "sample_codes": "sampling",
+    "open_dataset": "data",
+    "load_vqvae": "run",
+    "load_prior": "run",
+    "load_classifier": "run",
+    "measure_reconstruction": "measure",
+    "measure_nll": "measure",
+    "reconstruct": "reconstruct",
+    "train_vqvae": "train",
+    "extract_codes": "train",
+    "train_prior": "train",
+    "train_classifier": "train",
+    "sample_from_run": "sample",
+    "sample_with_rejection": "sample",
+    "evaluate_run": "evaluate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vqvae2' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from torch import nn
+from torch import Tensor, nn
+
+SEED_STRIDE = 1_000_003  # derived seeds: base * stride + offset (step, process rank)
 
 
 @contextmanager
@@ -19,3 +22,26 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
     finally:
         for module, mode in zip(modules, modes, strict=True):
             module.train(mode)
+
+
+def state_mismatch(
+    expected: dict[str, Tensor], given: dict[str, Tensor], listed: int = 3
+) -> str | None:
+    """Why ``given`` weights do not fit a model whose state is ``expected`` (the first ``listed``
+    missing or unexpected keys, or the first shape that differs), or None when they fit."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        return f"missing {missing[:listed]}" if missing else f"unexpected {unexpected[:listed]}"
+    for key, value in given.items():
+        if value.shape != expected[key].shape:
+            return f"{key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+    return None
+
+
+def load_state_checked(model: nn.Module, state: dict[str, Tensor], where: Path) -> None:
+    """``model.load_state_dict(state)`` with a one-line error when the weights do not fit."""
+    problem = state_mismatch(model.state_dict(), state)
+    if problem is not None:
+        raise ValueError(f"weights in {where} do not fit the model: {problem}")
+    model.load_state_dict(state)

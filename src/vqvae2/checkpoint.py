@@ -25,16 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .classifier import Classifier
-from .config import (
-    ClassifierRunConfig,
-    PriorRunConfig,
-    VQVAERunConfig,
-    config_from_dict,
-    config_to_dict,
-)
-from .pixelsnail import PixelSNAIL
-from .vqvae import VQVAE2
+from .config import config_to_dict
 
 FORMAT_NAME = "vqvae2-checkpoint"
 FORMAT_VERSION = 1
@@ -57,16 +48,9 @@ class Checkpoint:
     extra: dict[str, Any]  # free-form JSON (e.g. elapsed time, data path)
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, flush it to disk, then rename it over
+    ``path``: a reader sees the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as handle:
         handle.write(text)
@@ -145,11 +129,11 @@ def save_checkpoint(
         tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / OPTIMIZER_WEIGHTS))
         meta["optimizer"] = optimizer_meta
-    _write_json_atomic(tmp / META, meta)
+    write_text_atomic(tmp / META, json.dumps(meta, indent=2))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_text_atomic(kind_dir / LATEST, name + "\n")
+    write_text_atomic(kind_dir / LATEST, name + "\n")
     steps = sorted(p for p in kind_dir.glob("step-*") if p.is_dir())
     for old in steps[: max(0, len(steps) - keep)]:
         if old != final:
@@ -221,87 +205,3 @@ def read_checkpoint(path: Path, kind: str, with_optimizer: bool = False) -> Chec
         optimizer_state=optimizer_state,
         extra=meta.get("extra", {}),
     )
-
-
-def load_run_config(path: str | Path, kind: str, config_class: type) -> Any:
-    """The run config saved with a ``kind`` checkpoint (reads only the JSON metadata)."""
-    return config_from_dict(config_class, read_meta(Path(path), kind)[1]["config"])
-
-
-def state_mismatch(
-    expected: dict[str, Tensor], given: dict[str, Tensor], listed: int = 3
-) -> str | None:
-    """Why ``given`` weights do not fit a model whose state is ``expected`` (the first ``listed``
-    missing or unexpected keys, or the first shape that differs), or None when they fit."""
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing or unexpected:
-        return f"missing {missing[:listed]}" if missing else f"unexpected {unexpected[:listed]}"
-    for key, value in given.items():
-        if value.shape != expected[key].shape:
-            return f"{key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
-    return None
-
-
-def load_state_checked(model: nn.Module, state: dict[str, Tensor], where: Path) -> None:
-    """``model.load_state_dict(state)`` with a one-line error when the weights do not fit."""
-    problem = state_mismatch(model.state_dict(), state)
-    if problem is not None:
-        raise ValueError(f"weights in {where} do not fit the model: {problem}")
-    model.load_state_dict(state)
-
-
-def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE2:
-    """Load a trained VQ-VAE from a run folder or checkpoint folder, in eval mode.
-
-    Args:
-        path: ``RUN_DIR``, ``RUN_DIR/vqvae`` or a ``step-*`` folder.
-        map_location: device for the weights.
-    """
-    checkpoint = read_checkpoint(Path(path), "vqvae")
-    run_config = config_from_dict(VQVAERunConfig, checkpoint.config)
-    model = VQVAE2(run_config.model)
-    load_state_checked(model, checkpoint.model_state, checkpoint.path)
-    return model.to(map_location).eval()
-
-
-def upgrade_prior_state(state: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
-    """Bring prior weights saved before 0.2 to the current layout; the function is unchanged.
-
-    Those priors gave the last gated block a vertical update nobody read (its gates and the
-    vertical half of its conditioning are dropped) and the attention keys a bias that softmax
-    ignores (dropped: it shifts every score of a query by the same amount).
-    """
-    last = f"blocks.{num_layers - 1}."
-    if f"{last}vertical_gates.weight" not in state:
-        return state
-    upgraded = {}
-    for key, value in state.items():
-        if key.startswith(f"{last}vertical_gates.") or (
-            key.startswith("attention.") and key.endswith(".key.bias")
-        ):
-            continue
-        if key.startswith(f"{last}condition."):
-            value = value[value.shape[0] // 2 :]  # keep the horizontal gates' half
-        upgraded[key] = value
-    return upgraded
-
-
-def load_prior(
-    run_dir: str | Path, level: str, map_location: str | torch.device = "cpu"
-) -> PixelSNAIL:
-    """Load the trained prior of ``level`` ('top', 'middle', 'bottom') from a run folder, in eval mode."""
-    kind = f"prior-{level}"
-    checkpoint = read_checkpoint(Path(run_dir), kind)
-    prior = PixelSNAIL(config_from_dict(PriorRunConfig, checkpoint.config).prior)
-    state = upgrade_prior_state(checkpoint.model_state, prior.config.num_layers)
-    load_state_checked(prior, state, checkpoint.path)
-    return prior.to(map_location).eval()
-
-
-def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
-    """Load a trained classifier from its folder (or a run folder holding ``classifier/``)."""
-    checkpoint = read_checkpoint(Path(path), "classifier")
-    classifier = Classifier(config_from_dict(ClassifierRunConfig, checkpoint.config).model)
-    load_state_checked(classifier, checkpoint.model_state, checkpoint.path)
-    return classifier.to(map_location).eval()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from .config import ClassifierConfig
@@ -42,10 +41,6 @@ class Classifier(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(channels, config.num_classes)
 
-    @property
-    def feature_dim(self) -> int:
-        return self.config.stage_channels[-1]
-
     def forward(self, images: Tensor) -> ClassifierOutput:
         """Images (B, C, S, S) float in [-1, 1] -> logits (B, classes) and features (B, F)."""
         expected = (self.config.in_channels, self.config.image_size, self.config.image_size)
@@ -55,12 +50,3 @@ class Classifier(nn.Module):
             )
         features = self.stages(images).mean(dim=(2, 3))  # (B, F)
         return ClassifierOutput(logits=self.head(self.dropout(features)), features=features)
-
-    @torch.no_grad()
-    def class_probabilities(self, images: Tensor) -> Tensor:
-        """(B, C, S, S) images -> (B, num_classes) softmax probabilities (eval mode)."""
-        was_training = self.training
-        self.eval()
-        probabilities = torch.softmax(self(images).logits, dim=-1)
-        self.train(was_training)
-        return probabilities

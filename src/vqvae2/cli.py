@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -53,7 +52,7 @@ def _resumed_config(run_dir: Path, kind: str, config_class: type, max_steps: int
     """The config saved with a run, for --resume; --max-steps may lengthen or shorten it."""
     from dataclasses import replace
 
-    from .checkpoint import load_run_config
+    from .run import load_run_config
 
     config = load_run_config(run_dir, kind, config_class)
     if max_steps is None:
@@ -105,7 +104,7 @@ def _cmd_train_vqvae(args: argparse.Namespace) -> int:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from .train import reconstruct
+    from .reconstruct import reconstruct
 
     data = args.data if args.data is not None or args.images else DEFAULT_DATA_PATH
     result = reconstruct(
@@ -161,7 +160,8 @@ def _default_preset(run_dir: Path, prefix: str) -> str:
 
 def _cmd_train_prior(args: argparse.Namespace) -> int:
     from .config import PriorRunConfig
-    from .train import level_index, train_prior
+    from .run import level_index
+    from .train import train_prior
 
     level_index(args.run_dir, args.level)  # a clear error before any preset lookup
     overrides = list(args.overrides)
@@ -207,7 +207,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     out = args.out
     preset = args.config
     if args.run is not None:
-        from .checkpoint import load_run_config
+        from .run import load_run_config
 
         model = load_run_config(args.run, "vqvae", VQVAERunConfig).model
         overrides = [
@@ -250,19 +250,15 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
 
 def _write_sample_images(args: argparse.Namespace, images: Tensor) -> None:
     """The grid (one row per requested class) and, with --save-images, each image."""
-    from .data import make_grid, save_png
+    from .sample import grid_columns, write_samples
 
-    columns = args.n // len(args.classes) if args.classes else math.ceil(math.sqrt(args.n))
-    save_png(make_grid(images, columns=max(1, columns)), args.out)
-    if args.save_images is not None:
-        for index, image in enumerate(images):
-            save_png(image, args.save_images / f"sample-{index:05d}.png")
+    write_samples(images, args.out, grid_columns(args.n, args.classes), args.save_images)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .train import sample_from_run
+    from .sample import sample_from_run
 
     if args.reject_fraction is not None or args.accept_threshold is not None:
         return _cmd_sample_with_rejection(args)
@@ -292,8 +288,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     }
     classifier_dir = args.run_dir / "classifier"
     if result.labels is not None and (classifier_dir / "latest").is_file():
-        from .checkpoint import load_classifier
-        from .train import class_agreement
+        from .measure import class_agreement
+        from .run import load_classifier
 
         agreement = class_agreement(load_classifier(classifier_dir), result.images, result.labels)
         summary["class_agreement"] = agreement
@@ -311,7 +307,7 @@ def _cmd_sample_with_rejection(args: argparse.Namespace) -> int:
     """``sample --reject-fraction F`` / ``--accept-threshold T`` (Section 3.3)."""
     import numpy as np
 
-    from .evaluate import sample_with_rejection
+    from .sample import sample_with_rejection
 
     if args.reject_fraction is not None and args.accept_threshold is not None:
         raise ValueError("give --reject-fraction or --accept-threshold, not both")
@@ -394,7 +390,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from .config import EvaluateConfig
-    from .evaluate import REPORT_MARKDOWN, evaluate_run
+    from .evaluate import evaluate_run
+    from .report import REPORT_MARKDOWN
 
     config = EvaluateConfig()
     changes: dict = {"seed": args.seed}
@@ -486,7 +483,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="VQ-VAE-2 (Razavi et al. 2019): hierarchical VQ-VAE and autoregressive priors.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (
+        _add_train_vqvae,
+        _add_reconstruct,
+        _add_extract_codes,
+        _add_train_prior,
+        _add_train_classifier,
+        _add_sample,
+        _add_evaluate,
+        _add_presets,
+    ):
+        add_command(commands)
+    return parser
 
+
+def _add_train_vqvae(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train-vqvae",
         help="train stage 1 (the hierarchical VQ-VAE)",
@@ -510,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(train, "the final metrics")
     train.set_defaults(handler=_cmd_train_vqvae)
 
+
+def _add_reconstruct(commands: argparse._SubParsersAction) -> None:
     recon = commands.add_parser(
         "reconstruct",
         help="write original / reconstruction / per-level grids and measure a split",
@@ -530,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_option(recon)
     recon.set_defaults(handler=_cmd_reconstruct)
 
+
+def _add_extract_codes(commands: argparse._SubParsersAction) -> None:
     extract = commands.add_parser(
         "extract-codes",
         help="encode the train and validation splits into RUN_DIR/codes (Algorithm 2, 1-7)",
@@ -549,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_option(extract)
     extract.set_defaults(handler=_cmd_extract_codes)
 
+
+def _add_train_prior(commands: argparse._SubParsersAction) -> None:
     prior = commands.add_parser(
         "train-prior",
         help="train the PixelSNAIL prior of one level on the extracted codes",
@@ -561,6 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(prior, "the final NLL")
     prior.set_defaults(handler=_cmd_train_prior)
 
+
+def _add_train_classifier(commands: argparse._SubParsersAction) -> None:
     classifier = commands.add_parser(
         "train-classifier",
         help="train the image classifier used for rejection sampling and evaluation",
@@ -575,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(classifier, "the accuracy")
     classifier.set_defaults(handler=_cmd_train_classifier)
 
+
+def _add_sample(commands: argparse._SubParsersAction) -> None:
     sample = commands.add_parser(
         "sample",
         help="draw images: top codes, then each lower level, then one decoder pass",
@@ -611,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_option(sample)
     sample.set_defaults(handler=_cmd_sample)
 
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         help="Tables 1-2 and Fig. 7: NLL, MSE, CAS, FID/FID*/KID/IS, precision/recall vs rejection",
@@ -660,9 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_option(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
 
+
+def _add_presets(commands: argparse._SubParsersAction) -> None:
     presets = commands.add_parser("presets", help="list the built-in config presets")
     presets.set_defaults(handler=_cmd_presets)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Image datasets for VQ-VAE-2: MNIST-family IDX files, folders of images and ``.npz`` arrays.
+"""Image sources and transforms: MNIST-family IDX files, folders of images and ``.npz`` arrays,
+the image transforms of distribution augmentation, and batch loaders over any dataset.
 
 Every dataset yields images as float tensors in [-1, 1] of shape (C, S, S) with an int64 class
 label, resized or padded to the configured square side S. Sources without a validation (or test)
@@ -8,21 +9,17 @@ split get a deterministic one, carved by a seeded permutation.
 from __future__ import annotations
 
 import gzip
-import json
 import logging
-import math
-import os
-import shutil
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from .config import DataConfig
 
@@ -370,45 +367,6 @@ def open_dataset(
     return dataset
 
 
-# ----------------------------------------------------------------------------------------------
-# Grids
-
-
-def make_grid(images: Tensor, columns: int, padding: int = 2) -> Tensor:
-    """Tile images into one picture.
-
-    Args:
-        images: (N, C, H, W) uint8.
-        columns: images per row.
-        padding: pixels of black between tiles.
-
-    Returns:
-        (C, rows * (H + padding) + padding, columns * (W + padding) + padding) uint8.
-    """
-    count, channels, height, width = images.shape
-    rows = max(1, math.ceil(count / columns))
-    grid = torch.zeros(
-        channels,
-        rows * (height + padding) + padding,
-        columns * (width + padding) + padding,
-        dtype=torch.uint8,
-    )
-    for index in range(count):
-        row, column = divmod(index, columns)
-        top, left = padding + row * (height + padding), padding + column * (width + padding)
-        grid[:, top : top + height, left : left + width] = images[index]
-    return grid
-
-
-def save_png(image: Tensor, path: str | Path) -> Path:
-    """Write a uint8 (C, H, W) image (C = 1 or 3) as PNG, creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = image.permute(1, 2, 0).numpy()  # (H, W, C)
-    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
-    return path
-
-
 def load_image_files(paths: Sequence[str | Path], image_size: int, channels: int) -> Tensor:
     """Read image files into float (N, C, S, S) in [-1, 1].
 
@@ -426,12 +384,6 @@ def load_image_files(paths: Sequence[str | Path], image_size: int, channels: int
     if not images:
         raise ValueError("no image files given")
     return uint8_to_float(torch.stack(images))
-
-
-# ----------------------------------------------------------------------------------------------
-# Extracted codes (Algorithm 2, lines 1-7)
-
-CODE_STORE_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,252 +437,26 @@ def apply_augmentation(images: Tensor, name: str) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Code stores
+# Batches
 
 
-def _code_dtype(codebook_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if codebook_size <= 2**16 else np.dtype(np.int32)
+def _batch_as_is(batch: Any) -> Any:
+    """Collate function for datasets whose ``__getitems__`` already returns a batch."""
+    return batch
 
 
-class CodeStoreWriter:
-    """Writes the codes of every level and the labels of one split into memory-mapped ``.npy``
-    files, so the store can grow to millions of entries without being held in memory.
-
-    Files go to a temporary folder that ``close`` renames into place: a killed extraction leaves
-    no half-written store behind. Several processes can fill one store: one creates it, the
-    others ``attach`` to the same temporary folder and write their own rows.
-    """
-
-    def __init__(
-        self,
-        directory: str | Path,
-        count: int,
-        level_names: Sequence[str],
-        code_sizes: Sequence[int],
-        codebook_size: int,
-        extra: dict | None = None,
-        augmentations: Sequence[str] = (),
-    ) -> None:
-        """``augmentations``: names of the transforms whose codes the store holds (index 0 the
-        identity); when given, every row also records its transform index."""
-        self.directory = Path(directory)
-        self.tmp = self.directory.with_name(f".{self.directory.name}.tmp")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
-        dtype = _code_dtype(codebook_size)
-        self.codes = [
-            np.lib.format.open_memmap(self.tmp / f"{name}.npy", "w+", dtype, (count, side, side))
-            for name, side in zip(level_names, code_sizes, strict=True)
-        ]
-        self.labels = np.lib.format.open_memmap(self.tmp / "labels.npy", "w+", np.int64, (count,))
-        self.augmentations = None
-        if augmentations:
-            self.augmentations = np.lib.format.open_memmap(
-                self.tmp / "augmentations.npy", "w+", np.int16, (count,)
-            )
-        self.meta = {
-            "format": "vqvae2-codes",
-            "format_version": CODE_STORE_VERSION,
-            "count": count,
-            "levels": list(level_names),
-            "code_sizes": list(code_sizes),
-            "codebook_size": codebook_size,
-            **({"augmentations": list(augmentations)} if augmentations else {}),
-            **(extra or {}),
-        }
-
-    @classmethod
-    def attach(cls, directory: str | Path, level_names: Sequence[str]) -> CodeStoreWriter:
-        """Open the store another process is creating at ``directory``, to write rows into it.
-
-        Only the creator calls ``close``; an attached writer calls ``flush``.
-        """
-        writer = cls.__new__(cls)
-        writer.directory = Path(directory)
-        writer.tmp = writer.directory.with_name(f".{writer.directory.name}.tmp")
-        writer.codes = [np.load(writer.tmp / f"{name}.npy", mmap_mode="r+") for name in level_names]
-        writer.labels = np.load(writer.tmp / "labels.npy", mmap_mode="r+")
-        augmentations = writer.tmp / "augmentations.npy"
-        writer.augmentations = (
-            np.load(augmentations, mmap_mode="r+") if augmentations.is_file() else None
-        )
-        writer.meta = {}
-        return writer
-
-    def write(
-        self, start: int, codes: Sequence[Tensor], labels: Tensor, augmentation: int = 0
-    ) -> None:
-        """Store a batch at rows ``start:start+B``: codes per level (B, h, w), labels (B,), and
-        in a store of augmented codes the index of the transform that made them."""
-        stop = start + len(labels)
-        for store, level_codes in zip(self.codes, codes, strict=True):
-            store[start:stop] = level_codes.cpu().numpy()
-        self.labels[start:stop] = labels.cpu().numpy()
-        if self.augmentations is not None:
-            self.augmentations[start:stop] = augmentation
-
-    def flush(self) -> None:
-        arrays = [*self.codes, self.labels]
-        if self.augmentations is not None:
-            arrays.append(self.augmentations)
-        for array in arrays:
-            array.flush()
-
-    def close(self) -> Path:
-        self.flush()
-        (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=2))
-        if self.directory.exists():
-            shutil.rmtree(self.directory)
-        os.replace(self.tmp, self.directory)
-        return self.directory
+def batch_loader(
+    dataset: Dataset, batch_sampler: Iterable[list[int]], num_workers: int = 0
+) -> DataLoader:
+    """Batches of ``dataset`` in the order of ``batch_sampler`` (lists of indices), each read
+    with one ``__getitems__`` call, in ``num_workers`` worker processes (0: this process)."""
+    return DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=_batch_as_is
+    )
 
 
-class CodeDataset(Dataset):
-    """Random access to a split of extracted codes: items are (codes per level, label).
-
-    Raises:
-        ValueError: the store is missing, of another format, empty, truncated or inconsistent.
-    """
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        meta_path = self.directory / "meta.json"
-        if not meta_path.is_file():
-            raise ValueError(
-                f"no extracted codes in {self.directory}; run `vqvae2 extract-codes` first"
-            )
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read {meta_path}: {error}") from None
-        if meta.get("format") != "vqvae2-codes" or meta.get("format_version") != CODE_STORE_VERSION:
-            raise ValueError(
-                f"{self.directory} is not a vqvae2 code store of version {CODE_STORE_VERSION}"
-            )
-        self.meta = meta
-        self.level_names: list[str] = meta["levels"]
-        self.code_sizes: list[int] = meta["code_sizes"]
-        self.codebook_size: int = meta["codebook_size"]
-        count = meta["count"]
-        if count < 1:
-            raise ValueError(f"the code store {self.directory} is empty")
-        try:
-            self.codes = [
-                np.load(self.directory / f"{name}.npy", mmap_mode="r") for name in self.level_names
-            ]
-            self.labels = np.load(self.directory / "labels.npy", mmap_mode="r")
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"the code store {self.directory} is truncated or corrupt: {error}"
-            ) from None
-        for name, array, side in zip(self.level_names, self.codes, self.code_sizes, strict=True):
-            if array.shape != (count, side, side):
-                raise ValueError(
-                    f"the code store {self.directory} is inconsistent: {name} codes have shape "
-                    f"{array.shape}, expected {(count, side, side)}"
-                )
-        if self.labels.shape != (count,):
-            raise ValueError(
-                f"the code store {self.directory} is inconsistent: labels {self.labels.shape}"
-            )
-        self.augmentation_names: list[str] = meta.get("augmentations", ["identity"])
-        self.augmentations = None  # (N,) transform index per row; None: all the identity
-        if "augmentations" in meta:
-            try:
-                self.augmentations = np.load(self.directory / "augmentations.npy", mmap_mode="r")
-            except (OSError, ValueError) as error:
-                raise ValueError(
-                    f"the code store {self.directory} is truncated or corrupt: {error}"
-                ) from None
-            if self.augmentations.shape != (count,):
-                raise ValueError(
-                    f"the code store {self.directory} is inconsistent: augmentation indices "
-                    f"{self.augmentations.shape}"
-                )
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.meta.get("num_classes", 0))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[list[Tensor], Tensor]:
-        codes, labels = self.__getitems__([index])
-        return [level[0] for level in codes], labels[0]
-
-    def __getitems__(self, indices: Sequence[int]) -> tuple[list[Tensor], Tensor]:
-        """Codes per level, top first, each (B, h, w) int64, and labels (B,) int64."""
-        index = np.asarray(indices, dtype=np.int64)
-        order = np.argsort(index)  # sorted reads are kinder to memory maps
-        sorted_index = index[order]
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        codes = [
-            torch.from_numpy(array[sorted_index].astype(np.int64))[inverse] for array in self.codes
-        ]
-        labels = torch.from_numpy(self.labels[sorted_index].astype(np.int64))[inverse]
-        return codes, labels
-
-    def augmentation_indices(self, indices: Sequence[int]) -> Tensor:
-        """(B,) int64 transform index of each row (0, the identity, in a plain store)."""
-        if self.augmentations is None:
-            return torch.zeros(len(indices), dtype=torch.long)
-        index = np.asarray(indices, dtype=np.int64)
-        return torch.from_numpy(self.augmentations[index].astype(np.int64))
-
-
-class PriorTrainingCodes(Dataset):
-    """The train codes a prior fits: the plain store, then (optionally) a store of the codes of
-    transformed training images. Items are (codes per level, label, transform index).
-    """
-
-    def __init__(self, plain: CodeDataset, augmented: CodeDataset | None = None) -> None:
-        self.plain = plain
-        self.augmented = augmented
-        if augmented is not None and (
-            augmented.level_names != plain.level_names
-            or augmented.code_sizes != plain.code_sizes
-            or augmented.codebook_size != plain.codebook_size
-            or augmented.meta.get("vqvae_step") != plain.meta.get("vqvae_step")
-        ):
-            raise ValueError(
-                f"the augmented codes in {augmented.directory} do not match {plain.directory}; "
-                "extract them again"
-            )
-
-    @property
-    def num_augmentations(self) -> int:
-        """Transforms incl. the identity; 0 without augmented codes (no conditioning needed)."""
-        return 0 if self.augmented is None else len(self.augmented.augmentation_names)
-
-    def __len__(self) -> int:
-        return len(self.plain) + (0 if self.augmented is None else len(self.augmented))
-
-    def __getitem__(self, index: int) -> tuple[list[Tensor], Tensor, Tensor]:
-        codes, labels, augmentations = self.__getitems__([index])
-        return [level[0] for level in codes], labels[0], augmentations[0]
-
-    def __getitems__(self, indices: Sequence[int]) -> tuple[list[Tensor], Tensor, Tensor]:
-        """Codes per level (B, h, w), labels (B,), transform indices (B,), all int64."""
-        index = np.asarray(indices, dtype=np.int64)
-        in_plain = index < len(self.plain)
-        parts = [(np.flatnonzero(in_plain), self.plain, index[in_plain])]
-        if self.augmented is not None:
-            parts.append(
-                (np.flatnonzero(~in_plain), self.augmented, index[~in_plain] - len(self.plain))
-            )
-        count = len(index)
-        codes = [torch.empty(count, side, side, dtype=torch.long) for side in self.plain.code_sizes]
-        labels = torch.empty(count, dtype=torch.long)
-        augmentations = torch.zeros(count, dtype=torch.long)
-        for positions, store, rows in parts:
-            if len(rows) == 0:
-                continue
-            store_codes, store_labels = store.__getitems__(rows.tolist())
-            for level, level_codes in zip(codes, store_codes, strict=True):
-                level[positions] = level_codes
-            labels[positions] = store_labels
-            augmentations[positions] = store.augmentation_indices(rows.tolist())
-        return codes, labels, augmentations
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Sequential batches over a whole split (the last one may be short)."""
+    indices = list(range(len(dataset)))
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    return batch_loader(dataset, batches, num_workers)

@@ -17,7 +17,6 @@ pure and receive only the ``all_reduce_sum`` / ``all_gather_cat`` functions.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -80,22 +79,18 @@ class DistributedContext:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return float(tensor.item())
 
-    def broadcast(self, value: T) -> T:
-        """Rank 0's ``value`` (any picklable object made by this program) on every process."""
+    def gather_objects(self, value: T) -> list[T]:
+        """Every process's ``value`` (any picklable object made by this program), in rank order,
+        on every process."""
         if not self.enabled:
-            return value
-        holder = [value]
-        dist.broadcast_object_list(holder, src=0, device=self.device)
-        return holder[0]
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
 
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
-
-    def shard(self, global_batch: Sequence[Any]) -> Sequence[Any]:
-        """This process's contiguous slice of a global batch (its length must divide evenly)."""
-        per_process = len(global_batch) // self.world_size
-        return global_batch[self.rank * per_process : (self.rank + 1) * per_process]
 
     def shard_range(self, count: int) -> range:
         """This process's contiguous share of ``range(count)`` (sizes differ by at most one)."""

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .checkpoint import state_mismatch
+from ._helpers import state_mismatch
 
 INPUT_SIZE = 299  # side the network was trained at
 NUM_FEATURES = 2048  # width of the final average pool ("pool3"): the FID features

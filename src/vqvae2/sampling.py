@@ -360,47 +360,69 @@ def generate_with_rejection(
         return images_all, requested_class_scores(classifier, images_all, batch_labels, batch_size)
 
     if reject_fraction is not None:
-        if not 0.0 <= reject_fraction < 1.0:
-            raise ValueError(f"the rejection fraction must be in [0, 1), got {reject_fraction}")
-        per_class = {c: math.ceil(n / (1.0 - reject_fraction)) for c, n in wanted.items()}
-        drawn = sum(per_class.values())
-        if drawn > max_candidates:
-            raise ValueError(
-                f"rejecting {reject_fraction:.0%} needs {drawn} candidates, more than the "
-                f"limit of {max_candidates}"
-            )
-        candidate_labels = torch.cat([torch.full((m,), c) for c, m in per_class.items()])
-        images, scores = draw(candidate_labels)
-        kept = keep_top_per_class(scores, candidate_labels, wanted)
-        pools = {c: kept[candidate_labels[kept] == c] for c in wanted}
+        images, scores, pools, drawn = _reject_fraction(
+            draw, wanted, reject_fraction, max_candidates
+        )
     else:
         assert accept_threshold is not None
-        if not 0.0 <= accept_threshold <= 1.0:
-            raise ValueError(f"the acceptance threshold must be in [0, 1], got {accept_threshold}")
-        found: dict[int, list[int]] = {c: [] for c in wanted}
-        image_batches, score_batches, label_batches = [], [], []
-        drawn = 0
-        while any(len(found[c]) < n for c, n in wanted.items()):
-            short = [c for c, n in wanted.items() if len(found[c]) < n]
-            room = max_candidates - drawn
-            if room <= 0:
-                total = sum(min(len(found[c]), n) for c, n in wanted.items())
-                raise ValueError(
-                    f"only {total} of {len(labels)} samples reached the acceptance threshold "
-                    f"{accept_threshold} in {drawn} candidates; lower the threshold"
-                )
-            batch_labels = torch.tensor(short).repeat(math.ceil(batch_size / len(short)))[:room]
-            batch_images, batch_scores = draw(batch_labels)
-            for index in accept_above_threshold(batch_scores, accept_threshold).tolist():
-                found[int(batch_labels[index])].append(drawn + index)
-            image_batches.append(batch_images)
-            score_batches.append(batch_scores)
-            label_batches.append(batch_labels)
-            drawn += len(batch_labels)
-        images, scores = torch.cat(image_batches), torch.cat(score_batches)
-        pools = {c: torch.tensor(found[c][:n], dtype=torch.long) for c, n in wanted.items()}
+        images, scores, pools, drawn = _accept_threshold(
+            draw, wanted, accept_threshold, max_candidates, batch_size
+        )
     # Hand the kept samples of each class out in the order the labels were requested.
     order = torch.empty(len(labels), dtype=torch.long)
     for label, members in pools.items():
         order[labels == label] = members
     return RejectionOutput(images[order], labels.clone(), scores[order], drawn)
+
+
+Draw = Callable[[Tensor], tuple[Tensor, Tensor]]  # (B,) labels -> images, requested-class scores
+Kept = tuple[Tensor, Tensor, dict[int, Tensor], int]  # images, scores, kept per class, drawn
+
+
+def _reject_fraction(
+    draw: Draw, wanted: dict[int, int], reject_fraction: float, max_candidates: int
+) -> Kept:
+    """Draw ceil(n / (1 - F)) candidates of each class wanted n times; keep the n best."""
+    if not 0.0 <= reject_fraction < 1.0:
+        raise ValueError(f"the rejection fraction must be in [0, 1), got {reject_fraction}")
+    per_class = {c: math.ceil(n / (1.0 - reject_fraction)) for c, n in wanted.items()}
+    drawn = sum(per_class.values())
+    if drawn > max_candidates:
+        raise ValueError(
+            f"rejecting {reject_fraction:.0%} needs {drawn} candidates, more than the "
+            f"limit of {max_candidates}"
+        )
+    candidate_labels = torch.cat([torch.full((m,), c) for c, m in per_class.items()])
+    images, scores = draw(candidate_labels)
+    kept = keep_top_per_class(scores, candidate_labels, wanted)
+    return images, scores, {c: kept[candidate_labels[kept] == c] for c in wanted}, drawn
+
+
+def _accept_threshold(
+    draw: Draw, wanted: dict[int, int], threshold: float, max_candidates: int, batch_size: int
+) -> Kept:
+    """Draw batches of the classes still short until each has n candidates scored at least
+    ``threshold`` (the first ones reached, in draw order)."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"the acceptance threshold must be in [0, 1], got {threshold}")
+    found: dict[int, list[int]] = {c: [] for c in wanted}
+    image_batches, score_batches = [], []
+    drawn = 0
+    while any(len(found[c]) < n for c, n in wanted.items()):
+        short = [c for c, n in wanted.items() if len(found[c]) < n]
+        room = max_candidates - drawn
+        if room <= 0:
+            total = sum(min(len(found[c]), n) for c, n in wanted.items())
+            raise ValueError(
+                f"only {total} of {sum(wanted.values())} samples reached the acceptance "
+                f"threshold {threshold} in {drawn} candidates; lower the threshold"
+            )
+        batch_labels = torch.tensor(short).repeat(math.ceil(batch_size / len(short)))[:room]
+        batch_images, batch_scores = draw(batch_labels)
+        for index in accept_above_threshold(batch_scores, threshold).tolist():
+            found[int(batch_labels[index])].append(drawn + index)
+        image_batches.append(batch_images)
+        score_batches.append(batch_scores)
+        drawn += len(batch_labels)
+    pools = {c: torch.tensor(found[c][:n], dtype=torch.long) for c, n in wanted.items()}
+    return torch.cat(image_batches), torch.cat(score_batches), pools, drawn

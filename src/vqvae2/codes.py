@@ -1,0 +1,280 @@
+"""The code store: the codes of a dataset split, every level, written once by ``extract-codes``
+and read at random by the priors (Razavi et al. 2019, Algorithm 2, lines 1-7).
+
+One store is a folder of memory-mapped ``.npy`` files, so it can grow to millions of code maps
+without being held in memory::
+
+    RUN_DIR/codes/train/top.npy        (N, h_top, w_top) uint16 codes (int32 when K > 65,536)
+                        bottom.npy     (N, h_bottom, w_bottom)
+                        labels.npy     (N,) int64 class labels
+                        augmentations.npy  (N,) int16 transform index (augmented stores only)
+                        meta.json      format, version, levels, sizes, K, classes, ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+CODE_STORE_FORMAT = "vqvae2-codes"
+CODE_STORE_VERSION = 1
+STORE_META = "meta.json"
+
+
+def _code_dtype(codebook_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if codebook_size <= 2**16 else np.dtype(np.int32)
+
+
+class CodeStoreWriter:
+    """Writes the codes of every level and the labels of one split into memory-mapped ``.npy``
+    files, so the store can grow to millions of entries without being held in memory.
+
+    Files go to a temporary folder that ``close`` renames into place: a killed extraction leaves
+    no half-written store behind. Several processes can fill one store: one creates it, the
+    others ``attach`` to the same temporary folder and write their own rows.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        count: int,
+        level_names: Sequence[str],
+        code_sizes: Sequence[int],
+        codebook_size: int,
+        extra: dict | None = None,
+        augmentations: Sequence[str] = (),
+    ) -> None:
+        """``augmentations``: names of the transforms whose codes the store holds (index 0 the
+        identity); when given, every row also records its transform index."""
+        self.directory = Path(directory)
+        self.tmp = self.directory.with_name(f".{self.directory.name}.tmp")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        dtype = _code_dtype(codebook_size)
+        self.codes = [
+            np.lib.format.open_memmap(self.tmp / f"{name}.npy", "w+", dtype, (count, side, side))
+            for name, side in zip(level_names, code_sizes, strict=True)
+        ]
+        self.labels = np.lib.format.open_memmap(self.tmp / "labels.npy", "w+", np.int64, (count,))
+        self.augmentations = None
+        if augmentations:
+            self.augmentations = np.lib.format.open_memmap(
+                self.tmp / "augmentations.npy", "w+", np.int16, (count,)
+            )
+        self.meta = {
+            "format": CODE_STORE_FORMAT,
+            "format_version": CODE_STORE_VERSION,
+            "count": count,
+            "levels": list(level_names),
+            "code_sizes": list(code_sizes),
+            "codebook_size": codebook_size,
+            **({"augmentations": list(augmentations)} if augmentations else {}),
+            **(extra or {}),
+        }
+
+    @classmethod
+    def attach(cls, directory: str | Path, level_names: Sequence[str]) -> CodeStoreWriter:
+        """Open the store another process is creating at ``directory``, to write rows into it.
+
+        Only the creator calls ``close``; an attached writer calls ``flush``.
+        """
+        writer = cls.__new__(cls)
+        writer.directory = Path(directory)
+        writer.tmp = writer.directory.with_name(f".{writer.directory.name}.tmp")
+        writer.codes = [np.load(writer.tmp / f"{name}.npy", mmap_mode="r+") for name in level_names]
+        writer.labels = np.load(writer.tmp / "labels.npy", mmap_mode="r+")
+        augmentations = writer.tmp / "augmentations.npy"
+        writer.augmentations = (
+            np.load(augmentations, mmap_mode="r+") if augmentations.is_file() else None
+        )
+        writer.meta = {}
+        return writer
+
+    def write(
+        self, start: int, codes: Sequence[Tensor], labels: Tensor, augmentation: int = 0
+    ) -> None:
+        """Store a batch at rows ``start:start+B``: codes per level (B, h, w), labels (B,), and
+        in a store of augmented codes the index of the transform that made them."""
+        stop = start + len(labels)
+        for store, level_codes in zip(self.codes, codes, strict=True):
+            store[start:stop] = level_codes.cpu().numpy()
+        self.labels[start:stop] = labels.cpu().numpy()
+        if self.augmentations is not None:
+            self.augmentations[start:stop] = augmentation
+
+    def flush(self) -> None:
+        arrays = [*self.codes, self.labels]
+        if self.augmentations is not None:
+            arrays.append(self.augmentations)
+        for array in arrays:
+            array.flush()
+
+    def close(self) -> Path:
+        self.flush()
+        (self.tmp / STORE_META).write_text(json.dumps(self.meta, indent=2))
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+        os.replace(self.tmp, self.directory)
+        return self.directory
+
+
+class CodeDataset(Dataset):
+    """Random access to a split of extracted codes: items are (codes per level, label).
+
+    Raises:
+        ValueError: the store is missing, of another format, empty, truncated or inconsistent.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        meta_path = self.directory / STORE_META
+        if not meta_path.is_file():
+            raise ValueError(
+                f"no extracted codes in {self.directory}; run `vqvae2 extract-codes` first"
+            )
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read {meta_path}: {error}") from None
+        if (
+            meta.get("format") != CODE_STORE_FORMAT
+            or meta.get("format_version") != CODE_STORE_VERSION
+        ):
+            raise ValueError(
+                f"{self.directory} is not a vqvae2 code store of version {CODE_STORE_VERSION}"
+            )
+        self.meta = meta
+        self.level_names: list[str] = meta["levels"]
+        self.code_sizes: list[int] = meta["code_sizes"]
+        self.codebook_size: int = meta["codebook_size"]
+        count = meta["count"]
+        if count < 1:
+            raise ValueError(f"the code store {self.directory} is empty")
+        try:
+            self.codes = [
+                np.load(self.directory / f"{name}.npy", mmap_mode="r") for name in self.level_names
+            ]
+            self.labels = np.load(self.directory / "labels.npy", mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"the code store {self.directory} is truncated or corrupt: {error}"
+            ) from None
+        for name, array, side in zip(self.level_names, self.codes, self.code_sizes, strict=True):
+            if array.shape != (count, side, side):
+                raise ValueError(
+                    f"the code store {self.directory} is inconsistent: {name} codes have shape "
+                    f"{array.shape}, expected {(count, side, side)}"
+                )
+        if self.labels.shape != (count,):
+            raise ValueError(
+                f"the code store {self.directory} is inconsistent: labels {self.labels.shape}"
+            )
+        self.augmentation_names: list[str] = meta.get("augmentations", ["identity"])
+        self.augmentations = None  # (N,) transform index per row; None: all the identity
+        if "augmentations" in meta:
+            try:
+                self.augmentations = np.load(self.directory / "augmentations.npy", mmap_mode="r")
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"the code store {self.directory} is truncated or corrupt: {error}"
+                ) from None
+            if self.augmentations.shape != (count,):
+                raise ValueError(
+                    f"the code store {self.directory} is inconsistent: augmentation indices "
+                    f"{self.augmentations.shape}"
+                )
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta.get("num_classes", 0))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[list[Tensor], Tensor]:
+        codes, labels = self.__getitems__([index])
+        return [level[0] for level in codes], labels[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[list[Tensor], Tensor]:
+        """Codes per level, top first, each (B, h, w) int64, and labels (B,) int64."""
+        index = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(index)  # sorted reads are kinder to memory maps
+        sorted_index = index[order]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        codes = [
+            torch.from_numpy(array[sorted_index].astype(np.int64))[inverse] for array in self.codes
+        ]
+        labels = torch.from_numpy(self.labels[sorted_index].astype(np.int64))[inverse]
+        return codes, labels
+
+    def augmentation_indices(self, indices: Sequence[int]) -> Tensor:
+        """(B,) int64 transform index of each row (0, the identity, in a plain store)."""
+        if self.augmentations is None:
+            return torch.zeros(len(indices), dtype=torch.long)
+        index = np.asarray(indices, dtype=np.int64)
+        return torch.from_numpy(self.augmentations[index].astype(np.int64))
+
+
+class PriorTrainingCodes(Dataset):
+    """The train codes a prior fits: the plain store, then (optionally) a store of the codes of
+    transformed training images. Items are (codes per level, label, transform index).
+    """
+
+    def __init__(self, plain: CodeDataset, augmented: CodeDataset | None = None) -> None:
+        self.plain = plain
+        self.augmented = augmented
+        if augmented is not None and (
+            augmented.level_names != plain.level_names
+            or augmented.code_sizes != plain.code_sizes
+            or augmented.codebook_size != plain.codebook_size
+            or augmented.meta.get("vqvae_step") != plain.meta.get("vqvae_step")
+        ):
+            raise ValueError(
+                f"the augmented codes in {augmented.directory} do not match {plain.directory}; "
+                "extract them again"
+            )
+
+    @property
+    def num_augmentations(self) -> int:
+        """Transforms incl. the identity; 0 without augmented codes (no conditioning needed)."""
+        return 0 if self.augmented is None else len(self.augmented.augmentation_names)
+
+    def __len__(self) -> int:
+        return len(self.plain) + (0 if self.augmented is None else len(self.augmented))
+
+    def __getitem__(self, index: int) -> tuple[list[Tensor], Tensor, Tensor]:
+        codes, labels, augmentations = self.__getitems__([index])
+        return [level[0] for level in codes], labels[0], augmentations[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Codes per level (B, h, w), labels (B,), transform indices (B,), all int64."""
+        index = np.asarray(indices, dtype=np.int64)
+        in_plain = index < len(self.plain)
+        parts = [(np.flatnonzero(in_plain), self.plain, index[in_plain])]
+        if self.augmented is not None:
+            parts.append(
+                (np.flatnonzero(~in_plain), self.augmented, index[~in_plain] - len(self.plain))
+            )
+        count = len(index)
+        codes = [torch.empty(count, side, side, dtype=torch.long) for side in self.plain.code_sizes]
+        labels = torch.empty(count, dtype=torch.long)
+        augmentations = torch.zeros(count, dtype=torch.long)
+        for positions, store, rows in parts:
+            if len(rows) == 0:
+                continue
+            store_codes, store_labels = store.__getitems__(rows.tolist())
+            for level, level_codes in zip(codes, store_codes, strict=True):
+                level[positions] = level_codes
+            labels[positions] = store_labels
+            augmentations[positions] = store.augmentation_indices(rows.tolist())
+        return codes, labels, augmentations

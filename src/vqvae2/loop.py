@@ -1,0 +1,479 @@
+"""What every trainer shares: the batches of each step, the clock and step-size schedule, the
+optimiser, the model on its device (DDP, compile, memory layout), and the training session that
+resumes, logs, validates, checkpoints and stops a run, with rank 0 alone writing.
+
+A trainer (``vqvae2.train``) builds its data and model, writes one step function, and hands both
+to a ``TrainingSession``: the step order is the same for every model kind.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Sampler
+from tqdm import tqdm
+
+from ._helpers import SEED_STRIDE, load_state_checked
+from .checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from .config import RuntimeConfig, TrainConfig, config_from_dict, save_yaml
+from .distributed import DistributedContext
+from .run import CONFIG_FILE, METRICS_FILE, has_checkpoint
+
+METRICS_COLUMNS = ["step", "elapsed_seconds", "split", "metric", "value"]
+Clock = Callable[[], float]  # seconds on a clock that never goes back (time.monotonic)
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of a fresh seeded permutation each epoch, starting from any global step.
+
+    The global batch at step s depends only on (seed, s), so a resumed run sees exactly the
+    batches an uninterrupted one would, under any number of processes: process ``rank`` of
+    ``world_size`` gets the rank-th contiguous slice of it. Incomplete final batches of an
+    epoch are dropped.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        start_step: int,
+        end_step: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if size < batch_size:
+            raise ValueError(
+                f"the training split has {size} images, fewer than one batch ({batch_size})"
+            )
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.start_step, self.end_step = start_step, end_step
+        self.batches_per_epoch = size // batch_size
+        self.per_process = batch_size // world_size
+        self.offset = rank * self.per_process
+
+    def __len__(self) -> int:
+        return max(0, self.end_step - self.start_step)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while step < self.end_step:
+            epoch, position = divmod(step, self.batches_per_epoch)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            for index in range(position, self.batches_per_epoch):
+                if step >= self.end_step:
+                    return
+                start = index * self.batch_size + self.offset
+                yield order[start : start + self.per_process].tolist()
+                step += 1
+
+
+class MetricsLog:
+    """Append-only CSV of (step, elapsed_seconds, split, metric, value) rows.
+
+    ``resume_step``: rows logged after this step (by a run killed before its next checkpoint)
+    are dropped, so a resumed run does not log those steps twice. ``enabled=False`` (processes
+    other than rank 0) writes nothing.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True) -> None:
+        self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
+        if resume_step is not None and path.exists():
+            kept = [row for row in read_metrics(path) if int(row["step"]) <= resume_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=METRICS_COLUMNS)
+                writer.writeheader()
+                writer.writerows(kept)
+            os.replace(tmp, path)
+        if not path.exists():
+            with open(path, "w", newline="") as handle:
+                csv.writer(handle).writerow(METRICS_COLUMNS)
+
+    def write(self, step: int, elapsed: float, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            for name, value in values.items():
+                writer.writerow([step, f"{elapsed:.1f}", split, name, repr(float(value))])
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    """Rows of a run's ``metrics.csv`` as dicts."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@dataclass
+class StepModule:
+    """What a training step calls: the model, on its device, DDP-wrapped and compiled as asked.
+
+    ``model`` is the plain module (checkpoints, evaluation); ``forward`` is what the step calls.
+    """
+
+    model: torch.nn.Module
+    forward: Any  # callable module: the model, its DDP wrapper, or a compiled version of either
+    ddp: DistributedDataParallel | None
+    context: DistributedContext
+    runtime: RuntimeConfig
+
+    def autocast(self) -> AbstractContextManager:
+        """bf16 autocast when asked (quantizer math opts out of it inside the quantizer)."""
+        return torch.autocast(
+            self.context.device.type,
+            dtype=torch.bfloat16,
+            enabled=self.runtime.precision == "bf16",
+        )
+
+    def sync_gradients(self, last_micro_batch: bool) -> AbstractContextManager:
+        """DDP all-reduces gradients only after the last micro-batch of a step."""
+        if self.ddp is None or last_micro_batch:
+            return nullcontext()
+        return self.ddp.no_sync()
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Move a batch to this process's device (channels-last images when asked)."""
+        tensor = tensor.to(self.context.device, non_blocking=True)
+        if self.runtime.channels_last and tensor.dim() == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+
+def prepare_step_module(
+    model: torch.nn.Module, context: DistributedContext, runtime: RuntimeConfig
+) -> StepModule:
+    """Put ``model`` on the device; wrap it in DDP under torchrun; compile it when asked."""
+    model.to(context.device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    forward: Any = model
+    ddp = None
+    if context.enabled:
+        # Buffers (the EMA codebooks) are kept equal by the quantizer's own reductions, so
+        # DDP's per-step broadcast of rank 0's buffers is not needed.
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        parameters = inspect.signature(DistributedDataParallel).parameters
+        no_buffer_sync = (
+            {"forward_sync_buffers": False}  # newer PyTorch's name
+            if "forward_sync_buffers" in parameters
+            else {"broadcast_buffers": False}
+        )
+        ddp = DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
+        forward = ddp
+    if runtime.compile:
+        forward = torch.compile(forward)
+    return StepModule(model=model, forward=forward, ddp=ddp, context=context, runtime=runtime)
+
+
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Adam:
+    # The fused kernel updates every tensor in one pass: on the CPU the per-parameter loop of
+    # the default implementation cost more than 3x as much (bench/README.md).
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+    return torch.optim.Adam(
+        model.parameters(),
+        lr=train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        fused=fused or None,
+    )
+
+
+def micro_batch_size(train: TrainConfig, context: DistributedContext) -> int:
+    """Images per process and micro-batch; the global batch must split evenly."""
+    parts = context.world_size * train.grad_accum_steps
+    if train.batch_size % parts:
+        raise ValueError(
+            f"train.batch_size {train.batch_size} does not split evenly over "
+            f"{context.world_size} process(es) x {train.grad_accum_steps} micro-batch(es)"
+        )
+    return train.batch_size // parts
+
+
+def rank_batch_sampler(
+    size: int, train: TrainConfig, step: int, context: DistributedContext
+) -> EpochBatchSampler:
+    """This process's slice of every global batch from ``step`` to ``train.max_steps``."""
+    return EpochBatchSampler(
+        size, train.batch_size, train.seed, step, train.max_steps, context.rank, context.world_size
+    )
+
+
+def seed_own_dropout(train: TrainConfig, context: DistributedContext) -> None:
+    """Under DDP every process draws its own dropout masks; one process keeps its stream."""
+    if context.enabled:
+        torch.manual_seed(train.seed * SEED_STRIDE + context.rank)
+
+
+# ----------------------------------------------------------------------------------------------
+# Clock and step-size schedule
+
+
+class RunClock:
+    """Wall time of a run across resumes, this process's ``--max-minutes`` deadline, and the
+    run's ``train.schedule_minutes`` budget (which counts earlier processes too).
+
+    Args:
+        elapsed_before: seconds of training done by the earlier processes of a resumed run.
+        max_minutes: this process's own limit, or None.
+        budget_minutes: the run's whole budget (``train.schedule_minutes``); 0 for none.
+        now: the clock read (``time.monotonic``; tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        elapsed_before: float,
+        max_minutes: float | None,
+        budget_minutes: float = 0.0,
+        now: Clock = time.monotonic,
+    ) -> None:
+        self.now = now
+        self.elapsed_before = elapsed_before
+        self.start = now()
+        self.deadline = None if max_minutes is None else self.start + 60.0 * max_minutes
+        self.budget = 60.0 * budget_minutes if budget_minutes > 0 else None  # seconds
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, earlier processes of a resumed run included."""
+        return self.elapsed_before + self.now() - self.start
+
+    def out_of_time(self) -> bool:
+        past_deadline = self.deadline is not None and self.now() >= self.deadline
+        return past_deadline or (self.budget is not None and self.elapsed() >= self.budget)
+
+    @property
+    def limited(self) -> bool:
+        return self.deadline is not None or self.budget is not None
+
+
+def learning_rate(train: TrainConfig, step: int, budget_spent: float = 0.0) -> float:
+    """Step size for optimisation step ``step`` (0-based): optional linear warm-up, then the
+    schedule.
+
+    ``cosine`` and ``linear`` decay from ``learning_rate`` after the warm-up to 0 at
+    ``max_steps``, or sooner when ``budget_spent`` (the fraction of ``schedule_minutes`` used) is
+    further along. The warm-up is cut to ``max_steps // 2`` steps so that short runs of a preset
+    still decay.
+    """
+    warmup = min(train.warmup_steps, train.max_steps // 2)
+    if step < warmup:
+        return train.learning_rate * (step + 1) / warmup
+    progress = min(max((step - warmup) / (train.max_steps - warmup), budget_spent), 1.0)
+    if train.lr_schedule == "cosine":
+        return train.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+    if train.lr_schedule == "linear":
+        return train.learning_rate * (1 - progress)
+    return train.learning_rate
+
+
+# ----------------------------------------------------------------------------------------------
+# The session around a trainer's step
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path  # the folder of the trained model's config, log and checkpoints
+    step: int
+    metrics: dict[str, Any]  # final metrics (empty on processes other than rank 0)
+    model: torch.nn.Module | None = None  # the trained module (not DDP-wrapped), on its device
+
+
+def resume_or_start(
+    checkpoint_dir: Path,
+    kind: str,
+    config_class: type,
+    config: Any,
+    resume: bool,
+    occupied: str,
+) -> tuple[Any, Checkpoint | None]:
+    """The config to train with and, with ``resume``, the checkpoint to continue from.
+
+    A resumed run keeps its saved config; only this command's run length (``train.max_steps``
+    and ``train.schedule_minutes``) replaces the saved one. Without ``resume`` a folder that
+    already holds a checkpoint is refused with the message ``occupied``.
+    """
+    if not resume:
+        if has_checkpoint(checkpoint_dir):
+            raise ValueError(occupied)
+        return config, None
+    checkpoint = read_checkpoint(checkpoint_dir, kind, with_optimizer=True)
+    saved = config_from_dict(config_class, checkpoint.config)
+    length = {
+        "max_steps": config.train.max_steps,
+        "schedule_minutes": config.train.schedule_minutes,
+    }
+    return replace(saved, train=replace(saved.train, **length)), checkpoint
+
+
+StepFunction = Callable[[Any], Callable[[], dict[str, float]]]
+
+
+class TrainingSession:
+    """Resume, optimise, log, validate, checkpoint and stop one training run.
+
+    The trainer's step function takes one batch (this process's slice of the global batch),
+    runs the forward and backward passes of its micro-batches and returns a function giving
+    the figures to log (called on rank 0 at ``train.log_every``); the session does the rest in
+    the same order for every model kind. Under torchrun every process runs the session; rank 0
+    alone writes the config, the log, checkpoints and the progress bar, and every process stops
+    at the same step.
+
+    Args:
+        model: the plain module (restored from ``checkpoint`` when resuming).
+        run_config: the whole run config, saved beside the log and in every checkpoint.
+        kind: checkpoint kind (``vqvae``, ``prior-top``, ``classifier`` ...).
+        checkpoint_dir: folder of the step folders and ``latest``.
+        log_dir: folder of ``config.yaml`` and ``metrics.csv`` (also ``TrainResult.run_dir``).
+        checkpoint: the checkpoint to continue from, or None.
+        extra: JSON extras stored in every checkpoint.
+        postfix: name of the logged figure shown beside the progress bar.
+        now: the clock (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        run_config: Any,
+        context: DistributedContext,
+        runtime: RuntimeConfig,
+        *,
+        kind: str,
+        checkpoint_dir: Path,
+        log_dir: Path,
+        checkpoint: Checkpoint | None,
+        max_minutes: float | None,
+        progress: bool,
+        extra: dict[str, Any] | None = None,
+        postfix: str = "loss",
+        now: Clock = time.monotonic,
+    ) -> None:
+        self.model, self.run_config, self.train = model, run_config, run_config.train
+        self.context, self.kind, self.extra, self.postfix = context, kind, extra or {}, postfix
+        self.checkpoint_dir, self.log_dir = checkpoint_dir, log_dir
+        self.step, elapsed_before = 0, 0.0
+        if checkpoint is not None:
+            load_state_checked(model, checkpoint.model_state, checkpoint.path)
+            self.step = checkpoint.step
+            elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
+        self.step_module = prepare_step_module(model, context, runtime)
+        self.optimizer = make_optimizer(model, self.train)
+        if checkpoint is not None and checkpoint.optimizer_state is not None:
+            self.optimizer.load_state_dict(checkpoint.optimizer_state)
+        if context.is_main:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(run_config, log_dir / CONFIG_FILE)
+        resume_step = self.step if checkpoint is not None else None
+        self.log = MetricsLog(log_dir / METRICS_FILE, resume_step, enabled=context.is_main)
+        self.clock = RunClock(elapsed_before, max_minutes, self.train.schedule_minutes, now)
+        self.bar = tqdm(
+            total=self.train.max_steps,
+            initial=self.step,
+            disable=not (progress and context.is_main),
+            desc=f"train {kind}",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+
+    def batch_sampler(self, size: int) -> EpochBatchSampler:
+        """This process's slices of the global batches still to come, over ``size`` items."""
+        return rank_batch_sampler(size, self.train, self.step, self.context)
+
+    def run(
+        self,
+        batches: Iterable[Any],
+        train_step: StepFunction,
+        validate: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
+        """Take one optimiser step per batch until the batches, the steps or the time run out.
+
+        ``validate`` (rank 0, every ``train.val_every`` steps before the last) returns the
+        figures logged as the ``val`` split.
+        """
+        train = self.train
+        self.model.train()
+        for batch in batches:
+            if not self._set_step_size():
+                break  # resumed with the time budget already spent
+            self.optimizer.zero_grad(set_to_none=True)
+            figures = train_step(batch)
+            self.optimizer.step()
+            self.step += 1
+            self.bar.update(1)
+            if self.step % train.log_every == 0 and self.context.is_main:
+                logged = {**figures(), "lr": self.optimizer.param_groups[0]["lr"]}
+                self.log.write(self.step, self.clock.elapsed(), "train", logged)
+                self.bar.set_postfix({self.postfix: f"{logged[self.postfix]:.5g}"}, refresh=False)
+            out_of_time = self._out_of_time()
+            if self.context.is_main and not out_of_time:
+                last = self.step >= train.max_steps
+                if validate is not None and self.step % train.val_every == 0 and not last:
+                    self.log.write(self.step, self.clock.elapsed(), "val", validate())
+                if self.step % train.checkpoint_every == 0:
+                    self.save()
+            if out_of_time:
+                break
+        self.bar.close()
+        self.model.eval()
+
+    def finish(
+        self, final_metrics: Callable[[], dict[str, Any]], split: str = "final"
+    ) -> TrainResult:
+        """Rank 0 measures the trained model, logs the figures as ``split`` and checkpoints;
+        every process gets the model back (the metrics only on rank 0)."""
+        if not self.context.is_main:
+            return TrainResult(run_dir=self.log_dir, step=self.step, metrics={}, model=self.model)
+        metrics = final_metrics()
+        self.log.write(self.step, self.clock.elapsed(), split, metrics)
+        self.save()
+        return TrainResult(run_dir=self.log_dir, step=self.step, metrics=metrics, model=self.model)
+
+    def save(self) -> None:
+        """Checkpoint the model and optimizer at the current step (rank 0)."""
+        save_checkpoint(
+            self.checkpoint_dir,
+            self.kind,
+            self.step,
+            self.run_config,
+            self.model,
+            self.optimizer,
+            extra={"elapsed_seconds": self.clock.elapsed(), **self.extra},
+        )
+
+    def _out_of_time(self) -> bool:
+        """The --max-minutes deadline or the time budget, agreed by all processes so they stop
+        at the same step."""
+        return self.clock.limited and self.context.any(self.clock.out_of_time())
+
+    def _set_step_size(self) -> bool:
+        """Give the optimiser the step size of this step; False (and nothing set) when the time
+        budget is already spent. The fraction of the budget used is the slowest process's, so
+        every process takes the same step size."""
+        budget_spent = 0.0
+        if self.clock.budget is not None:
+            budget_spent = self.context.max(self.clock.elapsed()) / self.clock.budget
+        if budget_spent >= 1.0:
+            return False
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.train, self.step, budget_spent)
+        return True
+
+
+def micro_batches(step_module: StepModule, train: TrainConfig) -> Iterator[tuple[slice, bool]]:
+    """(rows of this process's batch, whether last) for each micro-batch of a step."""
+    size = micro_batch_size(train, step_module.context)
+    for micro in range(train.grad_accum_steps):
+        yield slice(micro * size, (micro + 1) * size), micro == train.grad_accum_steps - 1

@@ -1,0 +1,224 @@
+"""One pass over a data split with trained models: the measurements that training, sampling and
+the evaluation share.
+
+- stage 1: reconstruction MSE/PSNR and per-level code usage and perplexity;
+- priors: negative log-likelihood of a split's codes in nats per code (paper Table 1);
+- classifiers: accuracy, class agreement of samples, features and logits for the metrics;
+- the whole hierarchy at once: encode a split, its MSE and every prior's NLL of its codes.
+
+Every function runs its models in eval mode without gradients and gives each model back the
+mode it found; models run on their own device and results come back to the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from ._helpers import evaluating
+from .classifier import Classifier
+from .data import eval_loader, float_to_uint8, uint8_to_float
+from .metrics import (
+    code_histogram,
+    codebook_perplexity,
+    codebook_usage,
+    psnr_from_mse,
+    squared_error_01,
+)
+from .pixelsnail import PixelSNAIL
+from .vqvae import VQVAE2
+
+EVAL_BATCH_SIZE = 256  # images or code maps per call when measuring a split
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def measure_reconstruction(
+    model: VQVAE2, dataset: Dataset, max_batches: int | None = None, num_workers: int = 0
+) -> dict[str, Any]:
+    """Reconstruction error and codebook usage of ``model`` over a dataset split.
+
+    Returns:
+        ``mse`` and ``psnr`` on [0, 1] pixels (reconstructions clamped to the image range), and
+        per level (``usage_top`` ...) the fraction of codes in use over the split and the code
+        perplexity (``perplexity_top`` ...).
+    """
+    config = model.config
+    device = _device(model)
+    histograms = [torch.zeros(config.codebook_size, dtype=torch.long) for _ in config.level_names]
+    squared_error, values = 0.0, 0
+    with evaluating(model):
+        for batch, (images, _) in enumerate(eval_loader(dataset, EVAL_BATCH_SIZE, num_workers)):
+            if max_batches is not None and batch >= max_batches:
+                break
+            images = images.to(device)
+            output = model(images)
+            squared_error += float(squared_error_01(output.reconstruction, images).sum())
+            values += images.numel()
+            for histogram, codes in zip(histograms, output.codes, strict=True):
+                histogram += code_histogram(codes.cpu(), config.codebook_size)
+    mse = squared_error / max(values, 1)
+    result: dict[str, Any] = {"mse": mse, "psnr": psnr_from_mse(mse)}
+    for name, histogram in zip(config.level_names, histograms, strict=True):
+        result[f"usage_{name}"] = codebook_usage(histogram)
+        result[f"perplexity_{name}"] = codebook_perplexity(histogram)
+    return result
+
+
+def prior_inputs(
+    prior: PixelSNAIL, level_codes: list[Tensor], labels: Tensor, level: int
+) -> tuple[Tensor, Tensor | None, list[Tensor] | None]:
+    """(codes, labels, upper codes) for the prior of ``level`` from a batch of every level's
+    codes (each (B, h_l, w_l) int64, top first) and labels (B,)."""
+    config = prior.config
+    return (
+        level_codes[level],
+        labels if config.num_classes > 0 else None,
+        level_codes[:level] if config.condition_sizes else None,
+    )
+
+
+@torch.no_grad()
+def measure_nll(
+    prior: PixelSNAIL, codes: Dataset, level: int, max_batches: int | None = None
+) -> float:
+    """Mean negative log-likelihood of a code store's codes of ``level``, in nats per code.
+
+    Args:
+        codes: a ``CodeDataset`` (or a subset of one): items are (codes per level, label).
+        level: index of the prior's level, top = 0.
+    """
+    device = _device(prior)
+    total, count = 0.0, 0
+    with evaluating(prior):
+        for batch, (level_codes, labels) in enumerate(eval_loader(codes, EVAL_BATCH_SIZE)):
+            if max_batches is not None and batch >= max_batches:
+                break
+            level_codes = [codes_of_level.to(device) for codes_of_level in level_codes]
+            output = prior(*prior_inputs(prior, level_codes, labels.to(device), level))
+            total += float(output.loss) * level_codes[level].numel()
+            count += level_codes[level].numel()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def measure_accuracy(classifier: Classifier, dataset: Dataset, num_workers: int = 0) -> float:
+    """Top-1 accuracy of ``classifier`` on a dataset of (image, label) pairs."""
+    correct, total = 0, 0
+    device = _device(classifier)
+    with evaluating(classifier):
+        for images, labels in eval_loader(dataset, EVAL_BATCH_SIZE, num_workers):
+            predictions = classifier(images.to(device)).logits.argmax(dim=-1).cpu()
+            correct += int((predictions == labels).sum())
+            total += len(labels)
+    return correct / max(total, 1)
+
+
+@torch.no_grad()
+def extract_features(
+    network: nn.Module,
+    images: Tensor,
+    batch_size: int = EVAL_BATCH_SIZE,
+    progress: bool = False,
+    description: str = "features",
+) -> tuple[Tensor, Tensor]:
+    """Features and class logits of uint8 images from a feature network.
+
+    Args:
+        network: a ``Classifier`` or ``InceptionV3``: (B, C, H, W) [-1, 1] -> ``.features``
+            (B, F) and ``.logits`` (B, K).
+        images: (N, C, H, W) uint8.
+
+    Returns:
+        features (N, F) float32 and logits (N, K) float32, on the CPU.
+    """
+    device = _device(network)
+    features, logits = [], []
+    starts = range(0, len(images), batch_size)
+    with evaluating(network):
+        for start in tqdm(starts, desc=description, disable=not progress, leave=False):
+            output = network(uint8_to_float(images[start : start + batch_size].to(device)))
+            features.append(output.features.float().cpu())
+            logits.append(output.logits.float().cpu())
+    return torch.cat(features), torch.cat(logits)
+
+
+def class_logits(
+    classifier: Classifier, images: Tensor, batch_size: int = EVAL_BATCH_SIZE
+) -> Tensor:
+    """(N, C, H, W) uint8 images -> (N, K) float32 logits of ``classifier``, on the CPU."""
+    return extract_features(classifier, images, batch_size)[1]
+
+
+def class_agreement(classifier: Classifier, images: Tensor, labels: Tensor) -> float:
+    """Fraction of uint8 images (N, C, H, W) that ``classifier`` assigns to their (N,) labels."""
+    predictions = class_logits(classifier, images).argmax(-1)
+    return float((predictions == labels.cpu()).float().mean())
+
+
+@dataclass
+class SplitMeasure:
+    """Reconstruction error and prior likelihood over one data split."""
+
+    mse: float  # mean squared error on [0, 1] pixels
+    nll_nats: dict[str, float]  # level name -> mean NLL in nats per code
+    images: Tensor | None  # (N, C, H, W) uint8 originals, when kept
+    reconstructions: Tensor | None  # (N, C, H, W) uint8, when kept
+    labels: Tensor  # (N,) int64
+
+
+@torch.no_grad()
+def measure_split(
+    vqvae: VQVAE2,
+    priors: list[PixelSNAIL],
+    dataset: Dataset,
+    batch_size: int = EVAL_BATCH_SIZE,
+    keep_images: bool = False,
+    progress: bool = False,
+    description: str = "measure",
+) -> SplitMeasure:
+    """Encode a split with the VQ-VAE; its reconstruction MSE and each prior's NLL of its codes.
+
+    The codes are those ``extract-codes`` stores (the encoder is deterministic), so the NLL equals
+    what ``train-prior`` reports on the same images. The models run on the VQ-VAE's device.
+    """
+    device = _device(vqvae)
+    names = vqvae.config.level_names
+    squared, values, maps = 0.0, 0, 0
+    nats = dict.fromkeys(names, 0.0)
+    images_kept, reconstructions_kept, labels_seen = [], [], []
+    batches = eval_loader(dataset, batch_size)
+    with evaluating(vqvae, *priors):
+        for images, labels in tqdm(batches, desc=description, disable=not progress, leave=False):
+            images_on_device = images.to(device)
+            codes = vqvae.encode(images_on_device)  # per level (B, h, w)
+            reconstruction = vqvae.decode_codes(codes)  # (B, C, H, W)
+            squared += float(squared_error_01(reconstruction, images_on_device).sum())
+            values += images.numel()
+            for level, (name, prior) in enumerate(zip(names, priors, strict=True)):
+                output = prior(*prior_inputs(prior, codes, labels.to(device), level))
+                nats[name] += float(output.loss) * codes[level].numel()
+            maps += len(labels)
+            labels_seen.append(labels)
+            if keep_images:
+                images_kept.append(float_to_uint8(images))
+                reconstructions_kept.append(float_to_uint8(reconstruction.cpu()))
+    per_level = {
+        name: nats[name] / (maps * vqvae.config.latent_sizes[i] ** 2)
+        for i, name in enumerate(names)
+    }
+    return SplitMeasure(
+        mse=squared / max(values, 1),
+        nll_nats=per_level,
+        images=torch.cat(images_kept) if keep_images else None,
+        reconstructions=torch.cat(reconstructions_kept) if keep_images else None,
+        labels=torch.cat(labels_seen),
+    )

@@ -1,0 +1,120 @@
+"""A run folder: where each part of a run lives, and loading a run's models and configs.
+
+Every command reads and writes one folder::
+
+    RUN_DIR/config.yaml, metrics.csv       stage 1's resolved config and training log
+    RUN_DIR/reconstructions/               stage 1's validation grids
+    RUN_DIR/vqvae/step-*/                  stage 1's checkpoints (``vqvae2.checkpoint``)
+    RUN_DIR/codes/{train,val}/             extract-codes (``vqvae2.codes``)
+    RUN_DIR/codes/train-augmented/         extract-codes --augment
+    RUN_DIR/prior-<level>/                 train-prior: config.yaml, metrics.csv, step-*/
+    RUN_DIR/classifier/                    train-classifier --run: the rejection scorer
+    RUN_DIR/feature-classifier/            evaluate's feature network (another seed)
+
+Models load in eval mode with nothing but the folder: each checkpoint describes itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._helpers import load_state_checked
+from .checkpoint import LATEST, read_checkpoint, read_meta
+from .classifier import Classifier
+from .config import ClassifierRunConfig, PriorRunConfig, VQVAERunConfig, config_from_dict
+from .pixelsnail import PixelSNAIL
+from .sampling import check_hierarchy
+from .vqvae import VQVAE2
+
+VQVAE_KIND = "vqvae"
+CLASSIFIER_KIND = "classifier"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.csv"
+RECONSTRUCTIONS_DIR = "reconstructions"
+CODES_DIR = "codes"
+AUGMENTED_CODES = "train-augmented"  # store of the codes of transformed training images
+FEATURE_CLASSIFIER_DIR = "feature-classifier"
+
+
+def prior_kind(level: str) -> str:
+    """Checkpoint kind and folder name of a level's prior: ``prior-top``, ``prior-bottom``, ..."""
+    return f"prior-{level}"
+
+
+def has_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` (a kind folder such as ``RUN_DIR/prior-top``) holds a checkpoint."""
+    return (Path(folder) / LATEST).is_file()
+
+
+def load_run_config(path: str | Path, kind: str, config_class: type) -> Any:
+    """The run config saved with a ``kind`` checkpoint (reads only the JSON metadata)."""
+    return config_from_dict(config_class, read_meta(Path(path), kind)[1]["config"])
+
+
+def level_names(run_dir: str | Path) -> tuple[str, ...]:
+    """Names of the run's latent levels, top first."""
+    return load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model.level_names
+
+
+def level_index(run_dir: str | Path, level: str) -> int:
+    """Index (top = 0) of ``level`` in the run's VQ-VAE; ``ValueError`` if it has no such level."""
+    names = level_names(run_dir)
+    if level not in names:
+        raise ValueError(
+            f"the VQ-VAE in {run_dir} has levels {', '.join(names)}; there is no '{level}' level"
+        )
+    return names.index(level)
+
+
+def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE2:
+    """Load a trained VQ-VAE from a run folder or checkpoint folder, in eval mode.
+
+    Args:
+        path: ``RUN_DIR``, ``RUN_DIR/vqvae`` or a ``step-*`` folder.
+        map_location: device for the weights.
+    """
+    checkpoint = read_checkpoint(Path(path), VQVAE_KIND)
+    model = VQVAE2(config_from_dict(VQVAERunConfig, checkpoint.config).model)
+    load_state_checked(model, checkpoint.model_state, checkpoint.path)
+    return model.to(map_location).eval()
+
+
+def load_prior(
+    run_dir: str | Path, level: str, map_location: str | torch.device = "cpu"
+) -> PixelSNAIL:
+    """Load the trained prior of ``level`` ('top', 'middle', 'bottom') from a run folder, in
+    eval mode."""
+    checkpoint = read_checkpoint(Path(run_dir), prior_kind(level))
+    prior = PixelSNAIL(config_from_dict(PriorRunConfig, checkpoint.config).prior)
+    load_state_checked(prior, checkpoint.model_state, checkpoint.path)
+    return prior.to(map_location).eval()
+
+
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
+    """Load a trained classifier from its folder (or a run folder holding ``classifier/``)."""
+    checkpoint = read_checkpoint(Path(path), CLASSIFIER_KIND)
+    classifier = Classifier(config_from_dict(ClassifierRunConfig, checkpoint.config).model)
+    load_state_checked(classifier, checkpoint.model_state, checkpoint.path)
+    return classifier.to(map_location).eval()
+
+
+def load_hierarchy(
+    run_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[VQVAE2, list[PixelSNAIL]]:
+    """The VQ-VAE and one trained prior per level (top first) of a run on ``device``, checked
+    to fit each other."""
+    run_dir = Path(run_dir)
+    vqvae = load_vqvae(run_dir, map_location=device)
+    priors = []
+    for level in vqvae.config.level_names:
+        if not has_checkpoint(run_dir / prior_kind(level)):
+            raise ValueError(
+                f"{run_dir} has no trained {level} prior; run "
+                f"`vqvae2 train-prior {run_dir} --level {level}`"
+            )
+        priors.append(load_prior(run_dir, level, map_location=device))
+    check_hierarchy(vqvae, priors)
+    return vqvae, priors
