@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vqvae2.config import VQVAEConfig
+from vqvae2.loop import read_metrics
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
@@ -63,6 +67,60 @@ def npz_data(tmp_path: Path) -> Path:
     return write_npz(tmp_path / "blobs.npz")
 
 
+@pytest.fixture
+def step_clock():
+    """A fake clock for the trainers' ``now``: one second passes at each optimiser step."""
+    seconds = [0.0]
+    handle = register_optimizer_step_post_hook(lambda *_: seconds.__setitem__(0, seconds[0] + 1.0))
+    yield lambda: seconds[0]
+    handle.remove()
+
+
+def metric_values(path: Path, split: str, metric: str) -> dict[int, float]:
+    """step -> value of one metric of one split in a ``metrics.csv``."""
+    return {
+        int(row["step"]): float(row["value"])
+        for row in read_metrics(path)
+        if row["split"] == split and row["metric"] == metric
+    }
+
+
+def assert_states_close(
+    first: Path | Mapping[str, torch.Tensor], second: Path | Mapping[str, torch.Tensor], atol: float
+) -> None:
+    """Two state dicts (or safetensors files of them) hold the same names, floating tensors
+    within ``atol`` of each other and other tensors equal."""
+    a = load_file(str(first)) if isinstance(first, Path) else first
+    b = load_file(str(second)) if isinstance(second, Path) else second
+    assert a.keys() == b.keys()
+    for name in a:
+        if a[name].is_floating_point():
+            difference = (a[name] - b[name]).abs().max().item()
+            assert difference <= atol, f"{name}: max difference {difference:.3g} > {atol}"
+        else:
+            assert torch.equal(a[name], b[name]), name
+
+
+def assert_one_line_error(capsys, code: int, fragment: str) -> None:
+    """The CLI exited with status 2 after one ``vqvae2: error: ...`` line naming ``fragment``."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("vqvae2: error: ") and fragment in err[-1], err
+    assert not any("Traceback" in line for line in err)
+
+
+def run_module(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m ARGS`` in a fresh process on one CPU thread, its output captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
 def torchrun(processes: int, *args: object, timeout: float = 180) -> str:
     """``python -m torch.distributed.run --standalone --nproc_per_node=N ARGS`` on the CPU (one
     thread per process); fails the test with the processes' output unless all exit 0.
@@ -70,15 +128,12 @@ def torchrun(processes: int, *args: object, timeout: float = 180) -> str:
     Returns:
         Their standard output.
     """
-    command = [
-        sys.executable,
-        "-m",
+    finished = run_module(
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={processes}",
-        *map(str, args),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        *args,
+        timeout=timeout,
+    )
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     return finished.stdout
