@@ -8,33 +8,40 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vqvae2.cli import build_parser, main
+from vqvae2.config import VQVAERunConfig, load_config
+from vqvae2.data import open_dataset
+from vqvae2.loop import read_metrics
+from vqvae2.measure import class_agreement
+from vqvae2.run import load_classifier, load_vqvae
 
-SUBCOMMANDS = [
-    "train-vqvae",
-    "reconstruct",
-    "extract-codes",
-    "train-prior",
-    "train-classifier",
-    "sample",
-    "presets",
-]
+from .conftest import assert_one_line_error, run_module
+
+# An option that only this command's help shows (presets has none: its whole usage line).
+HELP_MARKS = {
+    "train-vqvae": "--max-steps",
+    "reconstruct": "--images",
+    "extract-codes": "--augment",
+    "train-prior": "--level",
+    "train-classifier": "--run",
+    "sample": "--reject-fraction",
+    "evaluate": "--inception-weights",
+    "presets": "usage: vqvae2 presets [-h]\n",
+}
+SUBCOMMANDS = list(HELP_MARKS)
 TINY = ["--config", "tiny", "model.image_size=16", "--quiet"]
 
 
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "vqvae2", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+def json_line(capsys) -> dict:
+    """The last line the CLI printed, as JSON."""
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -42,7 +49,7 @@ def test_help_works_for_every_subcommand(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])
     assert exit_info.value.code == 0
-    assert command in capsys.readouterr().out
+    assert HELP_MARKS[command] in capsys.readouterr().out
 
 
 def test_every_subcommand_is_listed_in_top_level_help(capsys):
@@ -50,14 +57,6 @@ def test_every_subcommand_is_listed_in_top_level_help(capsys):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
     assert all(command in out for command in SUBCOMMANDS)
-
-
-def assert_one_line_error(capsys, code: int, fragment: str) -> None:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert err[-1].startswith("vqvae2: error: ")
-    assert fragment in err[-1]
-    assert not any("Traceback" in line for line in err)
 
 
 def test_missing_data_path_is_one_line(tmp_path, capsys):
@@ -96,44 +95,30 @@ def test_reconstruct_of_a_folder_without_a_model_is_one_line(tmp_path, capsys):
     assert_one_line_error(capsys, code, "no vqvae checkpoint")
 
 
-def test_train_then_reconstruct_end_to_end(tmp_path, npz_data):
+def test_train_then_reconstruct_end_to_end(tmp_path, npz_data, capsys):
     run = tmp_path / "run"
-    trained = run_cli(
-        "train-vqvae",
-        *TINY,
-        "--data",
-        str(npz_data),
-        "--out",
-        str(run),
-        "--max-steps",
-        "6",
-        "--json",
-    )
-    assert trained.returncode == 0, trained.stderr
-    summary = json.loads(trained.stdout)
-    assert summary["step"] == 6 and 0 < summary["mse"] < 1
-    recon = run_cli(
-        "reconstruct", str(run), "--data", str(npz_data), "--out", str(tmp_path / "g.png"), "--json"
-    )
-    assert recon.returncode == 0, recon.stderr
-    report = json.loads(recon.stdout)
-    assert {"mse", "psnr", "usage_top", "usage_bottom"} <= set(report)
-    assert (tmp_path / "g.png").stat().st_size > 0
+    data = ["--data", str(npz_data)]
+    assert main(["train-vqvae", *TINY, *data, "--out", str(run), "--max-steps", "6", "--json"]) == 0
+    summary = json_line(capsys)
+    # The summary's MSE is the validation split's, on [0, 1] pixels, reconstructions clamped.
+    model = load_vqvae(run)
+    val = open_dataset(npz_data, "val", 16, 1, load_config(VQVAERunConfig, "tiny").data)
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    with torch.no_grad():
+        expected = float(((model(images).reconstruction.clamp(-1, 1) - images) / 2).pow(2).mean())
+    assert summary["step"] == 6 and summary["mse"] == pytest.approx(expected, rel=1e-5)
+    grid = tmp_path / "g.png"
+    assert main(["reconstruct", str(run), *data, "--out", str(grid), "--json"]) == 0
+    report = json_line(capsys)
+    assert report["images"] == 10 and report["split"] == "test"
+    assert report["psnr"] == pytest.approx(10 * np.log10(1 / report["mse"]))
+    # 3 rows (original, reconstruction, top only) of 10 tiles of 16 px with 2 px padding.
+    assert Image.open(grid).size == (10 * 18 + 2, 3 * 18 + 2)
     # Specific image files work too.
-    from PIL import Image
-
     Image.new("L", (28, 28), 200).save(tmp_path / "one.png")
-    files = run_cli(
-        "reconstruct",
-        str(run),
-        "--images",
-        str(tmp_path / "one.png"),
-        "--out",
-        str(tmp_path / "f.png"),
-        "--json",
-    )
-    assert files.returncode == 0, files.stderr
-    assert json.loads(files.stdout)["images"] == 1
+    files = ["--images", str(tmp_path / "one.png"), "--out", str(tmp_path / "f.png"), "--json"]
+    assert main(["reconstruct", str(run), *files]) == 0
+    assert json_line(capsys)["images"] == 1
 
 
 def test_resume_keeps_the_saved_run_length(tmp_path, npz_data, capsys):
@@ -146,26 +131,18 @@ def test_resume_keeps_the_saved_run_length(tmp_path, npz_data, capsys):
     (run / "vqvae" / "latest").write_text("step-00000002\n")  # as if killed after step 2
     capsys.readouterr()
     assert main(["train-vqvae", *data, "--resume", "--quiet", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
+    assert json_line(capsys)["step"] == 3
     assert main(["train-vqvae", *data, "--resume", "--quiet", "--json", "--max-steps", "5"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 5
+    assert json_line(capsys)["step"] == 5
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, npz_data):
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, npz_data, capsys):
     run = tmp_path / "run"
-    args = [
-        sys.executable,
-        "-m",
-        "vqvae2",
-        "train-vqvae",
-        *TINY,
-        "--data",
-        str(npz_data),
-        "--out",
-        str(run),
-    ]
+    data = ["--data", str(npz_data), "--out", str(run)]
     process = subprocess.Popen(
-        [*args, "--max-steps", "100000", "train.checkpoint_every=5", "train.log_every=1"],
+        [sys.executable, "-m", "vqvae2", "train-vqvae", *TINY, *data, "--max-steps", "100000"]
+        + ["train.checkpoint_every=5", "train.log_every=1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -179,32 +156,34 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, npz_data):
         process.send_signal(signal.SIGKILL)
         process.wait()
     killed_at = int((run / "vqvae" / "latest").read_text().strip().split("-")[1])
-    assert killed_at >= 5
-    resumed = run_cli(
-        "train-vqvae",
-        "--data",
-        str(npz_data),
-        "--out",
-        str(run),
-        "--resume",
-        "--quiet",
-        "--max-steps",
-        str(killed_at + 3),
-        "--json",
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert json.loads(resumed.stdout)["step"] == killed_at + 3
-    # Steps logged after the last checkpoint by the killed process are not logged twice.
-    from vqvae2.loop import read_metrics
-
-    keys = [(r["step"], r["split"], r["metric"]) for r in read_metrics(run / "metrics.csv")]
-    assert len(keys) == len(set(keys))
+    assert killed_at % 5 == 0  # checkpoints only every 5 steps
+    final = killed_at + 3
+    capsys.readouterr()
+    resume = ["train-vqvae", *data, "--resume", "--quiet", "--max-steps", str(final), "--json"]
+    assert main(resume) == 0
+    assert json_line(capsys)["step"] == final
+    # Every step logged exactly once: none lost, and the steps the killed process logged after
+    # its last checkpoint are not logged twice.
+    logged = [
+        int(row["step"])
+        for row in read_metrics(run / "metrics.csv")
+        if row["split"] == "train" and row["metric"] == "loss"
+    ]
+    assert logged == list(range(1, final + 1))
 
 
+@pytest.mark.slow
 def test_python_dash_m_matches_console_script():
-    result = run_cli("presets")
-    assert result.returncode == 0
-    assert {"fashion-mnist-32", "imagenet-256", "ffhq-1024", "tiny"} <= set(result.stdout.split())
+    dash_m = run_module("vqvae2", "presets")
+    script = subprocess.run(
+        [str(Path(sys.executable).with_name("vqvae2")), "presets"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dash_m.returncode == 0 and script.returncode == 0, dash_m.stderr + script.stderr
+    assert script.stdout == dash_m.stdout
+    assert {"fashion-mnist-32", "imagenet-256", "ffhq-1024", "tiny"} <= set(dash_m.stdout.split())
 
 
 def test_whole_pipeline_end_to_end(tmp_path, npz_data, capsys):
@@ -247,12 +226,18 @@ def test_whole_pipeline_end_to_end(tmp_path, npz_data, capsys):
     ]
     for args in steps:
         assert main(list(args)) == 0, args
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["samples"] == 4 and 0.0 <= summary["class_agreement"] <= 1.0
+    summary = json_line(capsys)
     assert (run / "codes" / "train" / "meta.json").is_file()
     assert (tmp_path / "grid.png").is_file()
-    assert len(list((tmp_path / "images").glob("*.png"))) == 4
-    import numpy as np
+    files = sorted((tmp_path / "images").glob("*.png"))
+    assert [f.name for f in files] == [f"sample-{i:05d}.png" for i in range(4)]
+    # The agreement is the run's classifier's on the saved samples and the requested classes.
+    saved_images = torch.stack(
+        [torch.from_numpy(np.array(Image.open(f)))[None] for f in files]
+    )  # (4, 1, 16, 16) uint8
+    classifier = load_classifier(run / "classifier")
+    expected = class_agreement(classifier, saved_images, torch.tensor([0, 0, 2, 2]))
+    assert summary["samples"] == 4 and summary["class_agreement"] == expected
 
     with np.load(tmp_path / "codes.npz") as saved:
         assert saved["codes_0"].shape == (4, 2, 2) and saved["codes_1"].shape == (4, 4, 4)
