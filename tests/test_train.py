@@ -12,7 +12,10 @@ from vqvae2.config import TrainConfig, VQVAERunConfig, load_config
 from vqvae2.data import open_dataset
 from vqvae2.loop import EpochBatchSampler, RunClock, learning_rate, read_metrics
 from vqvae2.reconstruct import reconstruct
+from vqvae2.run import load_vqvae
 from vqvae2.train import train_vqvae
+
+from .conftest import metric_values
 
 
 def tiny_run_config(*overrides: str) -> VQVAERunConfig:
@@ -24,11 +27,7 @@ def tiny_run_config(*overrides: str) -> VQVAERunConfig:
 
 
 def train_losses(run_dir) -> dict[int, float]:
-    return {
-        int(row["step"]): float(row["value"])
-        for row in read_metrics(run_dir / "metrics.csv")
-        if row["split"] == "train" and row["metric"] == "loss"
-    }
+    return metric_values(run_dir / "metrics.csv", "train", "loss")
 
 
 def test_sampler_batch_depends_only_on_seed_and_step():
@@ -74,34 +73,51 @@ def test_time_budget_moves_the_schedule_on():
     assert learning_rate(cosine, 1, budget_spent=0.5) == pytest.approx(0.5)
     constant = TrainConfig(learning_rate=1.0, max_steps=10)
     assert learning_rate(constant, 1, budget_spent=0.5) == 1.0
+
+
+def test_run_clock_counts_earlier_processes_and_its_own_deadline():
+    t = [100.0]
+    budget = RunClock(59.0, None, budget_minutes=1.0, now=lambda: t[0])
     # The budget counts the time of earlier processes of a resumed run.
-    assert RunClock(59.0, None, budget_minutes=1.0).out_of_time() is False
-    assert RunClock(60.0, None, budget_minutes=1.0).out_of_time() is True
-    assert RunClock(1e6, None).out_of_time() is False and not RunClock(1e6, None).limited
+    assert budget.elapsed() == 59.0 and budget.limited and not budget.out_of_time()
+    t[0] += 1.0
+    assert budget.elapsed() == 60.0 and budget.out_of_time()
+    # --max-minutes counts this process's time only.
+    deadline = RunClock(59.0, 1.0, now=lambda: t[0])
+    t[0] += 59.0
+    assert deadline.elapsed() == 118.0 and not deadline.out_of_time()
+    t[0] += 1.0
+    assert deadline.out_of_time()
+    unlimited = RunClock(1e6, None, now=lambda: t[0])
+    assert not unlimited.limited and not unlimited.out_of_time()
 
 
-def test_time_budget_ends_the_run_and_its_schedule(tmp_path, npz_data):
+def test_time_budget_ends_the_run_and_its_schedule(tmp_path, npz_data, step_clock):
+    """A 6-second budget on a clock that gains one second per step: six steps, the rate linear
+    in the time spent before each step."""
     config = tiny_run_config(
-        "train.max_steps=100000", "train.lr_schedule=linear", "train.schedule_minutes=0.04"
+        "train.max_steps=100000", "train.lr_schedule=linear", "train.schedule_minutes=0.1"
     )
-    result = train_vqvae(config, npz_data, tmp_path / "run", progress=False)
-    assert 10 < result.step < 100000  # stopped by the 2.4-second budget
+    result = train_vqvae(config, npz_data, tmp_path / "run", progress=False, now=step_clock)
+    assert result.step == 6
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["metric"] == "lr"]
-    assert [int(r["step"]) for r in rows] == list(range(1, result.step + 1))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["elapsed_seconds"] for r in rows] == ["1.0", "2.0", "3.0", "4.0", "5.0", "6.0"]
     rates = [float(r["value"]) for r in rows]
-    assert rates == sorted(rates, reverse=True) and rates[-1] < 0.1 * rates[0]
-    # Linear in the time spent (logged to 0.1 s, after the step that used the rate).
-    for row, rate in zip(rows, rates, strict=True):
-        expected = 1e-3 * (1 - float(row["elapsed_seconds"]) / 2.4)
-        assert rate == pytest.approx(expected, abs=1e-3 * 0.1)
+    assert rates == pytest.approx([1e-3 * (1 - s / 6) for s in range(6)], rel=1e-12)
     # A resumed run whose budget is spent takes no more steps.
-    again = train_vqvae(config, npz_data, tmp_path / "run", resume=True, progress=False)
-    assert again.step == result.step
+    again = train_vqvae(
+        config, npz_data, tmp_path / "run", resume=True, progress=False, now=step_clock
+    )
+    assert again.step == 6
+    assert metric_values(tmp_path / "run" / "metrics.csv", "train", "lr") == dict(
+        zip(range(1, 7), rates, strict=True)
+    )
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, npz_data):
     straight = tmp_path / "straight"
-    train_vqvae(tiny_run_config("train.max_steps=9"), npz_data, straight, progress=False)
+    whole = train_vqvae(tiny_run_config("train.max_steps=9"), npz_data, straight, progress=False)
     resumed = tmp_path / "resumed"
     train_vqvae(tiny_run_config("train.max_steps=4"), npz_data, resumed, progress=False)
     result = train_vqvae(
@@ -111,6 +127,11 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, npz_dat
     expected, got = train_losses(straight), train_losses(resumed)
     assert sorted(got) == list(range(1, 10))
     assert got == expected  # bit-identical float losses, steps 5-9 cross an epoch boundary
+    # The same weights and codebooks, bit for bit.
+    expected_state, got_state = whole.model.state_dict(), result.model.state_dict()
+    assert expected_state.keys() == got_state.keys()
+    for name, value in expected_state.items():
+        assert torch.equal(got_state[name], value), name
 
 
 def test_loss_goes_down_and_codes_are_used(tmp_path, npz_data):
@@ -140,11 +161,22 @@ def test_refuses_to_overwrite_a_run_and_resume_needs_a_run(tmp_path, npz_data):
 
 
 def test_reconstruct_reports_split_metrics_and_writes_grid(tmp_path, npz_data):
-    train_vqvae(tiny_run_config("train.max_steps=5"), npz_data, tmp_path / "run", progress=False)
+    config = tiny_run_config("train.max_steps=5")
+    train_vqvae(config, npz_data, tmp_path / "run", progress=False)
     result = reconstruct(tmp_path / "run", npz_data, "test", tmp_path / "grid.png")
     assert result["images"] == 10 and result["split"] == "test"
-    assert 0 < result["mse"] < 1 and result["psnr"] > 0
-    assert 0 < result["usage_top"] <= 1 and 0 < result["usage_bottom"] <= 1
+    # By hand on the test split: the clamped reconstruction's error on [0, 1] pixels, and the
+    # share of the K = 16 codes each level uses.
+    model = load_vqvae(tmp_path / "run")
+    test = open_dataset(npz_data, "test", 16, 1, config.data)
+    images, _ = test.__getitems__(list(range(len(test))))
+    with torch.no_grad():
+        output = model(images)
+    mse = float(((output.reconstruction.clamp(-1, 1) - images) / 2).pow(2).mean())
+    assert result["mse"] == pytest.approx(mse, rel=1e-5)
+    assert result["psnr"] == pytest.approx(10 * math.log10(1 / result["mse"]), rel=1e-12)
+    for name, codes in zip(("top", "bottom"), output.codes, strict=True):
+        assert result[f"usage_{name}"] == len(codes.unique()) / 16, name
     from PIL import Image
 
     grid = Image.open(tmp_path / "grid.png")
@@ -165,7 +197,10 @@ def test_metrics_log_has_train_and_val_rows(tmp_path, npz_data):
         by_split[row["split"]].add(row["metric"])
     assert {"loss", "mse", "perplexity_top", "batch_usage_bottom"} <= by_split["train"]
     assert {"mse", "psnr", "usage_top", "usage_bottom"} <= by_split["val"]
-    assert torch.tensor([float(r["value"]) for r in rows]).isfinite().all()
+    # Train rows at every step; validation at step 2 (step 4, the last, is the final one).
+    path = tmp_path / "r" / "metrics.csv"
+    assert sorted(metric_values(path, "train", "loss")) == [1, 2, 3, 4]
+    assert sorted(metric_values(path, "val", "mse")) == [2, 4]
 
 
 def test_train_log_mse_is_the_validation_measure(tmp_path, npz_data, monkeypatch):
