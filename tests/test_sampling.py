@@ -125,8 +125,18 @@ def test_sampled_codes_follow_the_prior_distribution():
 def test_sample_codes_conditions_each_level_on_those_above():
     vqvae = VQVAE2(tiny_config()).eval()
     priors = priors_for(vqvae, num_classes=0)
-    codes = sample_codes(priors, 2, generator=torch.Generator().manual_seed(1))
-    assert [c.shape for c in codes] == [(2, 2, 2), (2, 4, 4)]
+    codes = sample_codes(priors, 16, generator=torch.Generator().manual_seed(1))
+    assert [c.shape for c in codes] == [(16, 2, 2), (16, 4, 4)]
+    # By hand from the same generator stream: the top level, then the bottom given that top.
+    generator = torch.Generator().manual_seed(1)
+    top = sample_level_cached(priors[0], 16, None, None, 1.0, generator)
+    state = generator.get_state()
+    bottom = sample_level_cached(priors[1], 16, None, [top], 1.0, generator)
+    assert torch.equal(codes[0], top) and torch.equal(codes[1], bottom)
+    # The same draws given other top codes give other bottom codes (22 of the 256 here).
+    generator.set_state(state)
+    other = sample_level_cached(priors[1], 16, None, [(top + 1) % 13], 1.0, generator)
+    assert not torch.equal(other, bottom)
 
 
 def test_mismatched_priors_are_refused():
