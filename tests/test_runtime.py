@@ -3,8 +3,6 @@ and the split of the global batch over processes and micro-batches."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -13,6 +11,8 @@ from vqvae2.distributed import DistributedContext
 from vqvae2.loop import micro_batch_size, prepare_step_module
 from vqvae2.quantize import VectorQuantizerEMA
 from vqvae2.train import train_vqvae
+
+from .conftest import assert_states_close
 
 TINY = ["model.image_size=16", "train.batch_size=8", "train.val_every=1000"]
 
@@ -52,7 +52,9 @@ def test_bf16_training_keeps_float32_weights_and_codebooks(tmp_path, npz_data):
     result = train_vqvae(
         config, npz_data, tmp_path / "run", progress=False, runtime=RuntimeConfig(precision="bf16")
     )
-    assert math.isfinite(result.metrics["mse"]) and result.metrics["mse"] < 1.0
+    full = train_vqvae(config, npz_data, tmp_path / "float32", progress=False)
+    # The same two steps in float32 end at nearly the same validation MSE (relative difference 2e-5 here).
+    assert result.metrics["mse"] == pytest.approx(full.metrics["mse"], rel=1e-3)
     assert all(value.dtype == torch.float32 for value in result.model.parameters())
     assert all(q.codebook.dtype == torch.float32 for q in result.model.quantizers)
 
@@ -69,13 +71,7 @@ def test_channels_last_training_matches_the_default_layout(tmp_path, npz_data):
     ).model
     convs = [m.weight for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
-    for (name, a), (_, b) in zip(
-        default.state_dict().items(), nhwc.state_dict().items(), strict=True
-    ):
-        if a.is_floating_point():
-            assert (a - b).abs().max() < 1e-4, name
-        else:
-            assert torch.equal(a, b), name
+    assert_states_close(default.state_dict(), nhwc.state_dict(), atol=1e-4)
 
 
 def test_compile_wraps_the_training_forward(monkeypatch):
