@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from vqvae2.config import DataConfig
-from vqvae2.data import open_dataset, split_indices
+from vqvae2.data import float_to_uint8, open_dataset, split_indices
 from vqvae2.report import make_grid
 
 
@@ -87,11 +87,21 @@ def test_image_folder_with_classes_resizes_and_skips_corrupt_files(tmp_path, cap
 
 def test_grey_folder_images_become_rgb_and_back(tmp_path):
     Image.new("L", (8, 8), 128).save(tmp_path / "a.png")
-    Image.new("RGB", (8, 8), (255, 255, 255)).save(tmp_path / "b.webp")
+    Image.new("RGB", (8, 8), (200, 100, 50)).save(tmp_path / "b.webp", lossless=True)
     config = DataConfig(val_fraction=0.0, test_fraction=0.0)
     rgb = open_dataset(tmp_path, "train", 8, 3, config)
     grey = open_dataset(tmp_path, "train", 8, 1, config)
-    assert rgb[0][0].shape == (3, 8, 8) and grey[1][0].shape == (1, 8, 8)
+
+    def pixels(dataset, index: int) -> list[int]:  # the channel values, the same everywhere
+        image = float_to_uint8(dataset[index][0])
+        assert image.shape[1:] == (8, 8)
+        assert torch.equal(image, image[:, :1, :1].expand_as(image))
+        return image[:, 0, 0].tolist()
+
+    # Grey to RGB repeats the grey level; RGB to grey is the ITU-R 601-2 luma
+    # 0.299 R + 0.587 G + 0.114 B = 124.2 -> 124.
+    assert pixels(rgb, 0) == [128, 128, 128] and pixels(grey, 0) == [128]
+    assert pixels(rgb, 1) == [200, 100, 50] and pixels(grey, 1) == [124]
 
 
 def test_npz_with_and_without_splits(tmp_path):
