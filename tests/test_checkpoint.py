@@ -48,6 +48,7 @@ def test_optimizer_state_round_trips(tmp_path):
     fresh.load_state_dict(checkpoint.optimizer_state)
     original, restored = optimizer.state_dict(), fresh.state_dict()
     assert original["param_groups"][0]["lr"] == restored["param_groups"][0]["lr"]
+    assert original["state"] and original["state"].keys() == restored["state"].keys()
     for key, state in original["state"].items():
         for name, value in state.items():
             assert torch.equal(
