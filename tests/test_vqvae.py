@@ -159,7 +159,15 @@ def test_bad_inputs_are_rejected_with_clear_errors():
     ("preset", "latents"), [("imagenet-256", [32, 64]), ("ffhq-1024", [32, 64, 128])]
 )
 def test_paper_presets_forward_backward_at_batch_one(preset, latents):
-    config = load_config(VQVAERunConfig, preset).model
+    """The paper's image sizes, levels and downsampling, at narrow widths (K = 13, D = 6)."""
+    narrow = [
+        "model.hidden_channels=8",
+        "model.residual_channels=4",
+        "model.num_res_blocks=1",
+        "model.codebook_size=13",
+        "model.embedding_dim=6",
+    ]
+    config = load_config(VQVAERunConfig, preset, narrow).model
     model = VQVAE2(config).train()
     images = torch.rand(1, 3, config.image_size, config.image_size) * 2 - 1
     output = model(images)
