@@ -6,8 +6,9 @@ single-process run.
         STAGE DATA RUN_DIR STEPS [--resume]
 
 STAGE is ``vqvae`` (train_vqvae on the tiny preset), ``vqvae-budget`` (the same on a linear
-schedule that a 2-second ``train.schedule_minutes`` budget ends; STEPS is then only a cap) or
-``prior`` (extract_codes, then the top prior). Each process writes
+schedule that a 12-second ``train.schedule_minutes`` budget ends; STEPS is then only a cap; each
+process runs on a fake clock that gains RANK + 1 seconds per optimiser step, so the slowest,
+the last rank, decides) or ``prior`` (extract_codes, then the top prior). Each process writes
 ``RUN_DIR/<stage>-rank<R>-of-<N>.safetensors``.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vqvae2.config import PriorRunConfig, VQVAERunConfig, load_config
 from vqvae2.distributed import shutdown
@@ -38,7 +40,7 @@ VQVAE_OVERRIDES = [
     # two processes decides otherwise than one process; seed 1 has none in these 6 steps.
     "train.seed=1",
 ]
-BUDGET_OVERRIDES = ["train.lr_schedule=linear", "train.schedule_minutes=0.033"]
+BUDGET_OVERRIDES = ["train.lr_schedule=linear", "train.schedule_minutes=0.2", "train.log_every=1"]
 PRIOR_OVERRIDES = ["train.batch_size=8", "train.val_every=1000", "train.checkpoint_every=2"]
 
 
@@ -55,19 +57,31 @@ def count_restarts() -> list[int]:
     return counter
 
 
+def step_clock(seconds_per_step: float):
+    """A fake clock that gains ``seconds_per_step`` at each optimiser step."""
+    seconds = [0.0]
+    register_optimizer_step_post_hook(
+        lambda *_: seconds.__setitem__(0, seconds[0] + seconds_per_step)
+    )
+    return lambda: seconds[0]
+
+
 def run(stage: str, data: Path, run_dir: Path, steps: int, resume: bool = False) -> Path:
     """Train one stage in this process (one of a torchrun group, or alone); save its state,
     and for stage 1 the number of dead codes re-seeded, beside it."""
     restarts = [0]
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if stage in ("vqvae", "vqvae-budget"):
         overrides = [*VQVAE_OVERRIDES, f"train.max_steps={steps}"]
+        clock = {}
         if stage == "vqvae-budget":
             overrides += BUDGET_OVERRIDES
+            clock = {"now": step_clock(rank + 1.0)}
         config = load_config(VQVAERunConfig, "tiny", overrides)
         original = VectorQuantizerEMA._restart_dead_codes
         restarts = count_restarts()
         try:
-            result = train_vqvae(config, data, run_dir, resume=resume, progress=False)
+            result = train_vqvae(config, data, run_dir, resume=resume, progress=False, **clock)
         finally:
             VectorQuantizerEMA._restart_dead_codes = original
     else:
@@ -77,7 +91,6 @@ def run(stage: str, data: Path, run_dir: Path, steps: int, resume: bool = False)
             PriorRunConfig, "prior-top-tiny", [*PRIOR_OVERRIDES, f"train.max_steps={steps}"]
         )
         result = train_prior(run_dir, "top", config, resume=resume, progress=False)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
     path = run_dir / f"{stage}-rank{rank}-of-{world}.safetensors"
     save_file(state, str(path))

@@ -97,6 +97,12 @@ def test_global_batch_splits_over_processes_and_micro_batches():
         micro_batch_size(train, DistributedContext(world_size=3))
 
 
+def test_shard_ranges_cover_a_range_exactly_once():
+    contexts = [DistributedContext(rank=r, world_size=3) for r in range(3)]
+    ranges = [c.shard_range(10) for c in contexts]
+    assert [list(r) for r in ranges] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
 def test_bad_runtime_choices_are_named():
     with pytest.raises(ValueError, match="precision must be float32 or bf16"):
         RuntimeConfig(precision="fp8")
