@@ -15,6 +15,7 @@ from vqvae2.data import open_dataset
 from .conftest import FASHION_MNIST
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.realdata,
     pytest.mark.skipif(
         not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists() and not os.environ.get("CI"),
