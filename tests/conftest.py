@@ -109,16 +109,21 @@ def assert_one_line_error(capsys, code: int, fragment: str) -> None:
     assert not any("Traceback" in line for line in err)
 
 
-def run_module(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python -m ARGS`` in a fresh process on one CPU thread, its output captured."""
+def run_python(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a fresh process on one CPU thread, its output captured."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", *map(str, args)],
+        [sys.executable, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
         env=env,
     )
+
+
+def run_module(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m ARGS`` in a fresh process on one CPU thread, its output captured."""
+    return run_python("-m", *args, timeout=timeout)
 
 
 def torchrun(processes: int, *args: object, timeout: float = 180) -> str:
