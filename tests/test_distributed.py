@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vqvae2.checkpoint import read_checkpoint
 from vqvae2.config import PriorRunConfig, load_config
 from vqvae2.loop import read_metrics
 from vqvae2.run import load_prior
@@ -76,10 +77,16 @@ def test_a_time_budget_ends_every_process_at_the_same_step_and_rate(tmp_path):
     assert (tmp_path / "two" / "vqvae" / "latest").read_text().strip() == "step-00000006"
     rows = [r for r in read_metrics(tmp_path / "two" / "metrics.csv") if r["metric"] == "lr"]
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    # Logged by rank 0, on its own clock.
-    assert [r["elapsed_seconds"] for r in rows] == ["1.0", "2.0", "3.0", "4.0", "5.0", "6.0"]
+    # Logged and checkpointed on the run's clock, the slowest process's (rank 1: 2 s a step).
+    assert [r["elapsed_seconds"] for r in rows] == ["2.0", "4.0", "6.0", "8.0", "10.0", "12.0"]
+    assert read_checkpoint(tmp_path / "two", "vqvae").extra["elapsed_seconds"] == 12.0
     rates = [float(r["value"]) for r in rows]
     assert rates == pytest.approx([1e-3 * (1 - s / 6) for s in range(6)], rel=1e-12)
+    # Resumed, the run finds its budget spent and takes no more steps.
+    torchrun(2, WORKER, "vqvae-budget", data, tmp_path / "two", 100000, "--resume")
+    assert (tmp_path / "two" / "vqvae" / "latest").read_text().strip() == "step-00000006"
+    rows = [r for r in read_metrics(tmp_path / "two" / "metrics.csv") if r["metric"] == "lr"]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
 def test_two_processes_match_one_process_on_the_same_global_batch(runs):

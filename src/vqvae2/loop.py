@@ -251,9 +251,12 @@ class RunClock:
         """Seconds of training so far, earlier processes of a resumed run included."""
         return self.elapsed_before + self.now() - self.start
 
-    def out_of_time(self) -> bool:
+    def out_of_time(self, elapsed: float | None = None) -> bool:
+        """This process's deadline is past, or ``elapsed`` seconds (this process's by default)
+        spend the budget."""
+        elapsed = self.elapsed() if elapsed is None else elapsed
         past_deadline = self.deadline is not None and self.now() >= self.deadline
-        return past_deadline or (self.budget is not None and self.elapsed() >= self.budget)
+        return past_deadline or (self.budget is not None and elapsed >= self.budget)
 
     @property
     def limited(self) -> bool:
@@ -379,6 +382,7 @@ class TrainingSession:
         resume_step = self.step if checkpoint is not None else None
         self.log = MetricsLog(log_dir / METRICS_FILE, resume_step, enabled=context.is_main)
         self.clock = RunClock(elapsed_before, max_minutes, self.train.schedule_minutes, now)
+        self._agreed_elapsed = elapsed_before  # see elapsed()
         self.bar = tqdm(
             total=self.train.max_steps,
             initial=self.step,
@@ -413,15 +417,15 @@ class TrainingSession:
             self.optimizer.step()
             self.step += 1
             self.bar.update(1)
+            out_of_time = self._out_of_time()
             if self.step % train.log_every == 0 and self.context.is_main:
                 logged = {**figures(), "lr": self.optimizer.param_groups[0]["lr"]}
-                self.log.write(self.step, self.clock.elapsed(), "train", logged)
+                self.log.write(self.step, self.elapsed(), "train", logged)
                 self.bar.set_postfix({self.postfix: f"{logged[self.postfix]:.5g}"}, refresh=False)
-            out_of_time = self._out_of_time()
             if self.context.is_main and not out_of_time:
                 last = self.step >= train.max_steps
                 if validate is not None and self.step % train.val_every == 0 and not last:
-                    self.log.write(self.step, self.clock.elapsed(), "val", validate())
+                    self.log.write(self.step, self.elapsed(), "val", validate())
                 if self.step % train.checkpoint_every == 0:
                     self.save()
             if out_of_time:
@@ -437,7 +441,7 @@ class TrainingSession:
         if not self.context.is_main:
             return TrainResult(run_dir=self.log_dir, step=self.step, metrics={}, model=self.model)
         metrics = final_metrics()
-        self.log.write(self.step, self.clock.elapsed(), split, metrics)
+        self.log.write(self.step, self.elapsed(), split, metrics)
         self.save()
         return TrainResult(run_dir=self.log_dir, step=self.step, metrics=metrics, model=self.model)
 
@@ -450,13 +454,27 @@ class TrainingSession:
             self.run_config,
             self.model,
             self.optimizer,
-            extra={"elapsed_seconds": self.clock.elapsed(), **self.extra},
+            extra={"elapsed_seconds": self.elapsed(), **self.extra},
         )
+
+    def elapsed(self) -> float:
+        """Seconds of training of the run so far: the slowest process's, as last agreed by all
+        of them under a time limit, else this process's. It is what the log and checkpoints
+        record, so a resumed run spends the rest of a time budget, not more."""
+        return max(self._agreed_elapsed, self.clock.elapsed())
+
+    def _agree_elapsed(self) -> float:
+        """The slowest process's elapsed time (a collective: every process calls it)."""
+        self._agreed_elapsed = self.context.max(self.clock.elapsed())
+        return self._agreed_elapsed
 
     def _out_of_time(self) -> bool:
         """The --max-minutes deadline or the time budget, agreed by all processes so they stop
         at the same step."""
-        return self.clock.limited and self.context.any(self.clock.out_of_time())
+        if not self.clock.limited:
+            return False
+        agreed = self._agree_elapsed() if self.clock.budget is not None else None
+        return self.context.any(self.clock.out_of_time(agreed))
 
     def _set_step_size(self) -> bool:
         """Give the optimiser the step size of this step; False (and nothing set) when the time
@@ -464,7 +482,7 @@ class TrainingSession:
         every process takes the same step size."""
         budget_spent = 0.0
         if self.clock.budget is not None:
-            budget_spent = self.context.max(self.clock.elapsed()) / self.clock.budget
+            budget_spent = self._agree_elapsed() / self.clock.budget
         if budget_spent >= 1.0:
             return False
         for group in self.optimizer.param_groups:
