@@ -17,6 +17,7 @@ from vqvae2.data import (
     float_to_uint8,
     open_dataset,
     shift_image,
+    uint8_to_float,
 )
 from vqvae2.measure import measure_nll
 from vqvae2.run import load_prior, load_vqvae
@@ -65,6 +66,7 @@ def test_augmented_store_holds_the_codes_of_each_transform(augmented_run):
     vqvae = load_vqvae(run).eval()
     dataset = open_dataset(data, "train", 16, 1, load_config(VQVAERunConfig, "tiny").data)
     images, labels = dataset.__getitems__(list(range(len(dataset))))
+    images = uint8_to_float(images)
     plain = CodeDataset(run / "codes" / "train")
     augmented = CodeDataset(run / "codes" / "train-augmented")
     count = len(dataset)

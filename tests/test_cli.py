@@ -17,7 +17,7 @@ from PIL import Image
 
 from vqvae2.cli import build_parser, main
 from vqvae2.config import VQVAERunConfig, load_config
-from vqvae2.data import open_dataset
+from vqvae2.data import open_dataset, uint8_to_float
 from vqvae2.loop import read_metrics
 from vqvae2.measure import class_agreement
 from vqvae2.run import load_classifier, load_vqvae
@@ -103,7 +103,7 @@ def test_train_then_reconstruct_end_to_end(tmp_path, npz_data, capsys):
     # The summary's MSE is the validation split's, on [0, 1] pixels, reconstructions clamped.
     model = load_vqvae(run)
     val = open_dataset(npz_data, "val", 16, 1, load_config(VQVAERunConfig, "tiny").data)
-    images = torch.stack([val[i][0] for i in range(len(val))])
+    images = uint8_to_float(torch.stack([val[i][0] for i in range(len(val))]))
     with torch.no_grad():
         expected = float(((model(images).reconstruction.clamp(-1, 1) - images) / 2).pow(2).mean())
     assert summary["step"] == 6 and summary["mse"] == pytest.approx(expected, rel=1e-5)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from vqvae2.config import DataConfig
-from vqvae2.data import float_to_uint8, open_dataset, split_indices
+from vqvae2.data import open_dataset, split_indices
 from vqvae2.report import make_grid
 
 
@@ -37,11 +37,11 @@ def test_idx_folder_pads_scales_and_splits(tmp_path, gz):
     test_set = open_dataset(tmp_path, "test", 32, 1, config)
     assert (len(train_set), len(val_set), len(test_set)) == (30, 10, 7)
     image, label = train_set[0]
-    assert image.shape == (1, 32, 32) and image.dtype == torch.float32
+    assert image.shape == (1, 32, 32) and image.dtype == torch.uint8  # uint8 until the model
     assert label.dtype == torch.int64
-    # 28 -> 32 pads two black pixels on each side; white maps to 1, black to -1.
-    assert float(image[0, 0, 0]) == -1.0 and float(image[0, 2, 3]) == 1.0
-    assert float(image[0, 2, 2]) == -1.0  # the black pixel at (0, 0) of the original
+    # 28 -> 32 pads two black pixels on each side.
+    assert int(image[0, 0, 0]) == 0 and int(image[0, 2, 3]) == 255
+    assert int(image[0, 2, 2]) == 0  # the black pixel at (0, 0) of the original
     assert train_set.num_classes == 10
     images, labels = train_set.__getitems__([0, 1, 2])
     assert images.shape == (3, 1, 32, 32) and labels.shape == (3,)
@@ -81,7 +81,7 @@ def test_image_folder_with_classes_resizes_and_skips_corrupt_files(tmp_path, cap
     assert images.shape == (13, 3, 16, 16)
     assert "broken.jpg" in caplog.text
     red = images[labels == 0]
-    assert torch.allclose(red[:, 0], torch.ones(1)) and torch.allclose(red[:, 2], -torch.ones(1))
+    assert bool((red[:, 0] == 255).all()) and bool((red[:, 2] == 0).all())
     assert set(labels.tolist()) == {0, 1}
 
 
@@ -93,7 +93,7 @@ def test_grey_folder_images_become_rgb_and_back(tmp_path):
     grey = open_dataset(tmp_path, "train", 8, 1, config)
 
     def pixels(dataset, index: int) -> list[int]:  # the channel values, the same everywhere
-        image = float_to_uint8(dataset[index][0])
+        image = dataset[index][0]
         assert image.shape[1:] == (8, 8)
         assert torch.equal(image, image[:, :1, :1].expand_as(image))
         return image[:, 0, 0].tolist()
@@ -159,3 +159,92 @@ def test_make_grid_places_tiles():
     assert grid.shape == (1, 7, 7)
     assert int(grid[0, 1, 1]) == 10 and int(grid[0, 1, 4]) == 20 and int(grid[0, 4, 1]) == 30
     assert int(grid[0, 4, 4]) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders of photos: split folders, sizes, random flips and crops
+
+
+def gradient_photo(path, width: int, height: int) -> np.ndarray:
+    """An RGB photo whose red channel rises left to right and green top to bottom."""
+    xs = np.linspace(0, 255, width).round().astype(np.uint8)
+    ys = np.linspace(0, 255, height).round().astype(np.uint8)
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, :, 0], pixels[:, :, 1] = xs[None, :], ys[:, None]
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def test_split_folders_give_each_split_its_own_images_and_the_training_classes(tmp_path):
+    for split, count in (("train", 6), ("test", 2)):
+        for name in ("coffee", "astronaut"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                gradient_photo(folder / f"{i}.png", 30 + i, 20)
+    config = DataConfig(val_fraction=1 / 3)
+    train = open_dataset(tmp_path, "train", 8, 3, config)
+    val = open_dataset(tmp_path, "val", 8, 3, config)
+    test = open_dataset(tmp_path, "test", 8, 3, config)
+    # Validation is carved from train/ (4 of 12); test is test/ itself, not carved.
+    assert (len(train), len(val), len(test)) == (8, 4, 4)
+    assert set(train.files).isdisjoint(val.files)
+    assert all(path.parts[-3] == "test" for path in test.files)
+    assert train.class_names == test.class_names == ["astronaut", "coffee"]
+    assert sorted(test.labels.tolist()) == [0, 0, 1, 1]
+    (tmp_path / "test" / "rocket").mkdir()
+    gradient_photo(tmp_path / "test" / "rocket" / "0.png", 20, 20)
+    with pytest.raises(ValueError, match="class folder 'rocket' in .* is not one of"):
+        open_dataset(tmp_path, "test", 8, 3, config)
+
+
+def test_photos_are_resized_by_the_short_side_and_centre_cropped(tmp_path):
+    pixels = gradient_photo(tmp_path / "wide.png", 64, 32)  # 2:1
+    config = DataConfig(val_fraction=0.0, test_fraction=0.0)
+    image = open_dataset(tmp_path, "train", 16, 3, config)[0][0]  # (3, 16, 16) uint8
+    # 64x32 -> 32x16, centre crop: columns 8..23 of the halved photo, all rows.
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
+    halved_red = pixels[0, ::2, 0].astype(float)  # red at every other column, 0..254
+    assert np.abs(image[0, 8, :].numpy() - halved_red[8:24]).max() <= 6
+    assert int(image[1, 0, 8]) < 20 and int(image[1, 15, 8]) > 235  # green: the whole height
+    small = tmp_path / "small"
+    small.mkdir()
+    gradient_photo(small / "tiny.png", 4, 4)
+    assert open_dataset(small, "train", 16, 3, config)[0][0].shape == (3, 16, 16)  # upscaled
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_random_flips_and_crops_are_drawn_per_key_and_only_for_training(tmp_path, crop):
+    gradient_photo(tmp_path / "a.png", 40, 40)
+    gradient_photo(tmp_path / "b.png", 48, 40)
+    flips = DataConfig(val_fraction=0.0, test_fraction=0.0, random_flip=True, random_crop=crop)
+    train = open_dataset(tmp_path, "train", 16, 3, flips, seed=3)
+    plain = train.load_uint8(0)[0]  # an index without a key: the image as it is
+    seen = {tuple(train.load_uint8((0, key))[0].flatten().tolist()) for key in range(24)}
+    assert torch.equal(train.load_uint8((0, 5))[0], train.load_uint8((0, 5))[0])
+    mirrored = [key for key in range(24) if bool(train.load_uint8((0, key))[0][0, 0, 0] > 128)]
+    assert 4 <= len(mirrored) <= 20  # red falls left to right only in mirrored images
+    if not crop:  # a flip or nothing: two distinct images, the plain one among them
+        assert seen == {tuple(plain.flatten().tolist()), tuple(plain.flip(-1).flatten().tolist())}
+    else:  # crops of a larger resize: many distinct images
+        assert len(seen) > 6
+    other_seed = open_dataset(tmp_path, "train", 16, 3, flips, seed=4)
+    assert any(
+        not torch.equal(train.load_uint8((0, k))[0], other_seed.load_uint8((0, k))[0])
+        for k in range(8)
+    )
+    with_val = DataConfig(val_fraction=0.5, test_fraction=0.0, random_flip=True)
+    assert open_dataset(tmp_path, "val", 16, 3, with_val).transform is None
+    assert open_dataset(tmp_path, "train", 16, 3, DataConfig(val_fraction=0.0)).transform is None
+
+
+def test_arrays_take_the_same_random_flips(tmp_path):
+    images = np.zeros((4, 8, 8), np.uint8)
+    images[:, :, :4] = 255  # white left half
+    np.savez(tmp_path / "halves.npz", images=images)
+    config = DataConfig(val_fraction=0.0, test_fraction=0.0, random_flip=True)
+    train = open_dataset(tmp_path / "halves.npz", "train", 8, 1, config)
+    batch, _ = train.__getitems__([(i % 4, key) for i, key in enumerate(range(16))])
+    left_white = batch[:, 0, :, 0] == 255  # (16, 8)
+    mirrored = ~left_white.all(1)
+    assert 2 <= int(mirrored.sum()) <= 14 and bool((batch[mirrored, 0, :, 7] == 255).all())

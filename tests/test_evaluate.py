@@ -22,7 +22,7 @@ from vqvae2.config import (
     VQVAERunConfig,
     load_config,
 )
-from vqvae2.data import float_to_uint8, open_dataset
+from vqvae2.data import float_to_uint8, open_dataset, uint8_to_float
 from vqvae2.evaluate import (
     classification_accuracy_score,
     evaluate_run,
@@ -335,13 +335,13 @@ def test_evaluate_writes_tables_curves_and_plots(tiny_run, tmp_path):
     images, _ = test.__getitems__(list(range(len(test))))
     vqvae, network = load_vqvae(run), load_classifier(Path(report["features"]["path"]))
     with torch.no_grad():
-        recon = float_to_uint8(vqvae.decode_codes(vqvae.encode(images)))
-    real_f = extract_features(network, float_to_uint8(images), 64)[0]
+        recon = float_to_uint8(vqvae.decode_codes(vqvae.encode(uint8_to_float(images))))
+    real_f = extract_features(network, images, 64)[0]
     recon_f = extract_features(network, recon, 64)[0]
     train = open_dataset(data, "train", 16, 1, data_config)
     order = np.random.default_rng(report["seeds"]["real_train_reference_subset"])
     chosen = np.sort(order.permutation(len(train))[: config.num_samples]).tolist()
-    train_f = extract_features(network, float_to_uint8(train.__getitems__(chosen)[0]), 64)[0]
+    train_f = extract_features(network, train.__getitems__(chosen)[0], 64)[0]
     refs, n_test = report["references"], table1["test_size"]
     assert refs["test_reconstructions"]["fid"] == pytest.approx(
         frechet_distance(real_f, recon_f), rel=1e-6

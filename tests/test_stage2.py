@@ -17,7 +17,7 @@ from vqvae2.config import (
     VQVAERunConfig,
     load_config,
 )
-from vqvae2.data import float_to_uint8, open_dataset
+from vqvae2.data import open_dataset, uint8_to_float
 from vqvae2.measure import class_agreement, measure_nll
 from vqvae2.run import load_classifier, load_prior, load_vqvae
 from vqvae2.sample import sample_from_run
@@ -80,6 +80,7 @@ def test_extracted_codes_decode_to_the_forward_reconstruction(trained_run):
     assert len(store) == len(train)
     indices = list(range(0, len(train), 7))
     images, labels = train.__getitems__(indices)
+    images = uint8_to_float(images)
     codes, stored_labels = store.__getitems__(indices)
     with torch.no_grad():
         forward = vqvae(images).reconstruction
@@ -182,7 +183,7 @@ def test_classifier_beats_chance(trained_run, tmp_path):
     # class_agreement on real test images is the test accuracy.
     classifier = load_classifier(tmp_path / "classifier")
     test = open_dataset(data, "test", 16, 1, config.data)
-    images = float_to_uint8(torch.stack([test[i][0] for i in range(len(test))]))
+    images = torch.stack([test[i][0] for i in range(len(test))])
     labels = test.labels
     assert class_agreement(classifier, images, labels) == pytest.approx(
         result.metrics["test_accuracy"]

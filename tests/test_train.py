@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vqvae2.config import TrainConfig, VQVAERunConfig, load_config
-from vqvae2.data import open_dataset
+from vqvae2.data import open_dataset, uint8_to_float
 from vqvae2.loop import EpochBatchSampler, RunClock, learning_rate, read_metrics
 from vqvae2.reconstruct import reconstruct
 from vqvae2.run import load_vqvae
@@ -39,6 +39,20 @@ def test_sampler_batch_depends_only_on_seed_and_step():
     assert len(set(first_epoch)) == 48  # no repeats within an epoch
     with pytest.raises(ValueError, match="fewer than one batch"):
         EpochBatchSampler(5, 8, seed=0, start_step=0, end_step=1)
+
+
+def test_keyed_sampler_numbers_each_image_of_the_run_once():
+    """With keys, item (index, key) carries the image's position in the run's sequence of
+    images, step * batch + slot, whatever the process: the same key means the same draw."""
+    plain = list(EpochBatchSampler(50, 8, seed=1, start_step=0, end_step=9))
+    keyed = list(EpochBatchSampler(50, 8, seed=1, start_step=0, end_step=9, keyed=True))
+    assert [[index for index, _ in batch] for batch in keyed] == plain
+    assert [key for batch in keyed for _, key in batch] == list(range(72))
+    halves = [
+        list(EpochBatchSampler(50, 8, 1, 6, 9, rank=rank, world_size=2, keyed=True))
+        for rank in range(2)
+    ]
+    assert [a + b for a, b in zip(*halves, strict=True)] == keyed[6:]
 
 
 def test_learning_rate_schedules_by_hand():
@@ -131,6 +145,39 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path, npz_dat
     assert_states_close(result.model.state_dict(), whole.model.state_dict(), atol=0.0)
 
 
+@pytest.mark.slow  # DataLoader worker processes
+def test_random_flips_give_the_same_run_with_worker_processes_and_on_resume(tmp_path, npz_data):
+    """Random flips are drawn per image from (seed, key): two loader processes and a resumed
+    run train the same weights as one uninterrupted run in this process."""
+    flips = ("data.random_flip=true", "data.random_crop=true")
+    straight = train_vqvae(
+        tiny_run_config("train.max_steps=6", *flips), npz_data, tmp_path / "a", progress=False
+    )
+    workers = train_vqvae(
+        tiny_run_config("train.max_steps=6", "data.num_workers=2", *flips),
+        npz_data,
+        tmp_path / "b",
+        progress=False,
+    )
+    assert_states_close(workers.model.state_dict(), straight.model.state_dict(), atol=0.0)
+    train_vqvae(
+        tiny_run_config("train.max_steps=3", *flips), npz_data, tmp_path / "c", progress=False
+    )
+    resumed = train_vqvae(
+        tiny_run_config("train.max_steps=6", *flips),
+        npz_data,
+        tmp_path / "c",
+        resume=True,
+        progress=False,
+    )
+    assert_states_close(resumed.model.state_dict(), straight.model.state_dict(), atol=0.0)
+    plain = train_vqvae(
+        tiny_run_config("train.max_steps=6"), npz_data, tmp_path / "d", progress=False
+    )
+    assert train_losses(tmp_path / "d") != train_losses(tmp_path / "a")  # the flips took effect
+    del plain
+
+
 def test_loss_goes_down_and_codes_are_used(tmp_path, npz_data):
     config = tiny_run_config(
         "train.max_steps=150", "train.learning_rate=3e-3", "train.log_every=10"
@@ -140,7 +187,7 @@ def test_loss_goes_down_and_codes_are_used(tmp_path, npz_data):
     assert losses[150] < 0.5 * losses[10]
     # Better than the best constant guess: the mean validation image.
     val = open_dataset(npz_data, "val", 16, 1, config.data)
-    images = torch.stack([val[i][0] for i in range(len(val))])
+    images = uint8_to_float(torch.stack([val[i][0] for i in range(len(val))]))
     baseline = float((((images - images.mean(0)) / 2) ** 2).mean())
     assert result.metrics["mse"] < 0.5 * baseline
     assert result.metrics["usage_bottom"] > 0.3
@@ -166,7 +213,7 @@ def test_reconstruct_reports_split_metrics_and_writes_grid(tmp_path, npz_data):
     # share of the K = 16 codes each level uses.
     model = load_vqvae(tmp_path / "run")
     test = open_dataset(npz_data, "test", 16, 1, config.data)
-    images, _ = test.__getitems__(list(range(len(test))))
+    images = uint8_to_float(test.__getitems__(list(range(len(test))))[0])
     with torch.no_grad():
         output = model(images)
     mse = float(((output.reconstruction.clamp(-1, 1) - images) / 2).pow(2).mean())

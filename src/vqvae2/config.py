@@ -135,6 +135,11 @@ class DataConfig:
     test_fraction: float = 0.1  # share held out as test when the source has no test split
     split_seed: int = 0  # seed of the deterministic split permutation
     num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
+    random_flip: bool = False  # mirror training images left-right at random
+    # Crop training images at a random place of the image resized with a margin (its short side
+    # to image_size * (1 + crop_margin)) instead of the centre of the image resized to fit.
+    random_crop: bool = False
+    crop_margin: float = 0.125  # with random_crop: how much larger than the crop the image is
 
     def __post_init__(self) -> None:
         _check(
@@ -150,6 +155,7 @@ class DataConfig:
             "data.val_fraction + data.test_fraction must be < 1",
         )
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.crop_margin > 0, f"data.crop_margin must be > 0, got {self.crop_margin}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import gzip
 import logging
 import struct
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,32 +43,48 @@ def float_to_uint8(images: Tensor) -> Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def fit_square(image: Image.Image, size: int) -> Image.Image:
-    """Pad an image that fits inside ``size`` x ``size`` (centred, black); else resize its
-    shorter side to ``size`` and centre-crop."""
+def resize_and_crop(
+    image: Image.Image, size: int, scale: float = 1.0, place: tuple[float, float] | None = None
+) -> Image.Image:
+    """Resize ``image`` so its short side is ``round(size * scale)``, then crop ``size`` x
+    ``size`` from it: centred, or at ``place`` = (x, y), fractions in [0, 1] of the room left.
+
+    Large JPEGs are decoded at a reduced scale first (``Image.draft``: the decoder's own
+    downscaling by 1/2, 1/4 or 1/8, never below the target), which is much faster than decoding
+    in full and differs from it only by the decoder's filtering.
+    """
+    short = max(size, round(size * scale))
+    if image.format == "JPEG" and image.mode in ("RGB", "L"):
+        ratio = short / min(image.size)
+        image.draft(image.mode, (round(image.size[0] * ratio), round(image.size[1] * ratio)))
     width, height = image.size
-    if width <= size and height <= size:
-        canvas = Image.new(image.mode, (size, size))
-        canvas.paste(image, ((size - width) // 2, (size - height) // 2))
-        return canvas
-    scale = size / min(width, height)
-    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
-    left, top = (new_width - size) // 2, (new_height - size) // 2
+    new_width = max(short, round(width * short / min(width, height)))
+    new_height = max(short, round(height * short / min(width, height)))
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    x, y = place if place is not None else (0.5, 0.5)
+    left, top = round(x * (new_width - size)), round(y * (new_height - size))
     return image.crop((left, top, left + size, top + size))
 
 
-def pil_to_uint8(image: Image.Image, size: int, channels: int) -> Tensor:
-    """PIL image -> uint8 tensor (channels, size, size)."""
+def pil_to_uint8(
+    image: Image.Image,
+    size: int,
+    channels: int,
+    scale: float = 1.0,
+    place: tuple[float, float] | None = None,
+) -> Tensor:
+    """PIL image (any mode) -> uint8 tensor (channels, size, size), by ``resize_and_crop``."""
     image = image.convert("L" if channels == 1 else "RGB")
-    array = np.asarray(fit_square(image, size), dtype=np.uint8)
+    array = np.asarray(resize_and_crop(image, size, scale, place), dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
 
 
 def fit_uint8_array(images: np.ndarray, size: int, channels: int) -> Tensor:
-    """uint8 images (N, H, W) or (N, H, W, C) -> (N, channels, size, size), padded or resized."""
+    """uint8 images (N, H, W) or (N, H, W, C) -> (N, channels, size, size): padded (centred,
+    black) when they fit, else resized by the short side and centre-cropped."""
     if images.ndim == 3:
         images = images[..., None]
     count, height, width, source_channels = images.shape
@@ -93,6 +110,39 @@ def fit_uint8_array(images: np.ndarray, size: int, channels: int) -> Tensor:
     )
 
 
+@dataclass(frozen=True)
+class RandomTransform:
+    """The random flips and crops of training images (``data.random_flip`` /
+    ``data.random_crop``). Each image's draw comes from (seed, key), where the key is its
+    position in the run's sequence of training images: a resumed run and any number of loader
+    processes see the same images."""
+
+    seed: int
+    flip: bool
+    crop_scale: float  # > 1: resize the short side to size * crop_scale, crop at random
+
+    def draw(self, key: int) -> tuple[bool, tuple[float, float] | None]:
+        """(mirror?, crop place or None for the centre) of the image with ``key``."""
+        values = np.random.default_rng([self.seed, key]).random(3)
+        place = (float(values[1]), float(values[2])) if self.crop_scale > 1 else None
+        return self.flip and bool(values[0] < 0.5), place
+
+
+def random_transform(config: DataConfig, seed: int) -> RandomTransform | None:
+    """The training images' random transform of ``config``, or None when it asks for none."""
+    if not (config.random_flip or config.random_crop):
+        return None
+    scale = 1.0 + config.crop_margin if config.random_crop else 1.0
+    return RandomTransform(seed=seed, flip=config.random_flip, crop_scale=scale)
+
+
+Item = int | tuple[int, int]  # an index, or (index, key) for a randomly transformed image
+
+
+def _index_and_key(item: Item) -> tuple[int, int | None]:
+    return (int(item[0]), int(item[1])) if isinstance(item, tuple) else (int(item), None)
+
+
 def split_indices(count: int, split: str, config: DataConfig, carve_test: bool) -> np.ndarray:
     """Deterministic indices of ``split`` among ``count`` items of a source with no such split.
 
@@ -112,14 +162,25 @@ def split_indices(count: int, split: str, config: DataConfig, carve_test: bool) 
 
 
 class TensorImageDataset(Dataset):
-    """Images held in memory as uint8 (N, C, S, S) with int64 labels (N,)."""
+    """Images held in memory as uint8 (N, C, S, S) with int64 labels (N,).
 
-    def __init__(self, images: Tensor, labels: Tensor, class_names: Sequence[str]) -> None:
+    Items are (image (C, S, S) uint8, label () int64); a batch sampler may give (index, key)
+    pairs, which apply ``transform`` (a crop of the image resized with a margin, a flip).
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        class_names: Sequence[str],
+        transform: RandomTransform | None = None,
+    ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images
         self.labels = labels
         self.class_names = list(class_names)
+        self.transform = transform
 
     @property
     def num_classes(self) -> int:
@@ -128,17 +189,48 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return uint8_to_float(self.images[index]), self.labels[index]
+    def __getitem__(self, item: Item) -> tuple[Tensor, Tensor]:
+        images, labels = self.__getitems__([item])
+        return images[0], labels[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        """A whole batch at once: images (B, C, S, S) float in [-1, 1], labels (B,) int64."""
+    def __getitems__(self, items: Sequence[Item]) -> tuple[Tensor, Tensor]:
+        """A whole batch at once: images (B, C, S, S) uint8, labels (B,) int64."""
+        indices, keys = zip(*map(_index_and_key, items), strict=True)
         index = torch.as_tensor(indices, dtype=torch.long)
-        return uint8_to_float(self.images[index]), self.labels[index]
+        images = self.images[index]
+        if self.transform is not None and keys[0] is not None:
+            images = torch.stack(
+                [self._transformed(image, key) for image, key in zip(images, keys, strict=True)]
+            )
+        return images, self.labels[index]
+
+    def _transformed(self, image: Tensor, key: int) -> Tensor:
+        """(C, S, S) uint8 -> the same shape, flipped and cropped as the key draws."""
+        mirror, place = self.transform.draw(key)
+        if place is not None:
+            size = image.shape[-1]
+            larger = round(size * self.transform.crop_scale)
+            resized = torch.nn.functional.interpolate(
+                image[None].float(), size=(larger, larger), mode="bilinear", antialias=True
+            )[0]  # (C, S', S')
+            left, top = round(place[0] * (larger - size)), round(place[1] * (larger - size))
+            image = resized[:, top : top + size, left : left + size].round().clamp(0, 255)
+            image = image.to(torch.uint8)
+        return image.flip(-1) if mirror else image
+
+
+# Errors Pillow raises on files it cannot decode: such files are skipped.
+UNREADABLE = (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
 class ImageFolderDataset(Dataset):
-    """Image files read lazily; a file that cannot be decoded is logged and replaced by the next."""
+    """Image files read lazily, resized by their short side and centre-cropped to S x S.
+
+    Items are (image (C, S, S) uint8, label () int64); a batch sampler may give (index, key)
+    pairs, which apply ``transform`` (a random crop of the image resized with a margin, a
+    flip). A file that cannot be decoded is logged, counted in ``skipped`` and replaced by the
+    next readable one.
+    """
 
     def __init__(
         self,
@@ -147,12 +239,14 @@ class ImageFolderDataset(Dataset):
         class_names: Sequence[str],
         image_size: int,
         channels: int,
+        transform: RandomTransform | None = None,
     ) -> None:
         self.files = list(files)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.class_names = list(class_names)
         self.image_size = image_size
         self.channels = channels
+        self.transform = transform
         self.skipped: set[Path] = set()
 
     @property
@@ -162,8 +256,12 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def load_uint8(self, index: int) -> tuple[Tensor, Tensor]:
-        """Image ``index`` as uint8 (C, S, S); unreadable files fall through to the next one."""
+    def load_uint8(self, item: Item) -> tuple[Tensor, Tensor]:
+        """Image ``item`` as uint8 (C, S, S); unreadable files fall through to the next one."""
+        index, key = _index_and_key(item)
+        mirror, place, scale = False, None, 1.0
+        if self.transform is not None and key is not None:
+            (mirror, place), scale = self.transform.draw(key), self.transform.crop_scale
         for offset in range(len(self.files)):
             position = (index + offset) % len(self.files)
             path = self.files[position]
@@ -171,29 +269,23 @@ class ImageFolderDataset(Dataset):
                 continue
             try:
                 with Image.open(path) as image:
-                    image.load()
-                    return pil_to_uint8(image, self.image_size, self.channels), self.labels[
-                        position
-                    ]
-            except (
-                OSError,
-                ValueError,
-                UnidentifiedImageError,
-                Image.DecompressionBombError,
-            ) as error:
+                    pixels = pil_to_uint8(image, self.image_size, self.channels, scale, place)
+            except UNREADABLE as error:
                 self.skipped.add(path)
                 logger.warning("skipping unreadable image %s (%s)", path, error)
+                continue
+            return (pixels.flip(-1) if mirror else pixels), self.labels[position]
         raise ValueError("no readable images in the dataset")
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image, label = self.load_uint8(index)
-        return uint8_to_float(image), label
+    def __getitem__(self, item: Item) -> tuple[Tensor, Tensor]:
+        return self.load_uint8(item)
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        pairs = [self.load_uint8(int(i)) for i in indices]
+    def __getitems__(self, items: Sequence[Item]) -> tuple[Tensor, Tensor]:
+        """A whole batch at once: images (B, C, S, S) uint8, labels (B,) int64."""
+        pairs = [self.load_uint8(item) for item in items]
         images = torch.stack([image for image, _ in pairs])  # (B, C, S, S)
         labels = torch.stack([label for _, label in pairs])  # (B,)
-        return uint8_to_float(images), labels
+        return images, labels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,25 +391,54 @@ def _open_npz(
     )
 
 
+def _image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _labelled(
+    root: Path, files: list[Path], class_names: list[str] | None
+) -> tuple[list[int], list[str]]:
+    """Labels of ``files`` under ``root`` (class = first sub-folder when every file is in one;
+    one class otherwise) and the class names, which ``class_names`` fixes when given."""
+    if not all(len(p.relative_to(root).parts) > 1 for p in files):
+        return [0] * len(files), class_names or ["0"]
+    folders = [p.relative_to(root).parts[0] for p in files]
+    names = class_names or sorted(set(folders))
+    unknown = sorted(set(folders) - set(names))
+    if unknown:
+        raise ValueError(
+            f"class folder '{unknown[0]}' in {root} is not one of the training classes "
+            f"({', '.join(names)})"
+        )
+    class_of = {name: i for i, name in enumerate(names)}
+    return [class_of[folder] for folder in folders], names
+
+
 def _open_folder(
     root: Path, split: str, image_size: int, channels: int, config: DataConfig
 ) -> ImageFolderDataset:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
-    in_subfolders = all(len(p.relative_to(root).parts) > 1 for p in files)
-    if in_subfolders:
-        class_names = sorted({p.relative_to(root).parts[0] for p in files})
-        class_of = {name: i for i, name in enumerate(class_names)}
-        labels = [class_of[p.relative_to(root).parts[0]] for p in files]
-    else:
-        class_names, labels = ["0"], [0] * len(files)
-    keep = split_indices(len(files), split, config, carve_test=True)
-    if len(keep) == 0:
-        raise ValueError(f"the {split} split of {root} is empty ({len(files)} images in all)")
-    return ImageFolderDataset(
-        [files[i] for i in keep], [labels[i] for i in keep], class_names, image_size, channels
+    """One split of a folder of images. A folder with a ``train`` sub-folder beside ``val``
+    and/or ``test`` ones takes each split from its own folder (a missing one is carved from
+    train); any other folder is one source whose splits are carved."""
+    split_folders = (root / "train").is_dir() and any(
+        (root / name).is_dir() for name in ("val", "test")
     )
+    source = root / "train" if split_folders else root
+    files = _image_files(source)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {source}")
+    labels, class_names = _labelled(source, files, None)
+    own_folder = split_folders and split != "train" and (root / split).is_dir()
+    if own_folder:
+        files = _image_files(root / split)
+        labels, _ = _labelled(root / split, files, class_names)
+    else:
+        carve_test = not (split_folders and (root / "test").is_dir())
+        keep = split_indices(len(files), split, config, carve_test=carve_test)
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    if not files:
+        raise ValueError(f"the {split} split of {root} is empty")
+    return ImageFolderDataset(files, labels, class_names, image_size, channels)
 
 
 def open_dataset(
@@ -326,6 +447,7 @@ def open_dataset(
     image_size: int,
     channels: int,
     config: DataConfig | None = None,
+    seed: int = 0,
 ) -> TensorImageDataset | ImageFolderDataset:
     """Open one split of an image source.
 
@@ -333,14 +455,19 @@ def open_dataset(
         path: a directory of IDX files (``train-images-idx3-ubyte[.gz]`` ...), a directory of
             images (recursive; class = first sub-folder when every image is in one), or a
             ``.npz`` file with ``images`` [+ ``labels``] or ``{train,val,test}_images`` arrays.
+            A folder with ``train/`` and ``val/`` and/or ``test/`` sub-folders takes each split
+            from its own folder.
         split: ``train``, ``val`` or ``test``.
-        image_size: side S of the square images returned.
+        image_size: side S of the square images returned: arrays that fit are padded, other
+            images resized by their short side and centre-cropped.
         channels: 1 (grey) or 3 (RGB).
-        config: split fractions and seed.
+        config: split fractions and seed, and the training images' random transform.
+        seed: seeds the training split's random flips and crops (drawn per (seed, key) when a
+            batch sampler gives (index, key) items; plain indices give the image as it is).
 
     Returns:
-        A dataset of (image (C, S, S) float in [-1, 1], label () int64) pairs with
-        ``num_classes`` and batched ``__getitems__``.
+        A dataset of (image (C, S, S) uint8, label () int64) pairs with ``num_classes`` and
+        batched ``__getitems__``.
 
     Raises:
         ValueError: the path is missing or unreadable, or holds no images.
@@ -364,11 +491,13 @@ def open_dataset(
         raise ValueError(f"cannot read data path {path}: {error.strerror}") from None
     if len(dataset) == 0:
         raise ValueError(f"the {split} split of {path} is empty")
+    if split == "train":
+        dataset.transform = random_transform(config, seed)
     return dataset
 
 
 def load_image_files(paths: Sequence[str | Path], image_size: int, channels: int) -> Tensor:
-    """Read image files into float (N, C, S, S) in [-1, 1].
+    """Read image files into uint8 (N, C, S, S), resized by the short side and centre-cropped.
 
     Raises:
         ValueError: naming the first file that is missing or cannot be decoded.
@@ -377,13 +506,12 @@ def load_image_files(paths: Sequence[str | Path], image_size: int, channels: int
     for path in paths:
         try:
             with Image.open(path) as image:
-                image.load()
                 images.append(pil_to_uint8(image, image_size, channels))
-        except (OSError, ValueError, UnidentifiedImageError) as error:
+        except UNREADABLE as error:
             raise ValueError(f"cannot read image {path}: {error}") from None
     if not images:
         raise ValueError("no image files given")
-    return uint8_to_float(torch.stack(images))
+    return torch.stack(images)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -461,7 +461,7 @@ def _reference_features(
     for name, images in (
         ("test", test.images),
         ("reconstructions", test.reconstructions),
-        ("train", float_to_uint8(train_images)),
+        ("train", train_images),
     ):
         features[name], logits[name] = extract_features(
             models.network, images, config.batch_size, progress, f"features: {name}"

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ._helpers import SEED_STRIDE, load_state_checked
 from .checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from .config import RuntimeConfig, TrainConfig, config_from_dict, save_yaml
+from .data import uint8_to_float
 from .distributed import DistributedContext
 from .run import CONFIG_FILE, METRICS_FILE, has_checkpoint
 
@@ -35,13 +36,15 @@ METRICS_COLUMNS = ["step", "elapsed_seconds", "split", "metric", "value"]
 Clock = Callable[[], float]  # seconds on a clock that never goes back (time.monotonic)
 
 
-class EpochBatchSampler(Sampler[list[int]]):
+class EpochBatchSampler(Sampler[list]):
     """Batches of a fresh seeded permutation each epoch, starting from any global step.
 
     The global batch at step s depends only on (seed, s), so a resumed run sees exactly the
     batches an uninterrupted one would, under any number of processes: process ``rank`` of
     ``world_size`` gets the rank-th contiguous slice of it. Incomplete final batches of an
-    epoch are dropped.
+    epoch are dropped. With ``keyed`` every item is (index, key), the key being the item's
+    position in the run's sequence of images (step * batch_size + slot), from which datasets
+    draw random transforms.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         end_step: int,
         rank: int = 0,
         world_size: int = 1,
+        keyed: bool = False,
     ):
         if size < batch_size:
             raise ValueError(
@@ -63,11 +67,12 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.batches_per_epoch = size // batch_size
         self.per_process = batch_size // world_size
         self.offset = rank * self.per_process
+        self.keyed = keyed
 
     def __len__(self) -> int:
         return max(0, self.end_step - self.start_step)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         step = self.start_step
         while step < self.end_step:
             epoch, position = divmod(step, self.batches_per_epoch)
@@ -76,7 +81,11 @@ class EpochBatchSampler(Sampler[list[int]]):
                 if step >= self.end_step:
                     return
                 start = index * self.batch_size + self.offset
-                yield order[start : start + self.per_process].tolist()
+                indices = order[start : start + self.per_process].tolist()
+                if self.keyed:
+                    first_key = step * self.batch_size + self.offset
+                    indices = [(i, first_key + slot) for slot, i in enumerate(indices)]
+                yield indices
                 step += 1
 
 
@@ -147,6 +156,10 @@ class StepModule:
             return nullcontext()
         return self.ddp.no_sync()
 
+    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, C, H, W) -> float in [-1, 1] on this process's device."""
+        return self.to_device(uint8_to_float(images.to(self.context.device, non_blocking=True)))
+
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """Move a batch to this process's device (channels-last images when asked)."""
         tensor = tensor.to(self.context.device, non_blocking=True)
@@ -205,11 +218,19 @@ def micro_batch_size(train: TrainConfig, context: DistributedContext) -> int:
 
 
 def rank_batch_sampler(
-    size: int, train: TrainConfig, step: int, context: DistributedContext
+    size: int, train: TrainConfig, step: int, context: DistributedContext, keyed: bool = False
 ) -> EpochBatchSampler:
-    """This process's slice of every global batch from ``step`` to ``train.max_steps``."""
+    """This process's slice of every global batch from ``step`` to ``train.max_steps`` (items
+    keyed for random transforms when ``keyed``)."""
     return EpochBatchSampler(
-        size, train.batch_size, train.seed, step, train.max_steps, context.rank, context.world_size
+        size,
+        train.batch_size,
+        train.seed,
+        step,
+        train.max_steps,
+        context.rank,
+        context.world_size,
+        keyed,
     )
 
 
@@ -392,9 +413,11 @@ class TrainingSession:
             mininterval=1.0,
         )
 
-    def batch_sampler(self, size: int) -> EpochBatchSampler:
-        """This process's slices of the global batches still to come, over ``size`` items."""
-        return rank_batch_sampler(size, self.train, self.step, self.context)
+    def batch_sampler(self, dataset: Any) -> EpochBatchSampler:
+        """This process's slices of the global batches still to come over ``dataset``, keyed
+        when the dataset draws random transforms."""
+        keyed = getattr(dataset, "transform", None) is not None
+        return rank_batch_sampler(len(dataset), self.train, self.step, self.context, keyed)
 
     def run(
         self,

@@ -59,7 +59,7 @@ def measure_reconstruction(
         for batch, (images, _) in enumerate(eval_loader(dataset, EVAL_BATCH_SIZE, num_workers)):
             if max_batches is not None and batch >= max_batches:
                 break
-            images = images.to(device)
+            images = uint8_to_float(images.to(device))
             output = model(images)
             squared_error += float(squared_error_01(output.reconstruction, images).sum())
             values += images.numel()
@@ -116,7 +116,7 @@ def measure_accuracy(classifier: Classifier, dataset: Dataset, num_workers: int 
     device = _device(classifier)
     with evaluating(classifier):
         for images, labels in eval_loader(dataset, EVAL_BATCH_SIZE, num_workers):
-            predictions = classifier(images.to(device)).logits.argmax(dim=-1).cpu()
+            predictions = classifier(uint8_to_float(images.to(device))).logits.argmax(-1).cpu()
             correct += int((predictions == labels).sum())
             total += len(labels)
     return correct / max(total, 1)
@@ -198,7 +198,7 @@ def measure_split(
     batches = eval_loader(dataset, batch_size)
     with evaluating(vqvae, *priors):
         for images, labels in tqdm(batches, desc=description, disable=not progress, leave=False):
-            images_on_device = images.to(device)
+            images_on_device = uint8_to_float(images.to(device))
             codes = vqvae.encode(images_on_device)  # per level (B, h, w)
             reconstruction = vqvae.decode_codes(codes)  # (B, C, H, W)
             squared += float(squared_error_01(reconstruction, images_on_device).sum())
@@ -209,7 +209,7 @@ def measure_split(
             maps += len(labels)
             labels_seen.append(labels)
             if keep_images:
-                images_kept.append(float_to_uint8(images))
+                images_kept.append(images)
                 reconstructions_kept.append(float_to_uint8(reconstruction.cpu()))
     per_level = {
         name: nats[name] / (maps * vqvae.config.latent_sizes[i] ** 2)

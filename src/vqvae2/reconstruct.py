@@ -12,7 +12,13 @@ from torch import Tensor
 
 from ._helpers import evaluating
 from .config import VQVAERunConfig
-from .data import TensorImageDataset, float_to_uint8, load_image_files, open_dataset
+from .data import (
+    TensorImageDataset,
+    float_to_uint8,
+    load_image_files,
+    open_dataset,
+    uint8_to_float,
+)
 from .measure import measure_reconstruction
 from .report import make_grid, save_png
 from .run import VQVAE_KIND, load_run_config, load_vqvae
@@ -24,14 +30,14 @@ def reconstruction_grid(model: VQVAE2, images: Tensor) -> Tensor:
     """Rows: originals, full reconstructions, then decodes from the top level alone, top two, ...
 
     Args:
-        images: (N, C, H, W) float in [-1, 1].
+        images: (N, C, H, W) uint8.
 
     Returns:
         uint8 (C, H', W') grid with N columns (the per-level rows show what each level adds,
         like the paper's Fig. 3).
     """
     with evaluating(model):
-        images = images.to(next(model.parameters()).device)
+        images = uint8_to_float(images.to(next(model.parameters()).device))
         codes = model.encode(images)
         rows = [images, model.decode_codes(codes)]
         for kept in range(1, model.config.num_levels):
@@ -68,7 +74,7 @@ def reconstruct(
     if image_files:
         images = load_image_files(image_files, config.image_size, config.in_channels)
         labels = torch.zeros(len(images), dtype=torch.long)
-        dataset = TensorImageDataset(float_to_uint8(images), labels, ["0"])
+        dataset = TensorImageDataset(images, labels, ["0"])
     else:
         if data_path is None:
             raise ValueError("give --data PATH or image files to reconstruct")

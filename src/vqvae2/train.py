@@ -44,6 +44,7 @@ from .data import (
     batch_loader,
     eval_loader,
     open_dataset,
+    uint8_to_float,
 )
 from .distributed import DistributedContext, runtime_context
 from .loop import (
@@ -132,7 +133,12 @@ def train_vqvae(
     micro_batch_size(train_config, context)  # the batch must split evenly: checked first
     train_set, val_set = (
         open_dataset(
-            data_path, split, model_config.image_size, model_config.in_channels, config.data
+            data_path,
+            split,
+            model_config.image_size,
+            model_config.in_channels,
+            config.data,
+            train_config.seed,
         )
         for split in ("train", "val")
     )
@@ -161,7 +167,7 @@ def train_vqvae(
         now=now,
     )
     validate = _vqvae_validation(model, val_set, session, run_dir)
-    loader = batch_loader(train_set, session.batch_sampler(len(train_set)), config.data.num_workers)
+    loader = batch_loader(train_set, session.batch_sampler(train_set), config.data.num_workers)
     session.run(loader, _vqvae_step(model, session.step_module, config), validate)
     return session.finish(lambda: validate(final=True), split="val")
 
@@ -194,7 +200,7 @@ def _vqvae_step(model: VQVAE2, step_module: StepModule, config: VQVAERunConfig):
         # Micro-batches see the same codebooks, which then move once for the whole batch.
         with model.deferred_codebook_updates() if accumulating else nullcontext():
             for rows, last in micro_batches(step_module, train):
-                micro_images = step_module.to_device(images[rows])
+                micro_images = step_module.images_to_device(images[rows])
                 with step_module.sync_gradients(last), step_module.autocast():
                     output = step_module.forward(micro_images)
                     loss = output.loss / train.grad_accum_steps
@@ -321,7 +327,7 @@ def _encode_into_store(
         for images, labels in tqdm(
             batches, desc=description, disable=not (progress and context.is_main)
         ):
-            images = apply_augmentation(images.to(context.device), transform)
+            images = apply_augmentation(uint8_to_float(images.to(context.device)), transform)
             writer.write(start, model.encode(images), labels, transform_index)
             start += len(labels)
     writer.flush()
@@ -451,7 +457,7 @@ def train_prior(
     )
     seed_own_dropout(config.train, context)
 
-    loader = batch_loader(training_codes, session.batch_sampler(len(training_codes)))
+    loader = batch_loader(training_codes, session.batch_sampler(training_codes))
     session.run(
         loader,
         _prior_step(prior, session.step_module, config, index),
@@ -550,7 +556,12 @@ def train_classifier(
     model_config = config.model
     splits = {
         split: open_dataset(
-            data_path, split, model_config.image_size, model_config.in_channels, config.data
+            data_path,
+            split,
+            model_config.image_size,
+            model_config.in_channels,
+            config.data,
+            config.train.seed,
         )
         for split in ("train", "val", "test")
     }
@@ -577,7 +588,7 @@ def train_classifier(
     )
     seed_own_dropout(config.train, context)
     loader = batch_loader(
-        splits["train"], session.batch_sampler(len(splits["train"])), config.data.num_workers
+        splits["train"], session.batch_sampler(splits["train"]), config.data.num_workers
     )
     session.run(loader, _classifier_step(session, config))
     return session.finish(
@@ -595,7 +606,7 @@ def _classifier_step(session: TrainingSession, config: ClassifierRunConfig):
     def step(batch: tuple[Tensor, Tensor]):
         images, labels = batch
         seed = (train.seed * SEED_STRIDE + session.step) * context.world_size + context.rank
-        images = augment(images, torch.Generator().manual_seed(seed))
+        images = augment(uint8_to_float(images), torch.Generator().manual_seed(seed))
         for rows, last in micro_batches(step_module, train):
             micro_images, micro_labels = (
                 step_module.to_device(images[rows]),
