@@ -18,7 +18,7 @@ from PIL import Image
 from vqvae2.cli import build_parser, main
 from vqvae2.config import VQVAERunConfig, load_config
 from vqvae2.data import open_dataset, uint8_to_float
-from vqvae2.loop import read_metrics
+from vqvae2.logs import read_metrics
 from vqvae2.measure import class_agreement
 from vqvae2.run import load_classifier, load_vqvae
 

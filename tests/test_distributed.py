@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from vqvae2.checkpoint import read_checkpoint
 from vqvae2.config import PriorRunConfig, load_config
-from vqvae2.loop import read_metrics
+from vqvae2.logs import read_metrics
 from vqvae2.run import load_prior
 from vqvae2.train import train_prior
 

@@ -10,7 +10,8 @@ import torch
 
 from vqvae2.config import TrainConfig, VQVAERunConfig, load_config
 from vqvae2.data import open_dataset, uint8_to_float
-from vqvae2.loop import EpochBatchSampler, RunClock, learning_rate, read_metrics
+from vqvae2.logs import read_metrics
+from vqvae2.loop import EpochBatchSampler, RunClock, learning_rate
 from vqvae2.reconstruct import reconstruct
 from vqvae2.run import load_vqvae
 from vqvae2.train import train_vqvae

@@ -33,6 +33,7 @@ def _runtime(args: argparse.Namespace) -> RuntimeConfig:
         precision=getattr(args, "precision", "float32"),
         compile=getattr(args, "compile", False),
         channels_last=getattr(args, "channels_last", False),
+        tensorboard=getattr(args, "tensorboard", False),
     )
 
 
@@ -473,6 +474,12 @@ def _add_training_options(parser: argparse.ArgumentParser, result: str) -> None:
     )
     parser.add_argument(
         "--channels-last", action="store_true", help="channels-last (NHWC) memory layout"
+    )
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write the figures and image grids as TensorBoard events in the run's "
+        "tensorboard/ folder (needs: pip install 'vqvae2[tensorboard]')",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 

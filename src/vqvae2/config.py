@@ -216,6 +216,7 @@ class RuntimeConfig:
     precision: Literal["float32", "bf16"] = "float32"  # bf16 autocast; quantizer math stays fp32
     compile: bool = False  # torch.compile the training forward pass
     channels_last: bool = False  # NHWC memory layout for convolutions
+    tensorboard: bool = False  # also write the training figures and grids as TensorBoard events
 
     def __post_init__(self) -> None:
         _check(

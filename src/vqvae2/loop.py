@@ -8,10 +8,8 @@ to a ``TrainingSession``: the step order is the same for every model kind.
 
 from __future__ import annotations
 
-import csv
 import inspect
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -30,9 +28,9 @@ from .checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from .config import RuntimeConfig, TrainConfig, config_from_dict, save_yaml
 from .data import uint8_to_float
 from .distributed import DistributedContext
+from .logs import TENSORBOARD_DIR, MetricsLog
 from .run import CONFIG_FILE, METRICS_FILE, has_checkpoint
 
-METRICS_COLUMNS = ["step", "elapsed_seconds", "split", "metric", "value"]
 Clock = Callable[[], float]  # seconds on a clock that never goes back (time.monotonic)
 
 
@@ -87,46 +85,6 @@ class EpochBatchSampler(Sampler[list]):
                     indices = [(i, first_key + slot) for slot, i in enumerate(indices)]
                 yield indices
                 step += 1
-
-
-class MetricsLog:
-    """Append-only CSV of (step, elapsed_seconds, split, metric, value) rows.
-
-    ``resume_step``: rows logged after this step (by a run killed before its next checkpoint)
-    are dropped, so a resumed run does not log those steps twice. ``enabled=False`` (processes
-    other than rank 0) writes nothing.
-    """
-
-    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True) -> None:
-        self.path = path
-        self.enabled = enabled
-        if not enabled:
-            return
-        if resume_step is not None and path.exists():
-            kept = [row for row in read_metrics(path) if int(row["step"]) <= resume_step]
-            tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=METRICS_COLUMNS)
-                writer.writeheader()
-                writer.writerows(kept)
-            os.replace(tmp, path)
-        if not path.exists():
-            with open(path, "w", newline="") as handle:
-                csv.writer(handle).writerow(METRICS_COLUMNS)
-
-    def write(self, step: int, elapsed: float, split: str, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", newline="") as handle:
-            writer = csv.writer(handle)
-            for name, value in values.items():
-                writer.writerow([step, f"{elapsed:.1f}", split, name, repr(float(value))])
-
-
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    """Rows of a run's ``metrics.csv`` as dicts."""
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 @dataclass
@@ -401,9 +359,15 @@ class TrainingSession:
             log_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(run_config, log_dir / CONFIG_FILE)
         resume_step = self.step if checkpoint is not None else None
-        self.log = MetricsLog(log_dir / METRICS_FILE, resume_step, enabled=context.is_main)
+        self.log = MetricsLog(
+            log_dir / METRICS_FILE,
+            resume_step,
+            enabled=context.is_main,
+            tensorboard_dir=log_dir / TENSORBOARD_DIR if runtime.tensorboard else None,
+        )
         self.clock = RunClock(elapsed_before, max_minutes, self.train.schedule_minutes, now)
         self._agreed_elapsed = elapsed_before  # see elapsed()
+        self._last_log = (elapsed_before, self.step)  # (seconds, step) of the last train row
         self.bar = tqdm(
             total=self.train.max_steps,
             initial=self.step,
@@ -442,7 +406,11 @@ class TrainingSession:
             self.bar.update(1)
             out_of_time = self._out_of_time()
             if self.step % train.log_every == 0 and self.context.is_main:
-                logged = {**figures(), "lr": self.optimizer.param_groups[0]["lr"]}
+                logged = {
+                    **figures(),
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "items_per_second": self._throughput(),
+                }
                 self.log.write(self.step, self.elapsed(), "train", logged)
                 self.bar.set_postfix({self.postfix: f"{logged[self.postfix]:.5g}"}, refresh=False)
             if self.context.is_main and not out_of_time:
@@ -456,6 +424,15 @@ class TrainingSession:
         self.bar.close()
         self.model.eval()
 
+    def _throughput(self) -> float:
+        """Training items (images, or code maps for priors) per second of the global batch
+        since the last call, on this process's clock."""
+        now, step = self.clock.elapsed(), self.step
+        seconds = max(now - self._last_log[0], 1e-9)
+        items = (step - self._last_log[1]) * self.train.batch_size
+        self._last_log = (now, step)
+        return items / seconds
+
     def finish(
         self, final_metrics: Callable[[], dict[str, Any]], split: str = "final"
     ) -> TrainResult:
@@ -465,6 +442,7 @@ class TrainingSession:
             return TrainResult(run_dir=self.log_dir, step=self.step, metrics={}, model=self.model)
         metrics = final_metrics()
         self.log.write(self.step, self.elapsed(), split, metrics)
+        self.log.close()
         self.save()
         return TrainResult(run_dir=self.log_dir, step=self.step, metrics=metrics, model=self.model)
 

@@ -43,6 +43,7 @@ from .data import (
     augmentation_names,
     batch_loader,
     eval_loader,
+    float_to_uint8,
     open_dataset,
     uint8_to_float,
 )
@@ -67,7 +68,7 @@ from .measure import (
 from .metrics import squared_error_01
 from .pixelsnail import PixelSNAIL
 from .reconstruct import reconstruction_grid
-from .report import save_png
+from .report import make_grid, save_png
 from .run import (
     AUGMENTED_CODES,
     CLASSIFIER_KIND,
@@ -79,6 +80,7 @@ from .run import (
     load_vqvae,
     prior_kind,
 )
+from .sampling import sample_level_cached
 from .vqvae import VQVAE2
 
 # ----------------------------------------------------------------------------------------------
@@ -183,6 +185,9 @@ def _vqvae_validation(model: VQVAE2, val_set: Dataset, session: TrainingSession,
     def validate(final: bool = False) -> dict[str, float]:
         grid = reconstruction_grid(model, grid_images)
         save_png(grid, run_dir / RECONSTRUCTIONS_DIR / f"step-{session.step:08d}.png")
+        session.log.image(
+            session.step, "reconstructions (rows: originals, all levels, top ...)", grid
+        )
         if final:
             save_png(grid, run_dir / f"{RECONSTRUCTIONS_DIR}.png")
         return measure_reconstruction(model, val_set, None if final else train.val_batches)
@@ -457,15 +462,42 @@ def train_prior(
     )
     seed_own_dropout(config.train, context)
 
+    vqvae = load_vqvae(run_dir) if session.log.wants_images else None  # for sample grids
+
+    def validate() -> dict[str, float]:
+        if vqvae is not None:
+            grid = _prior_sample_grid(prior, vqvae, val_codes, index, session.step)
+            session.log.image(session.step, "samples (rows: real codes, this level sampled)", grid)
+        return _nll_summary("val", measure_nll(prior, val_codes, index, config.train.val_batches))
+
     loader = batch_loader(training_codes, session.batch_sampler(training_codes))
-    session.run(
-        loader,
-        _prior_step(prior, session.step_module, config, index),
-        lambda: _nll_summary("val", measure_nll(prior, val_codes, index, config.train.val_batches)),
-    )
+    session.run(loader, _prior_step(prior, session.step_module, config, index), validate)
     return session.finish(
         lambda: _final_nll(prior, train_codes, val_codes, index, config.train.seed)
     )
+
+
+SAMPLE_GRID_COLUMNS = 8  # validation code maps whose level is resampled in a prior's grid
+
+
+@torch.no_grad()
+def _prior_sample_grid(
+    prior: PixelSNAIL, vqvae: VQVAE2, val_codes: CodeDataset, level: int, step: int
+) -> Tensor:
+    """A picture of what a prior draws in context: the first validation code maps decoded as
+    they are (top row) and with this level's codes drawn by the prior given the real levels
+    above and the class, the real levels below kept (bottom row). uint8 (C, H', W')."""
+    device = next(prior.parameters()).device
+    count = min(SAMPLE_GRID_COLUMNS, len(val_codes))
+    codes, labels = val_codes.__getitems__(list(range(count)))
+    codes, labels = [c.to(device) for c in codes], labels.to(device)
+    generator = torch.Generator(device=device).manual_seed(step)
+    _, labels_in, upper = prior_inputs(prior, codes, labels, level)
+    drawn = sample_level_cached(prior, count, labels_in, upper, generator=generator)
+    mixed = [*codes[:level], drawn, *codes[level + 1 :]]
+    vqvae = vqvae.to(device)
+    rows = torch.cat([vqvae.decode_codes(codes), vqvae.decode_codes(mixed)])
+    return make_grid(float_to_uint8(rows.cpu()), columns=count)
 
 
 def _final_nll(
