@@ -10,7 +10,7 @@ at all: their patches go to ``OUT/unseen/<photo>/``, images the model never saw,
 
     pip install 'vqvae2[photos]'      # scikit-image
     python scripts/make_photo_folder.py data/photos-64 --size 64
-    python scripts/make_photo_folder.py data/photos-128 --size 128 --photo-side 384 --stride 24
+    python scripts/make_photo_folder.py data/photos-128 --size 128 --photo-side 512 --stride 32
 
 Prints one JSON line: the patch counts per part and photo.
 """
