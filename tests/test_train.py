@@ -12,6 +12,7 @@ from vqvae2.config import TrainConfig, VQVAERunConfig, load_config
 from vqvae2.data import open_dataset, uint8_to_float
 from vqvae2.logs import read_metrics
 from vqvae2.loop import EpochBatchSampler, RunClock, learning_rate
+from vqvae2.measure import low_pass, measure_levels
 from vqvae2.reconstruct import reconstruct
 from vqvae2.run import load_vqvae
 from vqvae2.train import train_vqvae
@@ -284,3 +285,42 @@ def test_train_log_mse_is_the_validation_measure(tmp_path, npz_data, monkeypatch
         for reconstruction, images in seen[:2]  # the two training steps' batches
     ]
     assert logged == pytest.approx(expected, rel=1e-5)
+
+
+def test_low_pass_keeps_coarse_content_and_drops_fine_detail():
+    checkerboard = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 2.0 - 1
+    fine = checkerboard.expand(1, 1, 16, 16)
+    assert torch.allclose(low_pass(fine, 4), torch.zeros(1, 1, 16, 16), atol=1e-6)
+    halves = torch.cat([-torch.ones(1, 1, 16, 8), torch.ones(1, 1, 16, 8)], dim=3)
+    smooth = low_pass(halves, 2)  # a 2x2 grid holds the two halves; a ramp joins them
+    assert torch.equal(smooth[..., :4], halves[..., :4]) and torch.equal(
+        smooth[..., 12:], halves[..., 12:]
+    )
+    assert bool((smooth[..., 4:12].diff(dim=-1) > 0).all())
+
+
+def test_measure_levels_by_hand(tmp_path, npz_data):
+    config = tiny_run_config("train.max_steps=10")
+    train_vqvae(config, npz_data, tmp_path / "run", progress=False)
+    model = load_vqvae(tmp_path / "run")
+    test = open_dataset(npz_data, "test", 16, 1, config.data)
+    result = measure_levels(model, test, batch_size=64)
+    images = uint8_to_float(test.__getitems__(list(range(len(test))))[0])  # (10, 1, 16, 16)
+    with torch.no_grad():
+        codes = model.encode(images)
+        full = model.decode_codes(codes).clamp(-1, 1)
+        swapped = model.decode_codes([codes[0], codes[1].roll(1, dims=0)]).clamp(-1, 1)
+        top_only = model.decode_codes(codes, keep_levels=[0]).clamp(-1, 1)
+    change = (swapped - full) / 2
+    bottom = result["levels"]["bottom"]
+    assert bottom["swap_mse"] == pytest.approx(float(change.pow(2).mean()), rel=1e-5)
+    coarse = float(low_pass(change, 2).pow(2).sum() / change.pow(2).sum())  # top map: 2x2
+    assert bottom["swap_coarse_share"] == pytest.approx(coarse, rel=1e-5)
+    assert bottom["bits"] == pytest.approx(math.log2(bottom["perplexity"]))
+    mean_image = images.mean(0, keepdim=True)
+    top = result["prefixes"]["top"]
+    mse_mean = float(((top_only - mean_image) / 2).pow(2).mean())
+    mse_low = float(((top_only - low_pass(images, 2)) / 2).pow(2).mean())
+    assert top["psnr_vs_mean_image"] == pytest.approx(10 * math.log10(1 / mse_mean), rel=1e-5)
+    assert top["psnr_vs_low_pass"] == pytest.approx(10 * math.log10(1 / mse_low), rel=1e-5)
+    assert top["low_pass_side"] == 2 and set(result["prefixes"]) == {"top"}

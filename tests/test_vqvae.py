@@ -176,3 +176,59 @@ def test_paper_presets_forward_backward_at_batch_one(preset, latents):
     assert [c.shape[-2] for c in output.codes] == latents
     assert output.reconstruction.shape == images.shape
     assert model.bottom_encoder.layers[0].weight.grad.abs().sum() > 0
+
+
+def test_level_dropout_is_off_by_default_and_zeros_stand_in_for_left_out_levels():
+    model = VQVAE2(tiny_config()).eval()
+    assert model.absent is None
+    images = torch.rand(3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        codes = model.encode(images)
+        top = model.quantizers[0].lookup(codes[0])
+        zeros = torch.zeros(3, 6, 4, 4)  # the bottom map: D = 6, 4x4
+        torch.testing.assert_close(
+            model.decode_codes(codes, keep_levels=[0]), model.decode([top, zeros])
+        )
+
+
+def test_level_dropout_decodes_prefixes_with_learned_absent_vectors():
+    """With level_dropout 1 every training image of a 2-level model is decoded from its top
+    level alone, the bottom replaced by the learned absent vector; the top-only decode then
+    depends on the top codes and not on the bottom ones."""
+    with pytest.raises(ValueError, match=r"level_dropout must be in \[0, 1\]"):
+        tiny_config(level_dropout=1.5)
+    model = VQVAE2(tiny_config(level_dropout=1.0))
+    assert tuple(model.absent.shape) == (2, 6)  # (levels, D)
+    with torch.no_grad():
+        model.absent.copy_(torch.randn(2, 6))
+    images = torch.rand(4, 1, 16, 16) * 2 - 1
+    output = model.train()(images)
+    output.loss.backward()
+    assert model.absent.grad is not None and float(model.absent.grad[1].abs().sum()) > 0
+    assert float(model.absent.grad[0].abs().sum()) == 0  # the top level is never left out
+    model.eval()
+    with torch.no_grad():
+        top_only = model.decode_codes(output.codes, keep_levels=[0])
+        torch.testing.assert_close(output.reconstruction, top_only, rtol=0, atol=1e-5)
+        other_bottom = [output.codes[0], (output.codes[1] + 1) % 13]
+        torch.testing.assert_close(model.decode_codes(other_bottom, keep_levels=[0]), top_only)
+        other_top = [(output.codes[0] + 1) % 13, output.codes[1]]
+        assert (model.decode_codes(other_top, keep_levels=[0]) - top_only).abs().max() > 1e-5
+        # Evaluation decodes every level: the bottom codes matter again.
+        assert (
+            model.decode_codes(other_bottom) - model.decode_codes(output.codes)
+        ).abs().max() > 1e-3
+
+
+def test_level_dropout_keeps_a_random_prefix_per_image():
+    model = VQVAE2(tiny_config(num_levels=3, image_size=32, level_dropout=0.5))
+    quantized = [torch.randn(200, 6, side, side) for side in (2, 4, 8)]
+    dropped = model.drop_lower_levels(quantized, torch.Generator().manual_seed(0))
+    assert torch.equal(dropped[0], quantized[0])
+    middle_out = ~(dropped[1] == quantized[1]).flatten(1).all(1)  # (200,)
+    bottom_out = ~(dropped[2] == quantized[2]).flatten(1).all(1)
+    assert bool((bottom_out | ~middle_out).all())  # a prefix: no middle out with bottom in
+    assert 0.35 < float(bottom_out.float().mean()) < 0.65  # about half the images
+    assert 0.1 < float(middle_out.float().mean()) < 0.4  # of those, about half keep the top only
+    absent = model.absent[2][None, :, None, None].expand(200, 6, 8, 8)
+    assert torch.equal(dropped[2][bottom_out], absent[bottom_out])

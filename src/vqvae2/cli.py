@@ -123,6 +123,18 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
             f"{result['split']}: {result['images']} images, MSE {result['mse']:.5f}, "
             f"PSNR {result['psnr']:.2f} dB"
         )
+        for name, level in result["levels"]["levels"].items():
+            print(
+                f"{name}: code perplexity {level['perplexity']:.1f} ({level['bits']:.2f} bits); "
+                f"swapping its codes changes the output by MSE {level['swap_mse']:.5f}, "
+                f"{level['swap_coarse_share']:.0%} of it at the top map's scale"
+            )
+        for name, prefix in result["levels"]["prefixes"].items():
+            print(
+                f"decoded from {name} alone: PSNR {prefix['psnr_vs_low_pass']:.2f} dB against the "
+                f"image low-passed to {prefix['low_pass_side']}x{prefix['low_pass_side']}, "
+                f"{prefix['psnr_vs_mean_image']:.2f} dB against the mean image"
+            )
         print(f"grid: {result['grid']}")
     return 0
 

@@ -53,6 +53,11 @@ class VQVAEConfig:
     # trick (Fifty et al. 2024), which rotates and rescales the decoder's gradient from the code
     # vector onto the encoder output. The forward pass is the same either way.
     gradient_estimator: Literal["straight_through", "rotation"] = "straight_through"
+    # Not in the paper: the probability that a training image is decoded from a random prefix
+    # of its levels (the top alone, the top two, ...), the levels below replaced by each level's
+    # learned "absent" vector, which decoding then also puts in place of any level it leaves
+    # out; partial hierarchies so decode to whole, coarser images (Fig. 3). 0: zeros stand in.
+    level_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _check(
@@ -93,6 +98,10 @@ class VQVAEConfig:
             0.0 <= self.ema_decay < 1.0, f"model.ema_decay must be in [0, 1), got {self.ema_decay}"
         )
         _check(self.ema_epsilon > 0, f"model.ema_epsilon must be > 0, got {self.ema_epsilon}")
+        _check(
+            0.0 <= self.level_dropout <= 1.0,
+            f"model.level_dropout must be in [0, 1], got {self.level_dropout}",
+        )
         _check(
             self.dead_code_after_steps >= 0,
             f"model.dead_code_after_steps must be >= 0, got {self.dead_code_after_steps}",

@@ -12,6 +12,7 @@ mode it found; models run on their own device and results come back to the CPU.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,3 +223,94 @@ def measure_split(
         reconstructions=torch.cat(reconstructions_kept) if keep_images else None,
         labels=torch.cat(labels_seen),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# What each level carries (Section 3.1, Fig. 3)
+
+
+def low_pass(images: Tensor, side: int) -> Tensor:
+    """(B, C, H, W) -> the same images keeping only what a side x side grid holds: averaged
+    over side x side cells, then brought back to H x W bilinearly."""
+    coarse = torch.nn.functional.adaptive_avg_pool2d(images, side)  # (B, C, side, side)
+    return torch.nn.functional.interpolate(
+        coarse, size=images.shape[-2:], mode="bilinear", align_corners=False
+    )
+
+
+def _squared_01(a: Tensor, b: Tensor) -> float:
+    """Summed squared difference on the [0, 1] pixel scale of two [-1, 1] tensors (a clamped)."""
+    return float(squared_error_01(a, b).sum())
+
+
+@torch.no_grad()
+def measure_levels(
+    model: VQVAE2,
+    dataset: Dataset,
+    batch_size: int = EVAL_BATCH_SIZE,
+    usage: dict[str, Any] | None = None,
+) -> dict:
+    """What each level of the hierarchy carries over a split (the question of Fig. 3).
+
+    ``usage`` is ``measure_reconstruction``'s result on the same split, when already at hand.
+
+    Returns:
+        ``levels``: per level name, the code ``perplexity`` and its ``bits`` (log2), and how
+        much the reconstruction changes when that level's codes are swapped with another
+        image's (``swap_mse`` on [0, 1] pixels) and the share of that change's energy that
+        the top map's resolution holds (``swap_coarse_share``: near 1 for global content,
+        small for local detail). ``prefixes``: for the top level alone, the top two, ... the
+        decode's ``psnr_vs_low_pass`` (the image low-passed to the last kept level's map size)
+        and ``psnr_vs_mean_image`` (the split's mean image), in dB.
+    """
+    config = model.config
+    device = _device(model)
+    names, sides = config.level_names, config.latent_sizes
+    usage = usage or measure_reconstruction(model, dataset)
+    with evaluating(model):
+        mean_image = _mean_image(dataset, batch_size, device)  # (C, H, W)
+        swap = {name: [0.0, 0.0, 0.0] for name in names}  # change, its coarse part, values
+        prefix = {k: [0.0, 0.0, 0] for k in range(1, config.num_levels)}  # vs low pass, vs mean
+        for images, _ in eval_loader(dataset, batch_size):
+            images = uint8_to_float(images.to(device))
+            codes = model.encode(images)
+            full = model.decode_codes(codes)
+            for level, name in enumerate(names):
+                partner = [c.roll(1, dims=0) if i == level else c for i, c in enumerate(codes)]
+                change = (model.decode_codes(partner).clamp(-1, 1) - full.clamp(-1, 1)) / 2
+                swap[name][0] += float(change.pow(2).sum())
+                swap[name][1] += float(low_pass(change, sides[0]).pow(2).sum())
+                swap[name][2] += change.numel()
+            for kept in prefix:
+                partial = model.decode_codes(codes, keep_levels=range(kept))
+                prefix[kept][0] += _squared_01(partial, low_pass(images, sides[kept - 1]))
+                prefix[kept][1] += _squared_01(partial, mean_image.expand_as(images))
+                prefix[kept][2] += images.numel()
+    levels = {
+        name: {
+            "perplexity": usage[f"perplexity_{name}"],
+            "bits": math.log2(usage[f"perplexity_{name}"]),
+            "swap_mse": swap[name][0] / swap[name][2],
+            "swap_coarse_share": swap[name][1] / max(swap[name][0], 1e-12),
+        }
+        for name in names
+    }
+    prefixes = {
+        "+".join(names[:kept]): {
+            "psnr_vs_low_pass": psnr_from_mse(low / count),
+            "psnr_vs_mean_image": psnr_from_mse(mean / count),
+            "low_pass_side": sides[kept - 1],
+        }
+        for kept, (low, mean, count) in prefix.items()
+    }
+    return {"levels": levels, "prefixes": prefixes, "mse": usage["mse"], "psnr": usage["psnr"]}
+
+
+def _mean_image(dataset: Dataset, batch_size: int, device: torch.device) -> Tensor:
+    """The mean image of a split, (C, H, W) float in [-1, 1]."""
+    total, count = None, 0
+    for images, _ in eval_loader(dataset, batch_size):
+        summed = uint8_to_float(images.to(device)).sum(0)
+        total = summed if total is None else total + summed
+        count += len(images)
+    return total / count

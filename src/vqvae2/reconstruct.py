@@ -19,7 +19,7 @@ from .data import (
     open_dataset,
     uint8_to_float,
 )
-from .measure import measure_reconstruction
+from .measure import measure_levels, measure_reconstruction
 from .report import make_grid, save_png
 from .run import VQVAE_KIND, load_run_config, load_vqvae
 from .vqvae import VQVAE2
@@ -67,7 +67,7 @@ def reconstruct(
 
     Returns:
         ``mse``/``psnr`` ([0, 1] pixels), per level ``usage_*``/``perplexity_*``, ``images``,
-        ``grid`` (path).
+        ``grid`` (path), and ``levels``: what each level carries (``measure_levels``).
     """
     model = load_vqvae(run_dir, map_location=device)
     config = model.config
@@ -81,8 +81,15 @@ def reconstruct(
         data_config = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).data
         dataset = open_dataset(data_path, split, config.image_size, config.in_channels, data_config)
     metrics = measure_reconstruction(model, dataset)
+    levels = measure_levels(model, dataset, usage=metrics)
     count = min(grid_images, len(dataset)) if not image_files else len(dataset)
     shown = torch.stack([dataset[i][0] for i in range(count)])
     save_png(reconstruction_grid(model, shown), out_png)
     source = "files" if image_files else split
-    return {**metrics, "images": len(dataset), "split": source, "grid": str(out_png)}
+    return {
+        **metrics,
+        "images": len(dataset),
+        "split": source,
+        "grid": str(out_png),
+        "levels": {key: levels[key] for key in ("levels", "prefixes")},
+    }

@@ -209,6 +209,9 @@ class VQVAE2(nn.Module):
                 if step < steps - 1:
                     layers.append(nn.ReLU())
             self.upsamplers.append(nn.Sequential(*layers))
+        # The stand-in for a level left out of decoding (level_dropout > 0): one learned vector
+        # per level, the same at every position; zeros otherwise (the paper's Fig. 3).
+        self.absent = nn.Parameter(torch.zeros(levels, dim)) if config.level_dropout > 0 else None
         self.decoder = Decoder(
             levels * dim,
             config.in_channels,
@@ -257,8 +260,9 @@ class VQVAE2(nn.Module):
     def decode(self, quantized: Sequence[Tensor | None]) -> Tensor:
         """Decode quantized vectors of every level (top first) to images (Algorithm 1, line 5).
 
-        A level given as ``None`` is left out (replaced by zeros), which shows what the other
-        levels contribute (paper Fig. 3).
+        A level given as ``None`` is left out, which shows what the other levels contribute
+        (paper Fig. 3): zero vectors stand in for it, or its learned absent vector in a model
+        trained with ``level_dropout``.
 
         Args:
             quantized: per level, (B, D, h_l, w_l) float or None; at least one tensor.
@@ -276,13 +280,43 @@ class VQVAE2(nn.Module):
         batch = present[0].shape[0]
         upsampled = []
         for level, vectors in enumerate(quantized):
-            side = self.config.latent_sizes[level]
             if vectors is None:
-                vectors = present[0].new_zeros(batch, self.config.embedding_dim, side, side)
+                vectors = self._absent(level, batch, present[0])  # (B, D, h_l, w_l)
             if level < self.config.num_levels - 1:
                 vectors = self.upsamplers[level](vectors)  # (B, D, h_bottom, w_bottom)
             upsampled.append(vectors)
         return self.decoder(torch.cat(upsampled, dim=1))  # (B, L*D, h, w) -> (B, C, H, W)
+
+    def _absent(self, level: int, batch: int, like: Tensor) -> Tensor:
+        """What stands in for a left-out ``level``: (B, D, h_l, w_l) of ``like``'s dtype."""
+        side = self.config.latent_sizes[level]
+        if self.absent is None:
+            return like.new_zeros(batch, self.config.embedding_dim, side, side)
+        vector = self.absent[level].to(like.dtype)[None, :, None, None]  # (1, D, 1, 1)
+        return vector.expand(batch, -1, side, side)
+
+    def drop_lower_levels(
+        self, quantized: list[Tensor], generator: torch.Generator | None = None
+    ) -> list[Tensor]:
+        """Level dropout (training): each image, with probability ``level_dropout``, keeps only
+        a random prefix of its levels (1 to L - 1, top first); the rest become absent vectors.
+
+        Args:
+            quantized: per level (B, D, h_l, w_l), top first.
+
+        Returns:
+            The same shapes, some images' lower levels replaced.
+        """
+        levels = self.config.num_levels
+        batch, device = quantized[0].shape[0], quantized[0].device
+        dropped = torch.rand(batch, generator=generator, device=device) < self.config.level_dropout
+        kept = torch.randint(1, levels, (batch,), generator=generator, device=device)  # (B,)
+        result = [quantized[0]]
+        for level in range(1, levels):
+            absent = dropped & (level >= kept)  # (B,)
+            stand_in = self._absent(level, batch, quantized[level])
+            result.append(torch.where(absent[:, None, None, None], stand_in, quantized[level]))
+        return result
 
     @contextmanager
     def deferred_codebook_updates(self) -> Iterator[None]:
@@ -335,13 +369,17 @@ class VQVAE2(nn.Module):
                 raise ValueError(f"{name} codes must lie in [0, {self.config.codebook_size})")
 
     def forward(self, images: Tensor) -> VQVAEOutput:
-        """Encode, quantize, decode; in train mode the codebooks take one EMA step.
+        """Encode, quantize, decode; in train mode the codebooks take one EMA step (and, with
+        ``level_dropout``, some images are decoded from a prefix of their levels).
 
         Args:
             images: (B, C, H, W) float in [-1, 1].
         """
         outputs = self.quantize(images)
-        reconstruction = self.decode([output.quantized for output in outputs])
+        quantized = [output.quantized for output in outputs]
+        if self.training and self.absent is not None and self.config.num_levels > 1:
+            quantized = self.drop_lower_levels(quantized)
+        reconstruction = self.decode(quantized)
         reconstruction_loss = torch.mean((reconstruction - images) ** 2)
         commitment_loss = torch.stack([output.commitment_loss for output in outputs]).sum()
         return VQVAEOutput(
