@@ -9,10 +9,10 @@ import struct
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from vqvae2.config import DataConfig
-from vqvae2.data import open_dataset, split_indices
+from vqvae2.data import open_dataset, pil_to_uint8, split_indices
 from vqvae2.report import make_grid
 
 
@@ -248,3 +248,22 @@ def test_arrays_take_the_same_random_flips(tmp_path):
     left_white = batch[:, 0, :, 0] == 255  # (16, 8)
     mirrored = ~left_white.all(1)
     assert 2 <= int(mirrored.sum()) <= 14 and bool((batch[mirrored, 0, :, 7] == 255).all())
+
+
+def test_large_jpegs_decode_at_reduced_scale_to_nearly_the_same_pixels(tmp_path, monkeypatch):
+    gradient_photo(tmp_path / "big.png", 800, 640)
+    Image.open(tmp_path / "big.png").save(tmp_path / "big.jpg", quality=95)
+    full = Image.open(tmp_path / "big.jpg")
+    full.load()  # decoded in full: too late for a draft
+    expected = pil_to_uint8(full, 64, 3).int()
+    drafts = []
+    original = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(
+        JpegImagePlugin.JpegImageFile,
+        "draft",
+        lambda self, *args: drafts.append(args) or original(self, *args),
+    )
+    with Image.open(tmp_path / "big.jpg") as image:
+        fast = pil_to_uint8(image, 64, 3).int()
+    assert drafts == [("RGB", (80, 64))]  # the size needed; the decoder picks 1/8 = 100x80
+    assert int((fast - expected).abs().max()) <= 4

@@ -47,16 +47,8 @@ def resize_and_crop(
     image: Image.Image, size: int, scale: float = 1.0, place: tuple[float, float] | None = None
 ) -> Image.Image:
     """Resize ``image`` so its short side is ``round(size * scale)``, then crop ``size`` x
-    ``size`` from it: centred, or at ``place`` = (x, y), fractions in [0, 1] of the room left.
-
-    Large JPEGs are decoded at a reduced scale first (``Image.draft``: the decoder's own
-    downscaling by 1/2, 1/4 or 1/8, never below the target), which is much faster than decoding
-    in full and differs from it only by the decoder's filtering.
-    """
+    ``size`` from it: centred, or at ``place`` = (x, y), fractions in [0, 1] of the room left."""
     short = max(size, round(size * scale))
-    if image.format == "JPEG" and image.mode in ("RGB", "L"):
-        ratio = short / min(image.size)
-        image.draft(image.mode, (round(image.size[0] * ratio), round(image.size[1] * ratio)))
     width, height = image.size
     new_width = max(short, round(width * short / min(width, height)))
     new_height = max(short, round(height * short / min(width, height)))
@@ -74,7 +66,15 @@ def pil_to_uint8(
     scale: float = 1.0,
     place: tuple[float, float] | None = None,
 ) -> Tensor:
-    """PIL image (any mode) -> uint8 tensor (channels, size, size), by ``resize_and_crop``."""
+    """PIL image (any mode) -> uint8 tensor (channels, size, size), by ``resize_and_crop``.
+
+    A large JPEG not yet decoded is decoded at a reduced scale (``Image.draft``: the decoder's
+    own downscaling by 1/2, 1/4 or 1/8, never below the size needed), much faster than decoding
+    it in full and differing from that only by the decoder's filtering.
+    """
+    if image.format == "JPEG" and image.mode in ("RGB", "L"):
+        ratio = max(size, round(size * scale)) / min(image.size)
+        image.draft(image.mode, (round(image.size[0] * ratio), round(image.size[1] * ratio)))
     image = image.convert("L" if channels == 1 else "RGB")
     array = np.asarray(resize_and_crop(image, size, scale, place), dtype=np.uint8)
     if array.ndim == 2:
