@@ -244,3 +244,15 @@ def test_attention_dropout_drops_whole_weights_in_training():
         first[~dropped], value[~dropped] / (1 - probability), rtol=0, atol=1e-5
     )
     assert 0.3 < dropped.float().mean() < 0.7  # 256 heads, p = 0.5
+
+
+def test_condition_per_image_equals_the_batched_condition():
+    config = small_config(num_classes=3, condition_sizes=(2, 3), condition_res_blocks=2)
+    prior = PixelSNAIL(dataclasses.replace(config, num_augmentations=2)).eval()
+    _, labels, upper = inputs_for(prior.config, batch=4)
+    with torch.no_grad():
+        batched = prior.condition(labels, upper)
+        per_image = prior.condition_per_image(labels, upper)
+    assert per_image.shape == batched.shape == (4, 4, SIDE, SIDE)
+    torch.testing.assert_close(per_image, batched, rtol=0, atol=1e-6)
+    assert (per_image[0] - per_image[1]).abs().max() > 0  # images differ: no broadcasting slip

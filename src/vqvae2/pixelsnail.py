@@ -351,6 +351,31 @@ class PixelSNAIL(nn.Module):
             )
         return features
 
+    def condition_per_image(
+        self, labels: Tensor | None, condition_codes: list[Tensor] | None
+    ) -> Tensor | None:
+        """``condition`` computed one image at a time into one (B, C_cond, H, W) tensor.
+
+        The conditioning stack's intermediate maps (several per image, each C_cond x H x W)
+        then exist for one image only: at the paper's sizes they, not the sampler state, would
+        set the largest batch one accelerator can sample (``bench/README.md``). The features
+        equal ``condition``'s up to float rounding.
+        """
+        batch = len(condition_codes[0]) if condition_codes else 0
+        if not self.config.condition_sizes or batch <= 1:
+            return self.condition(labels, condition_codes)  # embeddings only, or one image
+        assert condition_codes is not None
+        features = None
+        for index in range(batch):
+            one = self.condition(
+                None if labels is None else labels[index : index + 1],
+                [upper[index : index + 1] for upper in condition_codes],
+            )  # (1, C_cond, H, W)
+            if features is None:
+                features = one.new_empty(batch, *one.shape[1:])  # (B, C_cond, H, W)
+            features[index : index + 1] = one
+        return features
+
     def forward(
         self,
         codes: Tensor,
