@@ -101,8 +101,11 @@ def test_cached_sampler_draws_the_reference_codes_for_every_preset_shape(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(PRESET_SHAPES))
+@pytest.mark.parametrize(
+    "name", [name for name, (side, _, _) in PRESET_SHAPES.items() if side >= PAPER_SIDE]
+)
 def test_cached_logits_match_at_the_paper_map_sizes(name):
+    """The paper presets at their own map sizes, narrowed (about 2.5 minutes on 2 cores)."""
     assert_cached_logits_match(narrow_prior(name, shrink=1), batch=1)
 
 

@@ -15,7 +15,11 @@ Causality without a blind spot comes from two streams:
     at the first layer) plus the shifted vertical stream.
 The output is read from the horizontal stream, so the logits at (i, j) depend only on codes
 strictly before (i, j) in raster order. Attention keys at positions <= p are horizontal-stream
-features, which already exclude the code at their own position.
+features, which already exclude the code at their own position; the attention is PyTorch's fused
+``scaled_dot_product_attention``, which need not hold the (T, T) weights.
+
+``IncrementalSampler`` at the end computes the same logits one position at a time for sampling
+(and for entropy coding), holding per block only the rows its convolutions still read.
 """
 
 from __future__ import annotations
@@ -463,10 +467,12 @@ class IncrementalSampler:
     ``values[a]``                                 far; A layers
     ================  ==========================  ===================================================
 
-    That is, per image, C(k+1)(W+2k+1) + L C(k+1)(W+2k) + L C(W+k) + C W + L R W + L 2C W
-    [spatial conditioning] + C_c W^2 [spatial] + 2 A C T elements, plus a (T, 2) table of
-    coordinates shared by the batch when there is attention: linear in W per block, the only
-    terms in T being the attention cache and the conditioning features (once, not per block).
+    That is, per image, C(k+1)(W+2k+1) + L C(k+1)(W+2k) + L C(W+k) + C W + L R W elements,
+    plus L 2C W + C_c W^2 with upper levels to condition on (L 2C + C_c with only a class or
+    augmentation), plus 2 A C T with attention; and a (T, 2) table of coordinates shared by the
+    batch. Per block it is linear in W; the terms in T = W^2 are the attention cache and the
+    conditioning features, neither per block (float32, batch 1: 29 MiB for the paper's ImageNet
+    bottom prior, 53 MiB for the FFHQ bottom prior; ``bench/README.md``).
 
     Use ``logits_at(row, col)`` then ``set_codes(row, col, codes)`` for every position in raster
     order (``ValueError`` otherwise). Inference only: no gradients flow through the state.
