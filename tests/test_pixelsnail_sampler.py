@@ -4,8 +4,9 @@ Exactness: the cached per-position logits equal the teacher-forced forward pass,
 sampler draws the same codes as the reference sampler from the same generator. Each preset keeps
 its kernel size, layers, attention layers and heads, output and conditioning stacks and its
 conditioning structure (upper levels, classes); the widths shrink (16 hidden, 12 residual, 8
-conditioning channels, K = 13) and so do the maps, to a quarter of their side for the logits and
-a sixteenth for the sampler (the reference sampler runs a full forward pass per position).
+conditioning channels, K = 13) and so do the paper-size maps: to an eighth of their side for the
+logits, a sixteenth for the sampler (the reference sampler runs a full forward pass per
+position); a slow test checks the logits at the paper's own map sizes.
 
 Memory: the state's size is pinned by a formula, checked at the paper's sizes on the ``meta``
 device (free to build), against the issue's limits of 128 MiB per image for the ImageNet bottom
@@ -84,7 +85,7 @@ def assert_cached_logits_match(prior: PixelSNAIL, batch: int) -> None:
 
 @pytest.mark.parametrize("name", list(PRESET_SHAPES))
 def test_cached_logits_match_the_forward_pass_for_every_preset_shape(name):
-    assert_cached_logits_match(narrow_prior(name, shrink=4), batch=2)
+    assert_cached_logits_match(narrow_prior(name, shrink=8), batch=2)
 
 
 @pytest.mark.parametrize("name", list(PRESET_SHAPES))
