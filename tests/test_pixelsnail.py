@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 from vqvae2.config import PixelSNAILConfig
-from vqvae2.pixelsnail import PixelSNAIL
+from vqvae2.pixelsnail import CausalSelfAttention, PixelSNAIL
 
 SIDE, K = 5, 7
 
@@ -145,3 +149,110 @@ def test_augmentation_conditioning_defaults_to_the_identity_and_is_checked():
         prior(codes, labels, augmentations=torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="augmentation indices"):
         PixelSNAIL(small_config())(codes, augmentations=torch.zeros(2, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused causal attention
+
+
+def explicit_attention(self: CausalSelfAttention, horizontal: torch.Tensor) -> torch.Tensor:
+    """The attention before it was fused: the (T, T) scores, masked, softmax, dropout."""
+    batch, _, height, width = horizontal.shape
+    rows = torch.linspace(-1, 1, height, dtype=horizontal.dtype)
+    cols = torch.linspace(-1, 1, width, dtype=horizontal.dtype)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))  # (2, H, W)
+    features = torch.cat([F.elu(horizontal), grid.expand(batch, -1, -1, -1)], dim=1)
+    tokens = rearrange(features, "b c h w -> b (h w) c")  # (B, T, C + 2)
+    query, key, value = (
+        rearrange(proj(tokens), "b t (n d) -> b n t d", n=self.heads)
+        for proj in (self.query, self.key, self.value)
+    )
+    scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])  # (B, heads, T, T)
+    positions = height * width
+    allowed = torch.ones(positions, positions, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = F.dropout(torch.softmax(scores, dim=-1), self.dropout, self.training)
+    attended = rearrange(weights @ value, "b n t d -> b t (n d)")  # (B, T, C)
+    return rearrange(self.output(attended), "b (h w) c -> b c h w", h=height, w=width)
+
+
+def test_fused_attention_matches_the_explicit_formula(monkeypatch):
+    """Module outputs on a non-square map, then a whole prior's logits, agree to 1e-5."""
+    attention = CausalSelfAttention(small_config(attention_layers=1, hidden_channels=12)).eval()
+    attention.heads = 3  # d = 4
+    horizontal = torch.randn(2, 12, 4, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            attention(horizontal), explicit_attention(attention, horizontal), rtol=0, atol=1e-5
+        )
+    config = small_config(attention_layers=2, num_classes=3, condition_sizes=(2,))
+    prior = PixelSNAIL(dataclasses.replace(config, condition_res_blocks=1)).eval()
+    codes, labels, upper = inputs_for(prior.config)
+    with torch.no_grad():
+        fused = prior(codes, labels, upper).logits
+        monkeypatch.setattr(CausalSelfAttention, "forward", explicit_attention)
+        explicit = prior(codes, labels, upper).logits
+    assert not torch.equal(fused, explicit)  # two computations, not one
+    torch.testing.assert_close(fused, explicit, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train-dropout"])
+def test_fused_attention_sees_exactly_the_positions_up_to_its_own(training):
+    """Perturbing the features at position p changes the attention output at every position
+    >= p (no blind spot) and at none before it (no leak), with dropout drawn the same way."""
+    config = small_config(attention_layers=1, hidden_channels=12, dropout=0.3)
+    attention = CausalSelfAttention(config).train(training)
+    height, width = 3, 5
+    horizontal = torch.randn(2, 12, height, width)
+
+    def output(features: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(1)  # the same dropout mask for both calls
+        with torch.no_grad():
+            return rearrange(attention(features), "b c h w -> (h w) b c")  # (T, B, C)
+
+    base = output(horizontal)
+    for position in range(height * width):
+        row, column = divmod(position, width)
+        changed = horizontal.clone()
+        changed[:, :, row, column] += 1.0
+        difference = (output(changed) - base).abs().amax(dim=(1, 2))  # (T,)
+        assert torch.all(difference[:position] == 0), f"position {position} leaks"
+        assert difference[position:].min() > 0, f"blind spot at or after {position}"
+
+
+def test_attention_dropout_drops_whole_weights_in_training():
+    """At the first position each head attends to one key with weight 1: dropout on the weights
+    gives that head's value scaled by 1 / (1 - p) or zeros, as a whole; eval mode never drops."""
+    probability, heads, head_dim = 0.5, 4, 3
+    config = small_config(attention_layers=1, hidden_channels=heads * head_dim)
+    attention = CausalSelfAttention(dataclasses.replace(config, dropout=probability))
+    attention.heads = heads
+    with torch.no_grad():
+        attention.output.weight.copy_(torch.eye(heads * head_dim))
+        attention.output.bias.zero_()
+    horizontal = torch.randn(64, heads * head_dim, 2, 2)
+    tokens = torch.cat([F.elu(horizontal[:, :, 0, 0]), torch.full((64, 2), -1.0)], dim=1)
+    value = rearrange(attention.value(tokens), "b (n d) -> b n d", n=heads).detach()
+    with torch.no_grad():
+        attention.train()
+        first = rearrange(attention(horizontal)[:, :, 0, 0], "b (n d) -> b n d", n=heads)
+        attention.eval()
+        kept = rearrange(attention(horizontal)[:, :, 0, 0], "b (n d) -> b n d", n=heads)
+    torch.testing.assert_close(kept, value, rtol=0, atol=1e-6)
+    dropped = first.abs().amax(dim=-1) == 0  # (B, heads)
+    torch.testing.assert_close(
+        first[~dropped], value[~dropped] / (1 - probability), rtol=0, atol=1e-5
+    )
+    assert 0.3 < dropped.float().mean() < 0.7  # 256 heads, p = 0.5
+
+
+def test_condition_per_image_equals_the_batched_condition():
+    config = small_config(num_classes=3, condition_sizes=(2, 3), condition_res_blocks=2)
+    prior = PixelSNAIL(dataclasses.replace(config, num_augmentations=2)).eval()
+    _, labels, upper = inputs_for(prior.config, batch=4)
+    with torch.no_grad():
+        batched = prior.condition(labels, upper)
+        per_image = prior.condition_per_image(labels, upper)
+    assert per_image.shape == batched.shape == (4, 4, SIDE, SIDE)
+    torch.testing.assert_close(per_image, batched, rtol=0, atol=1e-6)
+    assert (per_image[0] - per_image[1]).abs().max() > 0  # images differ: no broadcasting slip

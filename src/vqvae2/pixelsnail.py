@@ -15,12 +15,15 @@ Causality without a blind spot comes from two streams:
     at the first layer) plus the shifted vertical stream.
 The output is read from the horizontal stream, so the logits at (i, j) depend only on codes
 strictly before (i, j) in raster order. Attention keys at positions <= p are horizontal-stream
-features, which already exclude the code at their own position.
+features, which already exclude the code at their own position; the attention is PyTorch's fused
+``scaled_dot_product_attention``, which need not hold the (T, T) weights.
+
+``IncrementalSampler`` at the end computes the same logits one position at a time for sampling
+(and for entropy coding), holding per block only the rows its convolutions still read.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -129,6 +132,13 @@ class CausalSelfAttention(nn.Module):
 
     Keys, values and queries come from the horizontal stream (which excludes the code at its own
     position) plus fixed (row, column) coordinates, so attending to position p itself is causal.
+
+    The attention itself is PyTorch's fused ``scaled_dot_product_attention`` with a causal mask
+    and, in training, dropout on the attention weights (the paper's dropout, Table 3). The flash
+    and memory-efficient kernels (CUDA; the CPU flash kernel when dropout is off, as in
+    evaluation and sampling) never hold the (T, T) weights: memory is linear in T = H x W. With
+    dropout on, the CPU has no fused kernel and PyTorch falls back to its reference formula,
+    which does build them.
     """
 
     def __init__(self, config: PixelSNAILConfig) -> None:
@@ -142,30 +152,35 @@ class CausalSelfAttention(nn.Module):
         self.key = nn.Linear(inputs, hidden, bias=False)
         self.value = nn.Linear(inputs, hidden)
         self.output = nn.Linear(hidden, hidden)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout  # on the attention weights, in training only
 
-    def forward(self, horizontal: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, C, H, W) attention output (not yet added to the stream)."""
-        batch, _, height, width = horizontal.shape
-        rows = torch.linspace(-1, 1, height, device=horizontal.device, dtype=horizontal.dtype)
-        cols = torch.linspace(-1, 1, width, device=horizontal.device, dtype=horizontal.dtype)
-        grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))  # (2, H, W)
-        features = torch.cat([F.elu(horizontal), grid.expand(batch, -1, -1, -1)], dim=1)
-        tokens = rearrange(features, "b c h w -> b (h w) c")  # (B, T, C + 2)
+    def project(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Tokens (B, T, C + 2) -> query, key, value, each (B, heads, T, C / heads)."""
         query, key, value = (
             rearrange(proj(tokens), "b t (n d) -> b n t d", n=self.heads)  # (B, heads, T, d)
             for proj in (self.query, self.key, self.value)
         )
-        scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])  # (B, heads, T, T)
-        positions = height * width
-        allowed = torch.ones(
-            positions, positions, dtype=torch.bool, device=horizontal.device
-        ).tril()
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        weights = self.dropout(torch.softmax(scores, dim=-1))
-        attended = rearrange(weights @ value, "b n t d -> b t (n d)")  # (B, T, C)
-        attended = self.output(attended)
+        return query, key, value
+
+    def forward(self, horizontal: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W) attention output (not yet added to the stream)."""
+        batch, _, height, width = horizontal.shape
+        grid = coordinate_grid(height, width, horizontal)  # (2, H, W)
+        features = torch.cat([F.elu(horizontal), grid.expand(batch, -1, -1, -1)], dim=1)
+        tokens = rearrange(features, "b c h w -> b (h w) c")  # (B, T, C + 2)
+        query, key, value = self.project(tokens)
+        attended = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )  # (B, heads, T, d)
+        attended = self.output(rearrange(attended, "b n t d -> b t (n d)"))  # (B, T, C)
         return rearrange(attended, "b (h w) c -> b c h w", h=height, w=width)
+
+
+def coordinate_grid(height: int, width: int, like: Tensor) -> Tensor:
+    """(2, H, W) (row, column) coordinates in [-1, 1], on ``like``'s device and dtype."""
+    rows = torch.linspace(-1, 1, height, device=like.device, dtype=like.dtype)
+    cols = torch.linspace(-1, 1, width, device=like.device, dtype=like.dtype)
+    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"))  # (2, H, W)
 
 
 class ResBlock1x1(nn.Module):
@@ -340,6 +355,31 @@ class PixelSNAIL(nn.Module):
             )
         return features
 
+    def condition_per_image(
+        self, labels: Tensor | None, condition_codes: list[Tensor] | None
+    ) -> Tensor | None:
+        """``condition`` computed one image at a time into one (B, C_cond, H, W) tensor.
+
+        The conditioning stack's intermediate maps (several per image, each C_cond x H x W)
+        then exist for one image only: at the paper's sizes they, not the sampler state, would
+        set the largest batch one accelerator can sample (``bench/README.md``). The features
+        equal ``condition``'s up to float rounding.
+        """
+        batch = len(condition_codes[0]) if condition_codes else 0
+        if not self.config.condition_sizes or batch <= 1:
+            return self.condition(labels, condition_codes)  # embeddings only, or one image
+        assert condition_codes is not None
+        features = None
+        for index in range(batch):
+            one = self.condition(
+                None if labels is None else labels[index : index + 1],
+                [upper[index : index + 1] for upper in condition_codes],
+            )  # (1, C_cond, H, W)
+            if features is None:
+                features = one.new_empty(batch, *one.shape[1:])  # (B, C_cond, H, W)
+            features[index : index + 1] = one
+        return features
+
     def forward(
         self,
         codes: Tensor,
@@ -382,171 +422,254 @@ class PixelSNAIL(nn.Module):
 # Cached incremental sampling
 
 
-def _window(x: Tensor, row: int, col: int, above: int, left: int, right: int) -> Tensor:
-    """x[:, :, row-above:row+1, col-left:col+right+1] with zeros outside the map.
+def _pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 convolution applied to one position's features: (B, C_in) -> (B, C_out)."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
 
-    Args:
-        x: (B, C, H, W).
 
-    Returns:
-        (B, C, above + 1, left + right + 1).
-    """
-    _, _, height, width = x.shape
-    top, first, last = row - above, col - left, col + right
-    window = x[:, :, max(top, 0) : row + 1, max(first, 0) : min(last, width - 1) + 1]
-    return F.pad(window, (max(-first, 0), max(last - (width - 1), 0), max(-top, 0), 0))
+def _push_row(rows: Tensor, row: Tensor | None, margin: int) -> None:
+    """Shift a window of rows (B, C, n, W + 2 * margin) up by one, in place, and put ``row``
+    (B, C, 1, W) as its last row between the margins (zeros when None)."""
+    rows[:, :, :-1] = rows[:, :, 1:].clone()
+    rows[:, :, -1] = 0
+    if row is not None:
+        rows[:, :, -1:, margin : rows.shape[-1] - margin] = row
 
 
 class IncrementalSampler:
-    """Computes a prior's logits one raster position at a time, reusing cached activations.
+    """Computes a prior's logits one raster position at a time, keeping only what later positions read.
 
-    Each position costs the work of that position only: the horizontal stream is evaluated at
-    the new position through every block (its convolutions read the cached row to its left), the
-    vertical stream one whole row at a time once the row's codes are known, attention appends the
-    new key and value to its cache, and the conditioning is computed once. The result equals the
-    full forward pass (teacher forcing) up to float rounding. Memory is linear in
-    batch x positions x channels: one (B, C, H, W) map per stream and block, plus the attention
-    keys and values.
+    The horizontal stream is evaluated at the new position through every block (its convolutions
+    read the current row to its left), the vertical stream one whole row at a time once the row's
+    codes are known, attention appends the new key and value to its cache, and the conditioning
+    features are kept once at the conditioning stack's width and projected into each block's
+    gates a row at a time. The result equals the full forward pass (teacher forcing) up to float
+    rounding.
+
+    State (k = kernel_size // 2, W the map side, T = W * W positions, C hidden and R residual
+    channels, L blocks, C_c conditioning channels, A attention layers with ``heads`` heads):
+
+    ================  ==========================  ===================================================
+    ``embedded``      (B, C, k + 1, W + 2k + 1)   code embeddings of rows i-k .. i (the current row
+                                                  last; logical column j stored at j + k + 1)
+    ``vertical[l]``   (B, C, k + 1, W + 2k)       ELU of the vertical stream entering block l, rows
+                                                  i-k .. i (column j at j + k); L of them
+    ``horizontal[l]`` (B, C, W + k)               ELU of the horizontal stream entering block l on
+                                                  the current row (column j at j + k); L of them
+    ``input_above``   (B, C, W)                   what the first horizontal layer takes from the
+                                                  row above, plus that layer's bias
+    ``above[l]``      (B, R, W)                   the same for block l's horizontal hidden layer
+    ``gate_offsets``  (B, 2C, W) per block        the horizontal gates' bias plus the current
+                                                  row's conditioning; (B, 2C, 1) for class or
+                                                  augmentation conditioning only, none without
+    ``condition``     (B, C_c, W, W)              the conditioning features (or (B, C_c, 1, 1))
+    ``keys[a]``,      (B, heads, T, C / heads)    attention keys and values of every position so
+    ``values[a]``                                 far; A layers
+    ================  ==========================  ===================================================
+
+    That is, per image, C(k+1)(W+2k+1) + L C(k+1)(W+2k) + L C(W+k) + C W + L R W elements,
+    plus L 2C W + C_c W^2 with upper levels to condition on (L 2C + C_c with only a class or
+    augmentation), plus 2 A C T with attention; and a (T, 2) table of coordinates shared by the
+    batch. Per block it is linear in W; the terms in T = W^2 are the attention cache and the
+    conditioning features, neither per block (float32, batch 1: 29 MiB for the paper's ImageNet
+    bottom prior, 53 MiB for the FFHQ bottom prior; ``bench/README.md``).
 
     Use ``logits_at(row, col)`` then ``set_codes(row, col, codes)`` for every position in raster
-    order.
+    order (``ValueError`` otherwise). Inference only: no gradients flow through the state.
     """
 
+    @torch.no_grad()
     def __init__(self, prior: PixelSNAIL, batch_size: int, condition: Tensor | None) -> None:
         self.prior = prior
         config = prior.config
         self.side = side = config.code_size
         self.half = half = config.kernel_size // 2
+        hidden, residual = config.hidden_channels, config.residual_channels
         parameter = next(prior.parameters())
-        shape = (batch_size, config.hidden_channels, side, side)
 
         def zeros(*size: int) -> Tensor:
             return torch.zeros(*size, device=parameter.device, dtype=parameter.dtype)
 
-        # Horizontal-stream maps carry zero columns on the left, so the window a horizontal
-        # convolution reads at (row, col) is a plain slice. Logical column j is stored at j + half
-        # (j + half + 1 for the embedded codes, which the first layer reads shifted right by one).
-        self.embedded = zeros(batch_size, config.hidden_channels, side, side + half + 1)
-        self.vertical = [zeros(*shape) for _ in range(config.num_layers)]  # v_0 .. v_{L-1}
-        self.horizontal = [
-            zeros(batch_size, config.hidden_channels, side, side + half)
-            for _ in range(config.num_layers)
-        ]  # h_0 .. h_{L-1}: the inputs of the blocks
-        residual_shape = (batch_size, config.residual_channels, side, side)
-        # What the horizontal stream adds from the row above: 1x1 convolutions of the shifted
-        # vertical activations, computed a row at a time. Row 0 sees only zeros, i.e. the bias.
-        self.input_from_above = zeros(*shape)
-        self.input_from_above[:, :, 0] = prior.vertical_input_to_horizontal.bias[None, :, None]
-        self.blocks_from_above = [zeros(*residual_shape) for _ in range(config.num_layers)]
-        for down, block in zip(self.blocks_from_above, prior.blocks, strict=True):
-            down[:, :, 0] = block.vertical_to_horizontal.bias[None, :, None]
-        self.conditions = [
-            block.condition_gates(condition) for block in prior.blocks
-        ]  # per block: None or (vertical, horizontal), each (B, 2C, H or 1, W or 1)
-        self.attention_cache: dict[str, tuple[Tensor, Tensor]] = {}
-        for name, attention in prior.attention.items():
-            head_dim = config.hidden_channels // attention.heads
-            cache_shape = (batch_size, attention.heads, side * side, head_dim)
-            self.attention_cache[name] = (zeros(*cache_shape), zeros(*cache_shape))
-        rows = torch.linspace(-1, 1, side, device=parameter.device, dtype=parameter.dtype)
-        self.coordinates = torch.stack(torch.meshgrid(rows, rows, indexing="ij"))  # (2, H, W)
-        # Per-position work is tiny, so convolutions become matrix products on flat windows:
-        # a (out, in, 1, k) weight flattens in the same (in, k) order as a (B, in, k) window.
-        self.input_weight = prior.horizontal_input.conv.weight.flatten(1)  # (C, C * (half + 1))
-        self.block_weights = [
-            (
-                block.horizontal.conv.weight.flatten(1),  # (R, C * (half + 1))
-                block.horizontal.conv.bias,
-                block.horizontal_gates.weight.flatten(1),  # (2C, R)
-                block.horizontal_gates.bias,
+        self.embedded = zeros(batch_size, hidden, half + 1, side + 2 * half + 1)
+        self.vertical = [zeros(batch_size, hidden, half + 1, side + 2 * half) for _ in prior.blocks]
+        self.horizontal = [zeros(batch_size, hidden, side + half) for _ in prior.blocks]
+        # Row 0 has nothing above it: the 1x1 convolutions of the (zero) shifted vertical stream
+        # leave their biases, to which the horizontal convolutions' biases are added once here.
+        self.input_above = zeros(batch_size, hidden, side)
+        self.input_above += (
+            prior.vertical_input_to_horizontal.bias + prior.horizontal_input.conv.bias
+        )[:, None]
+        self.above = [zeros(batch_size, residual, side) for _ in prior.blocks]
+        for above, block in zip(self.above, prior.blocks, strict=True):
+            above += (block.vertical_to_horizontal.bias + block.horizontal.conv.bias)[:, None]
+
+        self.condition = condition  # (B, C_c, H, W), (B or 1, C_c, 1, 1) or None
+        self.spatial = condition is not None and condition.shape[-1] > 1
+        # Each block's conditioning weights, split into the vertical and horizontal gates' parts.
+        self.condition_weights = [
+            None
+            if block.condition is None or condition is None
+            else (
+                block.condition.weight.split(block.gate_channels),  # (2C or 0, C_c, 1, 1), (2C, ..)
+                block.condition.bias.split(block.gate_channels),
             )
             for block in prior.blocks
         ]
+        first_row = self._condition_row(0)
+        self.gate_offsets = [
+            self._horizontal_gate_offsets(index, first_row) for index in range(len(prior.blocks))
+        ]  # per block (B, 2C, W) spatial, (B or 1, 2C, 1) constant, (2C, 1) bias only
 
-    def _condition_at(self, index: int, row: int, col: int) -> Tensor | None:
-        """The horizontal gates' conditioning (B, 2C) of block ``index`` at one position."""
-        if self.conditions[index] is None:
-            return None
-        condition = self.conditions[index][1]
-        if condition.shape[-1] == 1:
-            return condition[:, :, 0, 0]
-        return condition[:, :, row, col]
-
-    def _attend(self, name: str, features: Tensor, row: int, col: int) -> Tensor:
-        """Attention output (B, C) at one position from features (B, C), caching key and value."""
-        attention = self.prior.attention[name]
-        position = row * self.side + col
-        coordinates = self.coordinates[:, row, col].expand(features.shape[0], -1)  # (B, 2)
-        token = torch.cat([F.elu(features), coordinates], dim=1)  # (B, C + 2)
-        query, key, value = (
-            rearrange(proj(token), "b (n d) -> b n d", n=attention.heads)  # (B, heads, d)
-            for proj in (attention.query, attention.key, attention.value)
+        attention_layers = dict(prior.attention.items())
+        self.attention_after = [attention_layers.get(str(i)) for i in range(len(prior.blocks))]
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+        for index, attention in enumerate(self.attention_after):
+            if attention is not None:
+                cache = (batch_size, attention.heads, side * side, hidden // attention.heads)
+                self.keys[index], self.values[index] = zeros(*cache), zeros(*cache)
+        self.coordinates = (
+            rearrange(coordinate_grid(side, side, parameter), "c h w -> (h w) c")  # (T, 2)
+            if prior.attention
+            else None
         )
-        keys, values = self.attention_cache[name]
-        keys[:, :, position] = key
-        values[:, :, position] = value
-        scores = torch.einsum("bnd,bntd->bnt", query, keys[:, :, : position + 1])
-        weights = torch.softmax(scores / math.sqrt(query.shape[-1]), dim=-1)  # (B, heads, t)
-        attended = torch.einsum("bnt,bntd->bnd", weights, values[:, :, : position + 1])
-        return attention.output(rearrange(attended, "b n d -> b (n d)"))  # (B, C)
+        # Per-position work is tiny, so convolutions become matrix products on flat windows:
+        # a (out, in, 1, k) weight flattens in the same (in, k) order as a (B, in, k) window.
+        self.input_weight = prior.horizontal_input.conv.weight.flatten(1).t()  # (C(k+1), C)
+        self.block_weights = [
+            (
+                block.horizontal.conv.weight.flatten(1).t(),  # (C(k+1), R)
+                block.horizontal_gates.weight.flatten(1).t(),  # (R, 2C)
+            )
+            for block in prior.blocks
+        ]
+        self.position = 0  # the next raster position to set
+        self.computed = -1  # the last position whose logits (and stream values) were computed
 
+    # ------------------------------------------------------------------------------------------
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor the state holds (weights and their views excluded)."""
+        tensors = [self.embedded, *self.vertical, *self.horizontal, self.input_above, *self.above]
+        if self.condition is not None:
+            tensors += [self.condition, *self.gate_offsets]
+        tensors += [*self.keys.values(), *self.values.values()]
+        if self.coordinates is not None:
+            tensors.append(self.coordinates)
+        return tensors
+
+    def state_bytes(self) -> int:
+        """Bytes of the state (``state_tensors``), numel x element size."""
+        return sum(t.numel() * t.element_size() for t in self.state_tensors())
+
+    # ------------------------------------------------------------------------------------------
+    def _condition_row(self, row: int) -> Tensor | None:
+        """Conditioning features of one row (B, C_c, 1, W), constant (B, C_c, 1, 1), or None."""
+        if self.condition is None or not self.spatial:
+            return self.condition
+        return self.condition[:, :, row : row + 1]
+
+    def _horizontal_gate_offsets(self, index: int, condition_row: Tensor | None) -> Tensor:
+        """Block ``index``'s horizontal gates' bias plus the conditioning of one row.
+
+        Returns (B, 2C, W) for spatial conditioning, (B or 1, 2C, 1) for constant, (2C, 1) none.
+        """
+        bias = self.prior.blocks[index].horizontal_gates.bias[:, None]  # (2C, 1)
+        weights = self.condition_weights[index]
+        if weights is None or condition_row is None:
+            return bias
+        condition = F.conv2d(condition_row, weights[0][1], weights[1][1])  # (B, 2C, 1, W or 1)
+        return bias + condition[:, :, 0]  # (B, 2C, W or 1)
+
+    def _check_position(self, row: int, col: int) -> int:
+        position = row * self.side + col
+        if not (0 <= row < self.side and 0 <= col < self.side) or position != self.position:
+            expected = divmod(self.position, self.side)
+            raise ValueError(
+                f"positions go in raster order: expected {expected}, got ({row}, {col})"
+            )
+        return position
+
+    def _attend(self, index: int, features: Tensor, position: int) -> Tensor:
+        """Attention output (B, C) at one position from features (B, C), caching key and value."""
+        attention = self.attention_after[index]
+        assert attention is not None and self.coordinates is not None
+        coordinates = self.coordinates[position].expand(features.shape[0], -1)  # (B, 2)
+        token = torch.cat([F.elu(features), coordinates], dim=1)[:, None]  # (B, 1, C + 2)
+        query, key, value = attention.project(token)  # (B, heads, 1, d) each
+        keys, values = self.keys[index], self.values[index]
+        keys[:, :, position : position + 1] = key
+        values[:, :, position : position + 1] = value
+        attended = F.scaled_dot_product_attention(
+            query, keys[:, :, : position + 1], values[:, :, : position + 1]
+        )  # (B, heads, 1, d): one query sees every key so far, no mask needed
+        return attention.output(rearrange(attended, "b n 1 d -> b (n d)"))  # (B, C)
+
+    @torch.no_grad()
     def logits_at(self, row: int, col: int) -> Tensor:
         """Logits (B, K) of the code at (row, col); every earlier code must have been set."""
+        position = self._check_position(row, col)
         prior, half = self.prior, self.half
-        window = self.embedded[:, :, row, col : col + half + 1].flatten(1)  # shift_right(x)
-        horizontal = (
-            F.linear(window, self.input_weight, prior.horizontal_input.conv.bias)
-            + self.input_from_above[:, :, row, col]
+        window = self.embedded[:, :, half, col : col + half + 1]  # (B, C, k+1): shift_right(x)
+        horizontal = torch.addmm(
+            self.input_above[:, :, col], window.flatten(1), self.input_weight
         )  # (B, C)
-        for index, (conv_w, conv_b, gates_w, gates_b) in enumerate(self.block_weights):
-            stored = self.horizontal[index]
-            stored[:, :, row, col + half] = horizontal
-            window = F.elu(stored[:, :, row, col : col + half + 1]).flatten(1)  # (B, C*(half+1))
-            hidden = (
-                F.linear(window, conv_w, conv_b) + self.blocks_from_above[index][:, :, row, col]
-            )
-            gates = F.linear(F.elu(hidden), gates_w, gates_b)  # (B, 2C)
-            condition = self._condition_at(index, row, col)
-            if condition is not None:
-                gates = gates + condition
+        for index, (conv_weight, gates_weight) in enumerate(self.block_weights):
+            stored = self.horizontal[index]  # (B, C, W + k)
+            stored[:, :, col + half] = F.elu(horizontal)
+            window = stored[:, :, col : col + half + 1].flatten(1)  # (B, C(k+1))
+            hidden = torch.addmm(self.above[index][:, :, col], window, conv_weight)  # (B, R)
+            offsets = self.gate_offsets[index]
+            gates = torch.addmm(
+                offsets[..., col if offsets.shape[-1] > 1 else 0], F.elu(hidden), gates_weight
+            )  # (B, 2C)
             horizontal = horizontal + gate(gates)
-            if str(index) in prior.attention:
-                horizontal = horizontal + self._attend(str(index), horizontal, row, col)
-        features = horizontal[:, :, None, None]  # (B, C, 1, 1)
-        return prior.output(F.elu(prior.output_stack(features)))[:, :, 0, 0]  # (B, K)
+            if self.attention_after[index] is not None:
+                horizontal = horizontal + self._attend(index, horizontal, position)
+        for block in prior.output_stack:
+            horizontal = horizontal + _pointwise(
+                block.second, F.elu(_pointwise(block.first, F.elu(horizontal)))
+            )
+        self.computed = position
+        return _pointwise(prior.output, F.elu(horizontal))  # (B, K)
 
+    @torch.no_grad()
     def set_codes(self, row: int, col: int, codes: Tensor) -> None:
         """Record the codes (B,) chosen at (row, col); after a row's last code, advance the
-        vertical stream by that row."""
-        self.embedded[:, :, row, col + self.half + 1] = self.prior.embedding(codes)
-        if col == self.side - 1:
-            self._vertical_row(row)
+        vertical stream by that row. ``logits_at(row, col)`` must have been called first."""
+        position = self._check_position(row, col)
+        if self.computed != position:
+            raise ValueError(f"call logits_at({row}, {col}) before set_codes({row}, {col}, ...)")
+        self.embedded[:, :, self.half, col + self.half + 1] = self.prior.embedding(codes)
+        self.position += 1
+        if col == self.side - 1 and row < self.side - 1:  # the last row has no reader below
+            self._advance_row(row)
 
-    def _vertical_row(self, row: int) -> None:
-        prior, half, side = self.prior, self.half, self.side
-        # The whole row with the kernel's margins: rows row-half .. row, columns -half .. W-1+half.
-        span = (side // 2, half, side // 2 + half, side - 1 - side // 2 + half)
-        embedded = self.embedded[:, :, :, half + 1 :]  # (B, C, H, W) without the left margin
-        vertical = prior.vertical_input.conv(_window(embedded, row, *span))  # (B, C, 1, W)
-        self.vertical[0][:, :, row : row + 1] = vertical
-        if row + 1 < side:
-            self.input_from_above[:, :, row + 1 : row + 2] = prior.vertical_input_to_horizontal(
-                vertical
-            )
+    def _advance_row(self, row: int) -> None:
+        """The vertical stream over ``row`` (all its codes known), and what row + 1 reads from it."""
+        prior, half = self.prior, self.half
+        # The embedded rows row-k .. row with their column margins: the input layer's window.
+        vertical = prior.vertical_input.conv(self.embedded[:, :, :, 1:])  # (B, C, 1, W)
+        self.input_above.copy_(
+            prior.vertical_input_to_horizontal(vertical)[:, :, 0]
+            + prior.horizontal_input.conv.bias[:, None]
+        )  # (B, C, W)
+        _push_row(self.embedded, None, half)  # the next row starts empty
+        condition_row, next_condition_row = self._condition_row(row), self._condition_row(row + 1)
         for index, block in enumerate(prior.blocks):
-            window = F.elu(_window(self.vertical[index], row, *span))  # elu(0) = 0
-            hidden = block.vertical.conv(window)  # (B, R, 1, W)
-            if row + 1 < side:
-                self.blocks_from_above[index][:, :, row + 1 : row + 2] = (
-                    block.vertical_to_horizontal(hidden)
+            rows = self.vertical[index]  # (B, C, k+1, W + 2k)
+            _push_row(rows, F.elu(vertical), half)
+            hidden = block.vertical.conv(rows)  # (B, R, 1, W)
+            self.above[index].copy_(
+                block.vertical_to_horizontal(hidden)[:, :, 0] + block.horizontal.conv.bias[:, None]
+            )  # (B, R, W)
+            if self.spatial:
+                self.gate_offsets[index].copy_(
+                    self._horizontal_gate_offsets(index, next_condition_row)
                 )
             if block.vertical_gates is None:
                 break  # the last block leaves the vertical stream alone
             gates = block.vertical_gates(F.elu(hidden))  # (B, 2C, 1, W)
-            if self.conditions[index] is not None:
-                condition = self.conditions[index][0]
-                gates = gates + (
-                    condition if condition.shape[-1] == 1 else condition[:, :, row : row + 1]
-                )
+            weights = self.condition_weights[index]
+            if weights is not None and condition_row is not None:
+                gates = gates + F.conv2d(condition_row, weights[0][0], weights[1][0])
             vertical = vertical + gate(gates)
-            self.vertical[index + 1][:, :, row : row + 1] = vertical

@@ -100,7 +100,8 @@ def sample_level_cached(
     codes = _empty_codes(prior, batch_size, labels, condition_codes, temperature)
     side = prior.config.code_size
     with evaluating(prior):
-        state = IncrementalSampler(prior, batch_size, prior.condition(labels, condition_codes))
+        condition = prior.condition_per_image(labels, condition_codes)
+        state = IncrementalSampler(prior, batch_size, condition)
         for row in range(side):
             for column in range(side):
                 codes[:, row, column] = _draw(state.logits_at(row, column), temperature, generator)
