@@ -140,3 +140,28 @@ def test_a_write_that_fails_anywhere_in_a_checkpoint_keeps_the_last(
     assert read_checkpoint(run, "vqvae", with_optimizer=True).step == 2
     assert leftovers(run) == []
     assert not (run / "vqvae" / "step-00000004").exists()
+
+
+def test_the_checkpoint_latest_names_is_never_replaced_in_place(tmp_path, npz_data, monkeypatch):
+    """A run ending on a periodic checkpoint, or resumed at its end, writes no second checkpoint
+    of that step: replacing the folder ``latest`` names would leave a moment when it names
+    nothing (a kill -9 trial found a run killed there unloadable)."""
+    import vqvae2.loop
+
+    written = []
+    save = vqvae2.loop.save_checkpoint
+
+    def counting_save(kind_dir, kind, step, *args, **kwargs):
+        written.append(step)
+        return save(kind_dir, kind, step, *args, **kwargs)
+
+    monkeypatch.setattr(vqvae2.loop, "save_checkpoint", counting_save)
+    run = tmp_path / "run"
+    assert train(npz_data, run, 4) == 0
+    assert written == [2, 4]
+    assert train(npz_data, run, 4, resume=True) == 0
+    assert written == [2, 4]
+    checkpoint = read_checkpoint(run, "vqvae")
+    with pytest.raises(ValueError, match="step-00000004 is the latest checkpoint"):
+        save(run / "vqvae", "vqvae", 4, None, None)
+    assert read_checkpoint(run, "vqvae").model_state.keys() == checkpoint.model_state.keys()

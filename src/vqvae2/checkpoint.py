@@ -116,12 +116,17 @@ def save_checkpoint(
     Raises:
         OSError: the write failed (a full disk, a read-only folder): one line naming the folder
             and the checkpoint kept; nothing of the failed write is left behind.
+        ValueError: ``latest`` already names this step: that folder is never replaced, since a
+            process killed between removing it and renaming its successor into place would
+            leave ``latest`` naming nothing.
     """
     kind_dir = Path(kind_dir)
     name = f"step-{step:08d}"
     final = kind_dir / name
     tmp = kind_dir / f".{name}.tmp"
     kept = latest_name(kind_dir)
+    if kept == name:
+        raise ValueError(f"{final} is the latest checkpoint; it is not written twice")
     meta: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -149,7 +154,7 @@ def save_checkpoint(
         write_text_atomic(kind_dir / LATEST, name + "\n")
     except (OSError, SafetensorError) as error:
         # ``latest`` still names the checkpoint kept; what this write made goes.
-        for leftover in (tmp, final) if kept != name else (tmp,):
+        for leftover in (tmp, final):
             shutil.rmtree(leftover, ignore_errors=True)
         still = f"the checkpoint {kept} is kept" if kept else "no earlier checkpoint exists"
         raise OSError(

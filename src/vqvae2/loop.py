@@ -347,9 +347,10 @@ class TrainingSession:
         self.context, self.kind, self.extra, self.postfix = context, kind, extra or {}, postfix
         self.checkpoint_dir, self.log_dir = checkpoint_dir, log_dir
         self.step, elapsed_before = 0, 0.0
+        self.saved_step: int | None = None  # step of the newest checkpoint of this run
         if checkpoint is not None:
             load_state_checked(model, checkpoint.model_state, checkpoint.path)
-            self.step = checkpoint.step
+            self.step = self.saved_step = checkpoint.step
             elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
         self.step_module = prepare_step_module(model, context, runtime)
         self.optimizer = make_optimizer(model, self.train)
@@ -447,7 +448,10 @@ class TrainingSession:
         return TrainResult(run_dir=self.log_dir, step=self.step, metrics=metrics, model=self.model)
 
     def save(self) -> None:
-        """Checkpoint the model and optimizer at the current step (rank 0)."""
+        """Checkpoint the model and optimizer at the current step (rank 0), unless a checkpoint
+        of this step exists already (the last periodic one, or the one resumed from)."""
+        if self.saved_step == self.step:
+            return
         save_checkpoint(
             self.checkpoint_dir,
             self.kind,
@@ -457,6 +461,7 @@ class TrainingSession:
             self.optimizer,
             extra={"elapsed_seconds": self.elapsed(), **self.extra},
         )
+        self.saved_step = self.step
 
     def elapsed(self) -> float:
         """Seconds of training of the run so far: the slowest process's, as last agreed by all
