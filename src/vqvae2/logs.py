@@ -22,14 +22,15 @@ class MetricsLog:
     TensorBoard (scalars tagged ``split/metric``, and images) when ``tensorboard_dir`` is given.
 
     ``resume_step``: rows and events logged after this step (by a run killed before its next
-    checkpoint) are dropped, so a resumed run does not log those steps twice. ``enabled=False``
-    (processes other than rank 0) writes nothing.
+    checkpoint) are dropped, so a resumed run does not log those steps twice; a new run (0)
+    starts an empty log, whatever a process killed before its first checkpoint left there.
+    ``enabled=False`` (processes other than rank 0) writes nothing.
     """
 
     def __init__(
         self,
         path: Path,
-        resume_step: int | None = None,
+        resume_step: int = 0,
         enabled: bool = True,
         tensorboard_dir: Path | None = None,
     ) -> None:
@@ -38,7 +39,7 @@ class MetricsLog:
         self.tensorboard: Any = None
         if not enabled:
             return
-        if resume_step is not None and path.exists():
+        if path.exists():
             kept = [row for row in read_metrics(path) if int(row["step"]) <= resume_step]
             tmp = path.with_name(f".{path.name}.tmp")
             with open(tmp, "w", newline="") as handle:
@@ -80,7 +81,7 @@ class MetricsLog:
             self.tensorboard.close()
 
 
-def _summary_writer(directory: Path, resume_step: int | None) -> Any:
+def _summary_writer(directory: Path, resume_step: int) -> Any:
     """TensorBoard's writer; events past ``resume_step`` from an earlier process are purged."""
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -88,8 +89,7 @@ def _summary_writer(directory: Path, resume_step: int | None) -> Any:
         raise ValueError(
             "--tensorboard needs the tensorboard package: pip install 'vqvae2[tensorboard]'"
         ) from None
-    purge = None if resume_step is None else resume_step + 1
-    return SummaryWriter(log_dir=str(directory), purge_step=purge)
+    return SummaryWriter(log_dir=str(directory), purge_step=resume_step + 1)
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:

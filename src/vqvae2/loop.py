@@ -359,10 +359,9 @@ class TrainingSession:
         if context.is_main:
             log_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(run_config, log_dir / CONFIG_FILE)
-        resume_step = self.step if checkpoint is not None else None
         self.log = MetricsLog(
             log_dir / METRICS_FILE,
-            resume_step,
+            self.step,
             enabled=context.is_main,
             tensorboard_dir=log_dir / TENSORBOARD_DIR if runtime.tensorboard else None,
         )
