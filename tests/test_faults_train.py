@@ -6,8 +6,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from vqvae2.checkpoint import LATEST, MODEL_WEIGHTS, OPTIMIZER_WEIGHTS, read_checkpoint
 from vqvae2.cli import main
 from vqvae2.logs import read_metrics
+
+from .conftest import assert_states_close, metric_values, one_line_error
 
 TINY = ["--config", "tiny", "model.image_size=16", "--quiet", "train.val_every=1000"]
 
@@ -41,3 +44,99 @@ def test_a_run_started_again_after_a_kill_before_its_first_checkpoint_logs_only_
     assert logged_steps(run / "metrics.csv") == [1, 2, 3]
     assert train_vqvae_cli(npz_data, run, 3) == 0
     assert logged_steps(run / "metrics.csv") == [1, 2, 3]
+
+
+def nan_at_training_calls(monkeypatch, calls: set[int], where: str = "loss") -> None:
+    """Make the VQ-VAE's training forward passes numbered ``calls`` (1 = the first of this
+    process) non-finite: its loss (``where="loss"``) or its input images (``"images"``, which
+    also pour NaN into the EMA codebooks)."""
+    from vqvae2.vqvae import VQVAE2
+
+    forward = VQVAE2.forward
+    count = [0]
+
+    def poisoned_forward(self, images):
+        if not self.training:
+            return forward(self, images)
+        count[0] += 1
+        poisoned = count[0] in calls
+        if poisoned and where == "images":
+            images = images * float("nan")
+        output = forward(self, images)
+        return output._replace(loss=output.loss * float("nan")) if poisoned else output
+
+    monkeypatch.setattr(VQVAE2, "forward", poisoned_forward)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_checkpoint(
+    tmp_path, npz_data, capsys, monkeypatch
+):
+    """NaN at step 5: one line naming step 5 and the step-4 checkpoint, which stays latest and
+    loadable; nothing is written after it, and the resumed run ends where an uninterrupted run
+    does."""
+    straight = tmp_path / "straight"
+    assert train_vqvae_cli(npz_data, straight, 6) == 0
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        nan_at_training_calls(patch, {5})
+        capsys.readouterr()
+        line = one_line_error(capsys, train_vqvae_cli(npz_data, run, 6))
+    assert line == (
+        f"the loss is not finite at step 5: training stopped and the last checkpoint, "
+        f"{run / 'vqvae' / 'step-00000004'}, is kept (train.nonfinite=skip skips such steps "
+        "instead)"
+    )
+    assert sorted(p.name for p in (run / "vqvae").glob("step-*")) == [
+        "step-00000002",
+        "step-00000004",
+    ]
+    assert read_checkpoint(run, "vqvae", with_optimizer=True).step == 4
+    assert (
+        main(["train-vqvae", "--data", str(npz_data), "--out", str(run), "--resume", "--quiet"])
+        == 0
+    )
+    for weights in (MODEL_WEIGHTS, OPTIMIZER_WEIGHTS):
+        assert_states_close(
+            run / "vqvae" / "step-00000006" / weights,
+            straight / "vqvae" / "step-00000006" / weights,
+            atol=0.0,
+        )
+
+
+def test_a_non_finite_loss_before_any_checkpoint_says_so(tmp_path, npz_data, capsys, monkeypatch):
+    nan_at_training_calls(monkeypatch, {1})
+    line = one_line_error(capsys, train_vqvae_cli(npz_data, tmp_path / "run", 4))
+    assert line.startswith("the loss is not finite at step 1: training stopped and no checkpoint")
+    assert not (tmp_path / "run" / "vqvae" / LATEST).exists()
+
+
+def test_skipped_non_finite_steps_change_nothing_and_are_counted(tmp_path, npz_data, monkeypatch):
+    """With train.nonfinite=skip, NaN images at step 3 (NaN in the EMA codebooks too) leave
+    the weights, buffers and optimiser state exactly as after step 2; the log counts the
+    skipped step from step 3 on, and a resumed run keeps counting."""
+    skip = "train.nonfinite=skip"
+    two = tmp_path / "two"
+    assert train_vqvae_cli(npz_data, two, 2, skip) == 0
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        nan_at_training_calls(patch, {3}, where="images")
+        assert train_vqvae_cli(npz_data, run, 3, skip) == 0
+    for weights in (MODEL_WEIGHTS, OPTIMIZER_WEIGHTS):
+        assert_states_close(
+            run / "vqvae" / "step-00000003" / weights,
+            two / "vqvae" / "step-00000002" / weights,
+            atol=0.0,
+        )
+    counted = metric_values(run / "metrics.csv", "train", "skipped_nonfinite")
+    assert counted == {1: 0.0, 2: 0.0, 3: 1.0}
+    with monkeypatch.context() as patch:
+        nan_at_training_calls(patch, {2})  # step 5 of the resumed run
+        resume = ["--data", str(npz_data), "--out", str(run), "--resume", "--quiet"]
+        assert main(["train-vqvae", *resume, "--max-steps", "6"]) == 0
+    counted = metric_values(run / "metrics.csv", "train", "skipped_nonfinite")
+    assert counted == {1: 0.0, 2: 0.0, 3: 1.0, 4: 1.0, 5: 2.0, 6: 2.0}
+    final = read_checkpoint(run, "vqvae")
+    assert final.extra["skipped_nonfinite"] == 2
+    assert all(
+        bool(t.isfinite().all()) for t in final.model_state.values() if t.is_floating_point()
+    )

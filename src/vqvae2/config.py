@@ -180,6 +180,10 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     grid_images: int = 16  # images in each reconstruction grid
     seed: int = 0  # seeds weights, data order and every other random choice
+    # A step whose loss is not finite (inf, nan; e.g. an overflow under bf16): "stop" the run
+    # with an error naming the step and the last checkpoint, or "skip" the step (no update,
+    # buffers as before it) and count it in the log as skipped_nonfinite.
+    nonfinite: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self) -> None:
         for name in (
@@ -202,6 +206,10 @@ class TrainConfig:
         _check(
             self.schedule_minutes >= 0,
             f"train.schedule_minutes must be >= 0, got {self.schedule_minutes}",
+        )
+        _check(
+            self.nonfinite in ("stop", "skip"),
+            f"train.nonfinite must be stop or skip, got {self.nonfinite!r}",
         )
 
 

@@ -9,16 +9,18 @@ to a ``TrainingSession``: the step order is the same for every model kind.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 from tqdm import tqdm
@@ -32,6 +34,8 @@ from .logs import TENSORBOARD_DIR, MetricsLog
 from .run import CONFIG_FILE, METRICS_FILE, has_checkpoint
 
 Clock = Callable[[], float]  # seconds on a clock that never goes back (time.monotonic)
+
+logger = logging.getLogger("vqvae2.loop")
 
 
 class EpochBatchSampler(Sampler[list]):
@@ -274,6 +278,9 @@ class TrainResult:
     model: torch.nn.Module | None = None  # the trained module (not DDP-wrapped), on its device
 
 
+SKIPPED = "skipped_nonfinite"  # the logged count of steps skipped for a non-finite loss
+
+
 def resume_or_start(
     checkpoint_dir: Path,
     kind: str,
@@ -301,18 +308,30 @@ def resume_or_start(
     return replace(saved, train=replace(saved.train, **length)), checkpoint
 
 
-StepFunction = Callable[[Any], Callable[[], dict[str, float]]]
+class StepOutput(NamedTuple):
+    """What a trainer's step function returns after its backward passes."""
+
+    loss: Tensor  # () this process's loss summed over its micro-batches, detached
+    figures: Callable[[], dict[str, float]]  # the figures to log (called on rank 0 only)
+
+
+StepFunction = Callable[[Any], StepOutput]
 
 
 class TrainingSession:
     """Resume, optimise, log, validate, checkpoint and stop one training run.
 
     The trainer's step function takes one batch (this process's slice of the global batch),
-    runs the forward and backward passes of its micro-batches and returns a function giving
-    the figures to log (called on rank 0 at ``train.log_every``); the session does the rest in
-    the same order for every model kind. Under torchrun every process runs the session; rank 0
-    alone writes the config, the log, checkpoints and the progress bar, and every process stops
-    at the same step.
+    runs the forward and backward passes of its micro-batches and returns its loss and a
+    function giving the figures to log (called on rank 0 at ``train.log_every``); the session
+    does the rest in the same order for every model kind. Under torchrun every process runs the
+    session; rank 0 alone writes the config, the log, checkpoints and the progress bar, and
+    every process stops at the same step.
+
+    A step whose loss is not finite on any process stops the run or, with
+    ``train.nonfinite=skip``, is skipped by every process: gradients dropped, no optimiser
+    step, buffers (the EMA codebooks) put back as they were, the step counted in the log as
+    ``skipped_nonfinite``. No checkpoint is written after a non-finite loss that stops a run.
 
     Args:
         model: the plain module (restored from ``checkpoint`` when resuming).
@@ -352,6 +371,7 @@ class TrainingSession:
             load_state_checked(model, checkpoint.model_state, checkpoint.path)
             self.step = self.saved_step = checkpoint.step
             elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
+        self.skipped = 0 if checkpoint is None else int(checkpoint.extra.get(SKIPPED, 0))
         self.step_module = prepare_step_module(model, context, runtime)
         self.optimizer = make_optimizer(model, self.train)
         if checkpoint is not None and checkpoint.optimizer_state is not None:
@@ -400,22 +420,30 @@ class TrainingSession:
             if not self._set_step_size():
                 break  # resumed with the time budget already spent
             self.optimizer.zero_grad(set_to_none=True)
-            figures = train_step(batch)
-            self.optimizer.step()
+            buffers = self._copy_buffers() if train.nonfinite == "skip" else None
+            output = train_step(batch)
+            # One collective: every process takes the step, or none does.
+            if self.context.any(not bool(torch.isfinite(output.loss))):
+                self._skip_nonfinite_step(buffers)
+            else:
+                self.optimizer.step()
             self.step += 1
             self.bar.update(1)
             out_of_time = self._out_of_time()
             if self.step % train.log_every == 0 and self.context.is_main:
                 logged = {
-                    **figures(),
+                    **output.figures(),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "items_per_second": self._throughput(),
                 }
+                if train.nonfinite == "skip":
+                    logged[SKIPPED] = self.skipped
                 self.log.write(self.step, self.elapsed(), "train", logged)
                 self.bar.set_postfix({self.postfix: f"{logged[self.postfix]:.5g}"}, refresh=False)
-            if self.context.is_main and not out_of_time:
+            if not out_of_time:
                 last = self.step >= train.max_steps
-                if validate is not None and self.step % train.val_every == 0 and not last:
+                validating = validate is not None and self.step % train.val_every == 0
+                if validating and not last and self.context.is_main:
                     self.log.write(self.step, self.elapsed(), "val", validate())
                 if self.step % train.checkpoint_every == 0:
                     self.save()
@@ -423,6 +451,37 @@ class TrainingSession:
                 break
         self.bar.close()
         self.model.eval()
+
+    def _copy_buffers(self) -> list[Tensor]:
+        return [buffer.detach().clone() for buffer in self.model.buffers()]
+
+    def _skip_nonfinite_step(self, buffers: list[Tensor] | None) -> None:
+        """The loss of the step being taken is not finite (on some process): stop the run, or
+        (``train.nonfinite=skip``, ``buffers`` copied before the step) drop its gradients and
+        put the buffers back."""
+        step = self.step + 1
+        if buffers is None:
+            self.bar.close()
+            self.log.close()
+            kept = (
+                f"the last checkpoint, {self.checkpoint_dir / f'step-{self.saved_step:08d}'}, "
+                "is kept"
+                if self.saved_step is not None
+                else "no checkpoint was written"
+            )
+            raise ValueError(
+                f"the loss is not finite at step {step}: training stopped and {kept} "
+                "(train.nonfinite=skip skips such steps instead)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+        self.skipped += 1
+        if self.context.is_main:
+            logger.warning(
+                "step %d skipped: its loss is not finite (%d so far)", step, self.skipped
+            )
 
     def _throughput(self) -> float:
         """Training items (images, or code maps for priors) per second of the global batch
@@ -447,19 +506,21 @@ class TrainingSession:
         return TrainResult(run_dir=self.log_dir, step=self.step, metrics=metrics, model=self.model)
 
     def save(self) -> None:
-        """Checkpoint the model and optimizer at the current step (rank 0), unless a checkpoint
-        of this step exists already (the last periodic one, or the one resumed from)."""
+        """Checkpoint the model and optimizer at the current step, unless a checkpoint of this
+        step exists already (the last periodic one, or the one resumed from). Every process
+        calls it at the same steps; rank 0 writes."""
         if self.saved_step == self.step:
             return
-        save_checkpoint(
-            self.checkpoint_dir,
-            self.kind,
-            self.step,
-            self.run_config,
-            self.model,
-            self.optimizer,
-            extra={"elapsed_seconds": self.elapsed(), **self.extra},
-        )
+        if self.context.is_main:
+            save_checkpoint(
+                self.checkpoint_dir,
+                self.kind,
+                self.step,
+                self.run_config,
+                self.model,
+                self.optimizer,
+                extra={"elapsed_seconds": self.elapsed(), SKIPPED: self.skipped, **self.extra},
+            )
         self.saved_step = self.step
 
     def elapsed(self) -> float:

@@ -51,6 +51,7 @@ from .distributed import DistributedContext, runtime_context
 from .loop import (
     Clock,
     StepModule,
+    StepOutput,
     TrainingSession,
     TrainResult,
     micro_batch_size,
@@ -200,8 +201,9 @@ def _vqvae_step(model: VQVAE2, step_module: StepModule, config: VQVAERunConfig):
     train = config.train
     accumulating = train.grad_accum_steps > 1
 
-    def step(batch: tuple[Tensor, Tensor]):
+    def step(batch: tuple[Tensor, Tensor]) -> StepOutput:
         images = batch[0]
+        total = torch.zeros((), device=step_module.context.device)
         # Micro-batches see the same codebooks, which then move once for the whole batch.
         with model.deferred_codebook_updates() if accumulating else nullcontext():
             for rows, last in micro_batches(step_module, train):
@@ -210,6 +212,7 @@ def _vqvae_step(model: VQVAE2, step_module: StepModule, config: VQVAERunConfig):
                     output = step_module.forward(micro_images)
                     loss = output.loss / train.grad_accum_steps
                 loss.backward()
+                total += loss.detach()
 
         def figures() -> dict[str, float]:
             """Figures of rank 0's last micro-batch; the MSE measured as validation's."""
@@ -226,7 +229,7 @@ def _vqvae_step(model: VQVAE2, step_module: StepModule, config: VQVAERunConfig):
                 values[f"batch_usage_{name}"] = float(usage)
             return values
 
-        return figures
+        return StepOutput(total, figures)
 
     return step
 
@@ -520,8 +523,9 @@ def _prior_step(prior: PixelSNAIL, step_module: StepModule, config: PriorRunConf
     train = config.train
     augmentation_conditional = config.prior.num_augmentations > 0
 
-    def step(batch: tuple[list[Tensor], Tensor, Tensor]):
+    def step(batch: tuple[list[Tensor], Tensor, Tensor]) -> StepOutput:
         level_codes, labels, augmentations = batch
+        total = torch.zeros((), device=step_module.context.device)
         for rows, last in micro_batches(step_module, train):
             micro_codes = [step_module.to_device(codes[rows]) for codes in level_codes]
             micro_labels = step_module.to_device(labels[rows])
@@ -534,7 +538,8 @@ def _prior_step(prior: PixelSNAIL, step_module: StepModule, config: PriorRunConf
                 )
                 loss = output.loss / train.grad_accum_steps
             loss.backward()
-        return lambda: _nll_summary("batch", output.loss.item())
+            total += loss.detach()
+        return StepOutput(total, lambda: _nll_summary("batch", output.loss.item()))
 
     return step
 
@@ -635,10 +640,11 @@ def _classifier_step(session: TrainingSession, config: ClassifierRunConfig):
     """The forward and backward passes of one classifier step over augmented (images, labels)."""
     train, step_module, context = config.train, session.step_module, session.context
 
-    def step(batch: tuple[Tensor, Tensor]):
+    def step(batch: tuple[Tensor, Tensor]) -> StepOutput:
         images, labels = batch
         seed = (train.seed * SEED_STRIDE + session.step) * context.world_size + context.rank
         images = augment(uint8_to_float(images), torch.Generator().manual_seed(seed))
+        total = torch.zeros((), device=context.device)
         for rows, last in micro_batches(step_module, train):
             micro_images, micro_labels = (
                 step_module.to_device(images[rows]),
@@ -649,9 +655,13 @@ def _classifier_step(session: TrainingSession, config: ClassifierRunConfig):
                 loss = torch.nn.functional.cross_entropy(logits.float(), micro_labels)
                 scaled_loss = loss / train.grad_accum_steps
             scaled_loss.backward()
-        return lambda: {
-            "loss": loss.item(),
-            "accuracy": float((logits.argmax(-1) == micro_labels).float().mean()),
-        }
+            total += scaled_loss.detach()
+        return StepOutput(
+            total,
+            lambda: {
+                "loss": loss.item(),
+                "accuracy": float((logits.argmax(-1) == micro_labels).float().mean()),
+            },
+        )
 
     return step
