@@ -1,15 +1,19 @@
 """Faults under torchrun (gloo, CPU): every process agrees on a non-finite loss that only one of
-them sees (docs/faults.md)."""
+them sees, and a second job on a run folder in use stops on every process (docs/faults.md)."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import assert_states_close, metric_values, torchrun, write_npz
+from vqvae2.distributed import DistributedContext
+from vqvae2.loop import training_lock
+
+from .conftest import assert_states_close, metric_values, run_module, torchrun, write_npz
 
 pytestmark = pytest.mark.slow  # starts torchrun
 
@@ -81,3 +85,40 @@ def test_every_process_stops_or_skips_when_one_process_has_a_non_finite_loss(tmp
     assert all(bool(torch.isfinite(t).all()) for t in weights[0].values() if t.is_floating_point())
     skipped = metric_values(tmp_path / "skip" / "metrics.csv", "train", "skipped_nonfinite")
     assert skipped == {1: 0.0, 2: 0.0, 3: 1.0, 4: 1.0}
+
+
+def test_a_torchrun_job_on_a_run_folder_in_use_stops_on_every_process(tmp_path):
+    """While another trainer holds RUN/vqvae, a two-process job ends at once: rank 0 with the
+    refusal, rank 1 told through the collective, neither waiting in a training collective."""
+    data = write_npz(tmp_path / "blobs.npz", count=64)
+    run = tmp_path / "run"
+    with training_lock(run / "vqvae", DistributedContext(), resume=False):
+        started = time.monotonic()
+        job = run_module(
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "vqvae2",
+            "train-vqvae",
+            "--config",
+            "tiny",
+            "--data",
+            data,
+            "--out",
+            run,
+            "--quiet",
+            "model.image_size=16",
+            "train.batch_size=8",
+        )
+        seconds = time.monotonic() - started
+    errors = [line for line in job.stderr.splitlines() if line.startswith("vqvae2: error: ")]
+    assert job.returncode != 0
+    assert sorted(errors) == [
+        f"vqvae2: error: another trainer is writing {run / 'vqvae'} (it holds "
+        f"{run / 'vqvae' / '.lock'}); wait for it to end or stop it",
+        f"vqvae2: error: rank 0 cannot train in {run / 'vqvae'}; see its error",
+    ], job.stderr[-3000:]
+    assert sorted(p.name for p in (run / "vqvae").iterdir()) == [".lock"]
+    assert not (run / "metrics.csv").exists()
+    assert seconds < 60, seconds  # no process waited for the others

@@ -3,12 +3,22 @@ non-finite losses, two trainers on one run folder (docs/faults.md)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from vqvae2.checkpoint import LATEST, MODEL_WEIGHTS, OPTIMIZER_WEIGHTS, read_checkpoint
 from vqvae2.cli import main
+from vqvae2.distributed import DistributedContext
 from vqvae2.logs import read_metrics
+from vqvae2.loop import training_lock
+from vqvae2.run import has_checkpoint
 
 from .conftest import assert_states_close, metric_values, one_line_error
 
@@ -140,3 +150,65 @@ def test_skipped_non_finite_steps_change_nothing_and_are_counted(tmp_path, npz_d
     assert all(
         bool(t.isfinite().all()) for t in final.model_state.values() if t.is_floating_point()
     )
+
+
+@pytest.mark.slow  # starts a trainer process
+def test_a_second_trainer_on_a_run_folder_is_refused_and_a_killed_one_holds_nothing(
+    tmp_path, npz_data, capsys
+):
+    """While one train-vqvae process trains, a second one on the same run folder (resumed or
+    new) ends with one line and writes nothing; once the first is killed with SIGKILL, --resume
+    continues its run."""
+    run = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "vqvae2", "train-vqvae", *TINY, "--data", npz_data, "--out", run]
+        + ["--max-steps", "100000", "train.checkpoint_every=2", "train.log_every=1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not has_checkpoint(run / "vqvae"):
+            assert time.monotonic() < deadline and first.poll() is None, "the first never saved"
+            time.sleep(0.05)
+        capsys.readouterr()
+        resume = ["train-vqvae", "--data", str(npz_data), "--out", str(run), "--resume", "--quiet"]
+        line = one_line_error(capsys, main([*resume, "--max-steps", "100000"]))
+        assert line == (
+            f"another trainer is writing {run / 'vqvae'} (it holds {run / 'vqvae' / '.lock'}); "
+            "wait for it to end or stop it"
+        )
+        line = one_line_error(capsys, train_vqvae_cli(npz_data, tmp_path / "run", 3))
+        assert line.startswith("another trainer is writing")
+        assert first.poll() is None  # the first trains on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    killed_at = read_checkpoint(run, "vqvae").step
+    assert main([*resume, "--max-steps", str(killed_at + 2)]) == 0
+    assert read_checkpoint(run, "vqvae").step == killed_at + 2
+
+
+def test_each_trainer_refuses_a_folder_another_trainer_holds(tmp_path, npz_data, capsys):
+    """Stage 1, a prior and the classifier each take the lock of the folder they write; while
+    another trainer holds it they end with one line having written nothing, and once it is let
+    go they train."""
+    run = tmp_path / "run"
+    assert train_vqvae_cli(npz_data, run, 2) == 0
+    assert main(["extract-codes", str(run), "--data", str(npz_data), "--quiet"]) == 0
+    commands = {
+        run / "vqvae": ["train-vqvae", "--data", str(npz_data), "--out", str(run), "--resume"]
+        + ["--max-steps", "3"],
+        run / "prior-top": ["train-prior", str(run), "--level", "top", "--max-steps", "1"],
+        run / "classifier": ["train-classifier", "--run", str(run), "--data", str(npz_data)]
+        + ["--max-steps", "1"],
+    }
+    for folder, command in commands.items():
+        with training_lock(folder, DistributedContext(), resume=False):
+            before = sorted(p.name for p in folder.iterdir())
+            capsys.readouterr()
+            line = one_line_error(capsys, main([*command, "--quiet"]))
+            assert line.startswith(f"another trainer is writing {folder} "), line
+            assert sorted(p.name for p in folder.iterdir()) == before
+        assert main([*command, "--quiet"]) == 0, command

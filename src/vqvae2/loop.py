@@ -8,12 +8,13 @@ to a ``TrainingSession``: the step order is the same for every model kind.
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -279,6 +280,46 @@ class TrainResult:
 
 
 SKIPPED = "skipped_nonfinite"  # the logged count of steps skipped for a non-finite loss
+LOCK_FILE = ".lock"  # in a checkpoint folder: held by the trainer writing to it
+
+
+@contextmanager
+def training_lock(folder: Path, context: DistributedContext, resume: bool) -> Iterator[None]:
+    """Hold ``folder/.lock`` while one training run writes to ``folder`` (its checkpoints and,
+    for stage 1, the run folder around them); a second trainer is refused with a ``ValueError``.
+    A new run creates ``folder``; a resumed one needs it.
+
+    Rank 0, the process that writes, takes an exclusive ``flock`` on an open file held for the
+    whole block: the kernel releases it when the process ends, however it ends (kill -9
+    included), so no stale lock is ever left to clear. Under torchrun every process learns
+    the outcome through one collective before any training collective, and all of them raise.
+    """
+    handle, refusal = None, None
+    if context.is_main:
+        try:
+            if not resume:
+                folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / LOCK_FILE, "a")  # noqa: SIM115  (held until the block ends)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except FileNotFoundError:
+            refusal = f"nothing to resume: {folder} does not exist"
+        except BlockingIOError:
+            refusal = (
+                f"another trainer is writing {folder} (it holds {folder / LOCK_FILE}); "
+                "wait for it to end or stop it"
+            )
+        except OSError as error:
+            refusal = f"cannot train in {folder}: {error.strerror or error}"
+        if refusal is not None and handle is not None:
+            handle.close()
+            handle = None
+    if context.any(refusal is not None):
+        raise ValueError(refusal or f"rank 0 cannot train in {folder}; see its error")
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
 
 
 def resume_or_start(
