@@ -4,19 +4,25 @@ code stores, and proof that nothing is unpickled (docs/faults.md)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
+import pickle
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 import vqvae2.checkpoint as checkpoint_module
 from vqvae2.checkpoint import LATEST, MODEL_WEIGHTS, OPTIMIZER_WEIGHTS, read_checkpoint
 from vqvae2.cli import main
+from vqvae2.codes import CodeStoreWriter
 
-from .conftest import one_line_error
+from .conftest import one_line_error, write_npz
 
 TINY = ["--config", "tiny", "model.image_size=16", "--quiet", "train.val_every=1000"]
 DISK_SIZE = "4m"  # the size-limited folder: room for the run and two checkpoints (~0.3 MB each)
@@ -165,3 +171,242 @@ def test_the_checkpoint_latest_names_is_never_replaced_in_place(tmp_path, npz_da
     with pytest.raises(ValueError, match="step-00000004 is the latest checkpoint"):
         save(run / "vqvae", "vqvae", 4, None, None)
     assert read_checkpoint(run, "vqvae").model_state.keys() == checkpoint.model_state.keys()
+
+
+# ----------------------------------------------------------------------------------------------
+# Corrupt and foreign checkpoints and code stores
+
+
+@pytest.fixture(scope="module")
+def complete_run(tmp_path_factory):
+    """A tiny run: stage 1 (2 steps), its codes and a top prior (2 steps)."""
+    root = tmp_path_factory.mktemp("complete")
+    data = write_npz(root / "blobs.npz")
+    run = root / "run"
+    quiet = ["--quiet", "--max-steps", "2"]
+    assert main(["train-vqvae", *TINY, "--data", str(data), "--out", str(run), *quiet]) == 0
+    assert main(["extract-codes", str(run), "--data", str(data), "--quiet"]) == 0
+    assert main(["train-prior", str(run), "--level", "top", *quiet]) == 0
+    return run, data
+
+
+def edit_meta(step_dir: Path, change) -> None:
+    meta = json.loads((step_dir / "meta.json").read_text())
+    change(meta)
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+
+
+def edit_weights(path: Path, change) -> None:
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+VQ = "vqvae/step-00000002"
+PRIOR = "prior-top/step-00000002"
+STORE = "codes/train"
+RECONSTRUCT = ["reconstruct", "RUN", "--data", "DATA", "--out", "RUN/grid.png"]
+RESUME_VQVAE = ["train-vqvae", "--data", "DATA", "--out", "RUN", "--resume", "--max-steps", "3"]
+RESUME_PRIOR = ["train-prior", "RUN", "--level", "top", "--resume", "--max-steps", "3"]
+NEW_PRIOR = ["train-prior", "RUN", "--level", "bottom", "--max-steps", "1"]
+
+
+def _meta_key_removed(key):
+    return lambda run: edit_meta(run / VQ, lambda meta: meta.pop(key))
+
+
+def _pickled_npy(path: Path) -> None:
+    np.save(path, np.array([{"a": 1}] * 3, dtype=object), allow_pickle=True)
+
+
+CORRUPTIONS = {
+    "another format version": (
+        lambda run: edit_meta(run / VQ, lambda meta: meta.update(format_version=2)),
+        RECONSTRUCT,
+        f"{VQ} has checkpoint format version 2, this vqvae2 reads version 1",
+    ),
+    "another model kind": (
+        lambda run: shutil.copytree(run / PRIOR, run / VQ, dirs_exist_ok=True),
+        RECONSTRUCT,
+        f"{VQ} holds a 'prior-top' model, expected 'vqvae'",
+    ),
+    "not a checkpoint's metadata": (
+        lambda run: (run / VQ / "meta.json").write_text('{"hello": 1}'),
+        RECONSTRUCT,
+        f"{VQ} is not a vqvae2 checkpoint",
+    ),
+    "metadata that is not JSON": (
+        lambda run: (run / VQ / "meta.json").write_text("{not json"),
+        RECONSTRUCT,
+        f"cannot read {VQ}/meta.json: Expecting property name",
+    ),
+    "metadata without the step": (
+        _meta_key_removed("step"),
+        RECONSTRUCT,
+        f"{VQ}/meta.json lacks 'step'",
+    ),
+    "metadata without the config": (
+        _meta_key_removed("config"),
+        RECONSTRUCT,
+        f"{VQ}/meta.json lacks 'config'",
+    ),
+    "a config with an unknown key": (
+        lambda run: edit_meta(run / VQ, lambda meta: meta["config"]["model"].update(colour=3)),
+        RECONSTRUCT,
+        "unknown config key 'model.colour'",
+    ),
+    "truncated weights": (
+        lambda run: truncate(run / VQ / MODEL_WEIGHTS),
+        RECONSTRUCT,
+        f"cannot read {VQ}/{MODEL_WEIGHTS}: ",
+    ),
+    "a pickle in place of the weights": (
+        lambda run: torch.save({"x": torch.zeros(2)}, run / VQ / MODEL_WEIGHTS),
+        RECONSTRUCT,
+        f"cannot read {VQ}/{MODEL_WEIGHTS}: ",
+    ),
+    "an extra tensor": (
+        lambda run: edit_weights(
+            run / VQ / MODEL_WEIGHTS, lambda t: t.update({"extra.weight": torch.zeros(2)})
+        ),
+        RECONSTRUCT,
+        f"weights in {VQ} do not fit the model: unexpected ['extra.weight']",
+    ),
+    "a missing tensor": (
+        lambda run: edit_weights(run / VQ / MODEL_WEIGHTS, lambda t: t.pop(sorted(t)[0])),
+        RECONSTRUCT,
+        f"weights in {VQ} do not fit the model: missing [",
+    ),
+    "a tensor of another shape": (
+        lambda run: edit_weights(
+            run / VQ / MODEL_WEIGHTS,
+            lambda t: t.update({name: torch.zeros(3) for name in sorted(t)[:1]}),
+        ),
+        RECONSTRUCT,
+        "has shape (3,), expected",
+    ),
+    "latest naming a missing step": (
+        lambda run: (run / "vqvae" / LATEST).write_text("step-00000099\n"),
+        RECONSTRUCT,
+        "vqvae/step-00000099 named by",
+    ),
+    "truncated optimiser state": (
+        lambda run: truncate(run / VQ / OPTIMIZER_WEIGHTS),
+        RESUME_VQVAE,
+        f"cannot read {VQ}/{OPTIMIZER_WEIGHTS}: ",
+    ),
+    "optimiser state missing a tensor": (
+        lambda run: edit_weights(run / VQ / OPTIMIZER_WEIGHTS, lambda t: t.pop(sorted(t)[0])),
+        RESUME_VQVAE,
+        f"the optimiser state in {VQ} does not fit the model: ",
+    ),
+    "optimiser state of another shape": (
+        lambda run: edit_weights(
+            run / PRIOR / OPTIMIZER_WEIGHTS,
+            lambda t: t.update({name: torch.zeros(3) for name in sorted(t) if "exp_avg" in name}),
+        ),
+        RESUME_PRIOR,
+        f"the optimiser state in {PRIOR} does not fit the model: ",
+    ),
+    "a code store of another format version": (
+        lambda run: edit_meta(run / STORE, lambda meta: meta.update(format_version=2)),
+        NEW_PRIOR,
+        f"{STORE} is not a vqvae2 code store of version 1",
+    ),
+    "a code store's metadata without its levels": (
+        lambda run: edit_meta(run / STORE, lambda meta: meta.pop("levels")),
+        NEW_PRIOR,
+        f"{STORE}/meta.json lacks 'levels'",
+    ),
+    "a truncated code file": (
+        lambda run: truncate(run / STORE / "top.npy"),
+        NEW_PRIOR,
+        f"the code store {STORE} is truncated or corrupt",
+    ),
+    "a pickled code file": (
+        lambda run: _pickled_npy(run / STORE / "labels.npy"),
+        NEW_PRIOR,
+        f"the code store {STORE} is truncated or corrupt: ",
+    ),
+    "codes of another VQ-VAE": (
+        lambda run: _foreign_store(run / STORE),
+        NEW_PRIOR,
+        f"the codes in {STORE} were not made by this VQ-VAE; extract them again",
+    ),
+    "codes beyond the codebook": (
+        lambda run: _codes_beyond_codebook(run / STORE),
+        NEW_PRIOR,
+        f"the code store {STORE} holds codes beyond its codebook of 16",
+    ),
+}
+
+
+def _foreign_store(directory: Path) -> None:
+    """A consistent store of 3x3 and 5x5 code maps in place of the run's 2x2 and 4x4 ones."""
+    count = json.loads((directory / "meta.json").read_text())["count"]
+    shutil.rmtree(directory)
+    writer = CodeStoreWriter(directory, count, ["top", "bottom"], [3, 5], 16, {"num_classes": 3})
+    writer.close()
+
+
+def _codes_beyond_codebook(directory: Path) -> None:
+    codes = np.load(directory / "bottom.npy")
+    codes[:, 0, 0] = 16  # K = 16: codes are 0..15
+    np.save(directory / "bottom.npy", codes)
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_a_corrupt_or_foreign_file_is_one_line_naming_it(complete_run, tmp_path, capsys, case):
+    corrupt, command, fragment = CORRUPTIONS[case]
+    source, data = complete_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    corrupt(run)
+    argv = [str(data) if w == "DATA" else w.replace("RUN", str(run)) for w in command]
+    capsys.readouterr()
+    line = one_line_error(capsys, main([*argv, "--quiet"] if argv[0] != "reconstruct" else argv))
+    assert (
+        fragment.replace(VQ, str(run / VQ))
+        .replace(PRIOR, str(run / PRIOR))
+        .replace(STORE, str(run / STORE))
+        in line
+    ), line
+
+
+def test_no_code_path_unpickles(complete_run, tmp_path, monkeypatch):
+    """With every unpickler refusing to run (pickle's, torch.load, numpy's allow_pickle), the
+    commands that read checkpoints, optimiser states and code stores all still work."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something tried to unpickle")
+
+    for owner, name in (
+        (pickle, "load"),
+        (pickle, "loads"),
+        (pickle, "Unpickler"),
+        (torch, "load"),
+    ):
+        monkeypatch.setattr(owner, name, refuse)
+    numpy_load = np.load
+
+    def load_without_pickle(*args, allow_pickle=False, **kwargs):
+        assert not allow_pickle, "something asked numpy to unpickle"
+        return numpy_load(*args, allow_pickle=False, **kwargs)
+
+    monkeypatch.setattr(np, "load", load_without_pickle)
+    source, data = complete_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    commands = [
+        ["reconstruct", str(run), "--data", str(data), "--out", str(tmp_path / "grid.png")],
+        ["train-vqvae", "--data", str(data), "--out", str(run), "--resume", "--max-steps", "3"],
+        ["extract-codes", str(run), "--data", str(data), "--quiet"],
+        ["train-prior", str(run), "--level", "top", "--resume", "--max-steps", "3", "--quiet"],
+    ]
+    for command in commands:
+        assert main(command) == 0, command
+    assert read_checkpoint(run / "prior-top", "prior-top", with_optimizer=True).step == 3

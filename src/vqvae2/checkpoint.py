@@ -221,28 +221,43 @@ def read_meta(path: Path, kind: str) -> tuple[Path, dict[str, Any]]:
         )
     if meta.get("kind") != kind:
         raise ValueError(f"{step_dir} holds a '{meta.get('kind')}' model, expected '{kind}'")
+    for key, json_type, name in (("step", int, "an integer"), ("config", dict, "an object")):
+        if key not in meta:
+            raise ValueError(f"{step_dir / META} lacks '{key}'")
+        if not isinstance(meta[key], json_type) or isinstance(meta[key], bool):
+            raise ValueError(f"{step_dir / META}: '{key}' must be {name}")
     return step_dir, meta
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    """A safetensors file (no code runs from it); ``ValueError`` naming it when unreadable."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
 
 
 def read_checkpoint(path: Path, kind: str, with_optimizer: bool = False) -> Checkpoint:
     """Read and check a checkpoint of ``kind``, weights included.
 
     Raises:
-        ValueError: as ``read_meta``, or unreadable weights.
+        ValueError: as ``read_meta``, unreadable weights or malformed optimiser metadata.
     """
     step_dir, meta = read_meta(path, kind)
-    try:
-        model_state = load_file(str(step_dir / MODEL_WEIGHTS))
-        optimizer_state = None
-        if with_optimizer and "optimizer" in meta:
-            tensors = load_file(str(step_dir / OPTIMIZER_WEIGHTS))
+    model_state = _read_tensors(step_dir / MODEL_WEIGHTS)
+    optimizer_state = None
+    if with_optimizer and "optimizer" in meta:
+        tensors = _read_tensors(step_dir / OPTIMIZER_WEIGHTS)
+        try:
             optimizer_state = _unflatten_optimizer(tensors, meta["optimizer"])
-    except (OSError, SafetensorError) as error:
-        raise ValueError(f"cannot read weights in {step_dir}: {error}") from None
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"the optimiser state in {step_dir} is malformed ({type(error).__name__}: {error})"
+            ) from None
     return Checkpoint(
         path=step_dir,
         kind=kind,
-        step=int(meta["step"]),
+        step=meta["step"],
         config=meta["config"],
         model_state=model_state,
         optimizer_state=optimizer_state,

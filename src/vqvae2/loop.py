@@ -169,6 +169,30 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Ad
     )
 
 
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")  # what Adam keeps per parameter (amsgrad off)
+
+
+def check_optimizer_state(state: dict[str, Any], model: torch.nn.Module, where: Path) -> None:
+    """Raise a one-line ``ValueError`` unless ``state`` (``make_optimizer``'s ``state_dict``,
+    read from the checkpoint at ``where``) fits ``model``'s parameters. Adam would load a misfit
+    and fail at the first step, or with its fused kernel write out of bounds."""
+    named = list(model.named_parameters())
+    prefix = f"the optimiser state in {where} does not fit the model"
+    for param_id, entries in state["state"].items():
+        if not 0 <= param_id < len(named):
+            raise ValueError(f"{prefix}: it has parameter {param_id}, the model {len(named)}")
+        name, parameter = named[param_id]
+        missing = [key for key in ADAM_STATE if key not in entries]
+        if missing:
+            raise ValueError(f"{prefix}: {name} lacks {missing[0]}")
+        for key in ADAM_STATE[1:]:
+            shape = tuple(entries[key].shape)
+            if shape != tuple(parameter.shape):
+                raise ValueError(
+                    f"{prefix}: {name}'s {key} has shape {shape}, expected {tuple(parameter.shape)}"
+                )
+
+
 def micro_batch_size(train: TrainConfig, context: DistributedContext) -> int:
     """Images per process and micro-batch; the global batch must split evenly."""
     parts = context.world_size * train.grad_accum_steps
@@ -416,6 +440,7 @@ class TrainingSession:
         self.step_module = prepare_step_module(model, context, runtime)
         self.optimizer = make_optimizer(model, self.train)
         if checkpoint is not None and checkpoint.optimizer_state is not None:
+            check_optimizer_state(checkpoint.optimizer_state, model, checkpoint.path)
             self.optimizer.load_state_dict(checkpoint.optimizer_state)
         if context.is_main:
             log_dir.mkdir(parents=True, exist_ok=True)
