@@ -155,6 +155,7 @@ class DataConfig:
             "data.val_fraction + data.test_fraction must be < 1",
         )
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.split_seed >= 0, f"data.split_seed must be >= 0, got {self.split_seed}")
         _check(self.crop_margin > 0, f"data.crop_margin must be > 0, got {self.crop_margin}")
 
 
@@ -203,6 +204,7 @@ class TrainConfig:
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"train.{name} must be in [0, 1), got {value}")
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         _check(
             self.schedule_minutes >= 0,
             f"train.schedule_minutes must be >= 0, got {self.schedule_minutes}",

@@ -39,6 +39,15 @@ Clock = Callable[[], float]  # seconds on a clock that never goes back (time.mon
 logger = logging.getLogger("vqvae2.loop")
 
 
+def check_batch_fits(size: int, batch_size: int) -> None:
+    """A training split of ``size`` examples holds at least one global batch (trainers check
+    it before they start)."""
+    if size < batch_size:
+        raise ValueError(
+            f"the training split has {size} examples, fewer than one batch ({batch_size})"
+        )
+
+
 class EpochBatchSampler(Sampler[list]):
     """Batches of a fresh seeded permutation each epoch, starting from any global step.
 
@@ -61,10 +70,7 @@ class EpochBatchSampler(Sampler[list]):
         world_size: int = 1,
         keyed: bool = False,
     ):
-        if size < batch_size:
-            raise ValueError(
-                f"the training split has {size} images, fewer than one batch ({batch_size})"
-            )
+        check_batch_fits(size, batch_size)
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.start_step, self.end_step = start_step, end_step
         self.batches_per_epoch = size // batch_size

@@ -54,6 +54,7 @@ from .loop import (
     StepOutput,
     TrainingSession,
     TrainResult,
+    check_batch_fits,
     micro_batch_size,
     micro_batches,
     resume_or_start,
@@ -148,6 +149,7 @@ def train_vqvae(
             )
             for split in ("train", "val")
         )
+        check_batch_fits(len(train_set), train_config.batch_size)
         torch.manual_seed(train_config.seed)
         model = VQVAE2(
             model_config,
@@ -451,6 +453,7 @@ def train_prior(
                 "extract the codes as before or train a new prior"
             )
         micro_batch_size(config.train, context)  # the batch must split evenly: checked first
+        check_batch_fits(len(training_codes), config.train.batch_size)
         torch.manual_seed(config.train.seed)
         prior = PixelSNAIL(config.prior)
         session = TrainingSession(
@@ -621,6 +624,7 @@ def train_classifier(
                 )
             config = replace(config, model=replace(model_config, num_classes=num_classes))
         micro_batch_size(config.train, context)  # the batch must split evenly: checked first
+        check_batch_fits(len(splits["train"]), config.train.batch_size)
         torch.manual_seed(config.train.seed)
         classifier = Classifier(config.model)
         session = TrainingSession(
