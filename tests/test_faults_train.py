@@ -212,3 +212,17 @@ def test_each_trainer_refuses_a_folder_another_trainer_holds(tmp_path, npz_data,
             assert line.startswith(f"another trainer is writing {folder} "), line
             assert sorted(p.name for p in folder.iterdir()) == before
         assert main([*command, "--quiet"]) == 0, command
+
+
+def test_a_torn_last_log_row_is_dropped_on_resume(tmp_path, npz_data):
+    """A row cut short (a full disk or a crash in the middle of an append) does not survive a
+    resume: the log keeps whole rows only."""
+    run = tmp_path / "run"
+    assert train_vqvae_cli(npz_data, run, 2) == 0
+    with open(run / "metrics.csv", "a") as log:
+        log.write("1")  # the start of a row of step 1x, cut after its first digit
+    resume = ["--data", str(npz_data), "--out", str(run), "--resume", "--quiet"]
+    assert main(["train-vqvae", *resume, "--max-steps", "3"]) == 0
+    rows = read_metrics(run / "metrics.csv")
+    assert all(None not in row.values() and "" not in row.values() for row in rows), rows[-3:]
+    assert logged_steps(run / "metrics.csv") == [1, 2, 3]

@@ -22,8 +22,9 @@ class MetricsLog:
     TensorBoard (scalars tagged ``split/metric``, and images) when ``tensorboard_dir`` is given.
 
     ``resume_step``: rows and events logged after this step (by a run killed before its next
-    checkpoint) are dropped, so a resumed run does not log those steps twice; a new run (0)
-    starts an empty log, whatever a process killed before its first checkpoint left there.
+    checkpoint) are dropped, so a resumed run does not log those steps twice, and so is a row
+    cut short; a new run (0) starts an empty log, whatever a process killed before its first
+    checkpoint left there.
     ``enabled=False`` (processes other than rank 0) writes nothing.
     """
 
@@ -40,7 +41,7 @@ class MetricsLog:
         if not enabled:
             return
         if path.exists():
-            kept = [row for row in read_metrics(path) if int(row["step"]) <= resume_step]
+            kept = [row for row in read_metrics(path) if _whole(row, resume_step)]
             tmp = path.with_name(f".{path.name}.tmp")
             with open(tmp, "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=METRICS_COLUMNS)
@@ -79,6 +80,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _whole(row: dict[str, str | None], resume_step: int) -> bool:
+    """A complete row (not cut short by a full disk or a crash) of a step up to
+    ``resume_step``."""
+    if any(not row.get(column) for column in METRICS_COLUMNS):
+        return False
+    return row["step"].isdigit() and int(row["step"]) <= resume_step
 
 
 def _summary_writer(directory: Path, resume_step: int) -> Any:
