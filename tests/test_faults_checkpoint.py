@@ -95,6 +95,41 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_last(
     assert latest_name(run) == "step-00000004"
 
 
+def test_a_disk_full_from_the_start_of_a_resume_is_one_line_naming_the_file(
+    small_disk, npz_data, capsys
+):
+    """Not a byte left: the first write of the resumed run that needs room (its log; the
+    config is rewritten in the pages it had) fails with one line naming the file, and the
+    checkpoint stays as it was."""
+    if small_disk is None:
+        pytest.skip("no tmpfs can be mounted here (needs root); the write-hook tests cover this")
+    run = small_disk / "run"
+    assert train(npz_data, run, 2) == 0
+    stats = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(bytes(stats.f_bavail * stats.f_frsize))
+    capsys.readouterr()
+    line = one_line_error(capsys, train(npz_data, run, 4, resume=True))
+    assert line == f"cannot write {run / 'metrics.csv'}: No space left on device"
+    assert read_checkpoint(run, "vqvae", with_optimizer=True).step == 2
+
+
+def test_a_log_write_that_fails_is_one_line_naming_the_log(tmp_path, npz_data, capsys, monkeypatch):
+    """A full disk at an append to metrics.csv (its error names no file): one line naming it."""
+    import builtins
+
+    import vqvae2.logs
+
+    def open_for_a_full_disk(file, mode="r", *args, **kwargs):
+        if "a" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(vqvae2.logs, "open", open_for_a_full_disk, raising=False)
+    run = tmp_path / "run"
+    line = one_line_error(capsys, train(npz_data, run, 2))
+    assert line == f"cannot write {run / 'metrics.csv'}: No space left on device"
+
+
 def _fail_safetensors_write(suffix: str):
     """A ``save_file`` that fails as safetensors does on a full disk, for one file."""
     original = checkpoint_module.save_file

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,24 +42,29 @@ class MetricsLog:
         self.tensorboard: Any = None
         if not enabled:
             return
-        if path.exists():
-            kept = [row for row in read_metrics(path) if _whole(row, resume_step)]
-            tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=METRICS_COLUMNS)
-                writer.writeheader()
-                writer.writerows(kept)
-            os.replace(tmp, path)
-        if not path.exists():
-            with open(path, "w", newline="") as handle:
-                csv.writer(handle).writerow(METRICS_COLUMNS)
+        with naming_file(path):
+            if path.exists():
+                kept = [row for row in read_metrics(path) if _whole(row, resume_step)]
+                tmp = path.with_name(f".{path.name}.tmp")
+                try:
+                    with open(tmp, "w", newline="") as handle:
+                        writer = csv.DictWriter(handle, fieldnames=METRICS_COLUMNS)
+                        writer.writeheader()
+                        writer.writerows(kept)
+                    os.replace(tmp, path)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+            if not path.exists():
+                with open(path, "w", newline="") as handle:
+                    csv.writer(handle).writerow(METRICS_COLUMNS)
         if tensorboard_dir is not None:
             self.tensorboard = _summary_writer(tensorboard_dir, resume_step)
 
     def write(self, step: int, elapsed: float, split: str, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", newline="") as handle:
+        with naming_file(self.path), open(self.path, "a", newline="") as handle:
             writer = csv.writer(handle)
             for name, value in values.items():
                 writer.writerow([step, f"{elapsed:.1f}", split, name, repr(float(value))])
@@ -80,6 +87,16 @@ class MetricsLog:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+@contextmanager
+def naming_file(path: Path) -> Iterator[None]:
+    """An ``OSError`` inside the block (a full disk, whose error names no file when it comes
+    from a flush) becomes one naming ``path``."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(f"cannot write {path}: {error.strerror or error}") from error
 
 
 def _whole(row: dict[str, str | None], resume_step: int) -> bool:

@@ -31,7 +31,7 @@ from .checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from .config import RuntimeConfig, TrainConfig, config_from_dict, save_yaml
 from .data import uint8_to_float
 from .distributed import DistributedContext
-from .logs import TENSORBOARD_DIR, MetricsLog
+from .logs import TENSORBOARD_DIR, MetricsLog, naming_file
 from .run import CONFIG_FILE, METRICS_FILE, has_checkpoint
 
 Clock = Callable[[], float]  # seconds on a clock that never goes back (time.monotonic)
@@ -450,7 +450,8 @@ class TrainingSession:
             self.optimizer.load_state_dict(checkpoint.optimizer_state)
         if context.is_main:
             log_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(run_config, log_dir / CONFIG_FILE)
+            with naming_file(log_dir / CONFIG_FILE):
+                save_yaml(run_config, log_dir / CONFIG_FILE)
         self.log = MetricsLog(
             log_dir / METRICS_FILE,
             self.step,
