@@ -183,6 +183,40 @@ def test_a_write_that_fails_anywhere_in_a_checkpoint_keeps_the_last(
     assert not (run / "vqvae" / "step-00000004").exists()
 
 
+def test_every_file_and_folder_of_a_checkpoint_reaches_the_disk_before_it_is_named(
+    tmp_path, npz_data, monkeypatch
+):
+    """What a machine crash (not a kill) could lose: the weights, the metadata and the step
+    folder's entries are flushed before the folder is renamed into place, and the checkpoint
+    folder's entries (the rename, ``latest``) after."""
+    synced: list[str] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        return fsync(descriptor)
+
+    renamed_at: dict[str, int] = {}
+
+    def recording_replace(source, target):
+        renamed_at[Path(target).name] = len(synced)
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    run = tmp_path / "run"
+    assert train(npz_data, run, 2) == 0
+    kind_dir, tmp = run / "vqvae", run / "vqvae" / ".step-00000002.tmp"
+    before_rename = set(synced[: renamed_at["step-00000002"]])
+    assert {
+        str(tmp / MODEL_WEIGHTS),
+        str(tmp / OPTIMIZER_WEIGHTS),
+        str(tmp / ".meta.json.tmp"),
+        str(tmp),
+    } <= before_rename
+    assert str(kind_dir) in synced[renamed_at[LATEST] :]
+
+
 def test_the_checkpoint_latest_names_is_never_replaced_in_place(tmp_path, npz_data, monkeypatch):
     """A run ending on a periodic checkpoint, or resumed at its end, writes no second checkpoint
     of that step: replacing the folder ``latest`` names would leave a moment when it names

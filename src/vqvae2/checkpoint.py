@@ -143,15 +143,19 @@ def save_checkpoint(
         tmp.mkdir()
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / MODEL_WEIGHTS))
+        _sync(tmp / MODEL_WEIGHTS)
         if optimizer is not None:
             tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
             save_file(tensors, str(tmp / OPTIMIZER_WEIGHTS))
+            _sync(tmp / OPTIMIZER_WEIGHTS)
             meta["optimizer"] = optimizer_meta
         write_text_atomic(tmp / META, json.dumps(meta, indent=2))
+        _sync(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_text_atomic(kind_dir / LATEST, name + "\n")
+        _sync(kind_dir)
     except (OSError, SafetensorError) as error:
         # ``latest`` still names the checkpoint kept; what this write made goes.
         for leftover in (tmp, final):
@@ -165,6 +169,16 @@ def save_checkpoint(
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _sync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to the disk: after a machine crash a renamed step
+    folder then holds whole files, and ``latest`` names a folder that exists."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _reason(error: Exception) -> str:
