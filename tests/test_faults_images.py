@@ -10,6 +10,7 @@ import os
 import struct
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from .conftest import one_line_error
 
 ALL_TRAIN = DataConfig(val_fraction=0.0, test_fraction=0.0)
 SIDE = 8  # the images below are 8x8 and loaded at 8x8: no resizing blurs the values
+ZEROS = np.zeros((SIDE, SIDE), np.uint8)
+Maker = Callable[[Path], Path]  # writes an image file at (a suffix of) the path given
 
 
 def load(path: Path, channels: int) -> np.ndarray:
@@ -49,7 +52,7 @@ def png_bytes(width: int, height: int, bit_depth: int, colour_type: int, rows: b
     )
 
 
-def uniform(mode: str, value, suffix: str = ".png", **save) -> callable:
+def uniform(mode: str, value, suffix: str = ".png", **save) -> Maker:
     """A maker of an 8x8 image of one value in ``mode``."""
 
     def make(path: Path) -> Path:
@@ -60,7 +63,7 @@ def uniform(mode: str, value, suffix: str = ".png", **save) -> callable:
     return make
 
 
-def array_image(array: np.ndarray, suffix: str) -> callable:
+def array_image(array: np.ndarray, suffix: str) -> Maker:
     def make(path: Path) -> Path:
         path = path.with_suffix(suffix)
         Image.fromarray(array).save(path)
@@ -69,15 +72,15 @@ def array_image(array: np.ndarray, suffix: str) -> callable:
     return make
 
 
-def palette(transparent: bool) -> callable:
+def palette(transparent: bool, suffix: str = ".png") -> Maker:
     """A P image: index 0 red, index 1 blue, left half 0, right half 1; with ``transparent``
-    index 0 is fully transparent (a GIF-style palette transparency)."""
+    index 0 is fully transparent."""
 
     def make(path: Path) -> Path:
         image = Image.new("P", (SIDE, SIDE), 0)
         image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
         image.paste(1, (SIDE // 2, 0, SIDE, SIDE))
-        path = path.with_suffix(".png")
+        path = path.with_suffix(suffix)
         image.save(path, **({"transparency": 0} if transparent else {}))
         return path
 
@@ -99,14 +102,14 @@ def half_left(value: int, right: int = 0) -> np.ndarray:
     return array
 
 
-ramp16 = np.array([0, 257, 32896, 65535, 1000, 40000, 12345, 65535], np.uint16)[None].repeat(
-    SIDE, 0
-)
-ramp_int = np.array([-5, 0, 257, 32896, 65535, 70000, 1000, 1 << 20], np.int32)[None].repeat(
-    SIDE, 0
-)
-ramp_float = np.array([0.0, 0.5, 1.0, 1.7, -0.2, 0.25, np.nan, 0.75], np.float32)[None]
-ramp_float = ramp_float.repeat(SIDE, 0)
+def columns(values: list, dtype) -> np.ndarray:
+    """(SIDE, SIDE): column j holds ``values[j]``."""
+    return np.array(values, dtype)[None].repeat(SIDE, 0)
+
+
+ramp16 = columns([0, 257, 32896, 65535, 1000, 40000, 12345, 65535], np.uint16)
+ramp_int = columns([-5, 0, 257, 32896, 65535, 70000, 1000, 1 << 20], np.int32)
+ramp_float = columns([0.0, 0.5, 1.0, 1.7, -0.2, 0.25, np.nan, 0.75], np.float32)
 
 # (maker, grey result, RGB result): each result an (SIDE, SIDE) or (3, SIDE, SIDE) array or a
 # constant, exactly as the loaders must give it.
@@ -116,41 +119,44 @@ EXACT = {
     "L": (uniform("L", 77), 77, 77),
     # Alpha is composited over black: colour * alpha / 255, 200 * 128 / 255 = 100.4 -> 100.
     "LA": (uniform("LA", (200, 128)), 100, 100),
+    # Grey: the luma 0.299 * 200 + 0.587 * 100 + 0.114 * 50 = 124.2.
     "RGB": (uniform("RGB", (200, 100, 50)), 124, np.array([200, 100, 50])[:, None, None]),
     "RGBA": (
         uniform("RGBA", (200, 100, 50, 51)),
         25,  # the luma of (40, 20, 10): 0.299 * 40 + 0.587 * 20 + 0.114 * 10 = 24.9
         np.array([40, 20, 10])[:, None, None],
     ),
-    "P": (
-        palette(False),
-        half_left(76, 29),
-        np.stack([half_left(255), 0 * half_left(0), half_left(0, 255)]),
-    ),
+    # Red and blue halves; their lumas are 76 and 29.
+    "P": (palette(False), half_left(76, 29), np.stack([half_left(255), ZEROS, half_left(0, 255)])),
     "P with transparency": (
         palette(True),
         half_left(0, 29),
-        np.stack([half_left(0), 0 * half_left(0), half_left(0, 255)]),
+        np.stack([ZEROS, ZEROS, half_left(0, 255)]),
+    ),
+    "P with transparency (GIF)": (
+        palette(True, ".gif"),
+        half_left(0, 29),
+        np.stack([ZEROS, ZEROS, half_left(0, 255)]),
     ),
     # 16-bit grey (a 16-bit PNG opens as I;16): [0, 65535] -> [0, 255], v / 257 rounded.
     "I;16 (16-bit grey PNG)": (
         array_image(ramp16, ".png"),
-        np.array([0, 1, 128, 255, 4, 156, 48, 255], np.uint8)[None].repeat(SIDE, 0),
+        columns([0, 1, 128, 255, 4, 156, 48, 255], np.uint8),
         None,
     ),
     # 32-bit integer grey: read as 16-bit too, values outside [0, 65535] clipped.
     "I (TIFF)": (
         array_image(ramp_int, ".tif"),
-        np.array([0, 0, 1, 128, 255, 255, 4, 255], np.uint8)[None].repeat(SIDE, 0),
+        columns([0, 0, 1, 128, 255, 255, 4, 255], np.uint8),
         None,
     ),
     # Float grey: [0, 1] -> [0, 255] like float .npz arrays; outside clipped; NaN -> 0.
     "F (TIFF)": (
         array_image(ramp_float, ".tiff"),
-        np.array([0, 128, 255, 255, 0, 64, 0, 191], np.uint8)[None].repeat(SIDE, 0),
+        columns([0, 128, 255, 255, 0, 64, 0, 191], np.uint8),
         None,
     ),
-    # A 16-bit RGB PNG: Pillow keeps the high byte of each channel.
+    # A 16-bit RGB PNG: Pillow keeps the high byte of each channel; grey the luma, 151.9.
     "16-bit RGB PNG": (rgb16_png, 151, np.array([255, 128, 0])[:, None, None]),
 }
 
@@ -234,6 +240,7 @@ def valid_jpeg() -> bytes:
 def broken_png_chunk() -> bytes:
     """A PNG whose IDAT length says 0: Pillow opens it and raises SyntaxError on decoding."""
     data = bytearray(valid_png())
+    assert data[37:41] == b"IDAT"  # signature (8 bytes), IHDR (25), then IDAT's length
     data[36] = 0  # the low byte of the IDAT chunk's length
     return bytes(data)
 
@@ -263,6 +270,8 @@ def write_folder(root: Path, good: int = 3) -> list[Path]:
 
 
 def test_unreadable_files_are_skipped_counted_and_warned_about_once(tmp_path, caplog):
+    with pytest.raises(SyntaxError), Image.open(io.BytesIO(broken_png_chunk())) as image:
+        image.load()  # what the loader must catch besides OSError
     bad = write_folder(tmp_path / "images")
     with caplog.at_level(logging.WARNING, logger="vqvae2.data"):
         dataset = open_dataset(tmp_path / "images", "train", SIDE, 1, ALL_TRAIN)
