@@ -127,12 +127,20 @@ class CodeStoreWriter:
         return self.directory
 
 
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_list_of(kind: type):
+    return lambda value: isinstance(value, list) and all(isinstance(v, kind) for v in value)
+
+
 # What a store's meta.json must hold besides its format: (key, check, what it must be).
 STORE_FIELDS = (
-    ("count", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-    ("levels", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "names"),
-    ("code_sizes", lambda v: isinstance(v, list) and all(isinstance(n, int) for n in v), "sides"),
-    ("codebook_size", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    ("count", _is_integer, "an integer"),
+    ("levels", _is_list_of(str), "a list of level names"),
+    ("code_sizes", _is_list_of(int), "a list of code map sides"),
+    ("codebook_size", _is_integer, "an integer"),
 )
 
 

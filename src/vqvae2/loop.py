@@ -175,7 +175,8 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Ad
     )
 
 
-ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")  # what Adam keeps per parameter (amsgrad off)
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's tensors of each parameter's shape
+ADAM_STATE = ("step", *ADAM_MOMENTS)  # all Adam keeps per parameter (amsgrad off)
 
 
 def check_optimizer_state(state: dict[str, Any], model: torch.nn.Module, where: Path) -> None:
@@ -191,7 +192,7 @@ def check_optimizer_state(state: dict[str, Any], model: torch.nn.Module, where: 
         missing = [key for key in ADAM_STATE if key not in entries]
         if missing:
             raise ValueError(f"{prefix}: {name} lacks {missing[0]}")
-        for key in ADAM_STATE[1:]:
+        for key in ADAM_MOMENTS:
             shape = tuple(entries[key].shape)
             if shape != tuple(parameter.shape):
                 raise ValueError(
@@ -497,7 +498,7 @@ class TrainingSession:
             output = train_step(batch)
             # One collective: every process takes the step, or none does.
             if self.context.any(not bool(torch.isfinite(output.loss))):
-                self._skip_nonfinite_step(buffers)
+                self._nonfinite_step(buffers)
             else:
                 self.optimizer.step()
             self.step += 1
@@ -528,7 +529,7 @@ class TrainingSession:
     def _copy_buffers(self) -> list[Tensor]:
         return [buffer.detach().clone() for buffer in self.model.buffers()]
 
-    def _skip_nonfinite_step(self, buffers: list[Tensor] | None) -> None:
+    def _nonfinite_step(self, buffers: list[Tensor] | None) -> None:
         """The loss of the step being taken is not finite (on some process): stop the run, or
         (``train.nonfinite=skip``, ``buffers`` copied before the step) drop its gradients and
         put the buffers back."""
