@@ -1,10 +1,14 @@
-"""Faults under torchrun (gloo, CPU): every process agrees on a non-finite loss that only one of
-them sees, and a second job on a run folder in use stops on every process (docs/faults.md)."""
+"""Faults of data-parallel runs (gloo, CPU): every process agrees on a non-finite loss that only
+one of them sees, and a second job on a run folder in use stops on every process
+(docs/faults.md)."""
 
 from __future__ import annotations
 
 import json
-import time
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ from safetensors.torch import load_file
 from vqvae2.distributed import DistributedContext
 from vqvae2.loop import training_lock
 
-from .conftest import assert_states_close, metric_values, run_module, torchrun, write_npz
+from .conftest import assert_states_close, metric_values, torchrun, write_npz
 
 pytestmark = pytest.mark.slow  # starts torchrun
 
@@ -87,38 +91,53 @@ def test_every_process_stops_or_skips_when_one_process_has_a_non_finite_loss(tmp
     assert skipped == {1: 0.0, 2: 0.0, 3: 1.0, 4: 1.0}
 
 
-def test_a_torchrun_job_on_a_run_folder_in_use_stops_on_every_process(tmp_path):
-    """While another trainer holds RUN/vqvae, a two-process job ends at once: rank 0 with the
-    refusal, rank 1 told through the collective, neither waiting in a training collective."""
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_data_parallel_job_on_a_run_folder_in_use_stops_on_every_process(tmp_path):
+    """While another trainer holds RUN/vqvae, both processes of a two-process job end at once
+    with one line each: rank 0 the refusal, rank 1 what the collective told it. The processes
+    get torchrun's environment but no torchrun, which would stop rank 1 as soon as rank 0 ends
+    and hide whether rank 1 learned the outcome itself."""
     data = write_npz(tmp_path / "blobs.npz", count=64)
     run = tmp_path / "run"
+    group = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    command = [sys.executable, "-m", "vqvae2", "train-vqvae", "--config", "tiny", "--data"]
+    command += [str(data), "--out", str(run), "--quiet", "model.image_size=16"]
     with training_lock(run / "vqvae", DistributedContext(), resume=False):
-        started = time.monotonic()
-        job = run_module(
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "vqvae2",
-            "train-vqvae",
-            "--config",
-            "tiny",
-            "--data",
-            data,
-            "--out",
-            run,
-            "--quiet",
-            "model.image_size=16",
-            "train.batch_size=8",
-        )
-        seconds = time.monotonic() - started
-    errors = [line for line in job.stderr.splitlines() if line.startswith("vqvae2: error: ")]
-    assert job.returncode != 0
-    assert sorted(errors) == [
+        ranks = [
+            subprocess.Popen(
+                [*command, "train.batch_size=8"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={
+                    **os.environ,
+                    **group,
+                    "RANK": str(r),
+                    "LOCAL_RANK": str(r),
+                    "OMP_NUM_THREADS": "1",
+                },
+            )
+            for r in (0, 1)
+        ]
+        try:
+            ended = [rank.communicate(timeout=120) for rank in ranks]
+        finally:
+            for rank in ranks:  # a process still waiting in a collective fails the test
+                if rank.poll() is None:
+                    rank.kill()
+                    rank.wait()
+    lines = [stderr.strip().splitlines()[-1] if stderr.strip() else "" for _, stderr in ended]
+    assert [rank.returncode for rank in ranks] == [2, 2], [stderr for _, stderr in ended]
+    assert lines == [
         f"vqvae2: error: another trainer is writing {run / 'vqvae'} (it holds "
         f"{run / 'vqvae' / '.lock'}); wait for it to end or stop it",
         f"vqvae2: error: rank 0 cannot train in {run / 'vqvae'}; see its error",
-    ], job.stderr[-3000:]
+    ]
+    assert not any("Traceback" in stderr for _, stderr in ended)
     assert sorted(p.name for p in (run / "vqvae").iterdir()) == [".lock"]
     assert not (run / "metrics.csv").exists()
-    assert seconds < 60, seconds  # no process waited for the others
