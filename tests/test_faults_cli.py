@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from vqvae2.cli import main
 from .conftest import one_line_error, write_npz
 
 TINY = ["--config", "tiny", "model.image_size=16", "--quiet"]
-FAST = 3.0  # seconds: a refusal comes before any training or sampling
+FAST = 10.0  # seconds: a gross bound; that no work was done is checked by the files
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_training_output_under_a_file_is_refused(tmp_path, npz_data, capsys, a_f
     assert line == f"--out {out}: {a_file} is not a folder"
 
 
-def test_bad_prior_arguments_are_refused(sampled_run, capsys):
+def test_bad_prior_arguments_are_refused(sampled_run, tmp_path, capsys):
     run, _ = sampled_run
     line = refused(capsys, ["train-prior", run, "--level", "top", "--max-steps", "0"])
     assert line == "train.max_steps must be >= 1, got 0"
@@ -91,6 +92,11 @@ def test_bad_prior_arguments_are_refused(sampled_run, capsys):
         capsys, ["train-prior", run, "--level", "top", "train.batch_size=500", "--resume"]
     )
     assert line == "--resume continues the saved config; drop --config and overrides"
+    fresh = tmp_path / "run"
+    shutil.copytree(run, fresh, ignore=shutil.ignore_patterns("prior-*"))
+    line = refused(capsys, ["train-prior", fresh, "--level", "top", "train.batch_size=500"])
+    assert line == "the training split has 81 examples, fewer than one batch (500)"
+    assert sorted(p.name for p in (fresh / "prior-top").iterdir()) == [".lock"]
 
 
 SAMPLING = [
