@@ -113,21 +113,34 @@ def test_a_disk_full_from_the_start_of_a_resume_is_one_line_naming_the_file(
     assert read_checkpoint(run, "vqvae", with_optimizer=True).step == 2
 
 
-def test_a_log_write_that_fails_is_one_line_naming_the_log(tmp_path, npz_data, capsys, monkeypatch):
-    """A full disk at an append to metrics.csv (its error names no file): one line naming it."""
+def test_a_log_or_config_write_that_fails_is_one_line_naming_the_file(
+    tmp_path, npz_data, capsys, monkeypatch
+):
+    """A full disk at an append to metrics.csv or at config.yaml (errors that name no file):
+    one line naming it."""
     import builtins
 
     import vqvae2.logs
+    import vqvae2.loop
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def open_for_a_full_disk(file, mode="r", *args, **kwargs):
         if "a" in mode:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise full
         return builtins.open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(vqvae2.logs, "open", open_for_a_full_disk, raising=False)
+    def save_yaml_on_a_full_disk(config, path):
+        raise full
+
     run = tmp_path / "run"
-    line = one_line_error(capsys, train(npz_data, run, 2))
+    with monkeypatch.context() as patch:
+        patch.setattr(vqvae2.logs, "open", open_for_a_full_disk, raising=False)
+        line = one_line_error(capsys, train(npz_data, run, 2))
     assert line == f"cannot write {run / 'metrics.csv'}: No space left on device"
+    monkeypatch.setattr(vqvae2.loop, "save_yaml", save_yaml_on_a_full_disk)
+    line = one_line_error(capsys, train(npz_data, tmp_path / "other", 2))
+    assert line == f"cannot write {tmp_path / 'other' / 'config.yaml'}: No space left on device"
 
 
 def _fail_safetensors_write(suffix: str):
