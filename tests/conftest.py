@@ -109,6 +109,16 @@ def assert_one_line_error(capsys, code: int, fragment: str) -> None:
     assert not any("Traceback" in line for line in err)
 
 
+def one_line_error(capsys, code: int) -> str:
+    """The one ``vqvae2: error: ...`` line the CLI ended with (exit status 2, no traceback),
+    without its prefix."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert err and err[-1].startswith("vqvae2: error: "), err
+    assert not any("Traceback" in line for line in err), err
+    return err[-1].removeprefix("vqvae2: error: ")
+
+
 def run_python(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
     """``python ARGS`` in a fresh process on one CPU thread, its output captured."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -31,11 +31,11 @@ def test_fashion_mnist_splits_and_shapes():
     }
     assert {s: len(d) for s, d in splits.items()} == {"train": 57000, "val": 3000, "test": 10000}
     images, labels = splits["test"].__getitems__(list(range(500)))
-    assert images.shape == (500, 1, 32, 32)
-    assert float(images.min()) == -1.0 and float(images.max()) == 1.0
+    assert images.shape == (500, 1, 32, 32) and images.dtype == torch.uint8
+    assert int(images.min()) == 0 and int(images.max()) == 255
     assert set(labels.tolist()) == set(range(10))
     # The 2-pixel padding is black.
-    assert torch.all(images[:, :, :2, :] == -1) and torch.all(images[:, :, :, -2:] == -1)
+    assert torch.all(images[:, :, :2, :] == 0) and torch.all(images[:, :, :, -2:] == 0)
 
 
 def test_short_real_training_run_learns(tmp_path, capsys):

@@ -8,13 +8,15 @@ Layout of one model kind inside a run folder::
     RUN_DIR/vqvae/latest                               name of the newest complete step folder
 
 A step folder is written under a temporary name and renamed into place, then ``latest`` is
-replaced atomically; a run killed at any moment leaves the previous checkpoint loadable.
+replaced atomically; a run killed at any moment leaves the previous checkpoint loadable. A write
+that fails (a full disk) removes what it had written and leaves ``latest`` as it was.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,11 +54,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, flush it to disk, then rename it over
     ``path``: a reader sees the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -106,16 +112,21 @@ def save_checkpoint(
 
     Returns:
         The step folder written.
+
+    Raises:
+        OSError: the write failed (a full disk, a read-only folder): one line naming the folder
+            and the checkpoint kept; nothing of the failed write is left behind.
+        ValueError: ``latest`` already names this step: that folder is never replaced, since a
+            process killed between removing it and renaming its successor into place would
+            leave ``latest`` naming nothing.
     """
-    kind_dir.mkdir(parents=True, exist_ok=True)
+    kind_dir = Path(kind_dir)
     name = f"step-{step:08d}"
     final = kind_dir / name
     tmp = kind_dir / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / MODEL_WEIGHTS))
+    kept = latest_name(kind_dir)
+    if kept == name:
+        raise ValueError(f"{final} is the latest checkpoint; it is not written twice")
     meta: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -125,20 +136,66 @@ def save_checkpoint(
         "extra": extra or {},
         "torch_version": torch.__version__,
     }
-    if optimizer is not None:
-        tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(tmp / OPTIMIZER_WEIGHTS))
-        meta["optimizer"] = optimizer_meta
-    write_text_atomic(tmp / META, json.dumps(meta, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_text_atomic(kind_dir / LATEST, name + "\n")
+    try:
+        kind_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / MODEL_WEIGHTS))
+        _sync(tmp / MODEL_WEIGHTS)
+        if optimizer is not None:
+            tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
+            save_file(tensors, str(tmp / OPTIMIZER_WEIGHTS))
+            _sync(tmp / OPTIMIZER_WEIGHTS)
+            meta["optimizer"] = optimizer_meta
+        write_text_atomic(tmp / META, json.dumps(meta, indent=2))
+        _sync(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(kind_dir / LATEST, name + "\n")
+        _sync(kind_dir)
+    except (OSError, SafetensorError) as error:
+        # ``latest`` still names the checkpoint kept; what this write made goes.
+        for leftover in (tmp, final):
+            shutil.rmtree(leftover, ignore_errors=True)
+        still = f"the checkpoint {kept} is kept" if kept else "no earlier checkpoint exists"
+        raise OSError(
+            f"cannot write checkpoint {name} in {kind_dir}: {_reason(error)}; {still}"
+        ) from error
     steps = sorted(p for p in kind_dir.glob("step-*") if p.is_dir())
     for old in steps[: max(0, len(steps) - keep)]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _sync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to the disk: after a machine crash a renamed step
+    folder then holds whole files, and ``latest`` names a folder that exists."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _reason(error: Exception) -> str:
+    """Why a write failed, in the operating system's words where it gave them (safetensors
+    wraps them in its own text: "... I/O error: No space left on device (os error 28)")."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    found = re.search(r"os error (\d+)", str(error))
+    return os.strerror(int(found.group(1))) if found else str(error)
+
+
+def latest_name(kind_dir: Path) -> str | None:
+    """The step folder ``kind_dir/latest`` names, or None when there is none (or unreadable)."""
+    try:
+        return (Path(kind_dir) / LATEST).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def resolve_checkpoint_dir(path: Path, kind: str) -> Path:
@@ -178,28 +235,43 @@ def read_meta(path: Path, kind: str) -> tuple[Path, dict[str, Any]]:
         )
     if meta.get("kind") != kind:
         raise ValueError(f"{step_dir} holds a '{meta.get('kind')}' model, expected '{kind}'")
+    for key, json_type, name in (("step", int, "an integer"), ("config", dict, "an object")):
+        if key not in meta:
+            raise ValueError(f"{step_dir / META} lacks '{key}'")
+        if not isinstance(meta[key], json_type) or isinstance(meta[key], bool):
+            raise ValueError(f"{step_dir / META}: '{key}' must be {name}")
     return step_dir, meta
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    """A safetensors file (no code runs from it); ``ValueError`` naming it when unreadable."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
 
 
 def read_checkpoint(path: Path, kind: str, with_optimizer: bool = False) -> Checkpoint:
     """Read and check a checkpoint of ``kind``, weights included.
 
     Raises:
-        ValueError: as ``read_meta``, or unreadable weights.
+        ValueError: as ``read_meta``, unreadable weights or malformed optimiser metadata.
     """
     step_dir, meta = read_meta(path, kind)
-    try:
-        model_state = load_file(str(step_dir / MODEL_WEIGHTS))
-        optimizer_state = None
-        if with_optimizer and "optimizer" in meta:
-            tensors = load_file(str(step_dir / OPTIMIZER_WEIGHTS))
+    model_state = _read_tensors(step_dir / MODEL_WEIGHTS)
+    optimizer_state = None
+    if with_optimizer and "optimizer" in meta:
+        tensors = _read_tensors(step_dir / OPTIMIZER_WEIGHTS)
+        try:
             optimizer_state = _unflatten_optimizer(tensors, meta["optimizer"])
-    except (OSError, SafetensorError) as error:
-        raise ValueError(f"cannot read weights in {step_dir}: {error}") from None
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"the optimiser state in {step_dir} is malformed ({type(error).__name__}: {error})"
+            ) from None
     return Checkpoint(
         path=step_dir,
         kind=kind,
-        step=int(meta["step"]),
+        step=meta["step"],
         config=meta["config"],
         model_state=model_state,
         optimizer_state=optimizer_state,

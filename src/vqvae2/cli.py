@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -49,6 +50,29 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _check_output(path: Path | None, option: str, folder: bool = False) -> None:
+    """Refuse, before any long work, an output that cannot be written: the nearest existing
+    folder above it must be one this process may write in (missing folders are created when
+    the output is written), and a file output must not be a folder."""
+    if path is None:
+        return
+    if not folder and path.is_dir():
+        raise ValueError(f"{option} {path} is a folder")
+    existing = path if folder else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: cannot write in {existing}")
+
+
+def _check_positive(value: float | None, option: str) -> None:
+    """A finite number > 0, or None (not given)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{option} must be a positive number, got {value}")
+
+
 def _resumed_config(run_dir: Path, kind: str, config_class: type, max_steps: int | None):
     """The config saved with a run, for --resume; --max-steps may lengthen or shorten it."""
     from dataclasses import replace
@@ -64,6 +88,8 @@ def _resumed_config(run_dir: Path, kind: str, config_class: type, max_steps: int
 def _cmd_train_vqvae(args: argparse.Namespace) -> int:
     from .train import train_vqvae
 
+    _check_output(args.out, "--out", folder=True)
+    _check_positive(args.max_minutes, "--max-minutes")
     overrides = list(args.overrides)
     if args.resume and (args.config is not None or overrides or args.seed is not None):
         raise ValueError("--resume continues the saved config; drop --config, --seed and overrides")
@@ -107,6 +133,7 @@ def _cmd_train_vqvae(args: argparse.Namespace) -> int:
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .reconstruct import reconstruct
 
+    _check_output(args.out, "--out")
     data = args.data if args.data is not None or args.images else DEFAULT_DATA_PATH
     result = reconstruct(
         args.run_dir,
@@ -177,6 +204,7 @@ def _cmd_train_prior(args: argparse.Namespace) -> int:
     from .train import train_prior
 
     level_index(args.run_dir, args.level)  # a clear error before any preset lookup
+    _check_positive(args.max_minutes, "--max-minutes")
     overrides = list(args.overrides)
     if args.resume and (args.config is not None or overrides):
         raise ValueError("--resume continues the saved config; drop --config and overrides")
@@ -232,6 +260,8 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
         preset = preset or _default_preset(args.run, "classifier")
     if out is None:
         raise ValueError("give --out DIR (or --run RUN_DIR to write RUN_DIR/classifier)")
+    _check_output(out, "--out", folder=True)
+    _check_positive(args.max_minutes, "--max-minutes")
     if args.resume and (args.config is not None or args.overrides):
         raise ValueError("--resume continues the saved config; drop --config and overrides")
     if args.resume:
@@ -268,11 +298,20 @@ def _write_sample_images(args: argparse.Namespace, images: Tensor) -> None:
     write_samples(images, args.out, grid_columns(args.n, args.classes), args.save_images)
 
 
+def _check_sample_options(args: argparse.Namespace) -> None:
+    """What the sampling functions do not check themselves, before the models load."""
+    _check_positive(args.temperature, "--temperature")
+    _check_output(args.out, "--out")
+    _check_output(args.save_images, "--save-images", folder=True)
+    _check_output(args.save_codes, "--save-codes")
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .sample import sample_from_run
 
+    _check_sample_options(args)
     if args.reject_fraction is not None or args.accept_threshold is not None:
         return _cmd_sample_with_rejection(args)
     result = sample_from_run(
@@ -406,6 +445,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
     from .report import REPORT_MARKDOWN
 
+    _check_output(args.out, "--out", folder=True)
     config = EvaluateConfig()
     changes: dict = {"seed": args.seed}
     if args.n_samples is not None:

@@ -127,6 +127,34 @@ class CodeStoreWriter:
         return self.directory
 
 
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_list_of(kind: type):
+    return lambda value: isinstance(value, list) and all(isinstance(v, kind) for v in value)
+
+
+# What a store's meta.json must hold besides its format: (key, check, what it must be).
+STORE_FIELDS = (
+    ("count", _is_integer, "an integer"),
+    ("levels", _is_list_of(str), "a list of level names"),
+    ("code_sizes", _is_list_of(int), "a list of code map sides"),
+    ("codebook_size", _is_integer, "an integer"),
+)
+
+
+def _check_store_meta(meta: dict, path: Path) -> None:
+    """Raise a ``ValueError`` naming ``path`` unless the store metadata has every field."""
+    for key, valid, what in STORE_FIELDS:
+        if key not in meta:
+            raise ValueError(f"{path} lacks '{key}'")
+        if not valid(meta[key]):
+            raise ValueError(f"{path}: '{key}' must be {what}, got {meta[key]!r}")
+    if len(meta["levels"]) != len(meta["code_sizes"]):
+        raise ValueError(f"{path}: 'levels' and 'code_sizes' differ in length")
+
+
 class CodeDataset(Dataset):
     """Random access to a split of extracted codes: items are (codes per level, label).
 
@@ -146,12 +174,14 @@ class CodeDataset(Dataset):
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read {meta_path}: {error}") from None
         if (
-            meta.get("format") != CODE_STORE_FORMAT
+            not isinstance(meta, dict)
+            or meta.get("format") != CODE_STORE_FORMAT
             or meta.get("format_version") != CODE_STORE_VERSION
         ):
             raise ValueError(
                 f"{self.directory} is not a vqvae2 code store of version {CODE_STORE_VERSION}"
             )
+        _check_store_meta(meta, meta_path)
         self.meta = meta
         self.level_names: list[str] = meta["levels"]
         self.code_sizes: list[int] = meta["code_sizes"]
@@ -214,6 +244,12 @@ class CodeDataset(Dataset):
         codes = [
             torch.from_numpy(array[sorted_index].astype(np.int64))[inverse] for array in self.codes
         ]
+        # A corrupt store would otherwise fail deep in an embedding lookup.
+        if any(int(level.min()) < 0 or int(level.max()) >= self.codebook_size for level in codes):
+            raise ValueError(
+                f"the code store {self.directory} holds codes beyond its codebook of "
+                f"{self.codebook_size}; extract the codes again"
+            )
         labels = torch.from_numpy(self.labels[sorted_index].astype(np.int64))[inverse]
         return codes, labels
 

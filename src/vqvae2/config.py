@@ -164,6 +164,7 @@ class DataConfig:
             "data.val_fraction + data.test_fraction must be < 1",
         )
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.split_seed >= 0, f"data.split_seed must be >= 0, got {self.split_seed}")
         _check(self.crop_margin > 0, f"data.crop_margin must be > 0, got {self.crop_margin}")
 
 
@@ -189,6 +190,10 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     grid_images: int = 16  # images in each reconstruction grid
     seed: int = 0  # seeds weights, data order and every other random choice
+    # A step whose loss is not finite (inf, nan; e.g. an overflow under bf16): "stop" the run
+    # with an error naming the step and the last checkpoint, or "skip" the step (no update,
+    # buffers as before it) and count it in the log as skipped_nonfinite.
+    nonfinite: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self) -> None:
         for name in (
@@ -208,9 +213,14 @@ class TrainConfig:
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"train.{name} must be in [0, 1), got {value}")
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         _check(
             self.schedule_minutes >= 0,
             f"train.schedule_minutes must be >= 0, got {self.schedule_minutes}",
+        )
+        _check(
+            self.nonfinite in ("stop", "skip"),
+            f"train.nonfinite must be stop or skip, got {self.nonfinite!r}",
         )
 
 

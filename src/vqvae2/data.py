@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import logging
 import struct
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,7 +27,7 @@ from .config import DataConfig
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_DATA_PATH = Path("/usr/share/datasets/fashion-mnist")
 IDX_PREFIXES = {"train": "train", "test": "t10k"}
 
@@ -43,12 +44,17 @@ def float_to_uint8(images: Tensor) -> Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def _short_side(size: int, scale: float) -> int:
+    """The short side an image is resized to before a ``size`` crop (``scale`` > 1: a margin)."""
+    return max(size, round(size * scale))
+
+
 def resize_and_crop(
     image: Image.Image, size: int, scale: float = 1.0, place: tuple[float, float] | None = None
 ) -> Image.Image:
     """Resize ``image`` so its short side is ``round(size * scale)``, then crop ``size`` x
     ``size`` from it: centred, or at ``place`` = (x, y), fractions in [0, 1] of the room left."""
-    short = max(size, round(size * scale))
+    short = _short_side(size, scale)
     width, height = image.size
     new_width = max(short, round(width * short / min(width, height)))
     new_height = max(short, round(height * short / min(width, height)))
@@ -59,6 +65,37 @@ def resize_and_crop(
     return image.crop((left, top, left + size, top + size))
 
 
+SIXTEEN_BIT_MAX = 65535  # integer grey (I;16, I) is read as 16-bit: this is white
+UINT8_MAX = 255
+
+
+def to_grey_or_rgb(image: Image.Image, channels: int) -> Image.Image:
+    """An image of any Pillow mode as 8-bit grey (``L``, ``channels`` 1) or ``RGB`` (3).
+
+    - Integer grey (``I;16*``, from 16-bit PNGs and TIFFs, and ``I``) is read as 16-bit:
+      [0, 65535] -> [0, 255], values beyond clipped (Pillow's own conversion clips at 255).
+    - Float grey (``F``) is read as [0, 1], like float ``.npz`` arrays: clipped, NaN as 0.
+    - Transparency (``LA``, ``RGBA``, ``PA``, a palette or colour key with transparent
+      entries) is composited over black: each colour times alpha / 255.
+    - Everything else (``1``, ``L``, ``P``, ``RGB``, ``CMYK``, ``YCbCr``) is Pillow's conversion;
+      RGB to grey is the ITU-R 601-2 luma.
+    """
+    target = "L" if channels == 1 else "RGB"
+    if image.mode == "F" or image.mode.startswith("I"):
+        values = np.asarray(image, dtype=np.float64)  # (H, W)
+        if image.mode == "F":
+            values = np.nan_to_num(values, nan=0.0) * UINT8_MAX
+        else:
+            values = values * UINT8_MAX / SIXTEEN_BIT_MAX
+        grey = np.clip(np.rint(values), 0, UINT8_MAX).astype(np.uint8)
+        return Image.fromarray(grey).convert(target)
+    if "A" in image.mode or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)  # (H, W, 4)
+        composited = rgba[..., :3] * rgba[..., 3:] / UINT8_MAX  # over black
+        image = Image.fromarray(np.rint(composited).astype(np.uint8))
+    return image.convert(target)
+
+
 def pil_to_uint8(
     image: Image.Image,
     size: int,
@@ -66,16 +103,19 @@ def pil_to_uint8(
     scale: float = 1.0,
     place: tuple[float, float] | None = None,
 ) -> Tensor:
-    """PIL image (any mode) -> uint8 tensor (channels, size, size), by ``resize_and_crop``.
+    """PIL image (any mode, as opened) -> uint8 tensor (channels, size, size): turned upright
+    by its EXIF orientation, converted by ``to_grey_or_rgb``, then ``resize_and_crop``.
 
-    A large JPEG not yet decoded is decoded at a reduced scale (``Image.draft``: the decoder's
-    own downscaling by 1/2, 1/4 or 1/8, never below the size needed), much faster than decoding
-    it in full and differing from that only by the decoder's filtering.
+    Large JPEGs are decoded at a reduced scale (``Image.draft``: the decoder's own downscaling
+    by 1/2, 1/4 or 1/8, never below the target), much faster than decoding in full and
+    different from it only by the decoder's filtering.
     """
     if image.format == "JPEG" and image.mode in ("RGB", "L"):
-        ratio = max(size, round(size * scale)) / min(image.size)
+        ratio = _short_side(size, scale) / min(image.size)
         image.draft(image.mode, (round(image.size[0] * ratio), round(image.size[1] * ratio)))
-    image = image.convert("L" if channels == 1 else "RGB")
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    image = to_grey_or_rgb(image, channels)
     array = np.asarray(resize_and_crop(image, size, scale, place), dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
@@ -219,8 +259,31 @@ class TensorImageDataset(Dataset):
         return image.flip(-1) if mirror else image
 
 
-# Errors Pillow raises on files it cannot decode: such files are skipped.
-UNREADABLE = (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
+# Errors Pillow raises on files it cannot decode (SyntaxError: broken PNG chunks; the bomb
+# error: over twice Image.MAX_IMAGE_PIXELS): such files are skipped.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def read_image(
+    path: Path,
+    size: int,
+    channels: int,
+    scale: float = 1.0,
+    place: tuple[float, float] | None = None,
+) -> Tensor:
+    """An image file as uint8 (channels, size, size) by ``pil_to_uint8``.
+
+    Images between once and twice Pillow's ``Image.MAX_IMAGE_PIXELS`` (about 89 to 179
+    megapixels: large photos, JPEGs decoded at a reduced scale) are read without Pillow's
+    decompression-bomb warning; larger ones raise its error.
+
+    Raises:
+        One of ``UNREADABLE``: the file cannot be read or decoded.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            return pil_to_uint8(image, size, channels, scale, place)
 
 
 class ImageFolderDataset(Dataset):
@@ -228,8 +291,9 @@ class ImageFolderDataset(Dataset):
 
     Items are (image (C, S, S) uint8, label () int64); a batch sampler may give (index, key)
     pairs, which apply ``transform`` (a random crop of the image resized with a margin, a
-    flip). A file that cannot be decoded is logged, counted in ``skipped`` and replaced by the
-    next readable one.
+    flip). A file that cannot be read or decoded (``read_image``) is warned about once, kept
+    in ``skipped`` and replaced by the next readable one (in each loader process: with worker
+    processes each keeps its own).
     """
 
     def __init__(
@@ -257,7 +321,11 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def load_uint8(self, item: Item) -> tuple[Tensor, Tensor]:
-        """Image ``item`` as uint8 (C, S, S); unreadable files fall through to the next one."""
+        """Image ``item`` as uint8 (C, S, S); unreadable files fall through to the next one.
+
+        Raises:
+            ValueError: no file of the dataset can be read.
+        """
         index, key = _index_and_key(item)
         mirror, place, scale = False, None, 1.0
         if self.transform is not None and key is not None:
@@ -268,14 +336,16 @@ class ImageFolderDataset(Dataset):
             if path in self.skipped:
                 continue
             try:
-                with Image.open(path) as image:
-                    pixels = pil_to_uint8(image, self.image_size, self.channels, scale, place)
+                pixels = read_image(path, self.image_size, self.channels, scale, place)
             except UNREADABLE as error:
                 self.skipped.add(path)
-                logger.warning("skipping unreadable image %s (%s)", path, error)
+                logger.warning("skipping unreadable image %s (%s)", path, _first_line(error))
                 continue
             return (pixels.flip(-1) if mirror else pixels), self.labels[position]
-        raise ValueError("no readable images in the dataset")
+        raise ValueError(
+            f"none of the {len(self.files)} image files can be read: each was skipped with a "
+            f"warning (the first: {self.files[0]})"
+        )
 
     def __getitem__(self, item: Item) -> tuple[Tensor, Tensor]:
         return self.load_uint8(item)
@@ -438,7 +508,9 @@ def _open_folder(
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     if not files:
         raise ValueError(f"the {split} split of {root} is empty")
-    return ImageFolderDataset(files, labels, class_names, image_size, channels)
+    dataset = ImageFolderDataset(files, labels, class_names, image_size, channels)
+    dataset.load_uint8(0)  # a split with no readable file fails now, not in training
+    return dataset
 
 
 def open_dataset(
@@ -496,6 +568,10 @@ def open_dataset(
     return dataset
 
 
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def load_image_files(paths: Sequence[str | Path], image_size: int, channels: int) -> Tensor:
     """Read image files into uint8 (N, C, S, S), resized by the short side and centre-cropped.
 
@@ -505,10 +581,9 @@ def load_image_files(paths: Sequence[str | Path], image_size: int, channels: int
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                images.append(pil_to_uint8(image, image_size, channels))
+            images.append(read_image(Path(path), image_size, channels))
         except UNREADABLE as error:
-            raise ValueError(f"cannot read image {path}: {error}") from None
+            raise ValueError(f"cannot read image {path}: {_first_line(error)}") from None
     if not images:
         raise ValueError("no image files given")
     return torch.stack(images)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +24,16 @@ class MetricsLog:
     TensorBoard (scalars tagged ``split/metric``, and images) when ``tensorboard_dir`` is given.
 
     ``resume_step``: rows and events logged after this step (by a run killed before its next
-    checkpoint) are dropped, so a resumed run does not log those steps twice. ``enabled=False``
-    (processes other than rank 0) writes nothing.
+    checkpoint) are dropped, so a resumed run does not log those steps twice, and so is a row
+    cut short; a new run (0) starts an empty log, whatever a process killed before its first
+    checkpoint left there.
+    ``enabled=False`` (processes other than rank 0) writes nothing.
     """
 
     def __init__(
         self,
         path: Path,
-        resume_step: int | None = None,
+        resume_step: int = 0,
         enabled: bool = True,
         tensorboard_dir: Path | None = None,
     ) -> None:
@@ -38,24 +42,29 @@ class MetricsLog:
         self.tensorboard: Any = None
         if not enabled:
             return
-        if resume_step is not None and path.exists():
-            kept = [row for row in read_metrics(path) if int(row["step"]) <= resume_step]
-            tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=METRICS_COLUMNS)
-                writer.writeheader()
-                writer.writerows(kept)
-            os.replace(tmp, path)
-        if not path.exists():
-            with open(path, "w", newline="") as handle:
-                csv.writer(handle).writerow(METRICS_COLUMNS)
+        with naming_file(path):
+            if path.exists():
+                kept = [row for row in read_metrics(path) if _whole(row, resume_step)]
+                tmp = path.with_name(f".{path.name}.tmp")
+                try:
+                    with open(tmp, "w", newline="") as handle:
+                        writer = csv.DictWriter(handle, fieldnames=METRICS_COLUMNS)
+                        writer.writeheader()
+                        writer.writerows(kept)
+                    os.replace(tmp, path)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+            if not path.exists():
+                with open(path, "w", newline="") as handle:
+                    csv.writer(handle).writerow(METRICS_COLUMNS)
         if tensorboard_dir is not None:
             self.tensorboard = _summary_writer(tensorboard_dir, resume_step)
 
     def write(self, step: int, elapsed: float, split: str, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", newline="") as handle:
+        with naming_file(self.path), open(self.path, "a", newline="") as handle:
             writer = csv.writer(handle)
             for name, value in values.items():
                 writer.writerow([step, f"{elapsed:.1f}", split, name, repr(float(value))])
@@ -80,7 +89,25 @@ class MetricsLog:
             self.tensorboard.close()
 
 
-def _summary_writer(directory: Path, resume_step: int | None) -> Any:
+@contextmanager
+def naming_file(path: Path) -> Iterator[None]:
+    """An ``OSError`` inside the block (a full disk, whose error names no file when it comes
+    from a flush) becomes one naming ``path``."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+def _whole(row: dict[str, str | None], resume_step: int) -> bool:
+    """A complete row (not cut short by a full disk or a crash) of a step up to
+    ``resume_step``."""
+    if any(not row.get(column) for column in METRICS_COLUMNS):
+        return False
+    return row["step"].isdigit() and int(row["step"]) <= resume_step
+
+
+def _summary_writer(directory: Path, resume_step: int) -> Any:
     """TensorBoard's writer; events past ``resume_step`` from an earlier process are purged."""
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -88,8 +115,7 @@ def _summary_writer(directory: Path, resume_step: int | None) -> Any:
         raise ValueError(
             "--tensorboard needs the tensorboard package: pip install 'vqvae2[tensorboard]'"
         ) from None
-    purge = None if resume_step is None else resume_step + 1
-    return SummaryWriter(log_dir=str(directory), purge_step=purge)
+    return SummaryWriter(log_dir=str(directory), purge_step=resume_step + 1)
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:

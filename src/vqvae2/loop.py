@@ -8,17 +8,20 @@ to a ``TrainingSession``: the step order is the same for every model kind.
 
 from __future__ import annotations
 
+import fcntl
 import inspect
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 from tqdm import tqdm
@@ -28,10 +31,21 @@ from .checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from .config import RuntimeConfig, TrainConfig, config_from_dict, save_yaml
 from .data import uint8_to_float
 from .distributed import DistributedContext
-from .logs import TENSORBOARD_DIR, MetricsLog
+from .logs import TENSORBOARD_DIR, MetricsLog, naming_file
 from .run import CONFIG_FILE, METRICS_FILE, has_checkpoint
 
 Clock = Callable[[], float]  # seconds on a clock that never goes back (time.monotonic)
+
+logger = logging.getLogger("vqvae2.loop")
+
+
+def check_batch_fits(size: int, batch_size: int) -> None:
+    """A training split of ``size`` examples holds at least one global batch (trainers check
+    it before they start)."""
+    if size < batch_size:
+        raise ValueError(
+            f"the training split has {size} examples, fewer than one batch ({batch_size})"
+        )
 
 
 class EpochBatchSampler(Sampler[list]):
@@ -56,10 +70,7 @@ class EpochBatchSampler(Sampler[list]):
         world_size: int = 1,
         keyed: bool = False,
     ):
-        if size < batch_size:
-            raise ValueError(
-                f"the training split has {size} images, fewer than one batch ({batch_size})"
-            )
+        check_batch_fits(size, batch_size)
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.start_step, self.end_step = start_step, end_step
         self.batches_per_epoch = size // batch_size
@@ -162,6 +173,31 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Ad
         betas=(train.adam_beta1, train.adam_beta2),
         fused=fused or None,
     )
+
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's tensors of each parameter's shape
+ADAM_STATE = ("step", *ADAM_MOMENTS)  # all Adam keeps per parameter (amsgrad off)
+
+
+def check_optimizer_state(state: dict[str, Any], model: torch.nn.Module, where: Path) -> None:
+    """Raise a one-line ``ValueError`` unless ``state`` (``make_optimizer``'s ``state_dict``,
+    read from the checkpoint at ``where``) fits ``model``'s parameters. Adam would load a misfit
+    and fail at the first step, or with its fused kernel write out of bounds."""
+    named = list(model.named_parameters())
+    prefix = f"the optimiser state in {where} does not fit the model"
+    for param_id, entries in state["state"].items():
+        if not 0 <= param_id < len(named):
+            raise ValueError(f"{prefix}: it has parameter {param_id}, the model {len(named)}")
+        name, parameter = named[param_id]
+        missing = [key for key in ADAM_STATE if key not in entries]
+        if missing:
+            raise ValueError(f"{prefix}: {name} lacks {missing[0]}")
+        for key in ADAM_MOMENTS:
+            shape = tuple(entries[key].shape)
+            if shape != tuple(parameter.shape):
+                raise ValueError(
+                    f"{prefix}: {name}'s {key} has shape {shape}, expected {tuple(parameter.shape)}"
+                )
 
 
 def micro_batch_size(train: TrainConfig, context: DistributedContext) -> int:
@@ -274,6 +310,49 @@ class TrainResult:
     model: torch.nn.Module | None = None  # the trained module (not DDP-wrapped), on its device
 
 
+SKIPPED = "skipped_nonfinite"  # the logged count of steps skipped for a non-finite loss
+LOCK_FILE = ".lock"  # in a checkpoint folder: held by the trainer writing to it
+
+
+@contextmanager
+def training_lock(folder: Path, context: DistributedContext, resume: bool) -> Iterator[None]:
+    """Hold ``folder/.lock`` while one training run writes to ``folder`` (its checkpoints and,
+    for stage 1, the run folder around them); a second trainer is refused with a ``ValueError``.
+    A new run creates ``folder``; a resumed one needs it.
+
+    Rank 0, the process that writes, takes an exclusive ``flock`` on an open file held for the
+    whole block: the kernel releases it when the process ends, however it ends (kill -9
+    included), so no stale lock is ever left to clear. Under torchrun every process learns
+    the outcome through one collective before any training collective, and all of them raise.
+    """
+    handle, refusal = None, None
+    if context.is_main:
+        try:
+            if not resume:
+                folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / LOCK_FILE, "a")  # noqa: SIM115  (held until the block ends)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except FileNotFoundError:
+            refusal = f"nothing to resume: {folder} does not exist"
+        except BlockingIOError:
+            refusal = (
+                f"another trainer is writing {folder} (it holds {folder / LOCK_FILE}); "
+                "wait for it to end or stop it"
+            )
+        except OSError as error:
+            refusal = f"cannot train in {folder}: {error.strerror or error}"
+        if refusal is not None and handle is not None:
+            handle.close()
+            handle = None
+    if context.any(refusal is not None):
+        raise ValueError(refusal or f"rank 0 cannot train in {folder}; see its error")
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
+
+
 def resume_or_start(
     checkpoint_dir: Path,
     kind: str,
@@ -301,18 +380,30 @@ def resume_or_start(
     return replace(saved, train=replace(saved.train, **length)), checkpoint
 
 
-StepFunction = Callable[[Any], Callable[[], dict[str, float]]]
+class StepOutput(NamedTuple):
+    """What a trainer's step function returns after its backward passes."""
+
+    loss: Tensor  # () this process's loss summed over its micro-batches, detached
+    figures: Callable[[], dict[str, float]]  # the figures to log (called on rank 0 only)
+
+
+StepFunction = Callable[[Any], StepOutput]
 
 
 class TrainingSession:
     """Resume, optimise, log, validate, checkpoint and stop one training run.
 
     The trainer's step function takes one batch (this process's slice of the global batch),
-    runs the forward and backward passes of its micro-batches and returns a function giving
-    the figures to log (called on rank 0 at ``train.log_every``); the session does the rest in
-    the same order for every model kind. Under torchrun every process runs the session; rank 0
-    alone writes the config, the log, checkpoints and the progress bar, and every process stops
-    at the same step.
+    runs the forward and backward passes of its micro-batches and returns its loss and a
+    function giving the figures to log (called on rank 0 at ``train.log_every``); the session
+    does the rest in the same order for every model kind. Under torchrun every process runs the
+    session; rank 0 alone writes the config, the log, checkpoints and the progress bar, and
+    every process stops at the same step.
+
+    A step whose loss is not finite on any process stops the run or, with
+    ``train.nonfinite=skip``, is skipped by every process: gradients dropped, no optimiser
+    step, buffers (the EMA codebooks) put back as they were, the step counted in the log as
+    ``skipped_nonfinite``. No checkpoint is written after a non-finite loss that stops a run.
 
     Args:
         model: the plain module (restored from ``checkpoint`` when resuming).
@@ -347,21 +438,24 @@ class TrainingSession:
         self.context, self.kind, self.extra, self.postfix = context, kind, extra or {}, postfix
         self.checkpoint_dir, self.log_dir = checkpoint_dir, log_dir
         self.step, elapsed_before = 0, 0.0
+        self.saved_step: int | None = None  # step of the newest checkpoint of this run
         if checkpoint is not None:
             load_state_checked(model, checkpoint.model_state, checkpoint.path)
-            self.step = checkpoint.step
+            self.step = self.saved_step = checkpoint.step
             elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
+        self.skipped = 0 if checkpoint is None else int(checkpoint.extra.get(SKIPPED, 0))
         self.step_module = prepare_step_module(model, context, runtime)
         self.optimizer = make_optimizer(model, self.train)
         if checkpoint is not None and checkpoint.optimizer_state is not None:
+            check_optimizer_state(checkpoint.optimizer_state, model, checkpoint.path)
             self.optimizer.load_state_dict(checkpoint.optimizer_state)
         if context.is_main:
             log_dir.mkdir(parents=True, exist_ok=True)
-            save_yaml(run_config, log_dir / CONFIG_FILE)
-        resume_step = self.step if checkpoint is not None else None
+            with naming_file(log_dir / CONFIG_FILE):
+                save_yaml(run_config, log_dir / CONFIG_FILE)
         self.log = MetricsLog(
             log_dir / METRICS_FILE,
-            resume_step,
+            self.step,
             enabled=context.is_main,
             tensorboard_dir=log_dir / TENSORBOARD_DIR if runtime.tensorboard else None,
         )
@@ -400,22 +494,30 @@ class TrainingSession:
             if not self._set_step_size():
                 break  # resumed with the time budget already spent
             self.optimizer.zero_grad(set_to_none=True)
-            figures = train_step(batch)
-            self.optimizer.step()
+            buffers = self._copy_buffers() if train.nonfinite == "skip" else None
+            output = train_step(batch)
+            # One collective: every process takes the step, or none does.
+            if self.context.any(not bool(torch.isfinite(output.loss))):
+                self._nonfinite_step(buffers)
+            else:
+                self.optimizer.step()
             self.step += 1
             self.bar.update(1)
             out_of_time = self._out_of_time()
             if self.step % train.log_every == 0 and self.context.is_main:
                 logged = {
-                    **figures(),
+                    **output.figures(),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "items_per_second": self._throughput(),
                 }
+                if train.nonfinite == "skip":
+                    logged[SKIPPED] = self.skipped
                 self.log.write(self.step, self.elapsed(), "train", logged)
                 self.bar.set_postfix({self.postfix: f"{logged[self.postfix]:.5g}"}, refresh=False)
-            if self.context.is_main and not out_of_time:
+            if not out_of_time:
                 last = self.step >= train.max_steps
-                if validate is not None and self.step % train.val_every == 0 and not last:
+                validating = validate is not None and self.step % train.val_every == 0
+                if validating and not last and self.context.is_main:
                     self.log.write(self.step, self.elapsed(), "val", validate())
                 if self.step % train.checkpoint_every == 0:
                     self.save()
@@ -423,6 +525,37 @@ class TrainingSession:
                 break
         self.bar.close()
         self.model.eval()
+
+    def _copy_buffers(self) -> list[Tensor]:
+        return [buffer.detach().clone() for buffer in self.model.buffers()]
+
+    def _nonfinite_step(self, buffers: list[Tensor] | None) -> None:
+        """The loss of the step being taken is not finite (on some process): stop the run, or
+        (``train.nonfinite=skip``, ``buffers`` copied before the step) drop its gradients and
+        put the buffers back."""
+        step = self.step + 1
+        if buffers is None:
+            self.bar.close()
+            self.log.close()
+            kept = (
+                f"the last checkpoint, {self.checkpoint_dir / f'step-{self.saved_step:08d}'}, "
+                "is kept"
+                if self.saved_step is not None
+                else "no checkpoint was written"
+            )
+            raise ValueError(
+                f"the loss is not finite at step {step}: training stopped and {kept} "
+                "(train.nonfinite=skip skips such steps instead)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
+        self.skipped += 1
+        if self.context.is_main:
+            logger.warning(
+                "step %d skipped: its loss is not finite (%d so far)", step, self.skipped
+            )
 
     def _throughput(self) -> float:
         """Training items (images, or code maps for priors) per second of the global batch
@@ -447,16 +580,22 @@ class TrainingSession:
         return TrainResult(run_dir=self.log_dir, step=self.step, metrics=metrics, model=self.model)
 
     def save(self) -> None:
-        """Checkpoint the model and optimizer at the current step (rank 0)."""
-        save_checkpoint(
-            self.checkpoint_dir,
-            self.kind,
-            self.step,
-            self.run_config,
-            self.model,
-            self.optimizer,
-            extra={"elapsed_seconds": self.elapsed(), **self.extra},
-        )
+        """Checkpoint the model and optimizer at the current step, unless a checkpoint of this
+        step exists already (the last periodic one, or the one resumed from). Every process
+        calls it at the same steps; rank 0 writes."""
+        if self.saved_step == self.step:
+            return
+        if self.context.is_main:
+            save_checkpoint(
+                self.checkpoint_dir,
+                self.kind,
+                self.step,
+                self.run_config,
+                self.model,
+                self.optimizer,
+                extra={"elapsed_seconds": self.elapsed(), SKIPPED: self.skipped, **self.extra},
+            )
+        self.saved_step = self.step
 
     def elapsed(self) -> float:
         """Seconds of training of the run so far: the slowest process's, as last agreed by all

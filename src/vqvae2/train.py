@@ -51,12 +51,15 @@ from .distributed import DistributedContext, runtime_context
 from .loop import (
     Clock,
     StepModule,
+    StepOutput,
     TrainingSession,
     TrainResult,
+    check_batch_fits,
     micro_batch_size,
     micro_batches,
     resume_or_start,
     seed_own_dropout,
+    training_lock,
 )
 from .measure import (
     EVAL_BATCH_SIZE,
@@ -107,7 +110,8 @@ def train_vqvae(
         config: the run config (on resume only its ``train.max_steps`` and
             ``train.schedule_minutes`` count: the saved run's config wins otherwise).
         data_path: image source (see ``vqvae2.data.open_dataset``).
-        run_dir: output folder; must not hold a run unless ``resume``.
+        run_dir: output folder; must not hold a run unless ``resume``, nor be in the hands of
+            another trainer (``RUN_DIR/vqvae/.lock``, see ``loop.training_lock``).
         max_minutes: stop (after checkpointing) once this much wall time has passed.
         resume: continue the run in ``run_dir`` from its latest checkpoint.
         progress: show a progress bar on stderr.
@@ -123,55 +127,57 @@ def train_vqvae(
     runtime = runtime or RuntimeConfig()
     context = runtime_context(runtime)
     run_dir = Path(run_dir)
-    config, checkpoint = resume_or_start(
-        run_dir / VQVAE_KIND,
-        VQVAE_KIND,
-        VQVAERunConfig,
-        config,
-        resume,
-        f"{run_dir} already holds a trained VQ-VAE; pass --resume or another --out",
-    )
-    model_config, train_config = config.model, config.train
-    micro_batch_size(train_config, context)  # the batch must split evenly: checked first
-    train_set, val_set = (
-        open_dataset(
-            data_path,
-            split,
-            model_config.image_size,
-            model_config.in_channels,
-            config.data,
-            train_config.seed,
+    with training_lock(run_dir / VQVAE_KIND, context, resume):
+        config, checkpoint = resume_or_start(
+            run_dir / VQVAE_KIND,
+            VQVAE_KIND,
+            VQVAERunConfig,
+            config,
+            resume,
+            f"{run_dir} already holds a trained VQ-VAE; pass --resume or another --out",
         )
-        for split in ("train", "val")
-    )
-    torch.manual_seed(train_config.seed)
-    model = VQVAE2(
-        model_config,
-        reduce_fn=context.all_reduce_sum,
-        gather_fn=context.all_gather_cat,
-        seed=train_config.seed,
-    )
-    if checkpoint is not None:
-        preset = checkpoint.extra.get("preset", preset)
-    session = TrainingSession(
-        model,
-        config,
-        context,
-        runtime,
-        kind=VQVAE_KIND,
-        checkpoint_dir=run_dir / VQVAE_KIND,
-        log_dir=run_dir,
-        checkpoint=checkpoint,
-        max_minutes=max_minutes,
-        progress=progress,
-        extra={"data_path": str(data_path), "preset": preset},
-        postfix="mse",
-        now=now,
-    )
-    validate = _vqvae_validation(model, val_set, session, run_dir)
-    loader = batch_loader(train_set, session.batch_sampler(train_set), config.data.num_workers)
-    session.run(loader, _vqvae_step(model, session.step_module, config), validate)
-    return session.finish(lambda: validate(final=True), split="val")
+        model_config, train_config = config.model, config.train
+        micro_batch_size(train_config, context)  # the batch must split evenly: checked first
+        train_set, val_set = (
+            open_dataset(
+                data_path,
+                split,
+                model_config.image_size,
+                model_config.in_channels,
+                config.data,
+                train_config.seed,
+            )
+            for split in ("train", "val")
+        )
+        check_batch_fits(len(train_set), train_config.batch_size)
+        torch.manual_seed(train_config.seed)
+        model = VQVAE2(
+            model_config,
+            reduce_fn=context.all_reduce_sum,
+            gather_fn=context.all_gather_cat,
+            seed=train_config.seed,
+        )
+        if checkpoint is not None:
+            preset = checkpoint.extra.get("preset", preset)
+        session = TrainingSession(
+            model,
+            config,
+            context,
+            runtime,
+            kind=VQVAE_KIND,
+            checkpoint_dir=run_dir / VQVAE_KIND,
+            log_dir=run_dir,
+            checkpoint=checkpoint,
+            max_minutes=max_minutes,
+            progress=progress,
+            extra={"data_path": str(data_path), "preset": preset},
+            postfix="mse",
+            now=now,
+        )
+        validate = _vqvae_validation(model, val_set, session, run_dir)
+        loader = batch_loader(train_set, session.batch_sampler(train_set), config.data.num_workers)
+        session.run(loader, _vqvae_step(model, session.step_module, config), validate)
+        return session.finish(lambda: validate(final=True), split="val")
 
 
 def _vqvae_validation(model: VQVAE2, val_set: Dataset, session: TrainingSession, run_dir: Path):
@@ -200,8 +206,9 @@ def _vqvae_step(model: VQVAE2, step_module: StepModule, config: VQVAERunConfig):
     train = config.train
     accumulating = train.grad_accum_steps > 1
 
-    def step(batch: tuple[Tensor, Tensor]):
+    def step(batch: tuple[Tensor, Tensor]) -> StepOutput:
         images = batch[0]
+        total = torch.zeros((), device=step_module.context.device)
         # Micro-batches see the same codebooks, which then move once for the whole batch.
         with model.deferred_codebook_updates() if accumulating else nullcontext():
             for rows, last in micro_batches(step_module, train):
@@ -210,6 +217,7 @@ def _vqvae_step(model: VQVAE2, step_module: StepModule, config: VQVAERunConfig):
                     output = step_module.forward(micro_images)
                     loss = output.loss / train.grad_accum_steps
                 loss.backward()
+                total += loss.detach()
 
         def figures() -> dict[str, float]:
             """Figures of rank 0's last micro-batch; the MSE measured as validation's."""
@@ -226,7 +234,7 @@ def _vqvae_step(model: VQVAE2, step_module: StepModule, config: VQVAERunConfig):
                 values[f"batch_usage_{name}"] = float(usage)
             return values
 
-        return figures
+        return StepOutput(total, figures)
 
     return step
 
@@ -403,8 +411,9 @@ def train_prior(
     """Fit the prior of one level on the extracted codes (``extract_codes`` first).
 
     The prior's data fields (code size, codebook size, upper levels, classes, transforms) come
-    from the VQ-VAE and the code store; its checkpoints go to ``RUN_DIR/prior-<level>``. Under
-    torchrun every process calls this; rank 0 alone writes files and measures.
+    from the VQ-VAE and the code store; its checkpoints go to ``RUN_DIR/prior-<level>``, which
+    no other trainer may be writing (``loop.training_lock``). Under torchrun every process calls
+    this; rank 0 alone writes files and measures.
 
     Returns:
         Final ``train_nll_nats``/``bits`` and ``val_nll_nats``/``bits`` (nats/bits per code).
@@ -418,63 +427,69 @@ def train_prior(
         run_dir, vqvae_config, config.augmented_codes
     )
     kind, kind_dir = prior_kind(level), run_dir / prior_kind(level)
-    config, checkpoint = resume_or_start(
-        kind_dir,
-        kind,
-        PriorRunConfig,
-        config,
-        resume,
-        f"{kind_dir} already holds a trained prior; pass --resume",
-    )
-    if checkpoint is None:
-        num_classes = train_codes.num_classes if config.class_conditional else 0
-        from_data = {
-            "code_size": vqvae_config.latent_sizes[index],
-            "codebook_size": vqvae_config.codebook_size,
-            "condition_sizes": tuple(vqvae_config.latent_sizes[:index]),
-            "num_classes": num_classes if num_classes > 1 else 0,
-            "num_augmentations": training_codes.num_augmentations,
-        }
-        config = replace(config, prior=_prior_for_data(config.prior, from_data))
-    elif config.prior.num_augmentations != training_codes.num_augmentations:
-        raise ValueError(
-            f"this prior was started on codes with {config.prior.num_augmentations} transforms "
-            f"but {run_dir / CODES_DIR} now holds {training_codes.num_augmentations}; "
-            "extract the codes as before or train a new prior"
+    with training_lock(kind_dir, context, resume):
+        config, checkpoint = resume_or_start(
+            kind_dir,
+            kind,
+            PriorRunConfig,
+            config,
+            resume,
+            f"{kind_dir} already holds a trained prior; pass --resume",
         )
-    micro_batch_size(config.train, context)  # the batch must split evenly: checked first
-    torch.manual_seed(config.train.seed)
-    prior = PixelSNAIL(config.prior)
-    session = TrainingSession(
-        prior,
-        config,
-        context,
-        runtime,
-        kind=kind,
-        checkpoint_dir=kind_dir,
-        log_dir=kind_dir,
-        checkpoint=checkpoint,
-        max_minutes=max_minutes,
-        progress=progress,
-        extra={"level": level},
-        postfix="batch_nll_nats",
-        now=now,
-    )
-    seed_own_dropout(config.train, context)
+        if checkpoint is None:
+            num_classes = train_codes.num_classes if config.class_conditional else 0
+            from_data = {
+                "code_size": vqvae_config.latent_sizes[index],
+                "codebook_size": vqvae_config.codebook_size,
+                "condition_sizes": tuple(vqvae_config.latent_sizes[:index]),
+                "num_classes": num_classes if num_classes > 1 else 0,
+                "num_augmentations": training_codes.num_augmentations,
+            }
+            config = replace(config, prior=_prior_for_data(config.prior, from_data))
+        elif config.prior.num_augmentations != training_codes.num_augmentations:
+            raise ValueError(
+                f"this prior was started on codes with {config.prior.num_augmentations} transforms "
+                f"but {run_dir / CODES_DIR} now holds {training_codes.num_augmentations}; "
+                "extract the codes as before or train a new prior"
+            )
+        micro_batch_size(config.train, context)  # the batch must split evenly: checked first
+        check_batch_fits(len(training_codes), config.train.batch_size)
+        torch.manual_seed(config.train.seed)
+        prior = PixelSNAIL(config.prior)
+        session = TrainingSession(
+            prior,
+            config,
+            context,
+            runtime,
+            kind=kind,
+            checkpoint_dir=kind_dir,
+            log_dir=kind_dir,
+            checkpoint=checkpoint,
+            max_minutes=max_minutes,
+            progress=progress,
+            extra={"level": level},
+            postfix="batch_nll_nats",
+            now=now,
+        )
+        seed_own_dropout(config.train, context)
 
-    vqvae = load_vqvae(run_dir) if session.log.wants_images else None  # for sample grids
+        vqvae = load_vqvae(run_dir) if session.log.wants_images else None  # for sample grids
 
-    def validate() -> dict[str, float]:
-        if vqvae is not None:
-            grid = _prior_sample_grid(prior, vqvae, val_codes, index, session.step)
-            session.log.image(session.step, "samples (rows: real codes, this level sampled)", grid)
-        return _nll_summary("val", measure_nll(prior, val_codes, index, config.train.val_batches))
+        def validate() -> dict[str, float]:
+            if vqvae is not None:
+                grid = _prior_sample_grid(prior, vqvae, val_codes, index, session.step)
+                session.log.image(
+                    session.step, "samples (rows: real codes, this level sampled)", grid
+                )
+            return _nll_summary(
+                "val", measure_nll(prior, val_codes, index, config.train.val_batches)
+            )
 
-    loader = batch_loader(training_codes, session.batch_sampler(training_codes))
-    session.run(loader, _prior_step(prior, session.step_module, config, index), validate)
-    return session.finish(
-        lambda: _final_nll(prior, train_codes, val_codes, index, config.train.seed)
-    )
+        loader = batch_loader(training_codes, session.batch_sampler(training_codes))
+        session.run(loader, _prior_step(prior, session.step_module, config, index), validate)
+        return session.finish(
+            lambda: _final_nll(prior, train_codes, val_codes, index, config.train.seed)
+        )
 
 
 SAMPLE_GRID_COLUMNS = 8  # validation code maps whose level is resampled in a prior's grid
@@ -520,8 +535,9 @@ def _prior_step(prior: PixelSNAIL, step_module: StepModule, config: PriorRunConf
     train = config.train
     augmentation_conditional = config.prior.num_augmentations > 0
 
-    def step(batch: tuple[list[Tensor], Tensor, Tensor]):
+    def step(batch: tuple[list[Tensor], Tensor, Tensor]) -> StepOutput:
         level_codes, labels, augmentations = batch
+        total = torch.zeros((), device=step_module.context.device)
         for rows, last in micro_batches(step_module, train):
             micro_codes = [step_module.to_device(codes[rows]) for codes in level_codes]
             micro_labels = step_module.to_device(labels[rows])
@@ -534,7 +550,8 @@ def _prior_step(prior: PixelSNAIL, step_module: StepModule, config: PriorRunConf
                 )
                 loss = output.loss / train.grad_accum_steps
             loss.backward()
-        return lambda: _nll_summary("batch", output.loss.item())
+            total += loss.detach()
+        return StepOutput(total, lambda: _nll_summary("batch", output.loss.item()))
 
     return step
 
@@ -569,7 +586,8 @@ def train_classifier(
     runtime: RuntimeConfig | None = None,
     now: Clock = time.monotonic,
 ) -> TrainResult:
-    """Train the image classifier; checkpoints, metrics and config go to ``out_dir``.
+    """Train the image classifier; checkpoints, metrics and config go to ``out_dir``, which no
+    other trainer may be writing (``loop.training_lock``).
 
     ``model.num_classes`` is taken from the data. Returns ``val_accuracy`` and
     ``test_accuracy`` (on rank 0; under torchrun every process calls this).
@@ -577,68 +595,73 @@ def train_classifier(
     runtime = runtime or RuntimeConfig()
     context = runtime_context(runtime)
     out_dir = Path(out_dir)
-    config, checkpoint = resume_or_start(
-        out_dir,
-        CLASSIFIER_KIND,
-        ClassifierRunConfig,
-        config,
-        resume,
-        f"{out_dir} already holds a trained classifier; pass --resume or another --out",
-    )
-    model_config = config.model
-    splits = {
-        split: open_dataset(
-            data_path,
-            split,
-            model_config.image_size,
-            model_config.in_channels,
-            config.data,
-            config.train.seed,
+    with training_lock(out_dir, context, resume):
+        config, checkpoint = resume_or_start(
+            out_dir,
+            CLASSIFIER_KIND,
+            ClassifierRunConfig,
+            config,
+            resume,
+            f"{out_dir} already holds a trained classifier; pass --resume or another --out",
         )
-        for split in ("train", "val", "test")
-    }
-    if checkpoint is None:
-        num_classes = splits["train"].num_classes
-        if num_classes < 2:
-            raise ValueError(f"{data_path} has {num_classes} class; a classifier needs at least 2")
-        config = replace(config, model=replace(model_config, num_classes=num_classes))
-    micro_batch_size(config.train, context)  # the batch must split evenly: checked first
-    torch.manual_seed(config.train.seed)
-    classifier = Classifier(config.model)
-    session = TrainingSession(
-        classifier,
-        config,
-        context,
-        runtime,
-        kind=CLASSIFIER_KIND,
-        checkpoint_dir=out_dir,
-        log_dir=out_dir,
-        checkpoint=checkpoint,
-        max_minutes=max_minutes,
-        progress=progress,
-        now=now,
-    )
-    seed_own_dropout(config.train, context)
-    loader = batch_loader(
-        splits["train"], session.batch_sampler(splits["train"]), config.data.num_workers
-    )
-    session.run(loader, _classifier_step(session, config))
-    return session.finish(
-        lambda: {
-            "val_accuracy": measure_accuracy(classifier, splits["val"]),
-            "test_accuracy": measure_accuracy(classifier, splits["test"]),
+        model_config = config.model
+        splits = {
+            split: open_dataset(
+                data_path,
+                split,
+                model_config.image_size,
+                model_config.in_channels,
+                config.data,
+                config.train.seed,
+            )
+            for split in ("train", "val", "test")
         }
-    )
+        if checkpoint is None:
+            num_classes = splits["train"].num_classes
+            if num_classes < 2:
+                raise ValueError(
+                    f"{data_path} has {num_classes} class; a classifier needs at least 2"
+                )
+            config = replace(config, model=replace(model_config, num_classes=num_classes))
+        micro_batch_size(config.train, context)  # the batch must split evenly: checked first
+        check_batch_fits(len(splits["train"]), config.train.batch_size)
+        torch.manual_seed(config.train.seed)
+        classifier = Classifier(config.model)
+        session = TrainingSession(
+            classifier,
+            config,
+            context,
+            runtime,
+            kind=CLASSIFIER_KIND,
+            checkpoint_dir=out_dir,
+            log_dir=out_dir,
+            checkpoint=checkpoint,
+            max_minutes=max_minutes,
+            progress=progress,
+            now=now,
+        )
+        seed_own_dropout(config.train, context)
+        loader = batch_loader(
+            splits["train"], session.batch_sampler(splits["train"]), config.data.num_workers
+        )
+        session.run(loader, _classifier_step(session, config))
+        return session.finish(
+            lambda: {
+                "val_accuracy": measure_accuracy(classifier, splits["val"]),
+                "test_accuracy": measure_accuracy(classifier, splits["test"]),
+            }
+        )
 
 
 def _classifier_step(session: TrainingSession, config: ClassifierRunConfig):
     """The forward and backward passes of one classifier step over augmented (images, labels)."""
     train, step_module, context = config.train, session.step_module, session.context
 
-    def step(batch: tuple[Tensor, Tensor]):
+    def step(batch: tuple[Tensor, Tensor]) -> StepOutput:
         images, labels = batch
         seed = (train.seed * SEED_STRIDE + session.step) * context.world_size + context.rank
         images = augment(uint8_to_float(images), torch.Generator().manual_seed(seed))
+        total = torch.zeros((), device=context.device)
         for rows, last in micro_batches(step_module, train):
             micro_images, micro_labels = (
                 step_module.to_device(images[rows]),
@@ -649,9 +672,13 @@ def _classifier_step(session: TrainingSession, config: ClassifierRunConfig):
                 loss = torch.nn.functional.cross_entropy(logits.float(), micro_labels)
                 scaled_loss = loss / train.grad_accum_steps
             scaled_loss.backward()
-        return lambda: {
-            "loss": loss.item(),
-            "accuracy": float((logits.argmax(-1) == micro_labels).float().mean()),
-        }
+            total += scaled_loss.detach()
+        return StepOutput(
+            total,
+            lambda: {
+                "loss": loss.item(),
+                "accuracy": float((logits.argmax(-1) == micro_labels).float().mean()),
+            },
+        )
 
     return step
