@@ -134,6 +134,22 @@ def test_resume_keeps_the_saved_run_length(tmp_path, npz_data, capsys):
     assert json_line(capsys)["step"] == 3
     assert main(["train-vqvae", *data, "--resume", "--quiet", "--json", "--max-steps", "5"]) == 0
     assert json_line(capsys)["step"] == 5
+    # A run length shorter than the steps already taken is refused, not silently ignored.
+    assert main(["train-vqvae", *data, "--resume", "--quiet", "--max-steps", "4"]) == 2
+    assert "is at step 5, past train.max_steps 4" in capsys.readouterr().err
+
+
+def test_errors_raised_in_loader_processes_keep_their_own_message():
+    from vqvae2.cli import error_line
+
+    wrapped = ValueError(
+        "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1, in f\n    raise ValueError(...)\n'
+        "ValueError: no readable images in the dataset\n"
+    )
+    assert error_line(wrapped) == "no readable images in the dataset"
+    assert error_line(ValueError("first line\nsecond")) == "first line"
+    assert error_line(OSError()) == "OSError"
 
 
 @pytest.mark.slow

@@ -233,3 +233,10 @@ def test_cached_and_reference_generate_the_same_images(num_levels):
         vqvae, priors, 2, labels, 1.0, torch.Generator().manual_seed(3), "reference"
     )
     assert torch.equal(cached, reference)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_temperature_must_be_finite_and_positive(temperature):
+    prior = priors_for(VQVAE2(tiny_config()), num_classes=0)[0]
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        sample_codes([prior], 2, temperature=temperature)

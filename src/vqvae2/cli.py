@@ -748,6 +748,17 @@ def _add_presets(commands: argparse._SubParsersAction) -> None:
     presets.set_defaults(handler=_cmd_presets)
 
 
+def error_line(error: BaseException) -> str:
+    """The one line a user sees for ``error``: its message's first line, or for an error that a
+    DataLoader worker process re-raised, the original error's own message."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].startswith("Caught ") and "Original Traceback" in str(error):
+        return lines[-1].split(": ", 1)[-1]  # "ValueError: the message" -> "the message"
+    return lines[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit status."""
     logging.basicConfig(level=logging.INFO, format="vqvae2: %(message)s", stream=sys.stderr)
@@ -771,8 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("vqvae2: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, TypeError, OSError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"vqvae2: error: {message}", file=sys.stderr)
+        print(f"vqvae2: error: {error_line(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
     finally:
         # After a failure the other processes may never reach the closing barrier.

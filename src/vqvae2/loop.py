@@ -372,6 +372,11 @@ def resume_or_start(
             raise ValueError(occupied)
         return config, None
     checkpoint = read_checkpoint(checkpoint_dir, kind, with_optimizer=True)
+    if config.train.max_steps < checkpoint.step:
+        raise ValueError(
+            f"{checkpoint_dir} is at step {checkpoint.step}, past train.max_steps "
+            f"{config.train.max_steps}: give --max-steps {checkpoint.step} or more to resume"
+        )
     saved = config_from_dict(config_class, checkpoint.config)
     length = {
         "max_steps": config.train.max_steps,

@@ -41,8 +41,8 @@ def _empty_codes(
     temperature: float,
 ) -> Tensor:
     """Check the sampling inputs; (B, H, W) int64 zeros to fill."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     side = prior.config.code_size
     device = next(prior.parameters()).device
     codes = torch.zeros(batch_size, side, side, dtype=torch.long, device=device)
