@@ -55,7 +55,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from vqvae2 import pixelsnail
-from vqvae2.config import PriorRunConfig, VQVAERunConfig, load_config
+from vqvae2.config import PriorRunConfig, TrainConfig, VQVAERunConfig, load_config
+from vqvae2.loop import AdamInBackward
 from vqvae2.vqvae import VQVAE2
 
 CAPACITIES = {"80 GB": 80 * 10**9, "141 GB": 141 * 10**9}
@@ -153,17 +154,25 @@ def parameters_of(config) -> int:
         return sum(p.numel() for p in pixelsnail.PixelSNAIL(config).parameters())
 
 
-def prior_training(module, config, batches, attention_dropout=None) -> dict[int, dict]:
+def prior_training(
+    module, config, batches, attention_dropout=None, in_backward=False
+) -> dict[int, dict]:
     """One training step of ``module.PixelSNAIL(config)`` on fake tensors, per batch size:
     ``peak`` (live bytes, the whole step) and ``forward`` (the forward pass's peak above the
-    step's start: activations and their transients)."""
+    step's start: activations and their transients). ``in_backward``: Adam steps each
+    parameter inside the backward pass (``train.optimizer_in_backward``)."""
     results = {}
     with FakeTensorMode():
         prior = module.PixelSNAIL(config).train()
         if attention_dropout is not None:
             for attention in prior.attention.values():
                 attention.dropout = attention_dropout
-        optimizer = torch.optim.Adam(prior.parameters(), fused=True)
+        if in_backward:
+            optimizer = AdamInBackward(prior, TrainConfig(optimizer_in_backward=True))
+            optimizers = optimizer.optimizers
+        else:
+            optimizer = torch.optim.Adam(prior.parameters(), fused=True)
+            optimizers = [optimizer]
         for index, batch in enumerate(batches):
             codes, labels, upper = prior_inputs(config, batch)
             inputs = [t for t in (codes, labels, *(upper or [])) if t is not None]
@@ -172,7 +181,7 @@ def prior_training(module, config, batches, attention_dropout=None) -> dict[int,
                 training_loss(prior, codes, labels, upper).backward()
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            state = [t for s in optimizer.state.values() for t in s.values()]
+            state = [t for o in optimizers for s in o.state.values() for t in s.values()]
             with tracked([*prior.parameters(), *state, *inputs]) as tracker:
                 start = tracker.live
                 loss = training_loss(prior, codes, labels, upper)
@@ -403,6 +412,7 @@ VARIANTS = {
     "train_before": "before",
     "train_after": "after, CPU kernels",
     "train_after_fused": "after, fused kernel",
+    "train_after_in_backward": "after, fused kernel, optimizer_in_backward",
 }
 
 
@@ -411,6 +421,7 @@ def main() -> None:
     parser.add_argument("--baseline-rev", required=True, help="git revision for 'before'")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-stage1", action="store_true", help="priors only (no real runs)")
+    parser.add_argument("--priors", nargs="*", help="only these prior presets (default: all)")
     parser.add_argument(
         "--prior-batches",
         type=int,
@@ -438,13 +449,22 @@ def main() -> None:
 
     priors = {}
     for name, (config, _) in prior_configs().items():
+        if args.priors and name not in args.priors:
+            continue
         row = {"parameters": parameters_of(config)}
-        variants = {"train_before": (baseline, None), "train_after": (pixelsnail, None)}
+        fused = 0.0 if config.attention_layers else None
+        variants = {
+            "train_before": (baseline, None, False),
+            "train_after": (pixelsnail, None, False),
+            "train_after_in_backward": (pixelsnail, fused, True),
+        }
         if config.attention_layers:
-            variants["train_after_fused"] = (pixelsnail, 0.0)
-        for key, (module, dropout) in variants.items():
+            variants["train_after_fused"] = (pixelsnail, 0.0, False)
+        for key, (module, dropout, in_backward) in variants.items():
             row[key] = train_figures(
-                lambda b, m=module, c=config, d=dropout: prior_training(m, c, b, d),
+                lambda b, m=module, c=config, d=dropout, i=in_backward: prior_training(
+                    m, c, b, d, i
+                ),
                 batches=tuple(args.prior_batches),
                 verify=True,
             )

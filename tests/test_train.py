@@ -324,3 +324,48 @@ def test_measure_levels_by_hand(tmp_path, npz_data):
     assert top["psnr_vs_mean_image"] == pytest.approx(10 * math.log10(1 / mse_mean), rel=1e-5)
     assert top["psnr_vs_low_pass"] == pytest.approx(10 * math.log10(1 / mse_low), rel=1e-5)
     assert top["low_pass_side"] == 2 and set(result["prefixes"]) == {"top"}
+
+
+def test_adam_in_backward_trains_the_same_weights_and_shares_checkpoints(tmp_path, npz_data):
+    """Stepping each parameter inside the backward pass is Adam's own update: the same weights
+    as the usual step, and checkpoints that resume in either mode."""
+    usual = train_vqvae(
+        tiny_run_config("train.max_steps=4"), npz_data, tmp_path / "a", progress=False
+    )
+    in_backward = tiny_run_config("train.max_steps=4", "train.optimizer_in_backward=true")
+    stepped = train_vqvae(in_backward, npz_data, tmp_path / "b", progress=False)
+    assert_states_close(stepped.model.state_dict(), usual.model.state_dict(), atol=1e-6)
+    # Half the run in one mode, the rest resumed in the other, both ways round.
+    half = tiny_run_config("train.max_steps=2", "train.optimizer_in_backward=true")
+    train_vqvae(half, npz_data, tmp_path / "c", progress=False)
+    resumed = train_vqvae(
+        tiny_run_config("train.max_steps=4"), npz_data, tmp_path / "c", resume=True, progress=False
+    )
+    assert_states_close(resumed.model.state_dict(), usual.model.state_dict(), atol=1e-6)
+    with pytest.raises(ValueError, match="needs train.grad_accum_steps=1"):
+        tiny_run_config("train.optimizer_in_backward=true", "train.nonfinite=skip")
+
+
+def test_adam_in_backward_frees_each_gradient_as_it_steps():
+    from vqvae2.config import TrainConfig
+    from vqvae2.loop import AdamInBackward
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = AdamInBackward(model, TrainConfig(learning_rate=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    seen = []  # gradients alive when each parameter is stepped
+    for parameter in model.parameters():
+        parameter.register_post_accumulate_grad_hook(
+            lambda _: seen.append(sum(p.grad is not None for p in model.parameters()))
+        )
+    model(torch.randn(5, 3)).pow(2).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert seen == [0, 0, 0, 0]  # after each step no gradient is held (usual Adam: 1, 2, 3, 4)
+    state = optimizer.state_dict()
+    assert sorted(state["state"]) == [0, 1, 2, 3] and state["param_groups"][0]["params"] == [
+        0,
+        1,
+        2,
+        3,
+    ]

@@ -163,16 +163,78 @@ def prepare_step_module(
     return StepModule(model=model, forward=forward, ddp=ddp, context=context, runtime=runtime)
 
 
-def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Adam:
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> Any:
+    """Adam over the model's parameters (``AdamInBackward`` with
+    ``train.optimizer_in_backward``)."""
+    if train.optimizer_in_backward:
+        return AdamInBackward(model, train)
+    return _adam(list(model.parameters()), train)
+
+
+def _adam(parameters: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Adam:
     # The fused kernel updates every tensor in one pass: on the CPU the per-parameter loop of
     # the default implementation cost more than 3x as much (bench/README.md).
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
     return torch.optim.Adam(
-        model.parameters(),
+        parameters,
         lr=train.learning_rate,
         betas=(train.adam_beta1, train.adam_beta2),
         fused=fused or None,
     )
+
+
+class AdamInBackward:
+    """Adam stepped parameter by parameter inside the backward pass: as soon as a parameter's
+    gradient is complete, its own Adam steps and the gradient is freed, so the gradients of the
+    whole model are never held at once (``train.optimizer_in_backward``).
+
+    To the training session it looks like one ``torch.optim.Adam``: ``param_groups`` (one per
+    parameter, in the model's order) take the step size, ``zero_grad`` and ``step`` have nothing
+    left to do, and ``state_dict`` / ``load_state_dict`` use the single optimiser's layout, so a
+    checkpoint resumes with either. The update of each parameter is Adam's own.
+    """
+
+    def __init__(self, model: torch.nn.Module, train: TrainConfig) -> None:
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.optimizers = [_adam([p], train) for p in self.parameters]
+        for parameter, optimizer in zip(self.parameters, self.optimizers, strict=True):
+            parameter.register_post_accumulate_grad_hook(self._stepper(optimizer))
+
+    @staticmethod
+    def _stepper(optimizer: torch.optim.Adam) -> Callable[[torch.Tensor], None]:
+        def step(parameter: torch.Tensor) -> None:
+            optimizer.step()
+            parameter.grad = None
+
+        return step
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [optimizer.param_groups[0] for optimizer in self.optimizers]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for parameter in self.parameters:
+            parameter.grad = None
+
+    def step(self) -> None:
+        """Nothing: every parameter stepped during the backward pass."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state in the layout of one Adam over all the parameters (ids 0 .. n-1)."""
+        states = [optimizer.state_dict() for optimizer in self.optimizers]
+        group = {key: value for key, value in states[0]["param_groups"][0].items()}
+        group["params"] = list(range(len(states)))
+        return {
+            "state": {i: s["state"][0] for i, s in enumerate(states) if 0 in s["state"]},
+            "param_groups": [group],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a state saved by this class or by one Adam over the same parameters."""
+        (group,) = state["param_groups"]
+        for index, optimizer in enumerate(self.optimizers):
+            own = {0: state["state"][index]} if index in state["state"] else {}
+            optimizer.load_state_dict({"state": own, "param_groups": [{**group, "params": [0]}]})
 
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's tensors of each parameter's shape
@@ -449,6 +511,8 @@ class TrainingSession:
             self.step = self.saved_step = checkpoint.step
             elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
         self.skipped = 0 if checkpoint is None else int(checkpoint.extra.get(SKIPPED, 0))
+        if self.train.optimizer_in_backward and context.enabled:
+            raise ValueError("train.optimizer_in_backward runs in one process, not under DDP")
         self.step_module = prepare_step_module(model, context, runtime)
         self.optimizer = make_optimizer(model, self.train)
         if checkpoint is not None and checkpoint.optimizer_state is not None:
