@@ -822,3 +822,38 @@ def decompress_files(
             image_codes = [level[index] for level in codes]
             results.append(DecompressedFile(paths[start + index], png, header, image_codes, image))
     return results
+
+
+def compression_report(run_dir: str | Path, results: Sequence[CompressedFile]) -> dict[str, Any]:
+    """``summarise`` of ``compress_files``'s results, with one entry per file (plain data)."""
+    model = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model
+    pixels = model.image_size**2
+    names = model.level_names
+    files = []
+    for result in results:
+        encoded, header = result.encoded, result.header
+        files.append(
+            {
+                "image": str(result.image),
+                "file": str(result.file),
+                "bytes": result.size,
+                "payload_bytes": len(encoded.payload),
+                "height": header.height,
+                "width": header.width,
+                "fit": header.fit,
+                "label": header.label,
+                "bits_per_pixel": {
+                    **dict(zip(names, np.array(encoded.coded_bits) / pixels, strict=True)),
+                    "payload": 8 * len(encoded.payload) / pixels,
+                    "file": 8 * result.size / pixels,
+                },
+                "nll_bits_per_pixel": {
+                    **dict(zip(names, np.array(encoded.nll_bits) / pixels, strict=True)),
+                    "total": sum(encoded.nll_bits) / pixels,
+                },
+            }
+        )
+    summary = summarise(
+        [result.encoded for result in results], names, pixels, [r.size for r in results]
+    )
+    return {"run": str(run_dir), **summary, "files": files}
