@@ -81,11 +81,11 @@ FINGERPRINT_BYTES = 8  # the first 8 bytes of a SHA-256
 NO_LABEL = 0xFFFF  # the label field of a file coded without a class
 MAX_SIDE = 0xFFFF  # image sides are stored as uint16
 SUFFIX = ".vq2"
-# magic, version, fingerprint, height, width, fit, levels, label, payload length (big-endian)
-_HEADER = struct.Struct(">4sB8sHHBBHI")
+# magic, version, fingerprint, height, width, fit, levels, label, batch row, payload length
+_HEADER = struct.Struct(">4sB8sHHBBHBI")  # big-endian
 _CRC = struct.Struct(">I")
-HEADER_BYTES = _HEADER.size  # 25
-OVERHEAD_BYTES = _HEADER.size + _CRC.size  # 29: everything in a file but the payload
+HEADER_BYTES = _HEADER.size  # 26
+OVERHEAD_BYTES = _HEADER.size + _CRC.size  # 30: everything in a file but the payload
 
 Fit = Literal["pad", "resize"]
 # pad: placed centred on a black square of the model's side (as the IDX loader pads 28 -> 32),
@@ -117,6 +117,7 @@ class Header:
     fit: Fit  # how the image was fitted to the model's square side
     num_levels: int
     label: int | None  # the class the priors were given, None for unconditional priors
+    slot: int  # the row of its coding batch the image was coded in (see ``slot_batches``)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,13 +126,15 @@ class Header:
 
 def pack_file(header: Header, payload: bytes) -> bytes:
     """The bytes of a compressed file: header, payload, then the CRC32 of both."""
-    label = NO_LABEL if header.label is None else header.label
-    if not 0 <= label < NO_LABEL:
+    if header.label is not None and not 0 <= header.label < NO_LABEL:
         raise ValueError(f"class labels must lie in [0, {NO_LABEL}), got {header.label}")
+    label = NO_LABEL if header.label is None else header.label
     if not (1 <= header.height <= MAX_SIDE and 1 <= header.width <= MAX_SIDE):
         raise ValueError(
             f"image sides must lie in [1, {MAX_SIDE}], got {header.height}x{header.width}"
         )
+    if not 0 <= header.slot < CODING_BATCH_SIZE:
+        raise ValueError(f"batch rows lie in [0, {CODING_BATCH_SIZE}), got {header.slot}")
     if len(header.fingerprint) != FINGERPRINT_BYTES:
         raise ValueError(f"the fingerprint must have {FINGERPRINT_BYTES} bytes")
     head = _HEADER.pack(
@@ -143,6 +146,7 @@ def pack_file(header: Header, payload: bytes) -> bytes:
         FIT_CODES[header.fit],
         header.num_levels,
         label,
+        header.slot,
         len(payload),
     )
     body = head + payload
@@ -167,8 +171,8 @@ def parse_file(data: bytes) -> tuple[Header, bytes]:
         raise CodecFormatError(
             f"truncated: {len(data)} bytes, a compressed image has at least {OVERHEAD_BYTES}"
         )
-    magic, version, fingerprint, height, width, fit, levels, label, length = _HEADER.unpack_from(
-        data
+    magic, version, fingerprint, height, width, fit, levels, label, slot, length = (
+        _HEADER.unpack_from(data)
     )
     if magic != MAGIC:
         raise CodecFormatError("not a vqvae2 compressed image (wrong magic bytes)")
@@ -190,6 +194,8 @@ def parse_file(data: bytes) -> tuple[Header, bytes]:
         raise CodecFormatError("the header declares no latent levels")
     if height < 1 or width < 1:
         raise CodecFormatError(f"the header declares an empty image ({height}x{width})")
+    if slot >= CODING_BATCH_SIZE:
+        raise CodecFormatError(f"batch row {slot} is out of range [0, {CODING_BATCH_SIZE})")
     header = Header(
         fingerprint=fingerprint,
         height=height,
@@ -197,6 +203,7 @@ def parse_file(data: bytes) -> tuple[Header, bytes]:
         fit=fits[fit],
         num_levels=levels,
         label=None if label == NO_LABEL else label,
+        slot=slot,
     )
     return header, data[HEADER_BYTES : -_CRC.size]
 
@@ -390,11 +397,46 @@ def coding_threads() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _padded(rows: Tensor) -> Tensor:
-    """(B, ...) with B <= CODING_BATCH_SIZE -> (CODING_BATCH_SIZE, ...), copies of row 0 added."""
-    missing = CODING_BATCH_SIZE - len(rows)
-    assert len(rows) > 0 and missing >= 0
-    return torch.cat([rows, rows[:1].expand(missing, *rows.shape[1:])])
+def _slots(count: int, slots: Sequence[int] | None) -> list[int]:
+    """The batch rows of ``count`` images: ``slots`` checked, or 0 .. count - 1."""
+    slots = list(range(count)) if slots is None else [int(slot) for slot in slots]
+    if not 1 <= count <= CODING_BATCH_SIZE:
+        raise ValueError(f"a coding batch holds 1 to {CODING_BATCH_SIZE} images, got {count}")
+    if len(slots) != count or len(set(slots)) != count:
+        raise ValueError(f"give {count} different batch rows, got {slots}")
+    if not all(0 <= slot < CODING_BATCH_SIZE for slot in slots):
+        raise ValueError(f"batch rows lie in [0, {CODING_BATCH_SIZE}), got {slots}")
+    return slots
+
+
+def _placed(rows: Tensor, slots: Sequence[int]) -> Tensor:
+    """(B, ...) -> (CODING_BATCH_SIZE, ...): row i at ``slots[i]``, the other rows copies of
+    row 0 (rows do not interact: only where a row sits and the batch size change its results)."""
+    batch = rows[:1].expand(CODING_BATCH_SIZE, *rows.shape[1:]).clone()
+    batch[list(slots)] = rows
+    return batch
+
+
+def slot_batches(slots: Sequence[int]) -> list[list[int]]:
+    """Indices of items grouped into coding batches, each item in the batch row it was coded
+    in: in order, each item joins the first batch whose row ``slots[i]`` is still free.
+
+    Args:
+        slots: each item's batch row, in [0, CODING_BATCH_SIZE).
+
+    Returns:
+        Lists of indices into ``slots``; within a list, the slots differ.
+    """
+    batches: list[list[int]] = []
+    taken: list[set[int]] = []
+    for index, slot in enumerate(slots):
+        free = next((b for b, used in enumerate(taken) if slot not in used), len(batches))
+        if free == len(batches):
+            batches.append([])
+            taken.append(set())
+        batches[free].append(index)
+        taken[free].add(slot)
+    return batches
 
 
 def _prior_labels(prior: PixelSNAIL, labels: Tensor | None) -> Tensor | None:
@@ -402,7 +444,7 @@ def _prior_labels(prior: PixelSNAIL, labels: Tensor | None) -> Tensor | None:
 
 
 def _position_weights(state: IncrementalSampler, row: int, col: int) -> tuple[Tensor, np.ndarray]:
-    """The logits (B, K) float32 at (row, col) and their weights (B, K) int64: the one call the
+    """The logits (P, K) float32 at (row, col) and their weights (P, K) int64: the one call the
     encoder and the decoder share."""
     logits = state.logits_at(row, col)
     return logits, quantise_probabilities(logits)
@@ -413,33 +455,37 @@ class EncodedImage(NamedTuple):
     payload: bytes
     nll_bits: list[float]  # per level: -log2 of the prior's float probabilities, summed
     coded_bits: list[float]  # per level: what the coder's integer weights spend, summed
+    slot: int  # the batch row it was coded in
 
 
 @torch.no_grad()
 def encode_batch(
-    vqvae: VQVAE2, priors: Sequence[PixelSNAIL], images: Tensor, labels: Tensor | None
+    vqvae: VQVAE2,
+    priors: Sequence[PixelSNAIL],
+    images: Tensor,
+    labels: Tensor | None,
+    slots: Sequence[int] | None = None,
 ) -> list[EncodedImage]:
-    """Codes and payloads of up to ``CODING_BATCH_SIZE`` images.
+    """Codes and payloads of up to ``CODING_BATCH_SIZE`` images, coded in one batch.
 
     Args:
         vqvae, priors: a run's models (priors top first), on the CPU.
         images: (B, C, S, S) uint8, 1 <= B <= CODING_BATCH_SIZE.
         labels: (B,) int64 classes for class-conditional priors, else None.
+        slots: the batch row of each image (default 0 .. B - 1); decoding puts it there again.
 
     Returns:
         One ``EncodedImage`` per image.
     """
-    count = len(images)
-    if not 1 <= count <= CODING_BATCH_SIZE:
-        raise ValueError(f"encode_batch takes 1 to {CODING_BATCH_SIZE} images, got {count}")
-    padded_labels = None if labels is None else _padded(labels)
+    slots = _slots(len(images), slots)
+    batch_labels = None if labels is None else _placed(labels, slots)
     with coding_threads(), evaluating(vqvae, *priors):
-        codes = vqvae.encode(uint8_to_float(_padded(images)))  # per level (P, h, w)
+        codes = vqvae.encode(uint8_to_float(_placed(images, slots)))  # per level (P, h, w)
         symbols, weights, nll, coded = [], [], [], []
         for level, prior in enumerate(priors):
             side = prior.config.code_size
             upper = codes[:level] if prior.config.condition_sizes else None
-            condition = prior.condition(_prior_labels(prior, padded_labels), upper)
+            condition = prior.condition(_prior_labels(prior, batch_labels), upper)
             state = IncrementalSampler(prior, CODING_BATCH_SIZE, condition)
             level_logits, level_weights = [], []
             for row in range(side):
@@ -448,37 +494,39 @@ def encode_batch(
                     level_logits.append(logits)
                     level_weights.append(position_weights)
                     state.set_codes(row, col, codes[level][:, row, col])
-            level_symbols = codes[level].flatten(1)  # (P, h*w), raster order
-            stacked = torch.stack(level_logits, dim=1)  # (P, h*w, K)
-            bits = nll_bits(stacked.flatten(0, 1), level_symbols.flatten())
-            nll.append(bits.view(CODING_BATCH_SIZE, -1).sum(1))  # (P,)
+            level_symbols = codes[level].flatten(1).numpy()  # (P, h*w), raster order
             level_weights = np.stack(level_weights, axis=1)  # (P, h*w, K)
-            symbols.append(level_symbols.numpy())
-            weights.append(level_weights)
+            stacked = torch.stack(level_logits, dim=1)  # (P, h*w, K)
+            bits = nll_bits(stacked.flatten(0, 1), codes[level].flatten())  # (P*h*w,)
+            nll.append(bits.view(CODING_BATCH_SIZE, -1).sum(1).numpy())  # (P,)
+            flat_weights = level_weights.reshape(-1, level_weights.shape[-1])  # (P*h*w, K)
             coded.append(
-                code_bits(
-                    level_weights.reshape(-1, level_weights.shape[-1]),
-                    level_symbols.flatten().numpy(),
-                )
+                code_bits(flat_weights, level_symbols.flatten())
                 .reshape(CODING_BATCH_SIZE, -1)
                 .sum(1)
             )
+            symbols.append(level_symbols)
+            weights.append(level_weights)
     all_symbols = np.concatenate(symbols, axis=1)  # (P, positions of every level)
     all_weights = np.concatenate(weights, axis=1)  # (P, positions, K)
     return [
         EncodedImage(
-            codes=[level_codes[index] for level_codes in codes],
-            payload=encode_symbols(all_symbols[index], all_weights[index]),
-            nll_bits=[float(level_bits[index]) for level_bits in nll],
-            coded_bits=[float(level_bits[index]) for level_bits in coded],
+            codes=[level_codes[slot] for level_codes in codes],
+            payload=encode_symbols(all_symbols[slot], all_weights[slot]),
+            nll_bits=[float(level_bits[slot]) for level_bits in nll],
+            coded_bits=[float(level_bits[slot]) for level_bits in coded],
+            slot=slot,
         )
-        for index in range(count)
+        for slot in slots
     ]
 
 
 @torch.no_grad()
 def decode_batch(
-    priors: Sequence[PixelSNAIL], payloads: Sequence[bytes], labels: Tensor | None
+    priors: Sequence[PixelSNAIL],
+    payloads: Sequence[bytes],
+    labels: Tensor | None,
+    slots: Sequence[int] | None = None,
 ) -> list[Tensor]:
     """The codes of up to ``CODING_BATCH_SIZE`` payloads, decoded position by position.
 
@@ -486,6 +534,7 @@ def decode_batch(
         priors: the run's priors, top first, on the CPU.
         payloads: B payloads of files compressed with this run, 1 <= B <= CODING_BATCH_SIZE.
         labels: (B,) int64 classes for class-conditional priors, else None.
+        slots: the batch row each payload was coded in (default 0 .. B - 1), all different.
 
     Returns:
         Per level (B, h_l, w_l) int64 codes, top first.
@@ -493,44 +542,42 @@ def decode_batch(
     Raises:
         PayloadError: a payload does not decode.
     """
-    count = len(payloads)
-    if not 1 <= count <= CODING_BATCH_SIZE:
-        raise ValueError(f"decode_batch takes 1 to {CODING_BATCH_SIZE} payloads, got {count}")
+    slots = _slots(len(payloads), slots)
     decoders = [SymbolDecoder(payload) for payload in payloads]
-    padded_labels = None if labels is None else _padded(labels)
+    batch_labels = None if labels is None else _placed(labels, slots)
     codes: list[Tensor] = []
     with coding_threads(), evaluating(*priors):
         for level, prior in enumerate(priors):
             side = prior.config.code_size
             level_codes = torch.zeros(CODING_BATCH_SIZE, side, side, dtype=torch.long)
             upper = codes[:level] if prior.config.condition_sizes else None
-            condition = prior.condition(_prior_labels(prior, padded_labels), upper)
+            condition = prior.condition(_prior_labels(prior, batch_labels), upper)
             state = IncrementalSampler(prior, CODING_BATCH_SIZE, condition)
             for row in range(side):
                 for col in range(side):
                     _, weights = _position_weights(state, row, col)
-                    decoded = [decoder.decode(weights[i]) for i, decoder in enumerate(decoders)]
+                    decoded = [
+                        decoder.decode(weights[slot])
+                        for decoder, slot in zip(decoders, slots, strict=True)
+                    ]
                     if None in decoded:
                         raise PayloadError(decoded.index(None))
-                    padding = [decoded[0]] * (CODING_BATCH_SIZE - count)  # as in the encoder
-                    level_codes[:, row, col] = torch.tensor(decoded + padding)
+                    level_codes[:, row, col] = _placed(torch.tensor(decoded), slots)
                     state.set_codes(row, col, level_codes[:, row, col])
             codes.append(level_codes)
-    return [level_codes[:count] for level_codes in codes]
+    return [level_codes[slots] for level_codes in codes]
 
 
 @torch.no_grad()
-def decode_images(vqvae: VQVAE2, codes: Sequence[Tensor]) -> Tensor:
-    """One decoder pass per ``CODING_BATCH_SIZE`` images: codes (N, h_l, w_l) per level, top
-    first -> (N, C, S, S) uint8, the same pixels whatever the batch around an image."""
-    count = len(codes[0])
-    images = []
+def decode_images(
+    vqvae: VQVAE2, codes: Sequence[Tensor], slots: Sequence[int] | None = None
+) -> Tensor:
+    """One decoder pass over a coding batch: codes (B, h_l, w_l) per level, top first, each
+    image in its batch row ``slots`` (default 0 .. B - 1) -> (B, C, S, S) uint8."""
+    slots = _slots(len(codes[0]), slots)
     with coding_threads(), evaluating(vqvae):
-        for start in range(0, count, CODING_BATCH_SIZE):
-            chunk = [_padded(level[start : start + CODING_BATCH_SIZE]) for level in codes]
-            decoded = float_to_uint8(vqvae.decode_codes(chunk))
-            images.append(decoded[: min(CODING_BATCH_SIZE, count - start)])
-    return torch.cat(images)
+        decoded = vqvae.decode_codes([_placed(level, slots) for level in codes])
+    return float_to_uint8(decoded[slots])
 
 
 def summarise(
@@ -721,6 +768,7 @@ def compress_files(
                 fit=fit,
                 num_levels=config.num_levels,
                 label=None if chunk_labels is None else int(chunk_labels[index]),
+                slot=item.slot,
             )
             data = pack_file(header, item.payload)
             output = outputs[start + index]
@@ -803,25 +851,25 @@ def decompress_files(
     outputs = _output_paths(paths, out_dir, ".png")
     parsed = read_checked(paths, run_dir)
     vqvae, priors = _load_models(run_dir, parsed[0][0].fingerprint)
-    results: list[DecompressedFile] = []
-    starts = range(0, len(paths), CODING_BATCH_SIZE)
-    for start in tqdm(starts, desc="decompress", disable=not progress, leave=False):
-        chunk = parsed[start : start + CODING_BATCH_SIZE]
-        headers = [header for header, _ in chunk]
+    done: dict[int, DecompressedFile] = {}
+    batches = slot_batches([header.slot for header, _ in parsed])
+    for batch in tqdm(batches, desc="decompress", disable=not progress, leave=False):
+        headers = [parsed[index][0] for index in batch]
+        slots = [header.slot for header in headers]
         labels = None
         if headers[0].label is not None:
             labels = torch.tensor([header.label for header in headers], dtype=torch.long)
         try:
-            codes = decode_batch(priors, [payload for _, payload in chunk], labels)
+            codes = decode_batch(priors, [parsed[index][1] for index in batch], labels, slots)
         except PayloadError as error:
-            raise CodecFormatError(f"{paths[start + error.index]}: {error}") from None
-        images = decode_images(vqvae, codes)
-        for index, header in enumerate(headers):
-            image = unfit_image(images[index], header)
-            png = save_png(image, outputs[start + index])
-            image_codes = [level[index] for level in codes]
-            results.append(DecompressedFile(paths[start + index], png, header, image_codes, image))
-    return results
+            raise CodecFormatError(f"{paths[batch[error.index]]}: {error}") from None
+        images = decode_images(vqvae, codes, slots)
+        for place, (index, header) in enumerate(zip(batch, headers, strict=True)):
+            image = unfit_image(images[place], header)
+            png = save_png(image, outputs[index])
+            image_codes = [level[place] for level in codes]
+            done[index] = DecompressedFile(paths[index], png, header, image_codes, image)
+    return [done[index] for index in range(len(paths))]
 
 
 def compression_report(run_dir: str | Path, results: Sequence[CompressedFile]) -> dict[str, Any]:
