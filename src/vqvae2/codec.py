@@ -14,11 +14,13 @@ float64 softmax and are quantised here to integer weights, each at least 1, summ
 categorical model receives ``weight - 1`` as exact float64 integers: its own quantisation gives
 each code ``floor(cumulative * scale) + index`` with ``scale`` exactly 1 for these numbers, so the
 coder uses exactly our weights. Encoder and decoder get bit-identical logits because they run
-the same code path on the CPU with ``CODING_THREADS`` threads, float32, eval mode, and always in
-batches of exactly ``CODING_BATCH_SIZE`` rows (on the CPU a row's results are the same at any
-position of a batch but differ in the last bits between batch sizes, measured with PyTorch 2.13).
-Files therefore decode on the same software and hardware stack; across CPUs or library
-versions the float results, and so the decoded codes, may differ.
+the same code path on the CPU with ``CODING_THREADS`` threads, float32, eval mode, always in
+batches of exactly ``CODING_BATCH_SIZE`` rows, and each image in the same row of its batch: on
+the CPU a row's float results do not depend on what the other rows hold, but they can differ in
+the last bits between batch sizes and between rows (measured with PyTorch 2.13: with a tiny
+prior, odd and even rows differ). Each file records its row; decoding groups files into batches
+in their rows (``slot_batches``). Files therefore decode on the same software and hardware
+stack; across CPUs or library versions the float results, and so the decoded codes, may differ.
 
 The payload is one range-coded stream per image, all levels top first in raster order, cut to the
 shortest byte string that still decodes (``encode_symbols``). The container (``pack_file`` /
