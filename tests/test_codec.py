@@ -396,7 +396,7 @@ def test_another_run_is_refused_before_any_model_is_built(run_dir, tmp_path, mon
     assert_one_line_error(capsys, code, "image001.vq2: compressed with another model")
 
 
-def test_labels_must_fit_the_priors(run_dir, tmp_path, capsys):
+def test_labels_and_images_are_checked_first(run_dir, tmp_path, capsys):
     paths = write_pngs(tmp_path / "in", blob_images(2))
     out = str(tmp_path / "c")
     code = main(["compress", str(run_dir), *map(str, paths), "--out", out, "--quiet"])
@@ -407,6 +407,8 @@ def test_labels_must_fit_the_priors(run_dir, tmp_path, capsys):
         ["compress", str(run_dir), *map(str, paths), "--out", out, "--label", "0", "1", "2"]
     )
     assert_one_line_error(capsys, code, "3 labels for 2 images")
+    code = main(["compress", str(run_dir), str(tmp_path / "nope.png"), "--out", out])
+    assert_one_line_error(capsys, code, "nope.png does not exist")
 
 
 def test_cli_compress_json_then_decompress(run_dir, tmp_path, capsys):

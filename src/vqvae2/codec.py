@@ -747,6 +747,9 @@ def compress_files(
     paths = [Path(path) for path in paths]
     if not paths:
         raise ValueError("no image files given")
+    missing = [path for path in paths if not path.is_file()]
+    if missing:
+        raise ValueError(f"image file {missing[0]} does not exist")
     outputs = _output_paths(paths, out_dir, SUFFIX)
     fingerprint = run_fingerprint(run_dir)
     vqvae, priors = _load_models(run_dir, fingerprint)
