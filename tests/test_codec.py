@@ -48,11 +48,11 @@ from vqvae2.vqvae import VQVAE2
 from .conftest import assert_one_line_error, tiny_config
 
 NUM_CLASSES = 3
-# The coder's cost beyond the integer weights' ideal: at most one byte to end on a byte boundary
-# and one more bit to land inside the final interval, plus the range coder's rounding, about
-# 2**-8 of a bit per symbol (its range keeps >= 32 bits beside 24-bit probabilities).
+# The coder's cost beyond the integer weights' ideal: under a byte to end on a byte boundary
+# inside the final interval (one bit of margin), plus the range coder's rounding, at most
+# log2(1 + 2**-8) bits per symbol (its range keeps >= 32 bits beside 24-bit probabilities).
 TERMINATION_BITS = 9
-ROUNDING_BITS_PER_SYMBOL = 2**-8
+ROUNDING_BITS_PER_SYMBOL = float(np.log2(1 + 2**-8))
 
 
 def prior_config(code_size: int, condition_sizes: tuple[int, ...] = ()) -> PixelSNAILConfig:
