@@ -25,6 +25,7 @@ from vqvae2.codec import (
     Header,
     SymbolDecoder,
     code_bits,
+    codes_check,
     compress_files,
     decode_batch,
     decode_images,
@@ -180,7 +181,14 @@ def test_nll_bits_are_the_float_probabilities():
 
 
 HEADER = Header(
-    fingerprint=bytes(range(8)), height=28, width=27, fit="pad", num_levels=2, label=7, slot=5
+    fingerprint=bytes(range(8)),
+    height=28,
+    width=27,
+    fit="pad",
+    num_levels=2,
+    label=7,
+    slot=5,
+    codes_check=0xBEEF,
 )
 
 
@@ -394,6 +402,34 @@ def test_another_run_is_refused_before_any_model_is_built(run_dir, tmp_path, mon
         ["decompress", str(compressed[1].file), "--run", str(other), "--out", str(tmp_path / "d")]
     )
     assert_one_line_error(capsys, code, "image001.vq2: compressed with another model")
+
+
+def test_the_codes_check_follows_every_code():
+    codes = [torch.arange(4).view(2, 2), torch.arange(16).view(4, 4) % 13]
+    check = codes_check(codes)
+    assert 0 <= check <= 0xFFFF and check == codes_check([c.clone() for c in codes])
+    for level, position in ((0, (1, 0)), (1, (3, 3))):
+        changed = [c.clone() for c in codes]
+        changed[level][position] += 1
+        assert codes_check(changed) != check
+
+
+def test_a_decoder_whose_probabilities_differ_is_caught(run_dir, tmp_path, monkeypatch, capsys):
+    # What another CPU or library version could do: slightly other logits, other codes.
+    paths = write_pngs(tmp_path / "in", blob_images(3, seed=4))
+    compressed = compress_files(run_dir, paths, tmp_path / "c", labels=[0, 1, 2])
+    original = codec._position_weights
+
+    def shifted(state, row, col):
+        logits, _ = original(state, row, col)
+        logits = logits + torch.linspace(0, 3, logits.shape[-1])
+        return logits, quantise_probabilities(logits)
+
+    monkeypatch.setattr(codec, "_position_weights", shifted)
+    files = [str(item.file) for item in compressed]
+    code = main(["decompress", *files, "--run", str(run_dir), "--out", str(tmp_path / "d")])
+    assert_one_line_error(capsys, code, "image000.vq2: the decoded codes fail the file's check")
+    assert not (tmp_path / "d").exists()
 
 
 def test_labels_and_images_are_checked_first(run_dir, tmp_path, capsys):

@@ -40,6 +40,7 @@ def valid_files(rng: random.Random) -> list[bytes]:
             num_levels=rng.randint(1, 3),
             label=rng.choice([None, rng.randint(0, 999)]),
             slot=rng.randrange(CODING_BATCH_SIZE),
+            codes_check=rng.getrandbits(16),
         )
         files.append(pack_file(header, rng.randbytes(payload_bytes)))
     return files

@@ -26,7 +26,8 @@ The payload is one range-coded stream per image, all levels top first in raster 
 shortest byte string that still decodes (``encode_symbols``). The container (``pack_file`` /
 ``parse_file``, layout in docs/codec.md) carries a magic, the format version, the run's
 fingerprint, the original image size and how it was fitted, the number of levels, the class label,
-the payload length and a CRC32, all checked before any model work.
+the batch row, a 16-bit check of the codes, the payload length and a CRC32; all but the codes
+check are checked before any model work, the codes check after decoding (``codes_check``).
 
 The pure parts (container, quantisation, symbol coding, the batch coders) do no file I/O; the
 thin functions at the end (``run_fingerprint``, ``compress_files``, ``decompress_files``) read and
@@ -83,11 +84,13 @@ FINGERPRINT_BYTES = 8  # the first 8 bytes of a SHA-256
 NO_LABEL = 0xFFFF  # the label field of a file coded without a class
 MAX_SIDE = 0xFFFF  # image sides are stored as uint16
 SUFFIX = ".vq2"
-# magic, version, fingerprint, height, width, fit, levels, label, batch row, payload length
-_HEADER = struct.Struct(">4sB8sHHBBHBI")  # big-endian
+# magic, version, fingerprint, height, width, fit, levels, label, batch row, codes check,
+# payload length
+_HEADER = struct.Struct(">4sB8sHHBBHBHI")  # big-endian
 _CRC = struct.Struct(">I")
-HEADER_BYTES = _HEADER.size  # 26
-OVERHEAD_BYTES = _HEADER.size + _CRC.size  # 30: everything in a file but the payload
+HEADER_BYTES = _HEADER.size  # 28
+OVERHEAD_BYTES = _HEADER.size + _CRC.size  # 32: everything in a file but the payload
+CODES_CHECK_MASK = 0xFFFF  # the codes check keeps the low 16 bits of a CRC32
 
 Fit = Literal["pad", "resize"]
 # pad: placed centred on a black square of the model's side (as the IDX loader pads 28 -> 32),
@@ -120,6 +123,7 @@ class Header:
     num_levels: int
     label: int | None  # the class the priors were given, None for unconditional priors
     slot: int  # the row of its coding batch the image was coded in (see ``slot_batches``)
+    codes_check: int  # ``codes_check`` of the image's codes: catches a decoder that went astray
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +139,8 @@ def pack_file(header: Header, payload: bytes) -> bytes:
         raise ValueError(
             f"image sides must lie in [1, {MAX_SIDE}], got {header.height}x{header.width}"
         )
+    if not 0 <= header.codes_check <= CODES_CHECK_MASK:
+        raise ValueError(f"the codes check is 16 bits, got {header.codes_check}")
     if not 0 <= header.slot < CODING_BATCH_SIZE:
         raise ValueError(f"batch rows lie in [0, {CODING_BATCH_SIZE}), got {header.slot}")
     if len(header.fingerprint) != FINGERPRINT_BYTES:
@@ -149,6 +155,7 @@ def pack_file(header: Header, payload: bytes) -> bytes:
         header.num_levels,
         label,
         header.slot,
+        header.codes_check,
         len(payload),
     )
     body = head + payload
@@ -173,7 +180,7 @@ def parse_file(data: bytes) -> tuple[Header, bytes]:
         raise CodecFormatError(
             f"truncated: {len(data)} bytes, a compressed image has at least {OVERHEAD_BYTES}"
         )
-    magic, version, fingerprint, height, width, fit, levels, label, slot, length = (
+    magic, version, fingerprint, height, width, fit, levels, label, slot, check, length = (
         _HEADER.unpack_from(data)
     )
     if magic != MAGIC:
@@ -206,6 +213,7 @@ def parse_file(data: bytes) -> tuple[Header, bytes]:
         num_levels=levels,
         label=None if label == NO_LABEL else label,
         slot=slot,
+        codes_check=check,
     )
     return header, data[HEADER_BYTES : -_CRC.size]
 
@@ -381,6 +389,15 @@ def unfit_image(image: Tensor, header: Header) -> Tensor:
     size = image.shape[-1]
     top, left = (size - header.height) // 2, (size - header.width) // 2
     return image[:, top : top + header.height, left : left + header.width]
+
+
+def codes_check(codes: Sequence[Tensor]) -> int:
+    """16 bits of the CRC32 of one image's codes (per level (h_l, w_l), top first, as big-endian
+    int32 in raster order). A file stores it; a decoder whose probabilities differ from the
+    encoder's (another CPU, another library version, a changed prior) decodes other codes, and
+    the check names the file instead of writing a wrong image."""
+    data = b"".join(level.to(torch.int32).numpy().astype(">i4").tobytes() for level in codes)
+    return zlib.crc32(data) & CODES_CHECK_MASK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -774,6 +791,7 @@ def compress_files(
                 num_levels=config.num_levels,
                 label=None if chunk_labels is None else int(chunk_labels[index]),
                 slot=item.slot,
+                codes_check=codes_check(item.codes),
             )
             data = pack_file(header, item.payload)
             output = outputs[start + index]
@@ -868,6 +886,13 @@ def decompress_files(
             codes = decode_batch(priors, [parsed[index][1] for index in batch], labels, slots)
         except PayloadError as error:
             raise CodecFormatError(f"{paths[batch[error.index]]}: {error}") from None
+        for place, (index, header) in enumerate(zip(batch, headers, strict=True)):
+            if codes_check([level[place] for level in codes]) != header.codes_check:
+                raise CodecFormatError(
+                    f"{paths[index]}: the decoded codes fail the file's check: this machine's "
+                    "probabilities differ from the compressing one's (another CPU or library "
+                    "version?) or the file was altered"
+                )
         images = decode_images(vqvae, codes, slots)
         for place, (index, header) in enumerate(zip(batch, headers, strict=True)):
             image = unfit_image(images[place], header)
