@@ -494,6 +494,54 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from .codec import OVERHEAD_BYTES, compress_files, compression_report
+
+    labels = args.label
+    if labels is not None and len(labels) == 1:
+        labels = labels * len(args.images)
+    results = compress_files(
+        args.run_dir, args.images, args.out, labels=labels, progress=not args.quiet
+    )
+    report = compression_report(args.run_dir, results)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    bits, nll = report["bits_per_pixel"], report["nll_bits_per_pixel"]
+    levels = ", ".join(f"{name} {value:.3f}" for name, value in nll.items() if name != "total")
+    print(
+        f"compressed {report['images']} images into {args.out}: {report['file_bytes']:.1f} bytes "
+        f"each on average ({report['payload_bytes']:.1f} payload + {OVERHEAD_BYTES} header), "
+        f"{bits['file']:.3f} bits per pixel ({bits['payload']:.3f} for the payload)"
+    )
+    print(
+        f"the priors' NLL of the codes: {nll['total']:.3f} bits per pixel ({levels}); the "
+        f"payload is {report['payload_over_nll']:+.2%} over it"
+    )
+    return 0
+
+
+def _cmd_decompress(args: argparse.Namespace) -> int:
+    from .codec import decompress_files
+
+    results = decompress_files(args.files, args.out, args.run, progress=not args.quiet)
+    if args.json:
+        files = [
+            {
+                "file": str(result.file),
+                "png": str(result.png),
+                "height": result.header.height,
+                "width": result.header.width,
+                "label": result.header.label,
+            }
+            for result in results
+        ]
+        print(json.dumps({"run": str(args.run), "images": len(results), "files": files}))
+    else:
+        print(f"decompressed {len(results)} files into {args.out}")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     for name in list_presets():
         print(name)
@@ -550,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_train_classifier,
         _add_sample,
         _add_evaluate,
+        _add_compress,
+        _add_decompress,
         _add_presets,
     ):
         add_command(commands)
@@ -741,6 +791,51 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--json", action="store_true", help="print the whole report as JSON")
     _add_device_option(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
+
+
+def _add_compress(commands: argparse._SubParsersAction) -> None:
+    compress = commands.add_parser(
+        "compress",
+        help="compress images losslessly in their codes: VQ-VAE codes range-coded with the priors",
+        description="Each image goes to its codes (stage-1 encoder), and every level, top first, "
+        "is range-coded with its prior's probabilities into OUT/<name>.vq2 (docs/codec.md). "
+        "Images no larger than the model's side are padded centred (undone on decompress), "
+        "larger ones resized by their short side and centre-cropped. Runs on the CPU.",
+    )
+    compress.add_argument("run_dir", type=Path, help="run folder with the VQ-VAE and all priors")
+    compress.add_argument("images", type=Path, nargs="+", help="image files")
+    compress.add_argument("--out", type=Path, required=True, help="folder for the .vq2 files")
+    compress.add_argument(
+        "--label",
+        type=int,
+        nargs="+",
+        help="class label: one for every image or one per image (class-conditional priors)",
+    )
+    compress.add_argument("--quiet", action="store_true", help="no progress bar")
+    compress.add_argument(
+        "--json",
+        action="store_true",
+        help="print bits per pixel per level and in total, the priors' NLL and each file, as JSON",
+    )
+    compress.set_defaults(handler=_cmd_compress)
+
+
+def _add_decompress(commands: argparse._SubParsersAction) -> None:
+    decompress = commands.add_parser(
+        "decompress",
+        help="decode .vq2 files to PNG with the run that compressed them",
+        description="The weights are not in the files: --run names the run they were "
+        "compressed with, which each file's model fingerprint must match. Writes "
+        "OUT/<name>.png at the original size of padded images.",
+    )
+    decompress.add_argument("files", type=Path, nargs="+", help=".vq2 files")
+    decompress.add_argument(
+        "--run", type=Path, required=True, help="the run folder the files were compressed with"
+    )
+    decompress.add_argument("--out", type=Path, required=True, help="folder for the PNG images")
+    decompress.add_argument("--quiet", action="store_true", help="no progress bar")
+    decompress.add_argument("--json", action="store_true", help="print the files as JSON")
+    decompress.set_defaults(handler=_cmd_decompress)
 
 
 def _add_presets(commands: argparse._SubParsersAction) -> None:
