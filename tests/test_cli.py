@@ -22,7 +22,7 @@ from vqvae2.logs import read_metrics
 from vqvae2.measure import class_agreement
 from vqvae2.run import load_classifier, load_vqvae
 
-from .conftest import assert_one_line_error, run_module
+from .conftest import assert_one_line_error, run_module, write_npz
 
 # An option that only this command's help shows (presets has none: its whole usage line).
 HELP_MARKS = {
@@ -139,6 +139,29 @@ def test_resume_keeps_the_saved_run_length(tmp_path, npz_data, capsys):
     # A run length shorter than the steps already taken is refused, not silently ignored.
     assert main(["train-vqvae", *data, "--resume", "--quiet", "--max-steps", "4"]) == 2
     assert "is at step 5, past train.max_steps 4" in capsys.readouterr().err
+
+
+def test_commands_on_a_run_read_the_run_s_own_data_by_default(
+    tmp_path, npz_data, capsys, monkeypatch
+):
+    """Without --data, resuming, extracting codes and reconstructing use the image source the
+    run trained on, not the default Fashion-MNIST files (here another .npz of 60 images)."""
+    from vqvae2.checkpoint import read_meta
+
+    monkeypatch.setattr("vqvae2.cli.DEFAULT_DATA_PATH", str(write_npz(tmp_path / "other.npz", 60)))
+    run = tmp_path / "run"
+    assert (
+        main(["train-vqvae", *TINY, "--data", str(npz_data), "--out", str(run), "--max-steps", "2"])
+        == 0
+    )
+    assert main(["train-vqvae", "--out", str(run), "--resume", "--max-steps", "3", "--quiet"]) == 0
+    assert read_meta(run, "vqvae")[1]["extra"]["data_path"] == str(npz_data.resolve())
+    assert main(["extract-codes", str(run), "--quiet"]) == 0
+    train_rows = len(open_dataset(npz_data, "train", 16, 1))
+    assert np.load(run / "codes" / "train" / "top.npy", mmap_mode="r").shape[0] == train_rows
+    capsys.readouterr()
+    assert main(["reconstruct", str(run), "--out", str(tmp_path / "r.png"), "--json"]) == 0
+    assert json_line(capsys)["images"] == len(open_dataset(npz_data, "test", 16, 1))
 
 
 def test_errors_raised_in_loader_processes_keep_their_own_message():

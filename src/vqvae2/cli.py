@@ -85,6 +85,17 @@ def _resumed_config(run_dir: Path, kind: str, config_class: type, max_steps: int
     return replace(config, train=replace(config.train, max_steps=max_steps))
 
 
+def _data_of(args: argparse.Namespace, run_dir: Path | None) -> Path:
+    """``--data`` when given, else the image source the run's stage 1 trained on, else the
+    default Fashion-MNIST files: commands on a run read that run's data unless told otherwise."""
+    if args.data is not None:
+        return args.data
+    from .run import run_data_path
+
+    recorded = run_data_path(run_dir) if run_dir is not None else None
+    return Path(recorded) if recorded is not None else Path(DEFAULT_DATA_PATH)
+
+
 def _cmd_train_vqvae(args: argparse.Namespace) -> int:
     from .train import train_vqvae
 
@@ -103,7 +114,7 @@ def _cmd_train_vqvae(args: argparse.Namespace) -> int:
         config = load_config(VQVAERunConfig, args.config or DEFAULT_PRESET, overrides)
     result = train_vqvae(
         config,
-        args.data,
+        _data_of(args, args.out if args.resume else None),
         args.out,
         max_minutes=args.max_minutes,
         resume=args.resume,
@@ -134,7 +145,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .reconstruct import reconstruct
 
     _check_output(args.out, "--out")
-    data = args.data if args.data is not None or args.images else DEFAULT_DATA_PATH
+    data = None if args.images and args.data is None else _data_of(args, args.run_dir)
     result = reconstruct(
         args.run_dir,
         data,
@@ -176,7 +187,7 @@ def _cmd_extract_codes(args: argparse.Namespace) -> int:
 
     written = extract_codes(
         args.run_dir,
-        args.data,
+        _data_of(args, args.run_dir),
         progress=not args.quiet,
         runtime=_runtime(args),
         augment=args.augment,
@@ -272,7 +283,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
         )
     result = train_classifier(
         config,
-        args.data,
+        _data_of(args, args.run),
         out,
         max_minutes=args.max_minutes,
         resume=args.resume,
@@ -419,7 +430,7 @@ def _fractions(text: str) -> list[float]:
 
 def _evaluate_command(args: argparse.Namespace) -> str:
     """The command line of an ``evaluate`` call, for the report."""
-    words = ["vqvae2", "evaluate", str(args.run_dir), "--data", str(args.data)]
+    words = ["vqvae2", "evaluate", str(args.run_dir), "--data", str(_data_of(args, args.run_dir))]
     for option in (
         "n_samples",
         "cas_samples",
@@ -459,7 +470,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     config = replace(config, **changes)
     report = evaluate_run(
         args.run_dir,
-        args.data,
+        _data_of(args, args.run_dir),
         args.out,
         config,
         inception_weights=args.inception_weights,
@@ -621,8 +632,8 @@ def _add_train_vqvae(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--data",
         type=Path,
-        default=DEFAULT_DATA_PATH,
-        help=f"image source: IDX folder, image folder or .npz (default: {DEFAULT_DATA_PATH})",
+        help=f"image source: IDX folder, image folder or .npz (default: {DEFAULT_DATA_PATH}; "
+        "with --resume, the run's own)",
     )
     train.add_argument("--out", type=Path, required=True, help="run folder to write")
     train.add_argument("--seed", type=int, help="sets train.seed")
@@ -642,8 +653,7 @@ def _add_reconstruct(commands: argparse._SubParsersAction) -> None:
     recon.add_argument(
         "--data",
         type=Path,
-        default=None,
-        help=f"image source to measure (default without --images: {DEFAULT_DATA_PATH})",
+        help="image source to measure (default without --images: the one the run trained on)",
     )
     recon.add_argument("--split", choices=SPLITS, default="test", help="split (default: test)")
     recon.add_argument("--images", nargs="+", help="image files to reconstruct instead")
@@ -659,7 +669,9 @@ def _add_extract_codes(commands: argparse._SubParsersAction) -> None:
         help="encode the train and validation splits into RUN_DIR/codes (Algorithm 2, 1-7)",
     )
     extract.add_argument("run_dir", type=Path, help="stage-1 run folder")
-    extract.add_argument("--data", type=Path, default=DEFAULT_DATA_PATH, help="image source")
+    extract.add_argument(
+        "--data", type=Path, help="image source (default: the one the run trained on)"
+    )
     extract.add_argument(
         "--augment",
         nargs="+",
@@ -693,7 +705,11 @@ def _add_train_classifier(commands: argparse._SubParsersAction) -> None:
         "train-classifier",
         help="train the image classifier used for rejection sampling and evaluation",
     )
-    classifier.add_argument("--data", type=Path, default=DEFAULT_DATA_PATH, help="image source")
+    classifier.add_argument(
+        "--data",
+        type=Path,
+        help=f"image source (default: that of --run, else {DEFAULT_DATA_PATH})",
+    )
     classifier.add_argument("--out", type=Path, help="output folder (default RUN_DIR/classifier)")
     classifier.add_argument("--run", type=Path, help="stage-1 run: image size, channels, --out")
     classifier.add_argument("--config", help="classifier preset name or YAML file")
@@ -757,7 +773,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         "run_dir", type=Path, help="run folder with the VQ-VAE, priors, classifier"
     )
     evaluate.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA_PATH, help="the image source of the run"
+        "--data", type=Path, help="the image source of the run (default: the one it trained on)"
     )
     evaluate.add_argument("--out", type=Path, required=True, help="report folder to write")
     evaluate.add_argument(

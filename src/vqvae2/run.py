@@ -54,6 +54,17 @@ def load_run_config(path: str | Path, kind: str, config_class: type) -> Any:
     return config_from_dict(config_class, read_meta(Path(path), kind)[1]["config"])
 
 
+def run_data_path(run_dir: str | Path) -> str | None:
+    """The image source stage 1 of ``run_dir`` trained on (as recorded in its checkpoint), or
+    None when the folder holds no stage-1 checkpoint or none was recorded."""
+    try:
+        extra = read_meta(Path(run_dir), VQVAE_KIND)[1].get("extra", {})
+    except ValueError:
+        return None
+    path = extra.get("data_path") if isinstance(extra, dict) else None
+    return path if isinstance(path, str) else None
+
+
 def level_names(run_dir: str | Path) -> tuple[str, ...]:
     """Names of the run's latent levels, top first."""
     return load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model.level_names

@@ -170,7 +170,7 @@ def train_vqvae(
             checkpoint=checkpoint,
             max_minutes=max_minutes,
             progress=progress,
-            extra={"data_path": str(data_path), "preset": preset},
+            extra={"data_path": str(Path(data_path).resolve()), "preset": preset},
             postfix="mse",
             now=now,
         )
