@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,6 +229,21 @@ def test_reconstruct_reports_split_metrics_and_writes_grid(tmp_path, npz_data):
     grid = Image.open(tmp_path / "grid.png")
     # 3 rows (original, reconstruction, top only) of 10 tiles of 16 px with 2 px padding.
     assert grid.size == (10 * 18 + 2, 3 * 18 + 2)
+
+
+def test_reconstruct_grid_shows_images_from_across_the_split(tmp_path, npz_data):
+    """The grid's originals are spread over the split (first, middle, last), not its first
+    images, so a split sorted by class shows more than one class."""
+    config = tiny_run_config("train.max_steps=2")
+    train_vqvae(config, npz_data, tmp_path / "run", progress=False)
+    reconstruct(tmp_path / "run", npz_data, "test", tmp_path / "grid.png", grid_images=3)
+    test = open_dataset(npz_data, "test", 16, 1, config.data)
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("L"))
+    originals = [grid[2:18, 2 + 18 * j : 18 + 18 * j] for j in range(3)]  # first row's tiles
+    for tile, index in zip(originals, (0, 4, 9), strict=True):
+        np.testing.assert_array_equal(tile, test[index][0][0].numpy())
 
 
 def test_metrics_log_has_train_and_val_rows(tmp_path, npz_data):

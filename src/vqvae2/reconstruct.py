@@ -46,6 +46,14 @@ def reconstruction_grid(model: VQVAE2, images: Tensor) -> Tensor:
     return make_grid(stacked, columns=len(images))
 
 
+def spread_indices(size: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(size)``, first and last included: a grid
+    then shows every part of a split, not only its first class when images come sorted."""
+    if count <= 1:
+        return [0][:count]
+    return [round(i * (size - 1) / (count - 1)) for i in range(count)]
+
+
 def reconstruct(
     run_dir: str | Path,
     data_path: str | Path | None,
@@ -63,7 +71,7 @@ def reconstruct(
         split: ``train``, ``val`` or ``test``.
         out_png: grid output path.
         image_files: specific images to reconstruct (and measure) instead of a dataset split.
-        grid_images: columns of the grid when using a dataset split.
+        grid_images: columns of the grid when using a dataset split (spread over it).
 
     Returns:
         ``mse``/``psnr`` ([0, 1] pixels), per level ``usage_*``/``perplexity_*``, ``images``,
@@ -83,7 +91,7 @@ def reconstruct(
     metrics = measure_reconstruction(model, dataset)
     levels = measure_levels(model, dataset, usage=metrics)
     count = min(grid_images, len(dataset)) if not image_files else len(dataset)
-    shown = torch.stack([dataset[i][0] for i in range(count)])
+    shown = torch.stack([dataset[i][0] for i in spread_indices(len(dataset), count)])
     save_png(reconstruction_grid(model, shown), out_png)
     source = "files" if image_files else split
     return {
