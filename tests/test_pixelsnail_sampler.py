@@ -20,7 +20,7 @@ import dataclasses
 import pytest
 import torch
 
-from vqvae2.config import PixelSNAILConfig, PriorRunConfig, load_config
+from vqvae2.config import PixelSNAILConfig, PriorRunConfig, list_presets, load_config
 from vqvae2.pixelsnail import IncrementalSampler, PixelSNAIL
 from vqvae2.sampling import sample_level_cached, sample_level_reference
 
@@ -30,8 +30,14 @@ NARROW = dict(hidden_channels=16, residual_channels=12, condition_channels=8, co
 PRESET_SHAPES = {
     "prior-top-tiny": (4, (), 3),
     "prior-bottom-tiny": (8, (4,), 3),
+    "prior-middle-tiny": (4, (2,), 3),
     "prior-top-fashion-mnist-32": (4, (), 10),
     "prior-bottom-fashion-mnist-32": (8, (4,), 10),
+    "prior-top-photos-64": (8, (), 7),
+    "prior-bottom-photos-64": (16, (8,), 7),
+    "prior-top-photos-128-3": (8, (), 7),
+    "prior-middle-photos-128-3": (16, (8,), 7),
+    "prior-bottom-photos-128-3": (32, (8, 16), 7),
     "prior-top-imagenet-256": (32, (), 1000),
     "prior-bottom-imagenet-256": (64, (32,), 1000),
     "prior-top-ffhq-1024": (32, (), 0),
@@ -46,6 +52,7 @@ def preset_config(name: str, shrink: int = 1, **changes) -> PixelSNAILConfig:
     side, upper, classes = PRESET_SHAPES[name]
     if side < PAPER_SIDE:
         shrink = 1
+    shrink = min(shrink, *upper, side)  # every map keeps at least one position
     return dataclasses.replace(
         load_config(PriorRunConfig, name).prior,
         code_size=side // shrink,
@@ -81,6 +88,10 @@ def assert_cached_logits_match(prior: PixelSNAIL, batch: int) -> None:
                 cached[:, :, row, column] = state.logits_at(row, column)
                 state.set_codes(row, column, codes[:, row, column])
     torch.testing.assert_close(cached, full, rtol=0, atol=1e-4)
+
+
+def test_every_prior_preset_is_covered():
+    assert sorted(PRESET_SHAPES) == [name for name in list_presets() if name.startswith("prior-")]
 
 
 @pytest.mark.parametrize("name", list(PRESET_SHAPES))
