@@ -144,8 +144,9 @@ def test_resume_keeps_the_saved_run_length(tmp_path, npz_data, capsys):
 def test_commands_on_a_run_read_the_run_s_own_data_by_default(
     tmp_path, npz_data, capsys, monkeypatch
 ):
-    """Without --data, resuming, extracting codes and reconstructing use the image source the
-    run trained on, not the default Fashion-MNIST files (here another .npz of 60 images)."""
+    """Without --data, resuming, extracting codes, reconstructing and resuming a classifier use
+    the image source the run trained on, not the default Fashion-MNIST files (here another .npz
+    of 60 images)."""
     from vqvae2.checkpoint import read_meta
 
     monkeypatch.setattr("vqvae2.cli.DEFAULT_DATA_PATH", str(write_npz(tmp_path / "other.npz", 60)))
@@ -162,6 +163,14 @@ def test_commands_on_a_run_read_the_run_s_own_data_by_default(
     capsys.readouterr()
     assert main(["reconstruct", str(run), "--out", str(tmp_path / "r.png"), "--json"]) == 0
     assert json_line(capsys)["images"] == len(open_dataset(npz_data, "test", 16, 1))
+    # A classifier trained with --out alone resumes on its own data too.
+    scorer = ["train-classifier", "--out", str(tmp_path / "c"), "--quiet"]
+    size = ["--config", "classifier-tiny", "model.image_size=16"]
+    assert main([*scorer, *size, "--data", str(npz_data), "--max-steps", "2"]) == 0
+    assert main([*scorer, "--resume", "--max-steps", "3"]) == 0
+    assert read_meta(tmp_path / "c", "classifier")[1]["extra"]["data_path"] == str(
+        npz_data.resolve()
+    )
 
 
 def test_errors_raised_in_loader_processes_keep_their_own_message():

@@ -85,14 +85,14 @@ def _resumed_config(run_dir: Path, kind: str, config_class: type, max_steps: int
     return replace(config, train=replace(config.train, max_steps=max_steps))
 
 
-def _data_of(args: argparse.Namespace, run_dir: Path | None) -> Path:
-    """``--data`` when given, else the image source the run's stage 1 trained on, else the
-    default Fashion-MNIST files: commands on a run read that run's data unless told otherwise."""
+def _data_of(args: argparse.Namespace, run_dir: Path | None, kind: str = "vqvae") -> Path:
+    """``--data`` when given, else the image source the run's ``kind`` model trained on, else
+    the default Fashion-MNIST files: commands on a run read its data unless told otherwise."""
     if args.data is not None:
         return args.data
     from .run import run_data_path
 
-    recorded = run_data_path(run_dir) if run_dir is not None else None
+    recorded = run_data_path(run_dir, kind) if run_dir is not None else None
     return Path(recorded) if recorded is not None else Path(DEFAULT_DATA_PATH)
 
 
@@ -281,9 +281,12 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
         config = load_config(
             ClassifierRunConfig, preset or "classifier-fashion-mnist-32", overrides
         )
+    # Without --data: the stage-1 run's images, or those a resumed --out classifier trained on.
+    resumed_alone = args.resume and args.run is None
+    data = _data_of(args, out, "classifier") if resumed_alone else _data_of(args, args.run)
     result = train_classifier(
         config,
-        _data_of(args, args.run),
+        data,
         out,
         max_minutes=args.max_minutes,
         resume=args.resume,
@@ -708,7 +711,8 @@ def _add_train_classifier(commands: argparse._SubParsersAction) -> None:
     classifier.add_argument(
         "--data",
         type=Path,
-        help=f"image source (default: that of --run, else {DEFAULT_DATA_PATH})",
+        help=f"image source (default: that of --run or of the resumed classifier, else "
+        f"{DEFAULT_DATA_PATH})",
     )
     classifier.add_argument("--out", type=Path, help="output folder (default RUN_DIR/classifier)")
     classifier.add_argument("--run", type=Path, help="stage-1 run: image size, channels, --out")

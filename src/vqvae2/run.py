@@ -54,11 +54,11 @@ def load_run_config(path: str | Path, kind: str, config_class: type) -> Any:
     return config_from_dict(config_class, read_meta(Path(path), kind)[1]["config"])
 
 
-def run_data_path(run_dir: str | Path) -> str | None:
-    """The image source stage 1 of ``run_dir`` trained on (as recorded in its checkpoint), or
-    None when the folder holds no stage-1 checkpoint or none was recorded."""
+def run_data_path(run_dir: str | Path, kind: str = VQVAE_KIND) -> str | None:
+    """The image source the ``kind`` model of ``run_dir`` trained on (as recorded in its
+    checkpoint), or None when the folder holds no such checkpoint or none was recorded."""
     try:
-        extra = read_meta(Path(run_dir), VQVAE_KIND)[1].get("extra", {})
+        extra = read_meta(Path(run_dir), kind)[1].get("extra", {})
     except ValueError:
         return None
     path = extra.get("data_path") if isinstance(extra, dict) else None

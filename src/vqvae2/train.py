@@ -638,6 +638,7 @@ def train_classifier(
             checkpoint=checkpoint,
             max_minutes=max_minutes,
             progress=progress,
+            extra={"data_path": str(Path(data_path).resolve())},
             now=now,
         )
         seed_own_dropout(config.train, context)
