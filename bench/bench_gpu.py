@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -82,18 +83,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def try_batch(case: str, batch: int, runtime: RuntimeConfig, steps: int) -> dict | None:
-    """Images/s and peak memory at ``batch``, or None when it runs out of memory."""
+def timed_with_peak(
+    device: torch.device, run: Callable[[], None], warm_up: Callable[[], None] = lambda: None
+) -> tuple[float, float | None] | None:
+    """Seconds of ``run()`` after ``warm_up()``, and the peak GiB of both on CUDA (None
+    elsewhere); None when they run out of memory."""
     try:
-        step, device = build(case, batch, runtime)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(2):
-            step()
+        warm_up()
         synchronize(device)
         start = time.perf_counter()
-        for _ in range(steps):
-            step()
+        run()
         synchronize(device)
         seconds = time.perf_counter() - start
     except torch.OutOfMemoryError:
@@ -102,6 +103,29 @@ def try_batch(case: str, batch: int, runtime: RuntimeConfig, steps: int) -> dict
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return seconds, peak
+
+
+def try_batch(case: str, batch: int, runtime: RuntimeConfig, steps: int) -> dict | None:
+    """Images/s and peak memory at ``batch``, or None when it runs out of memory."""
+    try:
+        step, device = build(case, batch, runtime)
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
+
+    def repeat(times: int) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(times):
+                step()
+
+        return run
+
+    measured = timed_with_peak(device, repeat(steps), warm_up=repeat(2))
+    if measured is None:
+        return None
+    seconds, peak = measured
     return {"batch": batch, "images_per_second": batch * steps / seconds, "peak_gib": peak}
 
 
@@ -157,20 +181,10 @@ def sample_rows(prior: PixelSNAIL, batch: int, rows: int, runtime: RuntimeConfig
 def try_sampling(prior: PixelSNAIL, batch: int, rows: int, runtime: RuntimeConfig) -> dict | None:
     """Seconds and peak memory of sampling ``rows`` rows at ``batch``, or None when out of memory."""
     device = next(prior.parameters()).device
-    try:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        synchronize(device)
-        start = time.perf_counter()
-        sample_rows(prior, batch, rows, runtime)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-    except torch.OutOfMemoryError:
+    measured = timed_with_peak(device, lambda: sample_rows(prior, batch, rows, runtime))
+    if measured is None:
         return None
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    seconds, peak = measured
     return {"batch": batch, "seconds": seconds, "peak_gib": peak}
 
 
