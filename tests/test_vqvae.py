@@ -232,3 +232,59 @@ def test_level_dropout_keeps_a_random_prefix_per_image():
     assert 0.1 < float(middle_out.float().mean()) < 0.4  # of those, about half keep the top only
     absent = model.absent[2][None, :, None, None].expand(200, 6, 8, 8)
     assert torch.equal(dropped[2][bottom_out], absent[bottom_out])
+
+
+def test_prefix_decoders_are_off_by_default_and_add_nothing_to_the_loss():
+    with pytest.raises(ValueError, match="prefix_decoder_weight must be >= 0"):
+        tiny_config(prefix_decoder_weight=-0.5)
+    model = VQVAE2(tiny_config()).train()
+    assert model.prefix_decoders is None
+    output = model(torch.rand(3, 1, 16, 16) * 2 - 1)
+    assert float(output.prefix_loss) == 0.0
+    torch.testing.assert_close(output.loss, output.reconstruction_loss + output.commitment_loss)
+
+
+def test_prefix_decoders_decode_each_prefix_from_its_levels_alone():
+    """Three levels, weight 0.5: one light decoder per prefix (top; top + middle), each giving
+    whole images from its levels and no others; the full decode is the model's own decoder."""
+    model = VQVAE2(tiny_config(num_levels=3, image_size=32, prefix_decoder_weight=0.5))
+    assert len(model.prefix_decoders) == 2
+    images = torch.rand(4, 1, 32, 32) * 2 - 1
+    output = model.train()(images)
+    quantized = [model.quantizers[i].lookup(c) for i, c in enumerate(output.codes)]
+    errors = [
+        torch.mean((model.prefix_decoders[k](quantized[: k + 1]) - images) ** 2) for k in (0, 1)
+    ]
+    torch.testing.assert_close(output.prefix_loss, torch.stack(errors).mean())
+    torch.testing.assert_close(
+        output.loss,
+        output.reconstruction_loss + output.commitment_loss + 0.5 * output.prefix_loss,
+    )
+    model.eval()
+    with torch.no_grad():
+        codes = output.codes
+        top_only = model.decode_codes(codes, keep_levels=[0])
+        top_two = model.decode_codes(codes, keep_levels=[0, 1])
+        assert top_only.shape == top_two.shape == images.shape
+        torch.testing.assert_close(top_only, model.prefix_decoders[0](quantized[:1]))
+        changed = [
+            [(c + 1) % 13 if i == level else c for i, c in enumerate(codes)] for level in (0, 1, 2)
+        ]
+        assert (model.decode_codes(changed[0], keep_levels=[0]) - top_only).abs().max() > 1e-5
+        torch.testing.assert_close(model.decode_codes(changed[1], keep_levels=[0]), top_only)
+        torch.testing.assert_close(model.decode_codes(changed[2], keep_levels=[0]), top_only)
+        assert (model.decode_codes(changed[1], keep_levels=[0, 1]) - top_two).abs().max() > 1e-5
+        torch.testing.assert_close(model.decode_codes(changed[2], keep_levels=[0, 1]), top_two)
+        full = model.decode_codes(codes)
+        assert (model.decode_codes(changed[2]) - full).abs().max() > 1e-5
+        # Not a prefix (the bottom alone): zeros stand in for the others, as without them.
+        zeros = [torch.zeros_like(quantized[0]), torch.zeros_like(quantized[1]), quantized[2]]
+        torch.testing.assert_close(model.decode_codes(codes, keep_levels=[2]), model.decode(zeros))
+
+
+def test_prefix_loss_trains_the_upper_encoders_and_not_the_full_decoder():
+    model = VQVAE2(tiny_config(prefix_decoder_weight=1.0)).train()
+    model(torch.rand(4, 1, 16, 16) * 2 - 1).prefix_loss.backward()
+    assert float(model.pre_quantize[0].weight.grad.abs().sum()) > 0  # the top code's encoder
+    assert float(model.prefix_decoders[0].decoder.layers[0].weight.grad.abs().sum()) > 0
+    assert model.decoder.layers[0].weight.grad is None

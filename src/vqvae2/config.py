@@ -58,6 +58,12 @@ class VQVAEConfig:
     # learned "absent" vector, which decoding then also puts in place of any level it leaves
     # out; partial hierarchies so decode to whole, coarser images (Fig. 3). 0: zeros stand in.
     level_dropout: float = 0.0
+    # Not in the paper: the weight of a level-wise reconstruction target. For the top level
+    # alone, the top two, ... a light decoder of its own maps those levels to the image, and
+    # the weighted mean of their squared errors joins the loss, so the upper levels must hold
+    # what a coarse picture needs; decoding a prefix of the levels then uses its decoder.
+    # 0: none (the paper's objective).
+    prefix_decoder_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check(
@@ -101,6 +107,10 @@ class VQVAEConfig:
         _check(
             0.0 <= self.level_dropout <= 1.0,
             f"model.level_dropout must be in [0, 1], got {self.level_dropout}",
+        )
+        _check(
+            self.prefix_decoder_weight >= 0,
+            f"model.prefix_decoder_weight must be >= 0, got {self.prefix_decoder_weight}",
         )
         _check(
             self.dead_code_after_steps >= 0,

@@ -227,6 +227,8 @@ def _vqvae_step(model: VQVAE2, step_module: StepModule, config: VQVAERunConfig):
                 "mse": float(squared_error.sum()) / micro_images.numel(),
                 "commitment": output.commitment_loss.item(),
             }
+            if config.model.prefix_decoder_weight > 0:
+                values["prefix_mse"] = output.prefix_loss.item()
             for name, perplexity, usage in zip(
                 config.model.level_names, output.perplexity, output.usage, strict=True
             ):

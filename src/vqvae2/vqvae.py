@@ -6,7 +6,9 @@ for the top of ImageNet-256; FFHQ-1024 adds a middle level). Quantization runs t
 code is quantized, decoded back to the resolution of the level below and concatenated with that
 level's encoder features before it is quantized in turn (Algorithm 1, line 3: E_bottom(x, e_top)).
 One feed-forward decoder takes every level, upsamples the higher ones to the bottom resolution
-with transposed convolutions and maps them back to pixels.
+with transposed convolutions and maps them back to pixels. Two options outside the paper
+make the upper levels decodable on their own (docs/levels.md): level dropout and prefix
+decoders (a light decoder per prefix of the levels, trained beside the main one).
 
 Levels are always ordered top first. Images are float in [-1, 1], shape (B, C, H, W).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -141,11 +144,38 @@ class Decoder(nn.Module):
         return self.layers(x)
 
 
+class PrefixDecoder(nn.Module):
+    """Light decoder from the top ``kept`` levels to the image (``prefix_decoder_weight``).
+
+    The kept levels are brought to the resolution of the last of them (nearest neighbour),
+    concatenated and decoded by a ``Decoder`` half as wide as the model's:
+    per level (B, D, h_l, w_l), l < kept -> (B, C, H, W).
+    """
+
+    def __init__(self, config: VQVAEConfig, kept: int) -> None:
+        super().__init__()
+        self.side = config.latent_sizes[kept - 1]
+        light = replace(
+            config,
+            hidden_channels=max(config.hidden_channels // 2, 2),
+            residual_channels=max(config.residual_channels // 2, 1),
+        )
+        upsamples = (config.image_size // self.side).bit_length() - 1
+        self.decoder = Decoder(kept * config.embedding_dim, config.in_channels, upsamples, light)
+
+    def forward(self, quantized: Sequence[Tensor]) -> Tensor:
+        same_size = [
+            nn.functional.interpolate(q, size=self.side, mode="nearest") for q in quantized
+        ]  # per level (B, D, side, side)
+        return self.decoder(torch.cat(same_size, dim=1))
+
+
 class VQVAEOutput(NamedTuple):
     reconstruction: Tensor  # (B, C, H, W) float, images in about [-1, 1]
     loss: Tensor  # () reconstruction MSE + sum of commitment losses (eq. 2 with EMA codebooks)
     reconstruction_loss: Tensor  # () MSE in the [-1, 1] image scale
     commitment_loss: Tensor  # () summed over levels
+    prefix_loss: Tensor  # () mean MSE of the prefix decoders (0 without them), weighted in loss
     codes: list[Tensor]  # per level, top first: (B, h_l, w_l) int64
     perplexity: list[Tensor]  # per level: () batch code perplexity
     usage: list[Tensor]  # per level: () fraction of codes used in the batch
@@ -212,6 +242,12 @@ class VQVAE2(nn.Module):
         # The stand-in for a level left out of decoding (level_dropout > 0): one learned vector
         # per level, the same at every position; zeros otherwise (the paper's Fig. 3).
         self.absent = nn.Parameter(torch.zeros(levels, dim)) if config.level_dropout > 0 else None
+        # prefix_decoders[k - 1] decodes the top k levels alone (prefix_decoder_weight > 0).
+        self.prefix_decoders = (
+            nn.ModuleList(PrefixDecoder(config, kept) for kept in range(1, levels))
+            if config.prefix_decoder_weight > 0
+            else None
+        )
         self.decoder = Decoder(
             levels * dim,
             config.in_channels,
@@ -262,7 +298,8 @@ class VQVAE2(nn.Module):
 
         A level given as ``None`` is left out, which shows what the other levels contribute
         (paper Fig. 3): zero vectors stand in for it, or its learned absent vector in a model
-        trained with ``level_dropout``.
+        trained with ``level_dropout``. A model with prefix decoders decodes the top k levels
+        alone (the rest ``None``) with its own decoder for them.
 
         Args:
             quantized: per level, (B, D, h_l, w_l) float or None; at least one tensor.
@@ -277,6 +314,13 @@ class VQVAE2(nn.Module):
         present = [q for q in quantized if q is not None]
         if not present:
             raise ValueError("decode needs at least one level")
+        kept = len(present)
+        if (
+            self.prefix_decoders is not None
+            and kept < len(quantized)
+            and all(q is not None for q in quantized[:kept])
+        ):
+            return self.prefix_decoders[kept - 1](present)
         batch = present[0].shape[0]
         upsampled = []
         for level, vectors in enumerate(quantized):
@@ -382,12 +426,26 @@ class VQVAE2(nn.Module):
         reconstruction = self.decode(quantized)
         reconstruction_loss = torch.mean((reconstruction - images) ** 2)
         commitment_loss = torch.stack([output.commitment_loss for output in outputs]).sum()
+        prefix_loss = self._prefix_loss([output.quantized for output in outputs], images)
+        weight = self.config.prefix_decoder_weight
         return VQVAEOutput(
             reconstruction=reconstruction,
-            loss=reconstruction_loss + commitment_loss,
+            loss=reconstruction_loss + commitment_loss + weight * prefix_loss,
             reconstruction_loss=reconstruction_loss,
             commitment_loss=commitment_loss,
+            prefix_loss=prefix_loss,
             codes=[output.codes for output in outputs],
             perplexity=[output.perplexity for output in outputs],
             usage=[output.usage for output in outputs],
         )
+
+    def _prefix_loss(self, quantized: list[Tensor], images: Tensor) -> Tensor:
+        """Mean over the prefix decoders of their MSE to ``images`` (B, C, H, W); its gradient
+        reaches the kept levels' encoders through the straight-through codes. 0 without them."""
+        if self.prefix_decoders is None:
+            return images.new_zeros(())
+        errors = [
+            torch.mean((decoder(quantized[: kept + 1]) - images) ** 2)
+            for kept, decoder in enumerate(self.prefix_decoders)
+        ]
+        return torch.stack(errors).mean()
