@@ -265,6 +265,25 @@ def test_metrics_log_has_train_and_val_rows(tmp_path, npz_data):
     assert sorted(metric_values(path, "val", "mse")) == [2, 4]
 
 
+def test_prefix_decoder_losses_are_logged_and_the_decoders_come_back_with_the_run(
+    tmp_path, npz_data
+):
+    config = tiny_run_config("train.max_steps=3", "model.prefix_decoder_weight=0.1")
+    train_vqvae(config, npz_data, tmp_path / "r", progress=False)
+    logged = metric_values(tmp_path / "r" / "metrics.csv", "train", "prefix_mse")
+    assert sorted(logged) == [1, 2, 3] and all(value > 0 for value in logged.values())
+    model = load_vqvae(tmp_path / "r")
+    assert model.config.prefix_decoder_weight == 0.1 and len(model.prefix_decoders) == 1
+    val = open_dataset(npz_data, "val", 16, 1, config.data)
+    images = uint8_to_float(torch.stack([val[0][0], val[1][0]]))  # (2, 1, 16, 16)
+    with torch.no_grad():
+        top = model.quantize(images)[0].quantized  # (2, D, 2, 2)
+        torch.testing.assert_close(
+            model.decode_codes(model.encode(images), keep_levels=[0]),
+            model.prefix_decoders[0]([top]),
+        )
+
+
 def test_train_log_mse_is_the_validation_measure(tmp_path, npz_data, monkeypatch):
     """The train rows' ``mse`` is measured like validation's: reconstructions clamped to the
     image range, squared error on [0, 1] pixels (not the loss's unclamped [-1, 1] error / 4)."""
