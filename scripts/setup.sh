@@ -20,7 +20,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "setup: installing torch==2.13.0" >&2
   .venv/bin/pip install -q torch==2.13.0
 fi
-if ! .venv/bin/python -c "import vqvae2, pytest, ruff" 2>/dev/null \
+if ! .venv/bin/python -c "import vqvae2, pytest, ruff, xdist" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.vqvae2-installed ]; then
   echo "setup: installing vqvae2 and its test tools" >&2
   .venv/bin/pip install -q -e ".[dev]"
