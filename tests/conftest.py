@@ -23,6 +23,15 @@ torch.backends.cudnn.allow_tf32 = False
 torch.set_num_threads(1)
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# Marks of the tests on the real Fashion-MNIST files (CI installs them, so there they must run).
+REAL_DATA = [
+    pytest.mark.slow,
+    pytest.mark.realdata,
+    pytest.mark.skipif(
+        not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists() and not os.environ.get("CI"),
+        reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+    ),
+]
 
 
 @pytest.fixture(autouse=True)
