@@ -72,7 +72,7 @@ def main() -> None:
 
     variants = RECIPE_VARIANTS if args.set == "recipe" else LEVEL_VARIANTS
     preset = args.preset or ("fashion-mnist-32" if args.set == "recipe" else "photos-64")
-    steps = {label: make_step(preset, o, batch) for label, batch, o in variants}
+    steps = {label: make_step(preset, changes, batch) for label, batch, changes in variants}
     for step in steps.values():  # warm-up
         steps_per_second(step, 5)
     rates: dict[str, list[float]] = {label: [] for label in steps}
