@@ -101,6 +101,22 @@ def test_prior_kernel_must_be_odd_and_at_least_3(kernel_size):
     )
 
 
+def test_prefix_decoders_need_two_levels():
+    """One level has no top levels to decode without the bottom: refused at config time
+    (the forward pass stacked an empty list of prefix losses)."""
+    message = (
+        r"model.prefix_decoder_weight=0.5 needs num_levels >= 2 \(it weighs decoders of the "
+        r"top levels without the bottom\), got num_levels=1"
+    )
+    with pytest.raises(ValueError, match=message):
+        load_config(
+            VQVAERunConfig, "tiny", ["model.num_levels=1", "model.prefix_decoder_weight=0.5"]
+        )
+    assert load_config(VQVAERunConfig, "tiny", ["model.num_levels=1"]).model.num_levels == 1
+    two = load_config(VQVAERunConfig, "tiny", ["model.prefix_decoder_weight=0.5"]).model
+    assert (two.num_levels, two.prefix_decoder_weight) == (2, 0.5)
+
+
 def test_unknown_preset_and_bad_yaml(tmp_path):
     with pytest.raises(ValueError, match="neither a YAML file nor a preset"):
         load_config(VQVAERunConfig, "no-such-preset")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,3 +269,97 @@ def test_large_jpegs_decode_at_reduced_scale_to_nearly_the_same_pixels(tmp_path,
         fast = pil_to_uint8(image, 64, 3).int()
     assert drafts == [("RGB", (80, 64))]  # the size needed; the decoder picks 1/8 = 100x80
     assert int((fast - expected).abs().max()) <= 4
+
+
+def grey_images(folder, values) -> None:
+    """One 8x8 grey PNG per value, named by it, in ``folder`` (created)."""
+    folder.mkdir(parents=True)
+    for value in values:
+        Image.new("L", (8, 8), value).save(folder / f"{value}.png")
+
+
+def first_pixels(dataset) -> dict[str, list[int]]:
+    """class name -> the sorted first pixel of its images."""
+    images, labels = dataset.__getitems__(list(range(len(dataset))))
+    return {
+        name: sorted(images[labels == index, 0, 0, 0].tolist())
+        for index, name in enumerate(dataset.class_names)
+    }
+
+
+ALL_TRAIN = DataConfig(val_fraction=0.0, test_fraction=0.0)
+
+
+def test_symlinked_class_folders_and_image_files_are_followed(tmp_path):
+    """A dataset kept elsewhere and linked in: class folders and single files."""
+    grey_images(tmp_path / "store" / "cat", [10, 11])
+    grey_images(tmp_path / "store" / "dog", [20, 21, 22])
+    data = tmp_path / "data"
+    (data / "bird").mkdir(parents=True)
+    (data / "cat").symlink_to(tmp_path / "store" / "cat", target_is_directory=True)
+    (data / "dog").symlink_to("../store/dog", target_is_directory=True)  # relative link
+    (data / "bird" / "30.png").symlink_to(tmp_path / "store" / "cat" / "10.png")
+    dataset = open_dataset(data, "train", 8, 1, ALL_TRAIN)
+    assert first_pixels(dataset) == {"bird": [10], "cat": [10, 11], "dog": [20, 21, 22]}
+    assert all(path.is_relative_to(data) for path in dataset.files)
+
+
+def test_symlinked_split_folders_are_followed(tmp_path):
+    """train/ and test/ linked to folders elsewhere, their class folders links too."""
+    for split, values in (("train", [1, 2, 3]), ("test", [7])):
+        for name, offset in (("cat", 10), ("dog", 20)):
+            grey_images(tmp_path / "store" / split / name, [offset + v for v in values])
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train").symlink_to(tmp_path / "store" / "train", target_is_directory=True)
+    (tmp_path / "links").mkdir()  # test/ is a real folder of linked class folders elsewhere
+    for name in ("cat", "dog"):
+        (tmp_path / "links" / name).symlink_to(tmp_path / "store" / "test" / name)
+    (data / "test").symlink_to(tmp_path / "links", target_is_directory=True)
+    train = open_dataset(data, "train", 8, 1, ALL_TRAIN)
+    test = open_dataset(data, "test", 8, 1, ALL_TRAIN)
+    assert first_pixels(train) == {"cat": [11, 12, 13], "dog": [21, 22, 23]}
+    assert first_pixels(test) == {"cat": [17], "dog": [27]}
+
+
+def test_a_link_to_a_folder_that_holds_it_is_skipped_with_a_warning(tmp_path, caplog):
+    """Links back up the tree (to the data folder, above it, or above a linked-in folder)
+    would list the same images again without end: each is skipped, named in a warning."""
+    grey_images(tmp_path / "store" / "dog", [20])
+    data = tmp_path / "data"
+    grey_images(data / "cat", [10])
+    (data / "cat" / "back").symlink_to("..")  # the data folder itself
+    (data / "cat" / "up").symlink_to("../..")  # above it: holds store/ and data/
+    (data / "dog").symlink_to(tmp_path / "store" / "dog")
+    (tmp_path / "store" / "dog" / "store").symlink_to("..")  # above the linked-in folder
+    with caplog.at_level(logging.WARNING, logger="vqvae2.data"):
+        dataset = open_dataset(data, "train", 8, 1, ALL_TRAIN)
+    assert first_pixels(dataset) == {"cat": [10], "dog": [20]}
+    skipped = sorted(
+        message.split(":")[0] for message in caplog.messages if "a folder that holds it" in message
+    )
+    assert skipped == [
+        f"skipping {data / 'cat' / 'back'}",
+        f"skipping {data / 'cat' / 'up'}",
+        f"skipping {data / 'dog' / 'store'}",
+    ]
+
+
+def test_a_sub_folder_that_cannot_be_listed_is_skipped_with_a_warning(
+    tmp_path, monkeypatch, caplog
+):
+    """As root ``chmod 000`` does not stop a listing, so the refusal is simulated."""
+    grey_images(tmp_path / "cat", [10])
+    grey_images(tmp_path / "dog", [20])
+    real_scandir = os.scandir
+
+    def refusing_scandir(path):
+        if Path(path) == tmp_path / "dog":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    with caplog.at_level(logging.WARNING, logger="vqvae2.data"):
+        dataset = open_dataset(tmp_path, "train", 8, 1, ALL_TRAIN)
+    assert first_pixels(dataset) == {"cat": [10]}
+    assert f"skipping folder {tmp_path / 'dog'}: Permission denied" in caplog.messages

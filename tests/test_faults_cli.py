@@ -61,6 +61,11 @@ TRAINING = [
     (["--seed", "-1"], "train.seed must be >= 0, got -1"),
     (["train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
     (["train.batch_size=500"], "the training split has 81 examples, fewer than one batch (500)"),
+    (
+        ["model.num_levels=1", "model.prefix_decoder_weight=0.5"],
+        "model.prefix_decoder_weight=0.5 needs num_levels >= 2 (it weighs decoders of the top "
+        "levels without the bottom), got num_levels=1",
+    ),
 ]
 
 

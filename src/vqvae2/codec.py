@@ -428,6 +428,19 @@ def _slots(count: int, slots: Sequence[int] | None) -> list[int]:
     return slots
 
 
+def _on_the_cpu(models: Sequence[torch.nn.Module], *tensors: Tensor | None) -> None:
+    """Refuse models or inputs off the CPU: another device's float results differ from the
+    CPU's, so a file coded there would not decode here (docs/codec.md)."""
+    devices = [p.device for model in models for p in model.parameters()]
+    devices += [tensor.device for tensor in tensors if tensor is not None]
+    elsewhere = next((device for device in devices if device.type != "cpu"), None)
+    if elsewhere is not None:
+        raise ValueError(
+            f"the codec runs on the CPU (encoder and decoder need bit-identical "
+            f"probabilities); got a model or tensor on {elsewhere}"
+        )
+
+
 def _placed(rows: Tensor, slots: Sequence[int]) -> Tensor:
     """(B, ...) -> (CODING_BATCH_SIZE, ...): row i at ``slots[i]``, the other rows copies of
     row 0 (rows do not interact: only where a row sits and the batch size change its results)."""
@@ -496,6 +509,7 @@ def encode_batch(
     Returns:
         One ``EncodedImage`` per image.
     """
+    _on_the_cpu([vqvae, *priors], images, labels)
     slots = _slots(len(images), slots)
     batch_labels = None if labels is None else _placed(labels, slots)
     with coding_threads(), evaluating(vqvae, *priors):
@@ -561,6 +575,7 @@ def decode_batch(
     Raises:
         PayloadError: a payload does not decode.
     """
+    _on_the_cpu(priors, labels)
     slots = _slots(len(payloads), slots)
     decoders = [SymbolDecoder(payload) for payload in payloads]
     batch_labels = None if labels is None else _placed(labels, slots)
@@ -593,6 +608,7 @@ def decode_images(
 ) -> Tensor:
     """One decoder pass over a coding batch: codes (B, h_l, w_l) per level, top first, each
     image in its batch row ``slots`` (default 0 .. B - 1) -> (B, C, S, S) uint8."""
+    _on_the_cpu([vqvae], *codes)
     slots = _slots(len(codes[0]), slots)
     with coding_threads(), evaluating(vqvae):
         decoded = vqvae.decode_codes([_placed(level, slots) for level in codes])

@@ -112,6 +112,12 @@ class VQVAEConfig:
             self.prefix_decoder_weight >= 0,
             f"model.prefix_decoder_weight must be >= 0, got {self.prefix_decoder_weight}",
         )
+        # The prefix decoders decode the top 1 .. num_levels - 1 levels: one level has none.
+        _check(
+            self.prefix_decoder_weight == 0 or self.num_levels >= 2,
+            f"model.prefix_decoder_weight={self.prefix_decoder_weight} needs num_levels >= 2 "
+            "(it weighs decoders of the top levels without the bottom), got num_levels=1",
+        )
         _check(
             self.dead_code_after_steps >= 0,
             f"model.dead_code_after_steps must be >= 0, got {self.dead_code_after_steps}",

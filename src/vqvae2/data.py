@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import struct
 import warnings
 from collections.abc import Iterable, Sequence
@@ -462,7 +463,56 @@ def _open_npz(
 
 
 def _image_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """The image files under ``root`` (recursive, sorted), named by their paths under ``root``.
+    Symbolic links to files and folders are followed (a dataset kept elsewhere is usually
+    linked in); a link to a folder that holds it (a loop) is skipped with a warning, and so is
+    a sub-folder that cannot be listed."""
+    files: list[Path] = []
+    _collect_image_files(root, _folders_holding(root), files)
+    return sorted(files)
+
+
+def _folder_identity(folder: Path) -> tuple[int, int]:
+    """(device, inode) of the folder a path leads to, links followed: equal for every path
+    to the same folder."""
+    status = folder.stat()
+    return status.st_dev, status.st_ino
+
+
+def _folders_holding(folder: Path) -> frozenset[tuple[int, int]]:
+    """Identities of the folder a path leads to and of every folder above it on disk."""
+    real = folder.resolve()
+    return frozenset(_folder_identity(path) for path in (real, *real.parents))
+
+
+def _collect_image_files(
+    folder: Path, ancestors: frozenset[tuple[int, int]], files: list[Path]
+) -> None:
+    """Append the image files under ``folder`` to ``files``. ``ancestors`` holds the folders
+    that hold ``folder`` (on disk and along the links followed to it): a link to one of them
+    would list them again, without end."""
+    with os.scandir(folder) as scan:
+        names = sorted(entry.name for entry in scan)
+    for name in names:
+        path = folder / name
+        try:
+            # is_dir / is_file follow links; a link to nothing or to itself is neither.
+            is_dir, is_file = path.is_dir(), path.is_file()
+            identity = _folder_identity(path) if is_dir else None
+            below = _folders_holding(path) if is_dir and path.is_symlink() else {identity}
+        except OSError:
+            continue
+        if identity in ancestors:
+            logger.warning(
+                "skipping %s: a link to %s, a folder that holds it", path, path.resolve()
+            )
+        elif is_dir:
+            try:
+                _collect_image_files(path, ancestors | below, files)
+            except PermissionError as error:
+                logger.warning("skipping folder %s: %s", path, error.strerror)
+        elif is_file and path.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(path)
 
 
 def _labelled(
