@@ -10,6 +10,7 @@ from vqvae2.pixelsnail import IncrementalSampler, PixelSNAIL
 from vqvae2.sampling import (
     check_hierarchy,
     generate,
+    requested_labels,
     sample_codes,
     sample_level_cached,
     sample_level_reference,
@@ -240,3 +241,16 @@ def test_temperature_must_be_finite_and_positive(temperature):
     prior = priors_for(VQVAE2(tiny_config()), num_classes=0)[0]
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         sample_codes([prior], 2, temperature=temperature)
+
+
+def test_requested_labels_give_every_class_its_share():
+    """Each of k classes gets count // k samples or one more (the first count % k classes)."""
+    assert requested_labels([1, 2, 3], 4, 5).tolist() == [1, 1, 2, 3]
+    assert requested_labels([4, 0], 5, 5).tolist() == [4, 4, 4, 0, 0]  # the order given
+    assert requested_labels([1, 2, 3], 2, 5).tolist() == [1, 2]  # fewer samples than classes
+    labels = requested_labels(None, 1001, 1000)
+    counts = torch.bincount(labels, minlength=1000)
+    assert len(labels) == 1001 and int(counts[0]) == 2 and bool((counts[1:] == 1).all())
+    assert torch.equal(labels, torch.sort(labels).values)  # in blocks, class 0 first
+    with pytest.raises(ValueError, match="class 7 is out of range"):
+        requested_labels([1, 7], 4, 5)

@@ -732,7 +732,11 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("run_dir", type=Path, help="run folder with the VQ-VAE and all priors")
     sample.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     sample.add_argument(
-        "--class", dest="classes", type=int, nargs="+", help="class label(s), spread in blocks"
+        "--class",
+        dest="classes",
+        type=int,
+        nargs="+",
+        help="class label(s): --n spread over them in blocks, the first ones one more",
     )
     sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

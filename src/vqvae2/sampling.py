@@ -144,8 +144,9 @@ def sample_codes(
 
 
 def requested_labels(classes: Sequence[int] | None, count: int, num_classes: int) -> Tensor:
-    """(count,) int64 class labels: ``classes`` (all classes when None or empty) in equal
-    blocks, in the order given, the last block cut short when ``count`` does not divide evenly.
+    """(count,) int64 class labels: ``classes`` (all classes when None or empty) in blocks, in
+    the order given. Each of the k classes gets ``count // k`` samples, and the first
+    ``count % k`` of them one more, so no requested class is left out while count >= k.
 
     Raises:
         ValueError: a class outside [0, num_classes).
@@ -156,7 +157,10 @@ def requested_labels(classes: Sequence[int] | None, count: int, num_classes: int
         raise ValueError(
             f"class {bad[0]} is out of range: the priors know classes 0..{num_classes - 1}"
         )
-    return torch.tensor(chosen).repeat_interleave(math.ceil(count / len(chosen)))[:count]
+    share, extra = divmod(count, len(chosen))
+    block_sizes = torch.full((len(chosen),), share)  # (k,)
+    block_sizes[:extra] += 1
+    return torch.tensor(chosen).repeat_interleave(block_sizes)
 
 
 def check_hierarchy(vqvae: VQVAE2, priors: Sequence[PixelSNAIL]) -> None:
