@@ -9,9 +9,10 @@ import torch
 
 import vqvae2.sampling
 from vqvae2.classifier import Classifier
-from vqvae2.config import ClassifierConfig, PixelSNAILConfig
+from vqvae2.config import MIN_TEMPERATURE, ClassifierConfig, EvaluateConfig, PixelSNAILConfig
 from vqvae2.pixelsnail import IncrementalSampler, PixelSNAIL
 from vqvae2.sampling import (
+    _draw,
     check_hierarchy,
     generate,
     generate_with_rejection,
@@ -248,6 +249,41 @@ def test_temperature_must_be_finite_and_positive(temperature):
     prior = priors_for(VQVAE2(tiny_config()), num_classes=0)[0]
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         sample_codes([prior], 2, temperature=temperature)
+    with pytest.raises(ValueError, match="evaluate.temperature must be a finite number > 0"):
+        EvaluateConfig(temperature=temperature)
+
+
+def test_temperatures_below_the_smallest_float32_normal_are_refused():
+    """Dividing by 1e-39 in float32 overflows the logits (softmax NaN, a multinomial error)."""
+    prior = priors_for(VQVAE2(tiny_config()), num_classes=0)[0]
+    message = (
+        "temperature 1e-39 is below the smallest sampling temperature, 1.18e-38 "
+        "(float32's smallest normal number)"
+    )
+    with pytest.raises(ValueError) as error:
+        sample_codes([prior], 2, temperature=1e-39)
+    assert str(error.value) == message
+    with pytest.raises(ValueError) as error:
+        EvaluateConfig(temperature=1e-39)
+    assert str(error.value) == f"evaluate.{message}"
+    EvaluateConfig(temperature=MIN_TEMPERATURE)  # the bound itself is taken
+
+
+def test_tiny_temperatures_draw_the_most_likely_code_and_others_draw_as_before():
+    """logits / 2e-38 overflows float32 for logits above 6.8; such rows draw their argmax, rows
+    that stay finite draw exactly as softmax(logits / T) always did."""
+    logits = torch.tensor([[20.0, 30.0, 0.0, -10.0], [1.0, 2.0, 3.0, 2.5]])
+    codes = _draw(logits.repeat(50, 1), 2e-38, torch.Generator().manual_seed(0))
+    assert codes.tolist() == [1, 2] * 50
+    logits = torch.randn(200, 13)
+    for temperature in (1.0, 0.7, 1e-3):
+        expected = torch.multinomial(
+            torch.softmax(logits / temperature, dim=-1),
+            1,
+            generator=torch.Generator().manual_seed(2),
+        ).squeeze(1)
+        drawn = _draw(logits, temperature, torch.Generator().manual_seed(2))
+        assert torch.equal(drawn, expected)
 
 
 def test_requested_labels_give_every_class_its_share():

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import RuntimeConfig, VQVAERunConfig, list_presets, load_config
+from .config import RuntimeConfig, VQVAERunConfig, check_temperature, list_presets, load_config
 from .data import AUGMENTATION_KINDS, DEFAULT_DATA_PATH, SPLITS
 
 if TYPE_CHECKING:
@@ -315,6 +315,7 @@ def _write_sample_images(args: argparse.Namespace, images: Tensor) -> None:
 def _check_sample_options(args: argparse.Namespace) -> None:
     """What the sampling functions do not check themselves, before the models load."""
     _check_positive(args.temperature, "--temperature")
+    check_temperature(args.temperature, "--temperature")
     _check_output(args.out, "--out")
     _check_output(args.save_images, "--save-images", folder=True)
     _check_output(args.save_codes, "--save-codes")

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ._helpers import evaluating
 from .classifier import Classifier
+from .config import check_temperature
 from .pixelsnail import IncrementalSampler, PixelSNAIL
 from .vqvae import VQVAE2
 
@@ -30,7 +31,14 @@ SamplerName = Literal["cached", "reference"]
 
 def _draw(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
     """One code per row of (B, K) logits, sampled at ``temperature`` -> (B,) int64."""
-    probabilities = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    scaled = logits / temperature  # (B, K)
+    # A small temperature can overflow the division to inf (the softmax is then NaN). The
+    # logits shifted to a maximum of 0 cannot overflow: their row goes to the most likely code.
+    # Rows whose division stays finite are left as they are, so their draws do not change.
+    shifted = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, K), <= 0
+    scaled = torch.where(torch.isfinite(scaled).all(dim=-1, keepdim=True), scaled, shifted)
+    probabilities = torch.softmax(scaled, dim=-1)
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
 
 
@@ -42,8 +50,7 @@ def _empty_codes(
     temperature: float,
 ) -> Tensor:
     """Check the sampling inputs; (B, H, W) int64 zeros to fill."""
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    check_temperature(temperature)
     side = prior.config.code_size
     device = next(prior.parameters()).device
     codes = torch.zeros(batch_size, side, side, dtype=torch.long, device=device)
@@ -67,7 +74,8 @@ def sample_level_reference(
         batch_size: B.
         labels: (B,) int64 when the prior is class-conditional.
         condition_codes: codes of the upper levels, top first, each (B, h_l, w_l).
-        temperature: > 0; divides the logits.
+        temperature: finite, >= ``config.MIN_TEMPERATURE``; divides the logits (towards 0 the
+            draw becomes the most likely code).
         generator: source of randomness (on the prior's device).
 
     Returns:
