@@ -106,6 +106,7 @@ def sample_with_rejection(
     class's candidates) and ``accept_threshold`` (keep candidates whose requested-class
     probability reaches it). ``max_candidates`` caps the samples drawn (default: 100 per image
     asked for); threshold sampling that cannot fill its quota within it raises ``ValueError``.
+    Only the candidates that can still be kept are held: ``count`` images plus one batch.
     The models and the generator run on ``device``; the results are on the CPU.
     """
     if count < 1:
