@@ -113,6 +113,11 @@ SAMPLING = [
     (["--temperature", "-1"], "--temperature must be a positive number, got -1.0"),
     (["--temperature", "nan"], "--temperature must be a positive number, got nan"),
     (["--temperature", "inf"], "--temperature must be a positive number, got inf"),
+    (
+        ["--temperature", "1e-39"],
+        "--temperature 1e-39 is below the smallest sampling temperature, 1.18e-38 "
+        "(float32's smallest normal number)",
+    ),
     (["--reject-fraction", "1"], "the rejection fraction must be in [0, 1), got 1.0"),
     (["--reject-fraction", "-0.5"], "the rejection fraction must be in [0, 1), got -0.5"),
     (["--reject-fraction", "nan"], "the rejection fraction must be in [0, 1), got nan"),

@@ -14,6 +14,7 @@ from einops import rearrange
 
 from vqvae2.config import PixelSNAILConfig
 from vqvae2.pixelsnail import CausalSelfAttention, PixelSNAIL
+from vqvae2.sampling import sample_level_cached
 
 SIDE, K = 5, 7
 
@@ -126,6 +127,28 @@ def test_bad_inputs_are_named():
         prior(codes, labels, None)
     with pytest.raises(ValueError, match="upper-level codes must have shape"):
         prior(codes, labels, [torch.zeros(2, 3, 3, dtype=torch.long)])
+
+
+def test_class_labels_of_another_shape_or_type_are_refused():
+    """A label tensor that is not (B,) integers would broadcast one class over the batch."""
+    prior = PixelSNAIL(small_config(num_classes=3)).eval()
+    codes, labels, _ = inputs_for(prior.config, batch=3)  # labels 0, 1, 2
+    for bad, got in [
+        (labels[:1], "int64 of shape (1,) in [0, 0]"),  # one class for the batch
+        (labels[:, None], "int64 of shape (3, 1) in [0, 2]"),
+        (torch.tensor(1), "int64 of shape () in [1, 1]"),
+        (labels.float(), "float32 of shape (3,) in [0, 2]"),
+        (labels - 1, "int64 of shape (3,) in [-1, 1]"),
+        ([0, 1, 2], "list"),
+    ]:
+        with pytest.raises(ValueError) as error:
+            prior(codes, bad)
+        assert str(error.value) == (
+            f"class labels must be an int64 tensor of shape (3,) with values in [0, 3), got {got}"
+        )
+    with pytest.raises(ValueError, match=r"shape \(3,\) .* got int64 of shape \(1,\)"):
+        sample_level_cached(prior, 3, labels[:1], generator=torch.Generator().manual_seed(0))
+    assert prior(codes, labels.int()).logits.shape == (3, K, SIDE, SIDE)  # int32 is taken
 
 
 def test_attention_layers_are_spread_over_the_blocks():

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
-from vqvae2.config import PixelSNAILConfig
+import vqvae2.sampling
+from vqvae2.classifier import Classifier
+from vqvae2.config import MIN_TEMPERATURE, ClassifierConfig, EvaluateConfig, PixelSNAILConfig
 from vqvae2.pixelsnail import IncrementalSampler, PixelSNAIL
 from vqvae2.sampling import (
+    _draw,
     check_hierarchy,
     generate,
+    generate_with_rejection,
+    keep_top_per_class,
+    requested_class_scores,
+    requested_labels,
     sample_codes,
     sample_level_cached,
     sample_level_reference,
@@ -240,3 +249,148 @@ def test_temperature_must_be_finite_and_positive(temperature):
     prior = priors_for(VQVAE2(tiny_config()), num_classes=0)[0]
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         sample_codes([prior], 2, temperature=temperature)
+    with pytest.raises(ValueError, match="evaluate.temperature must be a finite number > 0"):
+        EvaluateConfig(temperature=temperature)
+
+
+def test_temperatures_below_the_smallest_float32_normal_are_refused():
+    """Dividing by 1e-39 in float32 overflows the logits (softmax NaN, a multinomial error)."""
+    prior = priors_for(VQVAE2(tiny_config()), num_classes=0)[0]
+    message = (
+        "temperature 1e-39 is below the smallest sampling temperature, 1.18e-38 "
+        "(float32's smallest normal number)"
+    )
+    with pytest.raises(ValueError) as error:
+        sample_codes([prior], 2, temperature=1e-39)
+    assert str(error.value) == message
+    with pytest.raises(ValueError) as error:
+        EvaluateConfig(temperature=1e-39)
+    assert str(error.value) == f"evaluate.{message}"
+    EvaluateConfig(temperature=MIN_TEMPERATURE)  # the bound itself is taken
+
+
+def test_tiny_temperatures_draw_the_most_likely_code_and_others_draw_as_before():
+    """logits / 2e-38 overflows float32 for logits above 6.8; such rows draw their argmax, rows
+    that stay finite draw exactly as softmax(logits / T) always did."""
+    logits = torch.tensor([[20.0, 30.0, 0.0, -10.0], [1.0, 2.0, 3.0, 2.5]])
+    codes = _draw(logits.repeat(50, 1), 2e-38, torch.Generator().manual_seed(0))
+    assert codes.tolist() == [1, 2] * 50
+    logits = torch.randn(200, 13)
+    for temperature in (1.0, 0.7, 1e-3):
+        expected = torch.multinomial(
+            torch.softmax(logits / temperature, dim=-1),
+            1,
+            generator=torch.Generator().manual_seed(2),
+        ).squeeze(1)
+        drawn = _draw(logits, temperature, torch.Generator().manual_seed(2))
+        assert torch.equal(drawn, expected)
+
+
+def test_requested_labels_give_every_class_its_share():
+    """Each of k classes gets count // k samples or one more (the first count % k classes)."""
+    assert requested_labels([1, 2, 3], 4, 5).tolist() == [1, 1, 2, 3]
+    assert requested_labels([4, 0], 5, 5).tolist() == [4, 4, 4, 0, 0]  # the order given
+    assert requested_labels([1, 2, 3], 2, 5).tolist() == [1, 2]  # fewer samples than classes
+    labels = requested_labels(None, 1001, 1000)
+    counts = torch.bincount(labels, minlength=1000)
+    assert len(labels) == 1001 and int(counts[0]) == 2 and bool((counts[1:] == 1).all())
+    assert torch.equal(labels, torch.sort(labels).values)  # in blocks, class 0 first
+    with pytest.raises(ValueError, match="class 7 is out of range"):
+        requested_labels([1, 7], 4, 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rejection sampling holds the kept samples and one batch
+
+
+def image_bytes_held(image_shape: tuple[int, ...]) -> int:
+    """Bytes of every live tensor storage shaped like a batch of images (N, *image_shape)."""
+    storages = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and tuple(obj.shape[1:]) == image_shape:
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+@pytest.fixture
+def watched_generate(monkeypatch):
+    """``generate`` as rejection sampling calls it, recording the image bytes held once it made
+    a batch (anything held before is still held then): the largest in ``peak[0]``."""
+    peak = [0]
+
+    def watched(*args, **kwargs):
+        result = generate(*args, **kwargs)
+        peak[0] = max(peak[0], image_bytes_held((1, 16, 16)))
+        return result
+
+    monkeypatch.setattr(vqvae2.sampling, "generate", watched)
+    return peak
+
+
+def rejection_models():
+    vqvae = VQVAE2(tiny_config()).eval()  # 16x16 grey, K = 13
+    classifier = Classifier(
+        ClassifierConfig(image_size=16, in_channels=1, num_classes=3, stage_channels=(4,))
+    ).eval()
+    return vqvae, priors_for(vqvae), classifier
+
+
+def test_rejection_holds_the_kept_samples_and_one_batch_and_keeps_the_best(watched_generate):
+    vqvae, priors, classifier = rejection_models()
+    labels = torch.tensor([1, 0, 1, 0])  # N = 4; 8 candidates a class at 75% rejection
+    output = generate_with_rejection(
+        vqvae,
+        priors,
+        classifier,
+        labels,
+        reject_fraction=0.75,
+        max_candidates=16,
+        batch_size=3,
+        generator=torch.Generator().manual_seed(4),
+    )
+    image = 16 * 16 * 4  # bytes of one float32 image
+    assert output.candidates == 16
+    assert 0 < watched_generate[0] <= (4 + 3) * image  # 16 drawn, 4 kept + one batch of 3 held
+    # The same 16 candidates drawn and scored by hand, in batches of 3 from the same generator.
+    candidate_labels = torch.tensor([0] * 8 + [1] * 8)
+    generator = torch.Generator().manual_seed(4)
+    batches = [
+        generate(vqvae, priors, len(chunk), chunk, generator=generator)[0]
+        for chunk in candidate_labels.split(3)
+    ]
+    scores = torch.cat(
+        [
+            requested_class_scores(classifier, batch, chunk, 3)
+            for batch, chunk in zip(batches, candidate_labels.split(3), strict=True)
+        ]
+    )
+    kept = keep_top_per_class(scores, candidate_labels, {0: 2, 1: 2})  # ascending: 0s then 1s
+    expected = kept[[2, 0, 3, 1]]  # in the order the labels were requested
+    assert torch.equal(output.images, torch.cat(batches)[expected])
+    assert torch.equal(output.scores, scores[expected])
+
+
+def test_threshold_rejection_holds_the_kept_samples_and_one_batch(watched_generate):
+    vqvae, priors, classifier = rejection_models()
+    probe_labels = torch.arange(30) % 3
+    probe, _ = generate(vqvae, priors, 30, probe_labels, generator=torch.Generator().manual_seed(1))
+    probe_scores = requested_class_scores(classifier, probe, probe_labels, 30)
+    # A threshold about half of every class's samples reach.
+    threshold = min(float(probe_scores[probe_labels == c].median()) for c in range(3))
+    del probe
+    watched_generate[0] = 0
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    output = generate_with_rejection(
+        vqvae,
+        priors,
+        classifier,
+        labels,
+        accept_threshold=threshold,
+        max_candidates=200,
+        batch_size=4,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert output.candidates > 6  # some were rejected
+    assert bool((output.scores >= threshold).all()) and output.labels.tolist() == labels.tolist()
+    assert 0 < watched_generate[0] <= (6 + 4) * 16 * 16 * 4

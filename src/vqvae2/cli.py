@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import RuntimeConfig, VQVAERunConfig, list_presets, load_config
+from .config import RuntimeConfig, VQVAERunConfig, check_temperature, list_presets, load_config
 from .data import AUGMENTATION_KINDS, DEFAULT_DATA_PATH, SPLITS
 
 if TYPE_CHECKING:
@@ -315,6 +315,7 @@ def _write_sample_images(args: argparse.Namespace, images: Tensor) -> None:
 def _check_sample_options(args: argparse.Namespace) -> None:
     """What the sampling functions do not check themselves, before the models load."""
     _check_positive(args.temperature, "--temperature")
+    check_temperature(args.temperature, "--temperature")
     _check_output(args.out, "--out")
     _check_output(args.save_images, "--save-images", folder=True)
     _check_output(args.save_codes, "--save-codes")
@@ -732,7 +733,11 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("run_dir", type=Path, help="run folder with the VQ-VAE and all priors")
     sample.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     sample.add_argument(
-        "--class", dest="classes", type=int, nargs="+", help="class label(s), spread in blocks"
+        "--class",
+        dest="classes",
+        type=int,
+        nargs="+",
+        help="class label(s): --n spread over them in blocks, the first ones one more",
     )
     sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -7,6 +7,7 @@ and impossible values raise ``ValueError`` naming the key and the expected range
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -590,6 +591,25 @@ def save_yaml(config: Any, path: Path) -> None:
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
+# The smallest sampling temperature: float32's smallest normal number (about 1.18e-38). The
+# logits are divided by the temperature in float32; below it the divisor loses precision, and
+# under about 7e-46 it rounds to 0 and the softmax is NaN.
+MIN_TEMPERATURE = 2.0**-126
+
+
+def check_temperature(temperature: float, name: str = "temperature") -> None:
+    """Raise ``ValueError`` unless ``temperature`` is finite and at least ``MIN_TEMPERATURE``."""
+    _check(
+        math.isfinite(temperature) and temperature > 0,
+        f"{name} must be a finite number > 0, got {temperature}",
+    )
+    _check(
+        temperature >= MIN_TEMPERATURE,
+        f"{name} {temperature:g} is below the smallest sampling temperature, "
+        f"{MIN_TEMPERATURE:.3g} (float32's smallest normal number)",
+    )
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     """What `vqvae2 evaluate` measures and how many samples it draws (paper Section 5)."""
@@ -619,7 +639,7 @@ class EvaluateConfig:
         for name in ("nearest_k", "inception_score_splits", "kid_subsets", "kid_subset_size"):
             value = getattr(self, name)
             _check(value >= 1, f"evaluate.{name} must be >= 1, got {value}")
-        _check(self.temperature > 0, f"evaluate.temperature must be > 0, got {self.temperature}")
+        check_temperature(self.temperature, "evaluate.temperature")
         _check(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
         _check(
             self.num_samples > self.nearest_k,

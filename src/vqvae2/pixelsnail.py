@@ -213,6 +213,16 @@ class PriorOutput(NamedTuple):
     loss: Tensor  # () mean negative log-likelihood in nats per code
 
 
+def _describe(value: object) -> str:
+    """A tensor's dtype, shape and value range (for error messages); else its type."""
+    if not isinstance(value, Tensor):
+        return type(value).__name__
+    text = f"{str(value.dtype).removeprefix('torch.')} of shape {tuple(value.shape)}"
+    if value.numel() > 0 and not value.is_complex() and value.dtype != torch.bool:
+        text += f" in [{value.min().item():g}, {value.max().item():g}]"
+    return text
+
+
 def _indices_below(indices: Tensor, upper: int) -> bool:
     """Whether every entry of an integer tensor lies in [0, upper) (true when empty)."""
     return indices.numel() == 0 or (int(indices.min()) >= 0 and int(indices.max()) < upper)
@@ -297,8 +307,17 @@ class PixelSNAIL(nn.Module):
         if config.num_classes > 0:
             if labels is None:
                 raise ValueError("this prior is class-conditional: give class labels")
-            if not _indices_below(labels, config.num_classes):
-                raise ValueError(f"class labels must lie in [0, {config.num_classes})")
+            # A label of another shape would broadcast (one class for the whole batch).
+            if (
+                not isinstance(labels, Tensor)
+                or labels.dtype not in (torch.int64, torch.int32)
+                or tuple(labels.shape) != (len(codes),)
+                or not _indices_below(labels, config.num_classes)
+            ):
+                raise ValueError(
+                    f"class labels must be an int64 tensor of shape ({len(codes)},) with values "
+                    f"in [0, {config.num_classes}), got {_describe(labels)}"
+                )
         if augmentations is not None and (
             config.num_augmentations == 0
             or tuple(augmentations.shape) != (len(codes),)

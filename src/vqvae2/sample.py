@@ -43,9 +43,9 @@ def sample_from_run(
 ) -> SampleResult:
     """Draw ``count`` images from a trained run.
 
-    With class-conditional priors, ``classes`` are spread evenly over the samples in blocks
-    (``count // len(classes)`` of each class, in the order given); without ``classes`` every
-    class gets an equal share. Randomness comes from one generator seeded with ``seed`` on
+    With class-conditional priors, ``classes`` are spread over the samples in blocks, in the
+    order given: each gets ``count // len(classes)`` samples and the first
+    ``count % len(classes)`` one more (``requested_labels``); without ``classes``, all classes. Randomness comes from one generator seeded with ``seed`` on
     ``device`` (where the models run), so the same seed draws other images on another device.
     The results are on the CPU.
     """
@@ -106,6 +106,7 @@ def sample_with_rejection(
     class's candidates) and ``accept_threshold`` (keep candidates whose requested-class
     probability reaches it). ``max_candidates`` caps the samples drawn (default: 100 per image
     asked for); threshold sampling that cannot fill its quota within it raises ``ValueError``.
+    Only the candidates that can still be kept are held: ``count`` images plus one batch.
     The models and the generator run on ``device``; the results are on the CPU.
     """
     if count < 1:

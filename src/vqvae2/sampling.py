@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Literal, NamedTuple
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from ._helpers import evaluating
 from .classifier import Classifier
+from .config import check_temperature
 from .pixelsnail import IncrementalSampler, PixelSNAIL
 from .vqvae import VQVAE2
 
@@ -29,7 +31,14 @@ SamplerName = Literal["cached", "reference"]
 
 def _draw(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
     """One code per row of (B, K) logits, sampled at ``temperature`` -> (B,) int64."""
-    probabilities = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    scaled = logits / temperature  # (B, K)
+    # A small temperature can overflow the division to inf (the softmax is then NaN). The
+    # logits shifted to a maximum of 0 cannot overflow: their row goes to the most likely code.
+    # Rows whose division stays finite are left as they are, so their draws do not change.
+    shifted = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, K), <= 0
+    scaled = torch.where(torch.isfinite(scaled).all(dim=-1, keepdim=True), scaled, shifted)
+    probabilities = torch.softmax(scaled, dim=-1)
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
 
 
@@ -41,8 +50,7 @@ def _empty_codes(
     temperature: float,
 ) -> Tensor:
     """Check the sampling inputs; (B, H, W) int64 zeros to fill."""
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    check_temperature(temperature)
     side = prior.config.code_size
     device = next(prior.parameters()).device
     codes = torch.zeros(batch_size, side, side, dtype=torch.long, device=device)
@@ -66,7 +74,8 @@ def sample_level_reference(
         batch_size: B.
         labels: (B,) int64 when the prior is class-conditional.
         condition_codes: codes of the upper levels, top first, each (B, h_l, w_l).
-        temperature: > 0; divides the logits.
+        temperature: finite, >= ``config.MIN_TEMPERATURE``; divides the logits (towards 0 the
+            draw becomes the most likely code).
         generator: source of randomness (on the prior's device).
 
     Returns:
@@ -144,8 +153,9 @@ def sample_codes(
 
 
 def requested_labels(classes: Sequence[int] | None, count: int, num_classes: int) -> Tensor:
-    """(count,) int64 class labels: ``classes`` (all classes when None or empty) in equal
-    blocks, in the order given, the last block cut short when ``count`` does not divide evenly.
+    """(count,) int64 class labels: ``classes`` (all classes when None or empty) in blocks, in
+    the order given. Each of the k classes gets ``count // k`` samples, and the first
+    ``count % k`` of them one more, so no requested class is left out while count >= k.
 
     Raises:
         ValueError: a class outside [0, num_classes).
@@ -156,7 +166,10 @@ def requested_labels(classes: Sequence[int] | None, count: int, num_classes: int
         raise ValueError(
             f"class {bad[0]} is out of range: the priors know classes 0..{num_classes - 1}"
         )
-    return torch.tensor(chosen).repeat_interleave(math.ceil(count / len(chosen)))[:count]
+    share, extra = divmod(count, len(chosen))
+    block_sizes = torch.full((len(chosen),), share)  # (k,)
+    block_sizes[:extra] += 1
+    return torch.tensor(chosen).repeat_interleave(block_sizes)
 
 
 def check_hierarchy(vqvae: VQVAE2, priors: Sequence[PixelSNAIL]) -> None:
@@ -322,6 +335,8 @@ def generate_with_rejection(
     With ``reject_fraction`` F, each class with n requests draws ceil(n / (1 - F)) candidates and
     keeps its n best-scored. With ``accept_threshold`` T, candidates are drawn in batches until
     every class has n samples scored at least T (the first ones reached, in draw order).
+    Candidates are scored batch by batch and only those that can still be kept are held, in
+    place in the output: memory holds N images plus one batch, whatever the number drawn.
 
     Args:
         labels: (N,) int64 requested classes.
@@ -336,6 +351,8 @@ def generate_with_rejection(
     """
     if (reject_fraction is None) == (accept_threshold is None):
         raise ValueError("give exactly one of a rejection fraction and an acceptance threshold")
+    if labels.dim() != 1 or len(labels) == 0:
+        raise ValueError(f"labels must have shape (N,) with N >= 1, got {tuple(labels.shape)}")
     if priors[0].config.num_classes == 0:
         raise ValueError("rejection sampling needs class-conditional priors")
     if classifier.config.num_classes != priors[0].config.num_classes:
@@ -343,50 +360,145 @@ def generate_with_rejection(
             f"the classifier knows {classifier.config.num_classes} classes, the priors "
             f"{priors[0].config.num_classes}"
         )
-    wanted = {
-        int(c): int(n) for c, n in zip(*torch.unique(labels, return_counts=True), strict=True)
-    }
 
-    def draw(batch_labels: Tensor) -> tuple[Tensor, Tensor]:
-        """(B,) labels -> images (B, C, H, W) and their scores (B,), in batches."""
-        images = []
-        for start in range(0, len(batch_labels), batch_size):
-            chunk = batch_labels[start : start + batch_size]
-            images.append(
-                generate(vqvae, priors, len(chunk), chunk, temperature, generator, sampler)[0].cpu()
-            )
-            if on_batch is not None:
-                on_batch(len(chunk))
-        images_all = torch.cat(images)
-        return images_all, requested_class_scores(classifier, images_all, batch_labels, batch_size)
+    def draw_batch(batch_labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(B,) labels -> images (B, C, H, W) on the CPU and their requested-class scores (B,)."""
+        images = generate(
+            vqvae, priors, len(batch_labels), batch_labels, temperature, generator, sampler
+        )[0].cpu()
+        if on_batch is not None:
+            on_batch(len(batch_labels))
+        return images, requested_class_scores(classifier, images, batch_labels, batch_size)
 
+    def draw(candidate_labels: Tensor, offer: Offer, first: int) -> None:
+        """Draw (M,) labels in batches and hand each to ``offer`` with the candidate number of
+        its first (``first`` numbers the first of the M); no batch is held once offered."""
+        for start in range(0, len(candidate_labels), batch_size):
+            batch_labels = candidate_labels[start : start + batch_size]
+            offer(first + start, batch_labels, *draw_batch(batch_labels))
+
+    kept = _KeptSamples(labels)
     if reject_fraction is not None:
-        images, scores, pools, drawn = _reject_fraction(
-            draw, wanted, reject_fraction, max_candidates
-        )
+        drawn = _reject_fraction(draw, kept, reject_fraction, max_candidates)
     else:
         assert accept_threshold is not None
-        images, scores, pools, drawn = _accept_threshold(
-            draw, wanted, accept_threshold, max_candidates, batch_size
-        )
-    # Hand the kept samples of each class out in the order the labels were requested.
-    order = torch.empty(len(labels), dtype=torch.long)
-    for label, members in pools.items():
-        order[labels == label] = members
-    return RejectionOutput(images[order], labels.clone(), scores[order], drawn)
+        drawn = _accept_threshold(draw, kept, accept_threshold, max_candidates, batch_size)
+    kept.sort_by_draw()
+    assert kept.images is not None and bool((kept.draw_index >= 0).all())
+    return RejectionOutput(kept.images, labels.clone(), kept.scores, drawn)
 
 
-Draw = Callable[[Tensor], tuple[Tensor, Tensor]]  # (B,) labels -> images, requested-class scores
-Kept = tuple[Tensor, Tensor, dict[int, Tensor], int]  # images, scores, kept per class, drawn
+# A batch of candidates: the index of its first in the labels drawn, its labels (B,), images
+# (B, C, H, W) and requested-class scores (B,).
+Offer = Callable[[int, Tensor, Tensor, Tensor], None]
+Draw = Callable[[Tensor, Offer, int], None]
+
+
+class _KeptSamples:
+    """The candidates kept so far, held in place in the output of rejection sampling.
+
+    Class c's candidates sit at the output positions where c was requested (its slots), so at
+    most N images are held however many candidates are drawn; a new candidate takes a free slot
+    or the slot of the one it displaces.
+
+    Args:
+        labels: (N,) int64 requested classes.
+    """
+
+    def __init__(self, labels: Tensor) -> None:
+        self.slots = {int(c): torch.nonzero(labels == c).squeeze(1) for c in torch.unique(labels)}
+        self.images: Tensor | None = None  # (N, C, H, W), allocated by the first kept candidate
+        self.scores = torch.zeros(len(labels))  # (N,) requested-class scores
+        self.draw_index = torch.full((len(labels),), -1)  # (N,) candidate number; -1: free slot
+
+    def filled(self, label: int) -> int:
+        """Slots of class ``label`` holding a candidate."""
+        return int((self.draw_index[self.slots[label]] >= 0).sum())
+
+    def short_classes(self) -> list[int]:
+        """The classes, ascending, with a free slot."""
+        return [c for c, slots in self.slots.items() if self.filled(c) < len(slots)]
+
+    def _write(
+        self, slots: Tensor, rows: Tensor, first: int, images: Tensor, scores: Tensor
+    ) -> None:
+        """Put the candidates ``rows`` (S,) of a batch (images (B, C, H, W), scores (B,), the
+        first numbered ``first``) in ``slots`` (S,), one image at a time (no copy of the batch)."""
+        if self.images is None:
+            self.images = images.new_empty(len(self.scores), *images.shape[1:])
+        for slot, row in zip(slots.tolist(), rows.tolist(), strict=True):
+            self.images[slot] = images[row]
+        self.scores[slots] = scores[rows].float()
+        self.draw_index[slots] = first + rows
+
+    def offer_first(
+        self, first: int, labels: Tensor, images: Tensor, scores: Tensor, threshold: float
+    ) -> None:
+        """Keep the candidates scored at least ``threshold``, in draw order, while their class
+        has free slots. ``first`` numbers the batch's first candidate."""
+        for label, slots in self.slots.items():
+            free = slots[self.draw_index[slots] < 0]
+            accepted = torch.nonzero((labels == label) & (scores >= threshold)).squeeze(1)
+            accepted = accepted[: len(free)]
+            self._write(free[: len(accepted)], accepted, first, images, scores)
+
+    def offer_best(self, first: int, labels: Tensor, images: Tensor, scores: Tensor) -> None:
+        """Keep each class's best-scored candidates so far, a tie going to the earlier drawn."""
+        for label, slots in self.slots.items():
+            members = torch.nonzero(labels == label).squeeze(1)  # (m,) in the batch
+            if len(members) == 0:
+                continue
+            held = slots[self.draw_index[slots] >= 0]  # (h,)
+            pool_index = torch.cat([self.draw_index[held], first + members])  # (h + m,)
+            pool_scores = torch.cat([self.scores[held], scores[members].float()])
+            by_draw = torch.argsort(pool_index)
+            by_score = torch.sort(pool_scores[by_draw], descending=True, stable=True).indices
+            best = by_draw[by_score[: len(slots)]]  # pool positions kept, < h: already held
+            chosen = best[best >= len(held)] - len(held)  # positions in members
+            keep_held = torch.zeros(len(held), dtype=torch.bool)
+            keep_held[best[best < len(held)]] = True
+            freed = torch.cat([held[~keep_held], slots[self.draw_index[slots] < 0]])
+            self.draw_index[freed] = -1
+            picked = members[chosen]
+            self._write(freed[: len(picked)], picked, first, images, scores)
+
+    def sort_by_draw(self) -> None:
+        """Order each class's slots by draw index, moving rows in place (one spare image)."""
+        for slots in self.slots.values():
+            source = torch.argsort(self.draw_index[slots]).tolist()  # slot j takes source[j]'s
+            self.scores[slots] = self.scores[slots[source]]
+            self.draw_index[slots] = self.draw_index[slots[source]]
+            if self.images is not None:
+                _permute_rows(self.images, slots.tolist(), source)
+
+
+def _permute_rows(rows: Tensor, positions: list[int], source: list[int]) -> None:
+    """rows[positions[j]] = (old) rows[positions[source[j]]] for every j, cycle by cycle, with
+    one row copied aside per cycle."""
+    done = [False] * len(positions)
+    for start in range(len(positions)):
+        if done[start] or source[start] == start:
+            continue
+        spare = rows[positions[start]].clone()
+        j = start
+        while source[j] != start:
+            rows[positions[j]] = rows[positions[source[j]]]
+            done[j] = True
+            j = source[j]
+        rows[positions[j]] = spare
+        done[j] = True
 
 
 def _reject_fraction(
-    draw: Draw, wanted: dict[int, int], reject_fraction: float, max_candidates: int
-) -> Kept:
-    """Draw ceil(n / (1 - F)) candidates of each class wanted n times; keep the n best."""
+    draw: Draw, kept: _KeptSamples, reject_fraction: float, max_candidates: int
+) -> int:
+    """Draw ceil(n / (1 - F)) candidates of each class wanted n times, keep the n best;
+    returns the number drawn."""
     if not 0.0 <= reject_fraction < 1.0:
         raise ValueError(f"the rejection fraction must be in [0, 1), got {reject_fraction}")
-    per_class = {c: math.ceil(n / (1.0 - reject_fraction)) for c, n in wanted.items()}
+    per_class = {
+        c: math.ceil(len(slots) / (1.0 - reject_fraction)) for c, slots in kept.slots.items()
+    }
     drawn = sum(per_class.values())
     if drawn > max_candidates:
         raise ValueError(
@@ -394,36 +506,32 @@ def _reject_fraction(
             f"limit of {max_candidates}"
         )
     candidate_labels = torch.cat([torch.full((m,), c) for c, m in per_class.items()])
-    images, scores = draw(candidate_labels)
-    kept = keep_top_per_class(scores, candidate_labels, wanted)
-    return images, scores, {c: kept[candidate_labels[kept] == c] for c in wanted}, drawn
+    draw(candidate_labels, kept.offer_best, 0)
+    return drawn
 
 
 def _accept_threshold(
-    draw: Draw, wanted: dict[int, int], threshold: float, max_candidates: int, batch_size: int
-) -> Kept:
-    """Draw batches of the classes still short until each has n candidates scored at least
-    ``threshold`` (the first ones reached, in draw order)."""
+    draw: Draw, kept: _KeptSamples, threshold: float, max_candidates: int, batch_size: int
+) -> int:
+    """Draw rounds of the classes still short until each has n candidates scored at least
+    ``threshold`` (the first ones reached, in draw order); returns the number drawn.
+
+    A round draws each short class ``batch_size // classes`` times (at least once), so it is one
+    batch, less than ``classes`` short of full, while the short classes fit in a batch.
+    """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"the acceptance threshold must be in [0, 1], got {threshold}")
-    found: dict[int, list[int]] = {c: [] for c in wanted}
-    image_batches, score_batches = [], []
     drawn = 0
-    while any(len(found[c]) < n for c, n in wanted.items()):
-        short = [c for c, n in wanted.items() if len(found[c]) < n]
+    while short := kept.short_classes():
         room = max_candidates - drawn
         if room <= 0:
-            total = sum(min(len(found[c]), n) for c, n in wanted.items())
+            total = sum(kept.filled(c) for c in kept.slots)
             raise ValueError(
-                f"only {total} of {sum(wanted.values())} samples reached the acceptance "
+                f"only {total} of {len(kept.scores)} samples reached the acceptance "
                 f"threshold {threshold} in {drawn} candidates; lower the threshold"
             )
-        batch_labels = torch.tensor(short).repeat(math.ceil(batch_size / len(short)))[:room]
-        batch_images, batch_scores = draw(batch_labels)
-        for index in accept_above_threshold(batch_scores, threshold).tolist():
-            found[int(batch_labels[index])].append(drawn + index)
-        image_batches.append(batch_images)
-        score_batches.append(batch_scores)
-        drawn += len(batch_labels)
-    pools = {c: torch.tensor(found[c][:n], dtype=torch.long) for c, n in wanted.items()}
-    return torch.cat(image_batches), torch.cat(score_batches), pools, drawn
+        # Each short class equally often, in one call of the priors while they fit in a batch.
+        round_labels = torch.tensor(short).repeat(max(1, batch_size // len(short)))[:room]
+        draw(round_labels, partial(kept.offer_first, threshold=threshold), drawn)
+        drawn += len(round_labels)
+    return drawn
