@@ -451,7 +451,7 @@ def test_another_run_is_refused_before_any_model_is_built(run_dir, tmp_path, mon
     def no_models(*args, **kwargs):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(codec, "load_hierarchy", no_models)
+    monkeypatch.setattr(codec, "_load_models", no_models)
     code = main(
         ["decompress", str(compressed[1].file), "--run", str(other), "--out", str(tmp_path / "d")]
     )

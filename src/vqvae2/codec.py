@@ -47,7 +47,7 @@ import re
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -60,7 +60,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ._helpers import evaluating
-from .checkpoint import META, MODEL_WEIGHTS, resolve_checkpoint_dir
+from .checkpoint import META, MODEL_WEIGHTS, held_checkpoint_dir
 from .config import PriorRunConfig, VQVAERunConfig
 from .data import UNREADABLE, fit_uint8_array, float_to_uint8, uint8_to_float
 from .pixelsnail import IncrementalSampler, PixelSNAIL
@@ -69,10 +69,12 @@ from .run import (
     VQVAE_KIND,
     has_checkpoint,
     level_names,
-    load_hierarchy,
+    load_prior,
     load_run_config,
+    load_vqvae,
     prior_kind,
 )
+from .sampling import check_hierarchy
 from .vqvae import VQVAE2
 
 logger = logging.getLogger("vqvae2.codec")
@@ -745,12 +747,26 @@ def run_fingerprint(run_dir: str | Path) -> bytes:
     Raises:
         ValueError: the run lacks the VQ-VAE or a level's prior.
     """
-    run_dir = Path(run_dir)
+    with _held_run(Path(run_dir)) as step_dirs:
+        return _fingerprint(step_dirs)
+
+
+@contextmanager
+def _held_run(run_dir: Path) -> Iterator[dict[str, Path]]:
+    """The step folders of the VQ-VAE and of every level's prior (top first) by kind, held for
+    the block: a trainer writing the run meanwhile does not delete them."""
+    with ExitStack() as stack:
+        step_dirs = {}
+        for kind in (VQVAE_KIND, *(prior_kind(level) for level in level_names(run_dir))):
+            if not has_checkpoint(run_dir / kind):
+                raise ValueError(f"{run_dir} has no trained {kind} checkpoint")
+            step_dirs[kind] = stack.enter_context(held_checkpoint_dir(run_dir, kind))
+        yield step_dirs
+
+
+def _fingerprint(step_dirs: dict[str, Path]) -> bytes:
     digest = hashlib.sha256()
-    for kind in (VQVAE_KIND, *(prior_kind(level) for level in level_names(run_dir))):
-        if not has_checkpoint(run_dir / kind):
-            raise ValueError(f"{run_dir} has no trained {kind} checkpoint")
-        step_dir = resolve_checkpoint_dir(run_dir, kind)
+    for kind, step_dir in step_dirs.items():
         for name in (META, MODEL_WEIGHTS):
             path = step_dir / name
             digest.update(f"{kind}/{name}:{path.stat().st_size}:".encode())
@@ -774,12 +790,16 @@ def running_versions() -> Versions:
     return Versions(*found)
 
 
-def _load_models(run_dir: Path, fingerprint: bytes) -> tuple[VQVAE2, list[PixelSNAIL]]:
-    """The run's models on the CPU, checked to be the ones ``fingerprint`` was taken from."""
-    vqvae, priors = load_hierarchy(run_dir, "cpu")
-    if run_fingerprint(run_dir) != fingerprint:
-        raise ValueError(f"the checkpoints in {run_dir} changed while they were read; try again")
-    return vqvae, priors
+def _load_models(run_dir: Path) -> tuple[bytes, VQVAE2, list[PixelSNAIL]]:
+    """The run's models on the CPU and the fingerprint of exactly their checkpoints."""
+    with _held_run(run_dir) as step_dirs:
+        fingerprint = _fingerprint(step_dirs)
+        vqvae = load_vqvae(step_dirs[VQVAE_KIND])
+        priors = [
+            load_prior(step_dirs[prior_kind(level)], level) for level in vqvae.config.level_names
+        ]
+    check_hierarchy(vqvae, priors)
+    return fingerprint, vqvae, priors
 
 
 def _output_paths(paths: Sequence[Path], out_dir: Path, suffix: str) -> list[Path]:
@@ -860,9 +880,8 @@ def compress_files(
     if missing:
         raise ValueError(f"image file {missing[0]} does not exist")
     outputs = _output_paths(paths, out_dir, SUFFIX)
-    fingerprint = run_fingerprint(run_dir)
+    fingerprint, vqvae, priors = _load_models(run_dir)
     versions = running_versions()
-    vqvae, priors = _load_models(run_dir, fingerprint)
     all_labels = _checked_labels(priors, labels, len(paths))
     config = vqvae.config
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -981,7 +1000,12 @@ def decompress_files(
         raise ValueError("no compressed files given")
     outputs = _output_paths(paths, out_dir, ".png")
     parsed = read_checked(paths, run_dir)
-    vqvae, priors = _load_models(run_dir, parsed[0][0].fingerprint)
+    fingerprint, vqvae, priors = _load_models(run_dir)
+    if fingerprint != parsed[0][0].fingerprint:
+        raise ValueError(
+            f"the checkpoints in {run_dir} changed after the files were checked (a trainer "
+            f"writing?): the files need fingerprint {parsed[0][0].fingerprint.hex()}"
+        )
     here = running_versions()
     done: dict[int, DecompressedFile] = {}
     batches = slot_batches([header.slot for header, _ in parsed])
