@@ -118,7 +118,8 @@ def save_checkpoint(
         model: module whose ``state_dict`` is saved.
         optimizer: saved too when given, for ``--resume``.
         extra: JSON-serialisable extras.
-        keep: step folders kept; older ones are deleted after ``latest`` moves.
+        keep: step folders kept; older ones are deleted after ``latest`` moves, except one
+            a reader holds (``held_checkpoint_dir``), which a later save deletes.
 
     Returns:
         The step folder written.
