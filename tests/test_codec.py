@@ -24,6 +24,7 @@ from vqvae2.codec import (
     CodecFormatError,
     Header,
     SymbolDecoder,
+    Versions,
     code_bits,
     codes_check,
     compress_files,
@@ -33,11 +34,13 @@ from vqvae2.codec import (
     encode_batch,
     encode_symbols,
     fit_image,
+    max_file_bytes,
     nll_bits,
     pack_file,
     parse_file,
     quantise_probabilities,
     run_fingerprint,
+    running_versions,
     slot_batches,
     unfit_image,
 )
@@ -188,7 +191,8 @@ HEADER = Header(
     num_levels=2,
     label=7,
     slot=5,
-    codes_check=0xBEEF,
+    codes_check=0xDEADBEEF,
+    versions=Versions(torch=(2, 13, 0), constriction=(0, 5, 0)),
 )
 
 
@@ -220,12 +224,12 @@ DAMAGED = {
     "truncated payload": (GOOD[:-1], "truncated"),
     "trailing bytes": (GOOD + b"\0", "trailing bytes"),
     "wrong magic": (b"PNG!" + GOOD[4:], "wrong magic"),
-    "wrong version": (set_byte(GOOD, 4, 2), "format version 2"),
+    "wrong version": (set_byte(GOOD, 4, 3), "format version 3"),
     "bit flip": (GOOD[:30] + bytes([GOOD[30] ^ 4]) + GOOD[31:], "CRC32"),
-    "unknown fit": (set_byte(GOOD, 17, 9), "unknown fit"),
-    "no levels": (set_byte(GOOD, 18, 0), "no latent levels"),
-    "empty image": (with_crc(GOOD[:13] + b"\0\0" + GOOD[15:-4]), "empty image"),
-    "batch row": (set_byte(GOOD, 21, CODING_BATCH_SIZE), "batch row 16 is out of range"),
+    "unknown fit": (set_byte(GOOD, 23, 9), "unknown fit"),
+    "no levels": (set_byte(GOOD, 24, 0), "no latent levels"),
+    "empty image": (with_crc(GOOD[:19] + b"\0\0" + GOOD[21:-4]), "empty image"),
+    "batch row": (set_byte(GOOD, 27, CODING_BATCH_SIZE), "batch row 16 is out of range"),
 }
 
 
@@ -235,6 +239,56 @@ def test_each_kind_of_damage_is_named_in_one_line(case):
     with pytest.raises(CodecFormatError, match=fragment) as error:
         parse_file(data)
     assert "\n" not in str(error.value)
+
+
+# A file of format version 1 as vqvae2 wrote it before the 32-bit codes check (HEADER with a
+# 16-bit check, this payload), kept byte for byte.
+VERSION_1_FILE = bytes.fromhex(
+    "56513243010001020304050607001c001b0002000705beef00000005123456789a4c45a808"
+)
+VERSION_1_PAYLOAD = b"\x12\x34\x56\x78\x9a"
+
+
+def pack_version_1(header: Header, payload: bytes) -> bytes:
+    """A file in format version 1: magic, version, fingerprint, height, width, fit, levels,
+    label, batch row, a 16-bit codes check, payload length; payload; CRC32."""
+    label = 0xFFFF if header.label is None else header.label
+    head = struct.pack(
+        ">4sB8sHHBBHBHI",
+        b"VQ2C",
+        1,
+        header.fingerprint,
+        header.height,
+        header.width,
+        {"pad": 0, "resize": 1}[header.fit],
+        header.num_levels,
+        label,
+        header.slot,
+        header.codes_check,
+        len(payload),
+    )
+    return with_crc(head + payload)
+
+
+def test_version_1_files_still_parse():
+    expected = dataclasses.replace(HEADER, codes_check=0xBEEF, versions=None, format_version=1)
+    assert parse_file(VERSION_1_FILE) == (expected, VERSION_1_PAYLOAD)
+    assert pack_version_1(expected, VERSION_1_PAYLOAD) == VERSION_1_FILE
+    assert expected.codes_check_mask == 0xFFFF and HEADER.codes_check_mask == 0xFFFFFFFF
+    assert OVERHEAD_BYTES == 40 and len(VERSION_1_FILE) == 32 + len(VERSION_1_PAYLOAD)
+    with pytest.raises(ValueError, match="format version 2"):
+        pack_file(expected, VERSION_1_PAYLOAD)  # read, never written
+
+
+def test_the_largest_possible_payload_fits_the_read_limit():
+    # Every code at the smallest weight (1 of 2**24): the costliest payload of its length.
+    for positions in (1, 20, 333):
+        weights = np.full((positions, 13), 1, dtype=np.int64)
+        weights[:, 0] = PROBABILITY_TOTAL - 12
+        payload = encode_symbols(np.full(positions, 7), weights)
+        assert 3 * positions <= len(payload)  # 24 bits per code
+        assert OVERHEAD_BYTES + len(payload) <= max_file_bytes(positions)
+    assert max_file_bytes(20) == OVERHEAD_BYTES + 63 + 4  # ceil(20 * 25 / 8) + a word
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,7 +451,7 @@ def test_another_run_is_refused_before_any_model_is_built(run_dir, tmp_path, mon
     def no_models(*args, **kwargs):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(codec, "load_hierarchy", no_models)
+    monkeypatch.setattr(codec, "_load_models", no_models)
     code = main(
         ["decompress", str(compressed[1].file), "--run", str(other), "--out", str(tmp_path / "d")]
     )
@@ -407,7 +461,8 @@ def test_another_run_is_refused_before_any_model_is_built(run_dir, tmp_path, mon
 def test_the_codes_check_follows_every_code():
     codes = [torch.arange(4).view(2, 2), torch.arange(16).view(4, 4) % 13]
     check = codes_check(codes)
-    assert 0 <= check <= 0xFFFF and check == codes_check([c.clone() for c in codes])
+    every_code = np.concatenate([level.flatten().numpy() for level in codes])
+    assert check == zlib.crc32(every_code.astype(">i4").tobytes())  # all 32 bits
     for level, position in ((0, (1, 0)), (1, (3, 3))):
         changed = [c.clone() for c in codes]
         changed[level][position] += 1
@@ -430,6 +485,141 @@ def test_a_decoder_whose_probabilities_differ_is_caught(run_dir, tmp_path, monke
     code = main(["decompress", *files, "--run", str(run_dir), "--out", str(tmp_path / "d")])
     assert_one_line_error(capsys, code, "image000.vq2: the decoded codes fail the file's check")
     assert not (tmp_path / "d").exists()
+
+
+def colliding_codes(codes: list[torch.Tensor], codebook_size: int) -> list[torch.Tensor]:
+    """Other codes for the same image whose CRC32 agrees with that of ``codes`` in its low 16
+    bits (what a 16-bit check cannot tell apart), found by trying random bottom levels."""
+    top_bytes = codes[0].numpy().astype(">i4").tobytes()
+    target = codes_check(codes) & 0xFFFF
+    rng = np.random.default_rng(0)
+    candidates = rng.integers(0, codebook_size, (1 << 19, *codes[1].shape)).astype(">i4")
+    row_bytes = candidates[0].nbytes
+    flat = candidates.tobytes()
+    top_crc = zlib.crc32(top_bytes)
+    for index in range(len(candidates)):
+        chunk = flat[index * row_bytes : (index + 1) * row_bytes]
+        if zlib.crc32(chunk, top_crc) & 0xFFFF == target:
+            bottom = torch.from_numpy(candidates[index].astype(np.int64))
+            if not torch.equal(bottom, codes[1]):
+                return [codes[0], bottom]
+    raise AssertionError("no collision found")
+
+
+def test_a_decoder_drift_that_a_16_bit_check_misses_is_caught(run_dir, tmp_path, monkeypatch):
+    paths = write_pngs(tmp_path / "in", blob_images(1, seed=5))
+    compressed = compress_files(run_dir, paths, tmp_path / "c", labels=[2])
+    wrong = colliding_codes(compressed[0].encoded.codes, 13)
+    assert not torch.equal(wrong[1], compressed[0].encoded.codes[1])
+    # A decoder gone astray that lands on those codes: the low 16 bits of the check agree.
+    monkeypatch.setattr(codec, "decode_batch", lambda *args: [level[None] for level in wrong])
+    with pytest.raises(CodecFormatError, match="the decoded codes fail the file's check"):
+        decompress_files([compressed[0].file], tmp_path / "d", run_dir)
+    assert not (tmp_path / "d" / "image000.png").exists()
+
+
+def as_version_1(data: bytes, check: int | None = None) -> bytes:
+    """A file of today's format rewritten in format version 1 (its 16-bit codes check the low
+    bits of today's, or ``check``)."""
+    header, payload = parse_file(data)
+    bits = header.codes_check & 0xFFFF if check is None else check
+    return pack_version_1(dataclasses.replace(header, codes_check=bits), payload)
+
+
+def test_version_1_files_decompress_with_their_16_bit_check(run_dir, tmp_path, caplog):
+    paths = write_pngs(tmp_path / "in", blob_images(3, seed=6))
+    compressed = compress_files(run_dir, paths, tmp_path / "c", labels=[0, 1, 2])
+    old = []
+    for item in compressed:
+        path = tmp_path / "old" / item.file.name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(as_version_1(item.file.read_bytes()))
+        old.append(path)
+    with caplog.at_level("WARNING", logger="vqvae2.codec"):
+        decompressed = decompress_files(old, tmp_path / "d", run_dir)
+    for before, after in zip(compressed, decompressed, strict=True):
+        assert after.header.format_version == 1 and after.header.versions is None
+        assert all(
+            torch.equal(a, b) for a, b in zip(before.encoded.codes, after.codes, strict=True)
+        )
+    assert [record.getMessage() for record in caplog.records] == [
+        "3 of 3 files are format version 1, whose codes check has 16 bits: one wrong decode "
+        "in 65,536 passes it"
+    ]
+    wrong = (compressed[1].header.codes_check + 1) & 0xFFFF
+    old[1].write_bytes(as_version_1(compressed[1].file.read_bytes(), check=wrong))
+    with pytest.raises(CodecFormatError, match="image001.vq2: the decoded codes fail"):
+        decompress_files(old, tmp_path / "d2", run_dir)
+
+
+def with_versions(data: bytes, versions: Versions) -> bytes:
+    header, payload = parse_file(data)
+    return pack_file(dataclasses.replace(header, versions=versions), payload)
+
+
+OTHER_VERSIONS = Versions(torch=(2, 9, 1), constriction=(0, 4, 1))
+
+
+def test_other_library_versions_decode_with_a_note_when_the_check_passes(run_dir, tmp_path, caplog):
+    paths = write_pngs(tmp_path / "in", blob_images(3, seed=7))
+    compressed = compress_files(run_dir, paths, tmp_path / "c", labels=[0, 1, 2])
+    here = running_versions()
+    assert all(item.header.versions == here for item in compressed)
+    torch_release = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:3])
+    assert here.torch == torch_release
+    compressed[2].file.write_bytes(with_versions(compressed[2].file.read_bytes(), OTHER_VERSIONS))
+    files = [item.file for item in compressed]
+    with caplog.at_level("WARNING", logger="vqvae2.codec"):
+        decompressed = decompress_files(files, tmp_path / "d", run_dir)
+    assert torch.equal(decompressed[2].codes[1], compressed[2].encoded.codes[1])
+    assert (tmp_path / "d" / "image002.png").is_file()
+    assert [record.getMessage() for record in caplog.records] == [
+        f"1 of 3 files were compressed under torch 2.9.1, constriction 0.4.1, this is {here}; "
+        "their decoded codes passed the 32-bit check"
+    ]
+
+
+def test_a_failed_check_names_the_versions_the_file_needs(run_dir, tmp_path, monkeypatch):
+    paths = write_pngs(tmp_path / "in", blob_images(1, seed=8))
+    compressed = compress_files(run_dir, paths, tmp_path / "c", labels=[1])
+    file = compressed[0].file
+    file.write_bytes(with_versions(file.read_bytes(), OTHER_VERSIONS))
+    original = codec._position_weights
+
+    def shifted(state, row, col):  # the float results of those other versions
+        logits, _ = original(state, row, col)
+        logits = logits + torch.linspace(0, 3, logits.shape[-1])
+        return logits, quantise_probabilities(logits)
+
+    monkeypatch.setattr(codec, "_position_weights", shifted)
+    message = (
+        "image000.vq2: the decoded codes fail the file's check: it was compressed under torch "
+        f"2.9.1, constriction 0.4.1, this is {running_versions()}: decompress it under those "
+        "versions"
+    )
+    with pytest.raises(CodecFormatError) as error:
+        decompress_files([file], tmp_path / "d", run_dir)
+    assert str(error.value).endswith(message)
+
+
+def test_huge_or_endless_files_are_refused_before_they_are_read(run_dir, tmp_path, capsys):
+    limit = max_file_bytes(2 * 2 + 4 * 4)  # the tiny run's 2x2 + 4x4 codes
+    huge = tmp_path / "huge.vq2"
+    with open(huge, "wb") as handle:
+        handle.truncate(1 << 40)  # sparse: a terabyte that takes no disk
+    just_over = tmp_path / "over.vq2"
+    just_over.write_bytes(GOOD[:4] + bytes(limit - 3))
+    cases = [(huge, f"{1 << 40} bytes or more"), (just_over, f"{limit + 1} bytes or more")]
+    if Path("/dev/zero").exists():  # endless, and its size reads 0
+        cases.append((Path("/dev/zero"), f"{limit + 1} bytes or more"))
+    for path, size in cases:
+        code = main(["decompress", str(path), "--run", str(run_dir), "--out", str(tmp_path / "d")])
+        assert_one_line_error(
+            capsys,
+            code,
+            f"{path}: {size}, but a compressed image of this run has at most {limit}: not a "
+            ".vq2 file of this run",
+        )
 
 
 def test_labels_and_images_are_checked_first(run_dir, tmp_path, capsys):

@@ -10,14 +10,21 @@ Layout of one model kind inside a run folder::
 A step folder is written under a temporary name and renamed into place, then ``latest`` is
 replaced atomically; a run killed at any moment leaves the previous checkpoint loadable. A write
 that fails (a full disk) removes what it had written and leaves ``latest`` as it was.
+
+Readers may run while a trainer writes: a reader holds the step folder it reads (a shared
+``flock`` on the folder, ``held_checkpoint_dir``) and the trainer's pruning of old step folders
+skips a held one, deleting it at a later save instead. So every read comes whole from one step.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,9 @@ LATEST = "latest"
 META = "meta.json"
 MODEL_WEIGHTS = "model.safetensors"
 OPTIMIZER_WEIGHTS = "optimizer.safetensors"
+# Times a reader resolves ``latest`` again when a trainer deleted the folder it named before the
+# reader could hold it; each time means the trainer moved ``latest`` on meanwhile.
+HOLD_ATTEMPTS = 100
 
 
 @dataclass
@@ -108,7 +118,8 @@ def save_checkpoint(
         model: module whose ``state_dict`` is saved.
         optimizer: saved too when given, for ``--resume``.
         extra: JSON-serialisable extras.
-        keep: step folders kept; older ones are deleted after ``latest`` moves.
+        keep: step folders kept; older ones are deleted after ``latest`` moves, except one
+            a reader holds (``held_checkpoint_dir``), which a later save deletes.
 
     Returns:
         The step folder written.
@@ -167,8 +178,24 @@ def save_checkpoint(
     steps = sorted(p for p in kind_dir.glob("step-*") if p.is_dir())
     for old in steps[: max(0, len(steps) - keep)]:
         if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_unless_held(old)
     return final
+
+
+def _remove_unless_held(step_dir: Path) -> None:
+    """Delete an old step folder unless a reader holds it (``held_checkpoint_dir``); a held
+    folder stays until a later save prunes it."""
+    try:
+        descriptor = os.open(step_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        shutil.rmtree(step_dir, ignore_errors=True)
+    except BlockingIOError:
+        return
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _sync(path: Path) -> None:
@@ -198,30 +225,70 @@ def latest_name(kind_dir: Path) -> str | None:
         return None
 
 
-def resolve_checkpoint_dir(path: Path, kind: str) -> Path:
-    """Step folder for ``path``: a run folder, a kind folder, or a step folder itself."""
-    path = Path(path)
+def _step_dir_named(path: Path, kind: str) -> tuple[Path, Path | None]:
+    """The step folder ``path`` names, unchecked, and the ``latest`` file that named it (None
+    when ``path`` is a step folder itself)."""
     if not path.exists():
         raise ValueError(f"checkpoint path {path} does not exist")
     if (path / META).is_file():
-        return path
+        return path, None
     kind_dir = path / kind if (path / kind / LATEST).is_file() else path
     latest = kind_dir / LATEST
-    if not latest.is_file():
-        raise ValueError(f"no {kind} checkpoint in {path} (expected {path / kind / LATEST})")
-    step_dir = kind_dir / latest.read_text().strip()
+    try:
+        name = latest.read_text().strip()
+    except OSError:
+        raise ValueError(
+            f"no {kind} checkpoint in {path} (expected {path / kind / LATEST})"
+        ) from None
+    return kind_dir / name, latest
+
+
+def resolve_checkpoint_dir(path: Path, kind: str) -> Path:
+    """Step folder for ``path``: a run folder, a kind folder, or a step folder itself. A
+    trainer may delete it at any moment; read it inside ``held_checkpoint_dir``."""
+    path = Path(path)
+    step_dir, latest = _step_dir_named(path, kind)
     if not (step_dir / META).is_file():
         raise ValueError(f"checkpoint {step_dir} named by {latest} is missing or incomplete")
     return step_dir
 
 
-def read_meta(path: Path, kind: str) -> tuple[Path, dict[str, Any]]:
-    """Step folder and checked JSON metadata of the ``kind`` checkpoint at ``path``.
+@contextmanager
+def held_checkpoint_dir(path: Path, kind: str) -> Iterator[Path]:
+    """The step folder ``path`` resolves to (as ``resolve_checkpoint_dir``), held for the block
+    with a shared ``flock``: a trainer's pruning skips it, so its files stay while they are read.
+
+    A trainer may delete the folder that ``latest`` named before the reader holds it; then
+    ``latest`` has moved on and it is resolved again.
 
     Raises:
-        ValueError: missing files, another format, version or model kind.
+        ValueError: no checkpoint, or ``latest`` names a folder that is missing or incomplete.
     """
-    step_dir = resolve_checkpoint_dir(path, kind)
+    path = Path(path)
+    for _ in range(HOLD_ATTEMPTS):
+        step_dir, latest = _step_dir_named(path, kind)
+        try:
+            descriptor = os.open(step_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            descriptor = None
+        if descriptor is not None:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_SH)  # waits while a pruning deletes it
+                if (step_dir / META).is_file():
+                    yield step_dir
+                    return
+            finally:
+                os.close(descriptor)  # releases the hold
+        if latest is None:
+            raise ValueError(f"checkpoint {step_dir} is missing or incomplete")
+        if latest_name(latest.parent) == step_dir.name:  # not a trainer moving on: broken
+            raise ValueError(f"checkpoint {step_dir} named by {latest} is missing or incomplete")
+    raise ValueError(f"the checkpoint in {path} moved on {HOLD_ATTEMPTS} times while opened")
+
+
+def _checked_meta(step_dir: Path, kind: str) -> dict[str, Any]:
+    """The JSON metadata of a step folder, checked to be a ``kind`` checkpoint of this
+    format."""
     try:
         meta = json.loads((step_dir / META).read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -240,7 +307,17 @@ def read_meta(path: Path, kind: str) -> tuple[Path, dict[str, Any]]:
             raise ValueError(f"{step_dir / META} lacks '{key}'")
         if not isinstance(meta[key], json_type) or isinstance(meta[key], bool):
             raise ValueError(f"{step_dir / META}: '{key}' must be {name}")
-    return step_dir, meta
+    return meta
+
+
+def read_meta(path: Path, kind: str) -> tuple[Path, dict[str, Any]]:
+    """Step folder and checked JSON metadata of the ``kind`` checkpoint at ``path``.
+
+    Raises:
+        ValueError: missing files, another format, version or model kind.
+    """
+    with held_checkpoint_dir(path, kind) as step_dir:
+        return step_dir, _checked_meta(step_dir, kind)
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
@@ -257,7 +334,12 @@ def read_checkpoint(path: Path, kind: str, with_optimizer: bool = False) -> Chec
     Raises:
         ValueError: as ``read_meta``, unreadable weights or malformed optimiser metadata.
     """
-    step_dir, meta = read_meta(path, kind)
+    with held_checkpoint_dir(path, kind) as step_dir:
+        return _read_checkpoint_at(step_dir, kind, with_optimizer)
+
+
+def _read_checkpoint_at(step_dir: Path, kind: str, with_optimizer: bool) -> Checkpoint:
+    meta = _checked_meta(step_dir, kind)
     model_state = _read_tensors(step_dir / MODEL_WEIGHTS)
     optimizer_state = None
     if with_optimizer and "optimizer" in meta:

@@ -21,13 +21,16 @@ the last bits between batch sizes and between rows (measured with PyTorch 2.13: 
 prior, odd and even rows differ). Each file records its row; decoding groups files into batches
 in their rows (``slot_batches``). Files therefore decode on the same software and hardware
 stack; across CPUs or library versions the float results, and so the decoded codes, may differ.
+Each file records the torch and constriction versions that compressed it: decoding under others
+is allowed but logged, and a failed codes check then names the versions.
 
 The payload is one range-coded stream per image, all levels top first in raster order, cut to the
 shortest byte string that still decodes (``encode_symbols``). The container (``pack_file`` /
 ``parse_file``, layout in docs/codec.md) carries a magic, the format version, the run's
-fingerprint, the original image size and how it was fitted, the number of levels, the class label,
-the batch row, a 16-bit check of the codes, the payload length and a CRC32; all but the codes
-check are checked before any model work, the codes check after decoding (``codes_check``).
+fingerprint, the torch and constriction versions, the original image size and how it was fitted,
+the number of levels, the class label, the batch row, a 32-bit check of the codes (16 bits in
+format version 1, still read), the payload length and a CRC32; all but the codes check are
+checked before any model work, the codes check after decoding (``codes_check``).
 
 The pure parts (container, quantisation, symbol coding, the batch coders) do no file I/O; the
 thin functions at the end (``run_fingerprint``, ``compress_files``, ``decompress_files``) read and
@@ -37,10 +40,14 @@ write files.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import logging
+import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -53,7 +60,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ._helpers import evaluating
-from .checkpoint import META, MODEL_WEIGHTS, resolve_checkpoint_dir
+from .checkpoint import META, MODEL_WEIGHTS, held_checkpoint_dir
 from .config import PriorRunConfig, VQVAERunConfig
 from .data import UNREADABLE, fit_uint8_array, float_to_uint8, uint8_to_float
 from .pixelsnail import IncrementalSampler, PixelSNAIL
@@ -62,11 +69,15 @@ from .run import (
     VQVAE_KIND,
     has_checkpoint,
     level_names,
-    load_hierarchy,
+    load_prior,
     load_run_config,
+    load_vqvae,
     prior_kind,
 )
+from .sampling import check_hierarchy
 from .vqvae import VQVAE2
+
+logger = logging.getLogger("vqvae2.codec")
 
 # constriction's default range coder (``stream.queue.RangeEncoder``): 32-bit words, a 64-bit
 # state and probabilities in fixed point with 24 bits.
@@ -79,18 +90,25 @@ CODING_BATCH_SIZE = 16
 CODING_THREADS = 1
 
 MAGIC = b"VQ2C"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: a 16-bit codes check and no library versions
 FINGERPRINT_BYTES = 8  # the first 8 bytes of a SHA-256
 NO_LABEL = 0xFFFF  # the label field of a file coded without a class
 MAX_SIDE = 0xFFFF  # image sides are stored as uint16
+VERSION_PARTS = 3  # a library release: major, minor, patch
+VERSION_PART_MAX = 0xFF  # each part is a uint8
 SUFFIX = ".vq2"
-# magic, version, fingerprint, height, width, fit, levels, label, batch row, codes check,
-# payload length
-_HEADER = struct.Struct(">4sB8sHHBBHBHI")  # big-endian
+# magic, version, fingerprint, torch and constriction versions (major, minor, patch each), height,
+# width, fit, levels, label, batch row, codes check, payload length
+_HEADER = struct.Struct(">4sB8s3B3BHHBBHBII")  # big-endian
+# Format version 1, read but no longer written: no library versions and a 16-bit codes check.
+_HEADER_V1 = struct.Struct(">4sB8sHHBBHBHI")
 _CRC = struct.Struct(">I")
-HEADER_BYTES = _HEADER.size  # 28
-OVERHEAD_BYTES = _HEADER.size + _CRC.size  # 32: everything in a file but the payload
-CODES_CHECK_MASK = 0xFFFF  # the codes check keeps the low 16 bits of a CRC32
+_PREFIX_BYTES = len(MAGIC) + 1  # magic and version: enough to tell the layout
+HEADER_BYTES = _HEADER.size  # 36
+OVERHEAD_BYTES = _HEADER.size + _CRC.size  # 40: everything in a file but the payload
+CODES_CHECK_MASK = 0xFFFFFFFF  # the codes check is a whole CRC32
+CODES_CHECK_MASK_V1 = 0xFFFF  # version 1 kept its low 16 bits
 
 Fit = Literal["pad", "resize"]
 # pad: placed centred on a black square of the model's side (as the IDX loader pads 28 -> 32),
@@ -112,6 +130,21 @@ class PayloadError(CodecFormatError):
         self.index = index
 
 
+class Versions(NamedTuple):
+    """The torch and constriction releases a file was compressed with, (major, minor, patch)
+    each: the float results the probabilities come from depend on them (see the module
+    docstring)."""
+
+    torch: tuple[int, int, int]
+    constriction: tuple[int, int, int]
+
+    def __str__(self) -> str:
+        return (
+            f"torch {'.'.join(map(str, self.torch))}, "
+            f"constriction {'.'.join(map(str, self.constriction))}"
+        )
+
+
 @dataclass(frozen=True)
 class Header:
     """What a compressed file says about its image, besides the payload."""
@@ -124,6 +157,13 @@ class Header:
     label: int | None  # the class the priors were given, None for unconditional priors
     slot: int  # the row of its coding batch the image was coded in (see ``slot_batches``)
     codes_check: int  # ``codes_check`` of the image's codes: catches a decoder that went astray
+    versions: Versions | None  # the libraries that compressed it; None in version-1 files
+    format_version: int = FORMAT_VERSION  # 1 for files written before the 32-bit check
+
+    @property
+    def codes_check_mask(self) -> int:
+        """The bits of ``codes_check`` this file's format version keeps."""
+        return CODES_CHECK_MASK_V1 if self.format_version == 1 else CODES_CHECK_MASK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +171,10 @@ class Header:
 
 
 def pack_file(header: Header, payload: bytes) -> bytes:
-    """The bytes of a compressed file: header, payload, then the CRC32 of both."""
+    """The bytes of a compressed file (format ``FORMAT_VERSION``): header, payload, then the
+    CRC32 of both."""
+    if header.format_version != FORMAT_VERSION or header.versions is None:
+        raise ValueError(f"files are written in format version {FORMAT_VERSION}, with versions")
     if header.label is not None and not 0 <= header.label < NO_LABEL:
         raise ValueError(f"class labels must lie in [0, {NO_LABEL}), got {header.label}")
     label = NO_LABEL if header.label is None else header.label
@@ -140,15 +183,22 @@ def pack_file(header: Header, payload: bytes) -> bytes:
             f"image sides must lie in [1, {MAX_SIDE}], got {header.height}x{header.width}"
         )
     if not 0 <= header.codes_check <= CODES_CHECK_MASK:
-        raise ValueError(f"the codes check is 16 bits, got {header.codes_check}")
+        raise ValueError(f"the codes check is 32 bits, got {header.codes_check}")
     if not 0 <= header.slot < CODING_BATCH_SIZE:
         raise ValueError(f"batch rows lie in [0, {CODING_BATCH_SIZE}), got {header.slot}")
     if len(header.fingerprint) != FINGERPRINT_BYTES:
         raise ValueError(f"the fingerprint must have {FINGERPRINT_BYTES} bytes")
+    parts = (*header.versions.torch, *header.versions.constriction)
+    lengths = {len(release) for release in header.versions}
+    if lengths != {VERSION_PARTS} or not all(0 <= part <= VERSION_PART_MAX for part in parts):
+        raise ValueError(
+            f"library versions take {VERSION_PARTS} parts of 0-{VERSION_PART_MAX}: {parts}"
+        )
     head = _HEADER.pack(
         MAGIC,
         FORMAT_VERSION,
         header.fingerprint,
+        *parts,
         header.height,
         header.width,
         FIT_CODES[header.fit],
@@ -162,11 +212,39 @@ def pack_file(header: Header, payload: bytes) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
+def _unpack_header(data: bytes, version: int) -> tuple[dict[str, Any], int, int]:
+    """A header's fields as they stand (nothing checked) but the fit, its raw fit code, and
+    the declared payload length."""
+    if version == 1:
+        _, _, fingerprint, height, width, fit, levels, label, slot, check, length = (
+            _HEADER_V1.unpack_from(data)
+        )
+        versions = None
+    else:
+        _, _, fingerprint, *parts, height, width, fit, levels, label, slot, check, length = (
+            _HEADER.unpack_from(data)
+        )
+        versions = Versions(tuple(parts[:VERSION_PARTS]), tuple(parts[VERSION_PARTS:]))
+    fields = dict(
+        fingerprint=fingerprint,
+        height=height,
+        width=width,
+        num_levels=levels,
+        label=None if label == NO_LABEL else label,
+        slot=slot,
+        codes_check=check,
+        versions=versions,
+        format_version=version,
+    )
+    return fields, fit, length
+
+
 def parse_file(data: bytes) -> tuple[Header, bytes]:
     """Check a compressed file's bytes and split them into header and payload.
 
-    Checks, in order: size, magic, version, the declared payload length against the size, the
-    CRC32, then each field. Reads nothing else and runs no model.
+    Reads format ``FORMAT_VERSION`` and the older version 1 (``READABLE_VERSIONS``). Checks, in
+    order: size, magic, version, the declared payload length against the size, the CRC32, then
+    each field. Reads nothing else and runs no model.
 
     Returns:
         The header and the payload bytes.
@@ -176,20 +254,26 @@ def parse_file(data: bytes) -> tuple[Header, bytes]:
     """
     if not data:
         raise CodecFormatError("the file is empty")
-    if len(data) < OVERHEAD_BYTES:
+    if len(data) < _PREFIX_BYTES:
         raise CodecFormatError(
             f"truncated: {len(data)} bytes, a compressed image has at least {OVERHEAD_BYTES}"
         )
-    magic, version, fingerprint, height, width, fit, levels, label, slot, check, length = (
-        _HEADER.unpack_from(data)
-    )
-    if magic != MAGIC:
+    if data[: len(MAGIC)] != MAGIC:
         raise CodecFormatError("not a vqvae2 compressed image (wrong magic bytes)")
-    if version != FORMAT_VERSION:
+    version = data[len(MAGIC)]
+    if version not in READABLE_VERSIONS:
         raise CodecFormatError(
-            f"format version {version}; this vqvae2 reads version {FORMAT_VERSION}"
+            f"format version {version}; this vqvae2 reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
-    expected = OVERHEAD_BYTES + length
+    header_bytes = (_HEADER_V1 if version == 1 else _HEADER).size
+    if len(data) < header_bytes + _CRC.size:
+        raise CodecFormatError(
+            f"truncated: {len(data)} bytes, a compressed image of format version {version} has "
+            f"at least {header_bytes + _CRC.size}"
+        )
+    fields, fit, length = _unpack_header(data, version)
+    expected = header_bytes + _CRC.size + length
     if len(data) != expected:
         state = "truncated" if len(data) < expected else "trailing bytes"
         raise CodecFormatError(f"{state}: {len(data)} bytes, the header declares {expected}")
@@ -197,25 +281,24 @@ def parse_file(data: bytes) -> tuple[Header, bytes]:
     if zlib.crc32(data[: -_CRC.size]) != crc:
         raise CodecFormatError("CRC32 mismatch: the file is corrupt")
     fits = {code: name for name, code in FIT_CODES.items()}
+    height, width, slot = fields["height"], fields["width"], fields["slot"]
     if fit not in fits:
         raise CodecFormatError(f"unknown fit code {fit}")
-    if levels < 1:
+    if fields["num_levels"] < 1:
         raise CodecFormatError("the header declares no latent levels")
     if height < 1 or width < 1:
         raise CodecFormatError(f"the header declares an empty image ({height}x{width})")
     if slot >= CODING_BATCH_SIZE:
         raise CodecFormatError(f"batch row {slot} is out of range [0, {CODING_BATCH_SIZE})")
-    header = Header(
-        fingerprint=fingerprint,
-        height=height,
-        width=width,
-        fit=fits[fit],
-        num_levels=levels,
-        label=None if label == NO_LABEL else label,
-        slot=slot,
-        codes_check=check,
-    )
-    return header, data[HEADER_BYTES : -_CRC.size]
+    return Header(fit=fits[fit], **fields), data[header_bytes : -_CRC.size]
+
+
+def max_file_bytes(positions: int) -> int:
+    """The largest compressed file of an image with ``positions`` codes (all levels): a code
+    costs at most ``CODER_PRECISION_BITS`` (its weight is at least 1 of ``PROBABILITY_TOTAL``),
+    the coder's rounding under one bit more, ending the stream under one word."""
+    payload = -(-positions * (CODER_PRECISION_BITS + 1) // 8) + WORD_BYTES
+    return OVERHEAD_BYTES + payload
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,10 +475,10 @@ def unfit_image(image: Tensor, header: Header) -> Tensor:
 
 
 def codes_check(codes: Sequence[Tensor]) -> int:
-    """16 bits of the CRC32 of one image's codes (per level (h_l, w_l), top first, as big-endian
-    int32 in raster order). A file stores it; a decoder whose probabilities differ from the
-    encoder's (another CPU, another library version, a changed prior) decodes other codes, and
-    the check names the file instead of writing a wrong image."""
+    """The CRC32 of one image's codes (per level (h_l, w_l), top first, as big-endian int32 in
+    raster order). A file stores it; a decoder whose probabilities differ from the encoder's
+    (another CPU, another library version, a changed prior) decodes other codes, and the check
+    names the file instead of writing a wrong image (one such decode in 2**32 passes it)."""
     data = b"".join(level.to(torch.int32).numpy().astype(">i4").tobytes() for level in codes)
     return zlib.crc32(data) & CODES_CHECK_MASK
 
@@ -680,12 +763,26 @@ def run_fingerprint(run_dir: str | Path) -> bytes:
     Raises:
         ValueError: the run lacks the VQ-VAE or a level's prior.
     """
-    run_dir = Path(run_dir)
+    with _held_run(Path(run_dir)) as step_dirs:
+        return _fingerprint(step_dirs)
+
+
+@contextmanager
+def _held_run(run_dir: Path) -> Iterator[dict[str, Path]]:
+    """The step folders of the VQ-VAE and of every level's prior (top first) by kind, held for
+    the block: a trainer writing the run meanwhile does not delete them."""
+    with ExitStack() as stack:
+        step_dirs = {}
+        for kind in (VQVAE_KIND, *(prior_kind(level) for level in level_names(run_dir))):
+            if not has_checkpoint(run_dir / kind):
+                raise ValueError(f"{run_dir} has no trained {kind} checkpoint")
+            step_dirs[kind] = stack.enter_context(held_checkpoint_dir(run_dir, kind))
+        yield step_dirs
+
+
+def _fingerprint(step_dirs: dict[str, Path]) -> bytes:
     digest = hashlib.sha256()
-    for kind in (VQVAE_KIND, *(prior_kind(level) for level in level_names(run_dir))):
-        if not has_checkpoint(run_dir / kind):
-            raise ValueError(f"{run_dir} has no trained {kind} checkpoint")
-        step_dir = resolve_checkpoint_dir(run_dir, kind)
+    for kind, step_dir in step_dirs.items():
         for name in (META, MODEL_WEIGHTS):
             path = step_dir / name
             digest.update(f"{kind}/{name}:{path.stat().st_size}:".encode())
@@ -698,12 +795,27 @@ def run_fingerprint(run_dir: str | Path) -> bytes:
 _READ_CHUNK = 1 << 20
 
 
-def _load_models(run_dir: Path, fingerprint: bytes) -> tuple[VQVAE2, list[PixelSNAIL]]:
-    """The run's models on the CPU, checked to be the ones ``fingerprint`` was taken from."""
-    vqvae, priors = load_hierarchy(run_dir, "cpu")
-    if run_fingerprint(run_dir) != fingerprint:
-        raise ValueError(f"the checkpoints in {run_dir} changed while they were read; try again")
-    return vqvae, priors
+def running_versions() -> Versions:
+    """The torch and constriction releases this process codes with."""
+    found = []
+    for version in (torch.__version__, importlib.metadata.version("constriction")):
+        release = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+        if release is None:
+            raise ValueError(f"cannot read a release number from version {version!r}")
+        found.append(tuple(int(part or 0) for part in release.groups()))
+    return Versions(*found)
+
+
+def _load_models(run_dir: Path) -> tuple[bytes, VQVAE2, list[PixelSNAIL]]:
+    """The run's models on the CPU and the fingerprint of exactly their checkpoints."""
+    with _held_run(run_dir) as step_dirs:
+        fingerprint = _fingerprint(step_dirs)
+        vqvae = load_vqvae(step_dirs[VQVAE_KIND])
+        priors = [
+            load_prior(step_dirs[prior_kind(level)], level) for level in vqvae.config.level_names
+        ]
+    check_hierarchy(vqvae, priors)
+    return fingerprint, vqvae, priors
 
 
 def _output_paths(paths: Sequence[Path], out_dir: Path, suffix: str) -> list[Path]:
@@ -784,8 +896,8 @@ def compress_files(
     if missing:
         raise ValueError(f"image file {missing[0]} does not exist")
     outputs = _output_paths(paths, out_dir, SUFFIX)
-    fingerprint = run_fingerprint(run_dir)
-    vqvae, priors = _load_models(run_dir, fingerprint)
+    fingerprint, vqvae, priors = _load_models(run_dir)
+    versions = running_versions()
     all_labels = _checked_labels(priors, labels, len(paths))
     config = vqvae.config
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -808,6 +920,7 @@ def compress_files(
                 label=None if chunk_labels is None else int(chunk_labels[index]),
                 slot=item.slot,
                 codes_check=codes_check(item.codes),
+                versions=versions,
             )
             data = pack_file(header, item.payload)
             output = outputs[start + index]
@@ -824,6 +937,23 @@ class DecompressedFile(NamedTuple):
     image: Tensor  # (C, H, W) uint8 as written
 
 
+def _read_capped(path: Path, limit: int) -> bytes:
+    """A file's bytes, refused before it is read when it holds more than ``limit``: no
+    compressed image of the run is larger (``max_file_bytes``), so nothing huge is read."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            data = b"" if size > limit else handle.read(limit + 1)  # + 1: a file still growing
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    if size > limit or len(data) > limit:
+        raise CodecFormatError(
+            f"{max(size, len(data))} bytes or more, but a compressed image of this run has at "
+            f"most {limit}: not a .vq2 file of this run"
+        )
+    return data
+
+
 def read_checked(paths: Sequence[Path], run_dir: Path) -> list[tuple[Header, bytes]]:
     """Parse compressed files and check them against a run, reading only the files and the
     run's checkpoint metadata and hashes (no model is built).
@@ -831,18 +961,15 @@ def read_checked(paths: Sequence[Path], run_dir: Path) -> list[tuple[Header, byt
     Raises:
         CodecFormatError: naming the first file that is corrupt or not from this run.
     """
+    model = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model
+    limit = max_file_bytes(sum(side * side for side in model.latent_sizes))
     parsed = []
     for path in paths:
         try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
-        try:
-            parsed.append(parse_file(data))
+            parsed.append(parse_file(_read_capped(path, limit)))
         except CodecFormatError as error:
             raise CodecFormatError(f"{path}: {error}") from None
     fingerprint = run_fingerprint(run_dir)
-    model = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model
     num_classes = max(
         load_run_config(run_dir, prior_kind(level), PriorRunConfig).prior.num_classes
         for level in model.level_names
@@ -889,7 +1016,13 @@ def decompress_files(
         raise ValueError("no compressed files given")
     outputs = _output_paths(paths, out_dir, ".png")
     parsed = read_checked(paths, run_dir)
-    vqvae, priors = _load_models(run_dir, parsed[0][0].fingerprint)
+    fingerprint, vqvae, priors = _load_models(run_dir)
+    if fingerprint != parsed[0][0].fingerprint:
+        raise ValueError(
+            f"the checkpoints in {run_dir} changed after the files were checked (a trainer "
+            f"writing?): the files need fingerprint {parsed[0][0].fingerprint.hex()}"
+        )
+    here = running_versions()
     done: dict[int, DecompressedFile] = {}
     batches = slot_batches([header.slot for header, _ in parsed])
     for batch in tqdm(batches, desc="decompress", disable=not progress, leave=False):
@@ -903,19 +1036,58 @@ def decompress_files(
         except PayloadError as error:
             raise CodecFormatError(f"{paths[batch[error.index]]}: {error}") from None
         for place, (index, header) in enumerate(zip(batch, headers, strict=True)):
-            if codes_check([level[place] for level in codes]) != header.codes_check:
-                raise CodecFormatError(
-                    f"{paths[index]}: the decoded codes fail the file's check: this machine's "
-                    "probabilities differ from the compressing one's (another CPU or library "
-                    "version?) or the file was altered"
-                )
+            _check_decoded(paths[index], header, [level[place] for level in codes], here)
         images = decode_images(vqvae, codes, slots)
         for place, (index, header) in enumerate(zip(batch, headers, strict=True)):
             image = unfit_image(images[place], header)
             png = save_png(image, outputs[index])
             image_codes = [level[place] for level in codes]
             done[index] = DecompressedFile(paths[index], png, header, image_codes, image)
+    _note_other_versions([header for header, _ in parsed], here)
     return [done[index] for index in range(len(paths))]
+
+
+def _check_decoded(path: Path, header: Header, codes: Sequence[Tensor], here: Versions) -> None:
+    """Refuse decoded codes that fail the file's codes check, naming the likely cause."""
+    if codes_check(codes) & header.codes_check_mask == header.codes_check:
+        return
+    if header.versions is not None and header.versions != here:
+        cause = (
+            f"it was compressed under {header.versions}, this is {here}: "
+            "decompress it under those versions"
+        )
+    else:
+        cause = (
+            "this machine's probabilities differ from the compressing one's (another CPU?) "
+            "or the file was altered"
+        )
+    raise CodecFormatError(f"{path}: the decoded codes fail the file's check: {cause}")
+
+
+def _note_other_versions(headers: Sequence[Header], here: Versions) -> None:
+    """One log line per set of library versions other than this process's whose files passed
+    their codes check, and one for version-1 files (their check has 16 bits)."""
+    others: dict[Versions, int] = {}
+    for header in headers:
+        if header.versions is not None and header.versions != here:
+            others[header.versions] = others.get(header.versions, 0) + 1
+    for versions, count in others.items():
+        logger.warning(
+            "%d of %d files were compressed under %s, this is %s; their decoded codes passed "
+            "the 32-bit check",
+            count,
+            len(headers),
+            versions,
+            here,
+        )
+    old = sum(header.format_version == 1 for header in headers)
+    if old:
+        logger.warning(
+            "%d of %d files are format version 1, whose codes check has 16 bits: one wrong "
+            "decode in 65,536 passes it",
+            old,
+            len(headers),
+        )
 
 
 def compression_report(run_dir: str | Path, results: Sequence[CompressedFile]) -> dict[str, Any]:

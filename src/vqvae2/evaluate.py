@@ -70,6 +70,7 @@ from .run import (
     CLASSIFIER_KIND,
     FEATURE_CLASSIFIER_DIR,
     VQVAE_KIND,
+    classifier_from_checkpoint,
     has_checkpoint,
     load_classifier,
     load_hierarchy,
@@ -282,7 +283,7 @@ def _load_models(
     if num_classes == 0:
         raise ValueError("evaluate needs class-conditional priors (for CAS and rejection sampling)")
     scorer_checkpoint = read_checkpoint(run_dir, CLASSIFIER_KIND)
-    scorer = load_classifier(run_dir, map_location=device)
+    scorer = classifier_from_checkpoint(scorer_checkpoint, map_location=device)
     shape = (model_config.in_channels, model_config.image_size)
     if (scorer.config.in_channels, scorer.config.image_size) != shape:
         raise ValueError(

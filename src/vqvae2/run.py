@@ -11,7 +11,9 @@ Every command reads and writes one folder::
     RUN_DIR/classifier/                    train-classifier --run: the rejection scorer
     RUN_DIR/feature-classifier/            evaluate's feature network (another seed)
 
-Models load in eval mode with nothing but the folder: each checkpoint describes itself.
+Models load in eval mode with nothing but the folder: each checkpoint describes itself. A
+trainer may be writing the run meanwhile: each model comes whole from one step folder
+(``checkpoint.held_checkpoint_dir``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 
 from ._helpers import load_state_checked
-from .checkpoint import LATEST, read_checkpoint, read_meta
+from .checkpoint import LATEST, Checkpoint, read_checkpoint, read_meta
 from .classifier import Classifier
 from .config import ClassifierRunConfig, PriorRunConfig, VQVAERunConfig, config_from_dict
 from .pixelsnail import PixelSNAIL
@@ -87,7 +89,14 @@ def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> VQ
         path: ``RUN_DIR``, ``RUN_DIR/vqvae`` or a ``step-*`` folder.
         map_location: device for the weights.
     """
-    checkpoint = read_checkpoint(Path(path), VQVAE_KIND)
+    return vqvae_from_checkpoint(read_checkpoint(Path(path), VQVAE_KIND), map_location)
+
+
+def vqvae_from_checkpoint(
+    checkpoint: Checkpoint, map_location: str | torch.device = "cpu"
+) -> VQVAE2:
+    """The VQ-VAE of a checkpoint already read (its step and config then come from the same
+    folder as its weights), in eval mode."""
     model = VQVAE2(config_from_dict(VQVAERunConfig, checkpoint.config).model)
     load_state_checked(model, checkpoint.model_state, checkpoint.path)
     return model.to(map_location).eval()
@@ -96,8 +105,8 @@ def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> VQ
 def load_prior(
     run_dir: str | Path, level: str, map_location: str | torch.device = "cpu"
 ) -> PixelSNAIL:
-    """Load the trained prior of ``level`` ('top', 'middle', 'bottom') from a run folder, in
-    eval mode."""
+    """Load the trained prior of ``level`` ('top', 'middle', 'bottom') from a run folder (or
+    the prior's own kind or step folder), in eval mode."""
     checkpoint = read_checkpoint(Path(run_dir), prior_kind(level))
     prior = PixelSNAIL(config_from_dict(PriorRunConfig, checkpoint.config).prior)
     load_state_checked(prior, checkpoint.model_state, checkpoint.path)
@@ -106,7 +115,13 @@ def load_prior(
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
     """Load a trained classifier from its folder (or a run folder holding ``classifier/``)."""
-    checkpoint = read_checkpoint(Path(path), CLASSIFIER_KIND)
+    return classifier_from_checkpoint(read_checkpoint(Path(path), CLASSIFIER_KIND), map_location)
+
+
+def classifier_from_checkpoint(
+    checkpoint: Checkpoint, map_location: str | torch.device = "cpu"
+) -> Classifier:
+    """The classifier of a checkpoint already read, in eval mode."""
     classifier = Classifier(config_from_dict(ClassifierRunConfig, checkpoint.config).model)
     load_state_checked(classifier, checkpoint.model_state, checkpoint.path)
     return classifier.to(map_location).eval()

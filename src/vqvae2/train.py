@@ -82,6 +82,7 @@ from .run import (
     load_run_config,
     load_vqvae,
     prior_kind,
+    vqvae_from_checkpoint,
 )
 from .sampling import sample_level_cached
 from .vqvae import VQVAE2
@@ -271,8 +272,9 @@ def extract_codes(
     context = runtime_context(runtime)
     run_dir = Path(run_dir)
     names = augmentation_names(augment)  # checked before any work
-    checkpoint_step = read_checkpoint(run_dir, VQVAE_KIND).step
-    model = load_vqvae(run_dir, map_location=context.device)
+    checkpoint = read_checkpoint(run_dir, VQVAE_KIND)  # step and weights from one folder
+    checkpoint_step = checkpoint.step
+    model = vqvae_from_checkpoint(checkpoint, map_location=context.device)
     config = model.config
     data_config = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).data
     written = {}
