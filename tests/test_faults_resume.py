@@ -162,3 +162,16 @@ def test_a_malformed_random_state_is_one_line(tmp_path, npz_data, capsys):
     assert capsys.readouterr().err.strip() == (
         f"vqvae2: error: the random state in {step_dir} is malformed: entry '0/cpu'"
     )
+
+
+def test_validation_leaves_the_training_stream_alone(tmp_path, npz_data):
+    """Validation draws (its DataLoader takes a seed from the global generator) come from a
+    fork: validating every step or never, a run with level dropout ends with the same weights."""
+    finals = []
+    for every in ("1", "1000"):
+        run = tmp_path / f"val-every-{every}"
+        command = ["train-vqvae", "--config", "tiny", "model.image_size=16", "--quiet"]
+        options = ["model.level_dropout=0.5", f"train.val_every={every}", "--max-steps", "3"]
+        assert main([*command, *options, "--data", str(npz_data), "--out", str(run)]) == 0
+        finals.append(read_checkpoint(run, "vqvae").path)
+    assert_bit_identical(*finals)
