@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -84,6 +85,22 @@ def test_prior_with_dropout_resumes_bit_for_bit(tmp_path, npz_data):
     straight, resumed = stopped_and_resumed(
         tmp_path, [*prior, "prior.dropout=0.1"], prior, "prior-top", base=base
     )
+    assert_bit_identical(resumed, straight)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prior_with_dropout_resumes_bit_for_bit_on_cuda(tmp_path, npz_data):
+    """On a GPU dropout draws from the CUDA generator, whose state is saved and restored too."""
+    base = tmp_path / "base"
+    stage_one = ["train-vqvae", "--config", "tiny", "model.image_size=16", "--quiet"]
+    assert main([*stage_one, "--data", str(npz_data), "--out", str(base), "--max-steps", "2"]) == 0
+    assert main(["extract-codes", str(base), "--data", str(npz_data), "--quiet"]) == 0
+    prior = ["train-prior", "RUN", "--level", "top", "--device", "cuda"]
+    straight, resumed = stopped_and_resumed(
+        tmp_path, [*prior, "prior.dropout=0.1"], prior, "prior-top", base=base
+    )
+    assert "0/cuda" in load_file(str(straight / RANDOM_STATE))
     assert_bit_identical(resumed, straight)
 
 
