@@ -193,10 +193,11 @@ class AdamInBackward:
     left to do, and ``state_dict`` / ``load_state_dict`` use the single optimiser's layout, so a
     checkpoint resumes with either. The update of each parameter is Adam's own.
 
-    Each gradient is checked before its parameter steps; ``gradients_finite`` says whether all
-    of the last backward pass were finite. A parameter already stepped cannot be put back, so
-    the session stops the run on a non-finite gradient (``train.nonfinite=stop``, the only
-    policy allowed with this optimiser) and writes nothing after it.
+    Whether each gradient is finite is noted as its parameter steps (without waiting for the
+    device); ``gradients_finite`` says whether all of the last backward pass were. A parameter
+    already stepped cannot be put back, so the session stops the run on a non-finite gradient
+    (``train.nonfinite=stop``, the only policy allowed with this optimiser) and writes nothing
+    after it.
     """
 
     def __init__(self, model: torch.nn.Module, train: TrainConfig) -> None:
@@ -594,7 +595,10 @@ class TrainingSession:
             load_state_checked(model, checkpoint.model_state, checkpoint.path)
             self.step = self.saved_step = checkpoint.step
             elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
-        self.resumed_from = checkpoint  # its random state is restored when the batches start
+        # Where the run resumed from and its generator states, restored when the batches start.
+        self.resumed_random_state = (
+            None if checkpoint is None else (checkpoint.path, checkpoint.random_state)
+        )
         self.skipped = 0 if checkpoint is None else int(checkpoint.extra.get(SKIPPED, 0))
         if self.train.optimizer_in_backward and context.enabled:
             raise ValueError("train.optimizer_in_backward runs in one process, not under DDP")
@@ -645,8 +649,9 @@ class TrainingSession:
         train = self.train
         self.model.train()
         batch_iterator = iter(batches)  # a DataLoader draws from the global generator here
-        if self.resumed_from is not None:
-            self._restore_random_state(self.resumed_from)
+        if self.resumed_random_state is not None:
+            self._restore_random_state(*self.resumed_random_state)
+            self.resumed_random_state = None
         for batch in batch_iterator:
             if not self._set_step_size():
                 break  # resumed with the time budget already spent
@@ -685,10 +690,10 @@ class TrainingSession:
         self.bar.close()
         self.model.eval()
 
-    def _restore_random_state(self, checkpoint: Checkpoint) -> None:
-        """Continue the generators of the run resumed from ``checkpoint`` (see
-        ``restore_random_state``); say on rank 0 when its dropout cannot be continued exactly."""
-        saved = checkpoint.random_state
+    def _restore_random_state(self, path: Path, saved: dict[int, RandomState] | None) -> None:
+        """Continue the generators of the run resumed from the checkpoint at ``path`` (their
+        ``saved`` states, see ``restore_random_state``); say on rank 0 when its dropout cannot
+        be continued exactly."""
         exact = restore_random_state(saved, self.context, self.train.seed, self.step)
         if not exact and self.context.is_main:
             held = (
@@ -700,7 +705,7 @@ class TrainingSession:
                 "%s holds %s and this run has %d: random draws (dropout) from step %d on come "
                 "from new streams seeded by (train.seed, step, rank), not those of an "
                 "uninterrupted run",
-                checkpoint.path,
+                path,
                 held,
                 self.context.world_size,
                 self.step,
