@@ -112,8 +112,9 @@ def test_classifier_with_dropout_resumes_bit_for_bit(tmp_path, npz_data):
 
 
 def test_a_checkpoint_holds_the_generator_states_of_its_step(tmp_path, npz_data):
-    """The CPU state saved at step 2 is the state the uninterrupted run trains step 3 from:
-    resumed from it, the run draws what the uninterrupted one draws."""
+    """A one-process CPU run's checkpoint holds its CPU generator state as uint8 in
+    random.safetensors, counted in meta.json: the state after the run's draws, not a fresh
+    seed's."""
     run = tmp_path / "run"
     command = ["train-classifier", "--data", str(npz_data), "--out", str(run), "--quiet"]
     preset = ["--config", "classifier-tiny", "model.image_size=16", "train.checkpoint_every=2"]
