@@ -1,11 +1,14 @@
 """Faults of data-parallel runs (gloo, CPU): every process agrees on a non-finite loss that only
-one of them sees, and a second job on a run folder in use stops on every process
+one of them sees, a second job on a run folder in use stops on every process, and a prior with
+dropout resumes exactly under the same number of processes and runs on under another
 (docs/faults.md)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,10 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vqvae2.checkpoint import read_checkpoint
+from vqvae2.cli import main
 from vqvae2.distributed import DistributedContext
 from vqvae2.loop import training_lock
 
 from .conftest import assert_states_close, metric_values, torchrun, write_npz
+from .test_faults_resume import assert_bit_identical, rewind
 
 pytestmark = pytest.mark.slow  # starts torchrun
 
@@ -141,3 +147,39 @@ def test_a_data_parallel_job_on_a_run_folder_in_use_stops_on_every_process(tmp_p
     assert not any("Traceback" in stderr for _, stderr in ended)
     assert sorted(p.name for p in (run / "vqvae").iterdir()) == [".lock"]
     assert not (run / "metrics.csv").exists()
+
+
+def test_a_prior_with_dropout_resumes_exactly_under_two_processes_and_runs_under_one(
+    tmp_path, caplog
+):
+    """Each process's own dropout stream is saved and restored on its rank: two processes
+    resumed at step 2 end at step 4 bit for bit as uninterrupted. Resumed by one process, the
+    streams cannot be mapped: the run goes on from a stream seeded by (seed, step, rank), says
+    so, and saves the state of its own process. (Two processes resuming one's checkpoint:
+    tests/test_distributed.py, and the rule is the same.)"""
+    data = write_npz(tmp_path / "blobs.npz", count=64)
+    base = tmp_path / "base"
+    stage_one = ["train-vqvae", "--config", "tiny", "model.image_size=16", "--quiet"]
+    assert main([*stage_one, "--data", str(data), "--out", str(base), "--max-steps", "2"]) == 0
+    assert main(["extract-codes", str(base), "--data", str(data), "--quiet"]) == 0
+    two = shutil.copytree(base, tmp_path / "two")
+    prior = ["-m", "vqvae2", "train-prior", "--level", "top", "--quiet"]
+    options = ["prior.dropout=0.1", "train.batch_size=8", "train.checkpoint_every=2"]
+    torchrun(2, *prior, two, *options, "train.val_every=1000", "--max-steps", "4")
+    states = read_checkpoint(two / "prior-top", "prior-top", with_optimizer=True).random_state
+    assert sorted(states) == [0, 1]
+    assert not torch.equal(states[0]["cpu"], states[1]["cpu"])  # each process its own masks
+
+    resumed = rewind(two, tmp_path / "resumed", "prior-top", 2)
+    torchrun(2, *prior, resumed, "--resume")
+    assert_bit_identical(
+        resumed / "prior-top" / "step-00000004", two / "prior-top" / "step-00000004"
+    )
+
+    one = rewind(two, tmp_path / "one", "prior-top", 2)
+    with caplog.at_level(logging.WARNING, logger="vqvae2.loop"):
+        assert main(["train-prior", str(one), "--level", "top", "--resume", "--quiet"]) == 0
+    assert "holds the random state of 2 process(es) and this run has 1" in caplog.text
+    final = read_checkpoint(one, "prior-top", with_optimizer=True)
+    assert final.step == 4 and sorted(final.random_state) == [0]
+    assert all(t.isfinite().all() for t in final.model_state.values() if t.is_floating_point())

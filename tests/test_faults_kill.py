@@ -1,6 +1,7 @@
-"""kill -9 trials: ``train-vqvae`` and ``train-prior`` killed at random moments, some inside a
-checkpoint write, then resumed with ``--resume``: no checkpoint is ever unreadable, and the
-resumed run ends with the weights of an uninterrupted one (docs/faults.md).
+"""kill -9 trials: ``train-vqvae``, ``train-prior`` and ``train-classifier`` killed at random
+moments, some inside a checkpoint write, then resumed with ``--resume``: no checkpoint is ever
+unreadable, and the resumed run ends with the weights of an uninterrupted one, dropout included
+(the prior's and the classifier's are on; docs/faults.md).
 
 The trials run the CLI in processes forked from a server that has imported vqvae2 once (a
 fresh interpreter spends about 3 s importing torch, the whole budget of a trial). The process
@@ -144,7 +145,8 @@ OPTIONS = [
     "train.val_every=4",
 ]
 VQVAE_TRIALS = 16  # half at random times, half inside a checkpoint write
-PRIOR_TRIALS = 8
+PRIOR_TRIALS = 8  # with dropout 0.1, as the paper's priors
+CLASSIFIER_TRIALS = 6  # with dropout 0.3
 SEED = 16
 MARKER_TIMEOUT = 60.0  # seconds a trial's process may take to reach its marker
 # Random kills fall in this share of an uninterrupted run's time from its first step to its end
@@ -348,7 +350,7 @@ def test_train_prior_killed_at_random_moments_resumes_to_the_same_weights(server
     server.run(["extract-codes", base, "--data", data, "--quiet"], tmp_path / "codes.log")
     kind = Kind(
         name="prior-top",
-        fresh=["train-prior", "RUN", "--level", "top", *OPTIONS],
+        fresh=["train-prior", "RUN", "--level", "top", "prior.dropout=0.1", *OPTIONS],
         resume=["train-prior", "RUN", "--level", "top", "--resume", "--quiet"],
         kind_dir="prior-top",
         log_dir="prior-top",
@@ -359,3 +361,22 @@ def test_train_prior_killed_at_random_moments_resumes_to_the_same_weights(server
     report(capsys, kind, counts)
     assert counts["in_write"] == PRIOR_TRIALS // 2
     assert counts["killed"] >= PRIOR_TRIALS * 3 // 4
+
+
+def test_train_classifier_killed_at_random_moments_resumes_to_the_same_weights(
+    server, tmp_path, capsys
+):
+    data = write_npz(tmp_path / "blobs.npz")
+    preset = ["--config", "classifier-tiny", "model.image_size=16", "model.dropout=0.3"]
+    kind = Kind(
+        name="classifier",
+        fresh=["train-classifier", "--data", data, "--out", "RUN", *preset, *OPTIONS],
+        resume=["train-classifier", "--data", data, "--out", "RUN", "--resume", "--quiet"],
+        kind_dir=".",
+        log_dir=".",
+        loss="loss",
+    )
+    counts = kill_trials(server, kind, tmp_path, CLASSIFIER_TRIALS)
+    report(capsys, kind, counts)
+    assert counts["in_write"] == CLASSIFIER_TRIALS // 2
+    assert counts["killed"] >= CLASSIFIER_TRIALS * 3 // 4

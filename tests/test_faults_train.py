@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from vqvae2.checkpoint import LATEST, MODEL_WEIGHTS, OPTIMIZER_WEIGHTS, read_checkpoint
 from vqvae2.cli import main
@@ -58,8 +59,9 @@ def test_a_run_started_again_after_a_kill_before_its_first_checkpoint_logs_only_
 
 def nan_at_training_calls(monkeypatch, calls: set[int], where: str = "loss") -> None:
     """Make the VQ-VAE's training forward passes numbered ``calls`` (1 = the first of this
-    process) non-finite: its loss (``where="loss"``) or its input images (``"images"``, which
-    also pour NaN into the EMA codebooks)."""
+    process) non-finite: its loss (``where="loss"``), its input images (``"images"``, which
+    also pour NaN into the EMA codebooks) or, under a finite loss, the gradient of its first
+    parameter (``"gradient"``: inf, as a bf16 backward pass that overflows gives)."""
     from vqvae2.vqvae import VQVAE2
 
     forward = VQVAE2.forward
@@ -73,9 +75,25 @@ def nan_at_training_calls(monkeypatch, calls: set[int], where: str = "loss") -> 
         if poisoned and where == "images":
             images = images * float("nan")
         output = forward(self, images)
+        if poisoned and where == "gradient":
+            inf_gradient_once(next(self.parameters()))
+            return output
         return output._replace(loss=output.loss * float("nan")) if poisoned else output
 
     monkeypatch.setattr(VQVAE2, "forward", poisoned_forward)
+
+
+def inf_gradient_once(parameter) -> None:
+    """The next gradient that reaches ``parameter`` becomes inf (before it is accumulated)."""
+    fired = []
+
+    def to_inf(gradient):
+        if fired:
+            return None
+        fired.append(True)
+        return torch.full_like(gradient, float("inf"))
+
+    parameter.register_hook(to_inf)
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_checkpoint(
@@ -226,3 +244,56 @@ def test_a_torn_last_log_row_is_dropped_on_resume(tmp_path, npz_data):
     rows = read_metrics(run / "metrics.csv")
     assert all(None not in row.values() and "" not in row.values() for row in rows), rows[-3:]
     assert logged_steps(run / "metrics.csv") == [1, 2, 3]
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_stops_the_run(
+    tmp_path, npz_data, capsys, monkeypatch
+):
+    """An inf gradient at step 3 (the loss finite) stops the run as a non-finite loss does:
+    one line naming step 3, the step-2 checkpoint kept, nothing written after it."""
+    run = tmp_path / "run"
+    nan_at_training_calls(monkeypatch, {3}, where="gradient")
+    line = one_line_error(capsys, train_vqvae_cli(npz_data, run, 4))
+    assert line == (
+        f"the gradients are not finite at step 3: training stopped and the last checkpoint, "
+        f"{run / 'vqvae' / 'step-00000002'}, is kept (train.nonfinite=skip skips such steps "
+        "instead)"
+    )
+    assert [p.name for p in (run / "vqvae").glob("step-*")] == ["step-00000002"]
+
+
+def test_a_skipped_non_finite_gradient_changes_nothing(tmp_path, npz_data, monkeypatch):
+    """With train.nonfinite=skip, an inf gradient under a finite loss at step 3 leaves the
+    weights, buffers and optimiser state exactly as after step 2, and is counted."""
+    skip = "train.nonfinite=skip"
+    two = tmp_path / "two"
+    assert train_vqvae_cli(npz_data, two, 2, skip) == 0
+    run = tmp_path / "run"
+    nan_at_training_calls(monkeypatch, {3}, where="gradient")
+    assert train_vqvae_cli(npz_data, run, 3, skip) == 0
+    for weights in (MODEL_WEIGHTS, OPTIMIZER_WEIGHTS):
+        assert_states_close(
+            run / "vqvae" / "step-00000003" / weights,
+            two / "vqvae" / "step-00000002" / weights,
+            atol=0.0,
+        )
+    assert metric_values(run / "metrics.csv", "train", "skipped_nonfinite")[3] == 1.0
+
+
+def test_a_non_finite_gradient_stops_a_run_stepping_adam_in_backward(
+    tmp_path, npz_data, capsys, monkeypatch
+):
+    """With train.optimizer_in_backward each gradient is checked as its parameter steps: an inf
+    one at step 3 stops the run after that backward pass, and the step-2 checkpoint, all
+    finite, stays the last."""
+    run = tmp_path / "run"
+    nan_at_training_calls(monkeypatch, {3}, where="gradient")
+    code = train_vqvae_cli(npz_data, run, 4, "train.optimizer_in_backward=true")
+    line = one_line_error(capsys, code)
+    assert line == (
+        f"the gradients are not finite at step 3: training stopped and the last checkpoint, "
+        f"{run / 'vqvae' / 'step-00000002'}, is kept"
+    )
+    kept = read_checkpoint(run, "vqvae", with_optimizer=True)
+    assert kept.step == 2
+    assert all(t.isfinite().all() for t in kept.model_state.values() if t.is_floating_point())

@@ -4,6 +4,7 @@ Layout of one model kind inside a run folder::
 
     RUN_DIR/vqvae/step-00001000/model.safetensors      weights and buffers
                                 optimizer.safetensors  optimizer tensors (when saved)
+                                random.safetensors     each process's generator states (when saved)
                                 meta.json              format, kind, step, full run config, ...
     RUN_DIR/vqvae/latest                               name of the newest complete step folder
 
@@ -42,6 +43,7 @@ LATEST = "latest"
 META = "meta.json"
 MODEL_WEIGHTS = "model.safetensors"
 OPTIMIZER_WEIGHTS = "optimizer.safetensors"
+RANDOM_STATE = "random.safetensors"  # uint8 generator states keyed "<rank>/<generator>"
 # Times a reader resolves ``latest`` again when a trainer deleted the folder it named before the
 # reader could hold it; each time means the trainer moved ``latest`` on meanwhile.
 HOLD_ATTEMPTS = 100
@@ -58,6 +60,9 @@ class Checkpoint:
     model_state: dict[str, Tensor]
     optimizer_state: dict[str, Any] | None
     extra: dict[str, Any]  # free-form JSON (e.g. elapsed time, data path)
+    # Each training process's generator states, by rank: {"cpu": uint8 (n,), "cuda": ...}; read
+    # with the optimiser state; None when the checkpoint holds none (written before they were).
+    random_state: dict[int, dict[str, Tensor]] | None = None
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -98,6 +103,36 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> di
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _flatten_random_state(states: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Generator states by rank -> safetensors entries "<rank>/<generator>" (uint8)."""
+    return {
+        f"{rank}/{name}": state.detach().cpu().contiguous()
+        for rank, named in states.items()
+        for name, state in named.items()
+    }
+
+
+def _unflatten_random_state(
+    tensors: dict[str, Tensor], processes: Any, step_dir: Path
+) -> dict[int, dict[str, Tensor]]:
+    """The states of ranks 0 .. processes-1, each with its CPU state; ``ValueError`` otherwise."""
+    states: dict[int, dict[str, Tensor]] = {}
+    for key, state in tensors.items():
+        rank, _, name = key.partition("/")
+        if not rank.isdigit() or not name or state.dtype != torch.uint8 or state.dim() != 1:
+            raise ValueError(f"the random state in {step_dir} is malformed: entry {key!r}")
+        states.setdefault(int(rank), {})[name] = state
+    ranks = sorted(states)
+    if not isinstance(processes, int) or ranks != list(range(processes)):
+        raise ValueError(
+            f"the random state in {step_dir} is malformed: ranks {ranks}, "
+            f"meta.json says {processes!r} processes"
+        )
+    if any("cpu" not in named for named in states.values()):
+        raise ValueError(f"the random state in {step_dir} is malformed: a rank lacks 'cpu'")
+    return states
+
+
 def save_checkpoint(
     kind_dir: Path,
     kind: str,
@@ -107,6 +142,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     extra: dict[str, Any] | None = None,
     keep: int = 2,
+    random_state: dict[int, dict[str, Tensor]] | None = None,
 ) -> Path:
     """Atomically write a checkpoint of ``model`` (and optimizer) as ``kind_dir/step-NNNNNNNN``.
 
@@ -118,6 +154,8 @@ def save_checkpoint(
         model: module whose ``state_dict`` is saved.
         optimizer: saved too when given, for ``--resume``.
         extra: JSON-serialisable extras.
+        random_state: each training process's generator states by rank (uint8 tensors, e.g.
+            ``{"cpu": torch.get_rng_state()}``), saved for an exact ``--resume``.
         keep: step folders kept; older ones are deleted after ``latest`` moves, except one
             a reader holds (``held_checkpoint_dir``), which a later save deletes.
 
@@ -160,6 +198,10 @@ def save_checkpoint(
             save_file(tensors, str(tmp / OPTIMIZER_WEIGHTS))
             _sync(tmp / OPTIMIZER_WEIGHTS)
             meta["optimizer"] = optimizer_meta
+        if random_state is not None:
+            save_file(_flatten_random_state(random_state), str(tmp / RANDOM_STATE))
+            _sync(tmp / RANDOM_STATE)
+            meta["random_state_processes"] = len(random_state)
         write_text_atomic(tmp / META, json.dumps(meta, indent=2))
         _sync(tmp)
         if final.exists():
@@ -329,10 +371,12 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 
 
 def read_checkpoint(path: Path, kind: str, with_optimizer: bool = False) -> Checkpoint:
-    """Read and check a checkpoint of ``kind``, weights included.
+    """Read and check a checkpoint of ``kind``, weights included (with ``with_optimizer``, the
+    optimiser and random state too: what ``--resume`` needs).
 
     Raises:
-        ValueError: as ``read_meta``, unreadable weights or malformed optimiser metadata.
+        ValueError: as ``read_meta``, unreadable weights, malformed optimiser metadata or random
+            state.
     """
     with held_checkpoint_dir(path, kind) as step_dir:
         return _read_checkpoint_at(step_dir, kind, with_optimizer)
@@ -341,7 +385,11 @@ def read_checkpoint(path: Path, kind: str, with_optimizer: bool = False) -> Chec
 def _read_checkpoint_at(step_dir: Path, kind: str, with_optimizer: bool) -> Checkpoint:
     meta = _checked_meta(step_dir, kind)
     model_state = _read_tensors(step_dir / MODEL_WEIGHTS)
-    optimizer_state = None
+    optimizer_state, random_state = None, None
+    if with_optimizer and "random_state_processes" in meta:
+        random_state = _unflatten_random_state(
+            _read_tensors(step_dir / RANDOM_STATE), meta["random_state_processes"], step_dir
+        )
     if with_optimizer and "optimizer" in meta:
         tensors = _read_tensors(step_dir / OPTIMIZER_WEIGHTS)
         try:
@@ -358,4 +406,5 @@ def _read_checkpoint_at(step_dir: Path, kind: str, with_optimizer: bool) -> Chec
         model_state=model_state,
         optimizer_state=optimizer_state,
         extra=meta.get("extra", {}),
+        random_state=random_state,
     )

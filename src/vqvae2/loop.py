@@ -192,27 +192,40 @@ class AdamInBackward:
     parameter, in the model's order) take the step size, ``zero_grad`` and ``step`` have nothing
     left to do, and ``state_dict`` / ``load_state_dict`` use the single optimiser's layout, so a
     checkpoint resumes with either. The update of each parameter is Adam's own.
+
+    Whether each gradient is finite is noted as its parameter steps (without waiting for the
+    device); ``gradients_finite`` says whether all of the last backward pass were. A parameter
+    already stepped cannot be put back, so the session stops the run on a non-finite gradient
+    (``train.nonfinite=stop``, the only policy allowed with this optimiser) and writes nothing
+    after it.
     """
 
     def __init__(self, model: torch.nn.Module, train: TrainConfig) -> None:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizers = [_adam([p], train) for p in self.parameters]
+        self.nonfinite: list[Tensor] = []  # () bool per gradient seen non-finite this step
         for parameter, optimizer in zip(self.parameters, self.optimizers, strict=True):
             parameter.register_post_accumulate_grad_hook(self._stepper(optimizer))
 
-    @staticmethod
-    def _stepper(optimizer: torch.optim.Adam) -> Callable[[torch.Tensor], None]:
+    def _stepper(self, optimizer: torch.optim.Adam) -> Callable[[torch.Tensor], None]:
         def step(parameter: torch.Tensor) -> None:
+            # Kept on the device: reading it here would wait for the GPU at every parameter.
+            self.nonfinite.append(~parameter.grad.isfinite().all())
             optimizer.step()
             parameter.grad = None
 
         return step
+
+    def gradients_finite(self) -> bool:
+        """Every gradient of the backward passes since ``zero_grad`` was finite."""
+        return not (self.nonfinite and bool(torch.stack(self.nonfinite).any()))
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return [optimizer.param_groups[0] for optimizer in self.optimizers]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self.nonfinite = []
         for parameter in self.parameters:
             parameter.grad = None
 
@@ -294,6 +307,73 @@ def seed_own_dropout(train: TrainConfig, context: DistributedContext) -> None:
     """Under DDP every process draws its own dropout masks; one process keeps its stream."""
     if context.enabled:
         torch.manual_seed(train.seed * SEED_STRIDE + context.rank)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random state: what dropout (and any other draw from the global generators) continues from
+
+
+RandomState = dict[str, Tensor]  # one process's generator states: "cpu", "cuda" (uint8)
+
+
+def own_random_state(context: DistributedContext) -> RandomState:
+    """This process's global generator states: the CPU one, and its CUDA device's when it
+    trains on one."""
+    state = {"cpu": torch.get_rng_state()}
+    if context.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(context.device)
+    return state
+
+
+def gather_random_states(context: DistributedContext) -> dict[int, RandomState]:
+    """Every process's generator states by rank (a collective: every process calls it). The
+    states of a generator have one size on every process, so they travel as one all-gather."""
+    own = own_random_state(context)
+    states: dict[int, RandomState] = {rank: {} for rank in range(context.world_size)}
+    for name, state in own.items():
+        gathered = context.all_gather_cat(state.to(context.device)[None]).cpu()  # (world, n)
+        for rank in range(context.world_size):
+            states[rank][name] = gathered[rank].clone()
+    return states
+
+
+RANDOM_STREAM_TAG = 0x5EED  # keeps derived_random_seed's hashes apart from other SeedSequences
+
+
+def derived_random_seed(seed: int, step: int, rank: int) -> int:
+    """A seed for process ``rank`` resuming at ``step`` without a saved state of its own: a
+    hash of the three, apart from every other seed the run derives."""
+    words = np.random.SeedSequence([seed, step, rank, RANDOM_STREAM_TAG]).generate_state(2)
+    return int(words[0]) << 32 | int(words[1])
+
+
+def restore_random_state(
+    saved: dict[int, RandomState] | None, context: DistributedContext, seed: int, step: int
+) -> bool:
+    """Give this process the generator states saved at ``step`` for its rank, and say True; when
+    the checkpoint holds none (an older one) or was written by another number of processes,
+    whose per-process streams cannot be mapped onto these, seed every generator from
+    ``derived_random_seed(seed, step, rank)`` and say False."""
+    own = saved.get(context.rank) if saved and len(saved) == context.world_size else None
+    if own is None:
+        torch.manual_seed(derived_random_seed(seed, step, context.rank))  # CUDA's too
+        return False
+    torch.set_rng_state(own["cpu"])
+    if context.device.type == "cuda":
+        if "cuda" in own:
+            torch.cuda.set_rng_state(own["cuda"], context.device)
+        else:  # written on the CPU
+            torch.cuda.manual_seed(derived_random_seed(seed, step, context.rank))
+    return True
+
+
+@contextmanager
+def random_state_kept(context: DistributedContext) -> Iterator[None]:
+    """Draws inside the block (validation, the final measurement: each ``DataLoader`` draws a
+    seed from the global generator) leave the training stream as it was."""
+    devices = [context.device] if context.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,10 +547,15 @@ class TrainingSession:
     session; rank 0 alone writes the config, the log, checkpoints and the progress bar, and
     every process stops at the same step.
 
-    A step whose loss is not finite on any process stops the run or, with
+    A step whose loss or gradients are not finite on any process stops the run or, with
     ``train.nonfinite=skip``, is skipped by every process: gradients dropped, no optimiser
     step, buffers (the EMA codebooks) put back as they were, the step counted in the log as
-    ``skipped_nonfinite``. No checkpoint is written after a non-finite loss that stops a run.
+    ``skipped_nonfinite``. No checkpoint is written after a non-finite step that stops a run.
+
+    Every checkpoint holds each process's generator states; a resumed run restores them once
+    its batches start (a ``DataLoader`` draws a seed from the global generator then), so its
+    dropout masks are those of the uninterrupted run. Validation and the final measurement
+    draw from forks of the generators, leaving the training stream alone.
 
     Args:
         model: the plain module (restored from ``checkpoint`` when resuming).
@@ -510,6 +595,10 @@ class TrainingSession:
             load_state_checked(model, checkpoint.model_state, checkpoint.path)
             self.step = self.saved_step = checkpoint.step
             elapsed_before = float(checkpoint.extra.get("elapsed_seconds", 0.0))
+        # Where the run resumed from and its generator states, restored when the batches start.
+        self.resumed_random_state = (
+            None if checkpoint is None else (checkpoint.path, checkpoint.random_state)
+        )
         self.skipped = 0 if checkpoint is None else int(checkpoint.extra.get(SKIPPED, 0))
         if self.train.optimizer_in_backward and context.enabled:
             raise ValueError("train.optimizer_in_backward runs in one process, not under DDP")
@@ -559,15 +648,19 @@ class TrainingSession:
         """
         train = self.train
         self.model.train()
-        for batch in batches:
+        batch_iterator = iter(batches)  # a DataLoader draws from the global generator here
+        if self.resumed_random_state is not None:
+            self._restore_random_state(*self.resumed_random_state)
+            self.resumed_random_state = None
+        for batch in batch_iterator:
             if not self._set_step_size():
                 break  # resumed with the time budget already spent
             self.optimizer.zero_grad(set_to_none=True)
             buffers = self._copy_buffers() if train.nonfinite == "skip" else None
             output = train_step(batch)
-            # One collective: every process takes the step, or none does.
-            if self.context.any(not bool(torch.isfinite(output.loss))):
-                self._nonfinite_step(buffers)
+            problem = self._not_finite(output.loss)
+            if problem is not None:
+                self._nonfinite_step(buffers, problem)
             else:
                 self.optimizer.step()
             self.step += 1
@@ -587,7 +680,9 @@ class TrainingSession:
                 last = self.step >= train.max_steps
                 validating = validate is not None and self.step % train.val_every == 0
                 if validating and not last and self.context.is_main:
-                    self.log.write(self.step, self.elapsed(), "val", validate())
+                    with random_state_kept(self.context):
+                        figures = validate()
+                    self.log.write(self.step, self.elapsed(), "val", figures)
                 if self.step % train.checkpoint_every == 0:
                     self.save()
             if out_of_time:
@@ -595,11 +690,58 @@ class TrainingSession:
         self.bar.close()
         self.model.eval()
 
+    def _restore_random_state(self, path: Path, saved: dict[int, RandomState] | None) -> None:
+        """Continue the generators of the run resumed from the checkpoint at ``path`` (their
+        ``saved`` states, see ``restore_random_state``); say on rank 0 when its dropout cannot
+        be continued exactly."""
+        exact = restore_random_state(saved, self.context, self.train.seed, self.step)
+        if not exact and self.context.is_main:
+            held = (
+                f"the random state of {len(saved)} process(es)"
+                if saved
+                else "no random state (an older vqvae2 wrote it)"
+            )
+            logger.warning(
+                "%s holds %s and this run has %d: random draws (dropout) from step %d on come "
+                "from new streams seeded by (train.seed, step, rank), not those of an "
+                "uninterrupted run",
+                path,
+                held,
+                self.context.world_size,
+                self.step,
+            )
+
     def _copy_buffers(self) -> list[Tensor]:
         return [buffer.detach().clone() for buffer in self.model.buffers()]
 
-    def _nonfinite_step(self, buffers: list[Tensor] | None) -> None:
-        """The loss of the step being taken is not finite (on some process): stop the run, or
+    def _not_finite(self, loss: Tensor) -> str | None:
+        """What is not finite in the step just computed, on any process: "the loss", else "the
+        gradients" (a bf16 backward pass can overflow under a finite loss), or None when both
+        are finite. One collective: every process takes the step, or none does."""
+        if not bool(torch.isfinite(loss)):
+            found = 2
+        elif not self._gradients_finite():
+            found = 1
+        else:
+            found = 0
+        return {0: None, 1: "the gradients are", 2: "the loss is"}[int(self.context.max(found))]
+
+    def _gradients_finite(self) -> bool:
+        """Every gradient of this process is finite (checked before the optimiser steps; with
+        ``train.optimizer_in_backward``, before each parameter's own step)."""
+        if isinstance(self.optimizer, AdamInBackward):
+            return self.optimizer.gradients_finite()
+        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not gradients:
+            return True
+        # The largest magnitude: inf or NaN exactly when some entry is (no overflow, unlike
+        # the 2-norm), in one pass over the gradients.
+        largest = torch.nn.utils.get_total_norm(gradients, norm_type=math.inf)
+        return bool(torch.isfinite(largest))
+
+    def _nonfinite_step(self, buffers: list[Tensor] | None, problem: str) -> None:
+        """The loss or the gradients (``problem``: "the loss is", "the gradients are") of the
+        step being taken are not finite on some process: stop the run, or
         (``train.nonfinite=skip``, ``buffers`` copied before the step) drop its gradients and
         put the buffers back."""
         step = self.step + 1
@@ -612,9 +754,13 @@ class TrainingSession:
                 if self.saved_step is not None
                 else "no checkpoint was written"
             )
+            instead = (
+                ""
+                if self.train.optimizer_in_backward  # it cannot skip a step
+                else " (train.nonfinite=skip skips such steps instead)"
+            )
             raise ValueError(
-                f"the loss is not finite at step {step}: training stopped and {kept} "
-                "(train.nonfinite=skip skips such steps instead)"
+                f"{problem} not finite at step {step}: training stopped and {kept}{instead}"
             )
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
@@ -623,7 +769,7 @@ class TrainingSession:
         self.skipped += 1
         if self.context.is_main:
             logger.warning(
-                "step %d skipped: its loss is not finite (%d so far)", step, self.skipped
+                "step %d skipped: %s not finite (%d so far)", step, problem, self.skipped
             )
 
     def _throughput(self) -> float:
@@ -640,20 +786,28 @@ class TrainingSession:
     ) -> TrainResult:
         """Rank 0 measures the trained model, logs the figures as ``split`` and checkpoints;
         every process gets the model back (the metrics only on rank 0)."""
+        # Gathered on every process before rank 0 alone measures and writes.
+        random_states = None if self.saved_step == self.step else gather_random_states(self.context)
         if not self.context.is_main:
             return TrainResult(run_dir=self.log_dir, step=self.step, metrics={}, model=self.model)
-        metrics = final_metrics()
+        with random_state_kept(self.context):
+            metrics = final_metrics()
         self.log.write(self.step, self.elapsed(), split, metrics)
         self.log.close()
-        self.save()
+        if random_states is not None:
+            self._write_checkpoint(random_states)
         return TrainResult(run_dir=self.log_dir, step=self.step, metrics=metrics, model=self.model)
 
     def save(self) -> None:
-        """Checkpoint the model and optimizer at the current step, unless a checkpoint of this
-        step exists already (the last periodic one, or the one resumed from). Every process
-        calls it at the same steps; rank 0 writes."""
+        """Checkpoint the model, optimizer and every process's generator states at the current
+        step, unless a checkpoint of this step exists already (the last periodic one, or the one
+        resumed from). Every process calls it at the same steps; rank 0 writes."""
         if self.saved_step == self.step:
             return
+        self._write_checkpoint(gather_random_states(self.context))
+
+    def _write_checkpoint(self, random_states: dict[int, RandomState]) -> None:
+        """Rank 0 writes the checkpoint of the current step."""
         if self.context.is_main:
             save_checkpoint(
                 self.checkpoint_dir,
@@ -663,6 +817,7 @@ class TrainingSession:
                 self.model,
                 self.optimizer,
                 extra={"elapsed_seconds": self.elapsed(), SKIPPED: self.skipped, **self.extra},
+                random_state=random_states,
             )
         self.saved_step = self.step
 
