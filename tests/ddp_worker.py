@@ -5,7 +5,8 @@ single-process run.
     python -m torch.distributed.run --standalone --nproc_per_node=N tests/ddp_worker.py \
         STAGE DATA RUN_DIR STEPS [--resume]
 
-STAGE is ``vqvae`` (train_vqvae on the tiny preset), ``vqvae-budget`` (the same on a linear
+STAGE is ``vqvae`` (train_vqvae on the tiny preset), ``fashion`` (train_vqvae on the
+fashion-mnist-32 preset; DATA is then the Fashion-MNIST folder), ``vqvae-budget`` (the same on a linear
 schedule that a 12-second ``train.schedule_minutes`` budget ends; STEPS is then only a cap; each
 process runs on a fake clock that gains RANK + 1 seconds per optimiser step, so the slowest,
 the last rank, decides) or ``prior`` (extract_codes, then the top prior). Each process writes
@@ -40,6 +41,20 @@ VQVAE_OVERRIDES = [
     # two processes decides otherwise than one process; seed 1 has none in these 6 steps.
     "train.seed=1",
 ]
+# Stage 1 of the fashion-mnist-32 preset (its model, quantizer and optimiser settings) on a
+# global batch of 24, which 1, 2 and 3 processes split evenly. The step size is the preset's
+# own over its first dozen steps (at most 2.5e-3 x 12 / 200 within its 200-step warm-up): a
+# 12-step run would otherwise squeeze the warm-up into 6 steps up to 2.5e-3, where training
+# multiplies float rounding up to tenfold a step (measured: 1 and 2 processes then end 3e-4
+# apart with every code choice equal, as do one process on 1 and on 2 threads; 3 processes
+# drift until code choices part at step 10).
+FASHION_OVERRIDES = [
+    "train.batch_size=24",
+    "train.val_every=1000",
+    "train.val_batches=1",
+    "train.checkpoint_every=1000",
+    "train.learning_rate=1.5e-4",
+]
 BUDGET_OVERRIDES = ["train.lr_schedule=linear", "train.schedule_minutes=0.2", "train.log_every=1"]
 PRIOR_OVERRIDES = ["train.batch_size=8", "train.val_every=1000", "train.checkpoint_every=2"]
 
@@ -71,13 +86,16 @@ def run(stage: str, data: Path, run_dir: Path, steps: int, resume: bool = False)
     and for stage 1 the number of dead codes re-seeded, beside it."""
     restarts = [0]
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if stage in ("vqvae", "vqvae-budget"):
+    if stage in ("vqvae", "vqvae-budget", "fashion"):
         overrides = [*VQVAE_OVERRIDES, f"train.max_steps={steps}"]
-        clock = {}
+        preset, clock = "tiny", {}
+        if stage == "fashion":
+            overrides = [*FASHION_OVERRIDES, f"train.max_steps={steps}"]
+            preset = "fashion-mnist-32"
         if stage == "vqvae-budget":
             overrides += BUDGET_OVERRIDES
             clock = {"now": step_clock(rank + 1.0)}
-        config = load_config(VQVAERunConfig, "tiny", overrides)
+        config = load_config(VQVAERunConfig, preset, overrides)
         original = VectorQuantizerEMA._restart_dead_codes
         restarts = count_restarts()
         try:

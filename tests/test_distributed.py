@@ -18,7 +18,7 @@ from vqvae2.logs import read_metrics
 from vqvae2.run import load_prior
 from vqvae2.train import train_prior
 
-from .conftest import assert_states_close, torchrun, write_npz
+from .conftest import FASHION_MNIST, REAL_DATA, assert_states_close, torchrun, write_npz
 from .ddp_worker import PRIOR_OVERRIDES, run
 
 pytestmark = pytest.mark.slow  # every test here starts torchrun or waits for a fixture that does
@@ -164,6 +164,46 @@ def test_gradient_accumulation_matches_the_whole_batch(prior_runs):
     assert_states_close(
         accumulated / "accumulated.safetensors", one / "prior-rank0-of-1.safetensors", atol=1e-5
     )
+
+
+FASHION_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def fashion_runs(tmp_path_factory):
+    """Twelve steps of stage 1 of fashion-mnist-32 on the real files under 1, 2 and 3
+    processes, same global batch."""
+    root = tmp_path_factory.mktemp("ddp-fashion")
+    run("fashion", FASHION_MNIST, root / "1", FASHION_STEPS)
+    for processes in (2, 3):
+        torchrun(processes, WORKER, "fashion", FASHION_MNIST, root / str(processes), FASHION_STEPS)
+    return root
+
+
+def real_data(test):
+    """Give ``test`` the marks of the tests on the real Fashion-MNIST files."""
+    for mark in REAL_DATA:
+        test = mark(test)
+    return test
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+@real_data
+def test_fashion_mnist_under_many_processes_matches_one_process(fashion_runs, processes):
+    """The preset's model on real images, where the first batch's encoder outputs crowd
+    together: every code choice of 2 and 3 processes is the one process's (equal counters
+    ``steps_unused``), and weights, codebooks and EMA sums agree to float rounding (measured:
+    2e-7 for weights and codebooks, 5e-6 for the EMA sums, whose entries reach 60)."""
+    one = fashion_runs / "1" / "fashion-rank0-of-1.safetensors"
+    many = [
+        fashion_runs / str(processes) / f"fashion-rank{rank}-of-{processes}.safetensors"
+        for rank in range(processes)
+    ]
+    assert_states_close(many[0], many[-1], atol=0.0)
+    assert_states_close(many[0], one, atol=1e-5)
+    # The top level's 384 rows a batch seed 384 of its 512 codes; the others were never used.
+    unused = load_file(str(one))["quantizers.0.steps_unused"]
+    assert int((unused == FASHION_STEPS).sum()) >= 512 - 384
 
 
 def test_torchrun_cli_reports_once_from_rank_zero(runs, tmp_path):
