@@ -39,8 +39,8 @@ def identity_reduce(tensor: Tensor) -> Tensor:
 
 GRADIENT_ESTIMATORS = ("straight_through", "rotation")
 # Rows closer than this fraction of the batch's RMS norm count as one vector when seeding codes:
-# float32 rounding leaves twins about 1e-7 apart (relative), while the distinct encoder outputs
-# of a fashion-mnist-32 first batch lie at least 6e-4 apart.
+# float32 rounding leaves twins about 1e-7 of it apart, while the distinct encoder outputs of a
+# fashion-mnist-32 first batch lie at least 6e-4 of it apart (measured).
 DISTINCT_TOLERANCE = 1e-5
 # Codes per input whose distances are computed from differences (see ``nearest_codes``): more
 # than the two of a near-tie, for the rare near-tie of three.
