@@ -253,9 +253,9 @@ def test_codebook_seeds_are_distinct_vectors_of_the_batch():
     quantizer = make_quantizer(codebook_size=32).train()
     quantizer._initialize_from(rows)
     gaps = pairwise_distances(quantizer.codebook)
-    scale = float(rows.pow(2).sum(1).mean().sqrt())
-    assert float(gaps.min()) > DISTINCT_TOLERANCE * scale
-    assert float(pairwise_distances(torch.cat([border, others])).min()) > 1e-4  # the data's own
+    data_gap = float(pairwise_distances(torch.cat([border, others])).min())  # the data's own
+    assert data_gap > DISTINCT_TOLERANCE * float(rows.pow(2).sum(1).mean().sqrt())
+    assert float(gaps.min()) >= data_gap  # no two codes closer than two distinct vectors
     assert all(bool((rows == code).all(1).any()) for code in quantizer.codebook)
 
     few = torch.randn(10, 6, generator=generator).repeat(6, 1)  # (60, 6), 10 distinct rows

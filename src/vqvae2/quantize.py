@@ -299,8 +299,8 @@ class VectorQuantizerEMA(nn.Module):
         A row within ``DISTINCT_TOLERANCE`` of an earlier row of that order is passed over, so
         no two seeds are twins (equal rows, such as the encoder outputs of a padded border,
         would split their inputs by float rounding). A batch with fewer than K distinct rows
-        seeds that many codes; the others keep their random initial vectors, far from the
-        encoder outputs, and are restarted from data once dead (``dead_code_after_steps``).
+        seeds that many codes; the others keep the random vectors drawn at construction (as
+        distinct as random draws are) until the dead-code restart re-seeds them from data.
         """
         all_inputs = self.gather_fn(flat_inputs)  # (N_global, D), the same on every process
         generator = torch.Generator().manual_seed(self.seed)
