@@ -45,9 +45,11 @@ def make_step(preset: str, overrides: list[str], batch: int):
     images = torch.rand(batch, config.in_channels, side, side) * 2 - 1
     images = images.contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
 
+    kept_levels = model.draw_kept_levels(range(batch), seed=0) if config.level_dropout else None
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        model(images).loss.backward()
+        model(images, kept_levels).loss.backward()
         optimizer.step()
 
     return step

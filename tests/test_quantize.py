@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqvae2.quantize import VectorQuantizerEMA, rotate_to_codes
+from vqvae2.quantize import DISTINCT_TOLERANCE, VectorQuantizerEMA, rotate_to_codes
 
 
 def make_quantizer(codebook_size=13, dim=6, decay=0.99, dead_after=0, **kwargs):
@@ -233,6 +233,55 @@ def test_codebook_seeds_are_a_seeded_random_choice_over_the_whole_map():
     assert len({int(columns[row]) for row in rows}) >= 5  # not the columns 0 and 4 alone
     assert seed_rows(seed=0) == rows  # the default seed is 0, and a seed repeats its picks
     assert seed_rows(seed=1) != rows
+
+
+def pairwise_distances(rows: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> (N, N) Euclidean distances in float64, the diagonal set to infinity."""
+    distances = torch.cdist(rows.double(), rows.double())
+    return distances.fill_diagonal_(float("inf"))
+
+
+def test_codebook_seeds_are_distinct_vectors_of_the_batch():
+    """A first batch of 256 rows holding 40 distinct vectors (one of them 200 times over, like
+    the outputs of a padded border; the others near it but 1e-3 apart): 32 codes all seeded
+    from different vectors. With 10 distinct vectors, 10 codes are seeded from them and the
+    other 6 keep their random initial vectors."""
+    generator = torch.Generator().manual_seed(3)
+    border = torch.randn(1, 6, generator=generator)
+    others = border + 1e-3 * torch.randn(39, 6, generator=generator)
+    rows = torch.cat([border.expand(217, 6), others])[torch.randperm(256, generator=generator)]
+    quantizer = make_quantizer(codebook_size=32).train()
+    quantizer._initialize_from(rows)
+    gaps = pairwise_distances(quantizer.codebook)
+    data_gap = float(pairwise_distances(torch.cat([border, others])).min())  # the data's own
+    assert data_gap > DISTINCT_TOLERANCE * float(rows.pow(2).sum(1).mean().sqrt())
+    assert float(gaps.min()) >= data_gap  # no two codes closer than two distinct vectors
+    assert all(bool((rows == code).all(1).any()) for code in quantizer.codebook)
+
+    few = torch.randn(10, 6, generator=generator).repeat(6, 1)  # (60, 6), 10 distinct rows
+    quantizer = make_quantizer(codebook_size=16).train()
+    initial = quantizer.codebook.clone()
+    quantizer._initialize_from(few)
+    from_data = [bool((few == code).all(1).any()) for code in quantizer.codebook]
+    assert sum(from_data) == 10 and all(from_data[:10])
+    assert torch.equal(quantizer.codebook[10:], initial[10:])
+    assert float(pairwise_distances(quantizer.codebook).min()) > 0.1
+
+
+def test_nearest_code_is_exact_for_inputs_far_from_the_origin():
+    """Inputs and codes 1000 away from the origin, about 1 apart from each other: the matrix
+    product that expands ||x - e||^2 rounds at about 0.1 there, more than many gaps between
+    the two nearest codes; the choice must still be the float64 brute-force nearest code."""
+    generator = torch.Generator().manual_seed(0)
+    offset = 1000 * torch.nn.functional.normalize(torch.randn(6, generator=generator), dim=0)
+    quantizer = make_quantizer().eval()
+    quantizer.codebook.copy_(offset + torch.randn(13, 6, generator=generator))
+    inputs = offset + torch.randn(2000, 6, generator=generator)  # (N, D)
+    codes, distances = quantizer.nearest_codes(inputs)
+    exact = torch.cdist(inputs.double(), quantizer.codebook.double()).pow(2)  # (N, K)
+    expected = exact.argmin(1)
+    assert int((codes != expected).sum()) == 0
+    torch.testing.assert_close(distances.double(), exact.min(1).values, rtol=1e-5, atol=1e-6)
 
 
 def test_dead_codes_are_restarted_from_worst_served_inputs():

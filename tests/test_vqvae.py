@@ -202,7 +202,9 @@ def test_level_dropout_decodes_prefixes_with_learned_absent_vectors():
     with torch.no_grad():
         model.absent.copy_(torch.randn(2, 6))
     images = torch.rand(4, 1, 16, 16) * 2 - 1
-    output = model.train()(images)
+    kept_levels = model.draw_kept_levels(range(4), seed=0)
+    assert kept_levels.tolist() == [1, 1, 1, 1]  # with probability 1 only the top is kept
+    output = model.train()(images, kept_levels)
     output.loss.backward()
     assert model.absent.grad is not None and float(model.absent.grad[1].abs().sum()) > 0
     assert float(model.absent.grad[0].abs().sum()) == 0  # the top level is never left out
@@ -222,16 +224,36 @@ def test_level_dropout_decodes_prefixes_with_learned_absent_vectors():
 
 def test_level_dropout_keeps_a_random_prefix_per_image():
     model = VQVAE2(tiny_config(num_levels=3, image_size=32, level_dropout=0.5))
+    kept_levels = model.draw_kept_levels(range(200), seed=0)  # (200,)
     quantized = [torch.randn(200, 6, side, side) for side in (2, 4, 8)]
-    dropped = model.drop_lower_levels(quantized, torch.Generator().manual_seed(0))
+    dropped = model.drop_lower_levels(quantized, kept_levels)
     assert torch.equal(dropped[0], quantized[0])
     middle_out = ~(dropped[1] == quantized[1]).flatten(1).all(1)  # (200,)
     bottom_out = ~(dropped[2] == quantized[2]).flatten(1).all(1)
-    assert bool((bottom_out | ~middle_out).all())  # a prefix: no middle out with bottom in
+    assert torch.equal(middle_out, kept_levels < 2) and torch.equal(bottom_out, kept_levels < 3)
     assert 0.35 < float(bottom_out.float().mean()) < 0.65  # about half the images
     assert 0.1 < float(middle_out.float().mean()) < 0.4  # of those, about half keep the top only
     absent = model.absent[2][None, :, None, None].expand(200, 6, 8, 8)
     assert torch.equal(dropped[2][bottom_out], absent[bottom_out])
+    with pytest.raises(ValueError, match=r"kept_levels must lie in \[1, 3\]"):
+        model.drop_lower_levels(quantized, torch.zeros(200, dtype=torch.long))
+
+
+def test_level_dropout_draws_depend_on_each_image_key_alone():
+    """An image's draw comes from (seed, its key): the halves of a batch held by two processes
+    draw what one process draws for the whole batch, and the global random stream plays no
+    part (a resumed run draws the same)."""
+    model = VQVAE2(tiny_config(num_levels=3, image_size=32, level_dropout=0.5))
+    whole = model.draw_kept_levels(range(100, 164), seed=7)
+    torch.manual_seed(123)
+    halves = [
+        model.draw_kept_levels(range(100, 132), 7),
+        model.draw_kept_levels(range(132, 164), 7),
+    ]
+    assert torch.equal(torch.cat(halves), whole)
+    assert not torch.equal(halves[0], halves[1])  # neither half repeats the other's pattern
+    assert not torch.equal(model.draw_kept_levels(range(100, 164), seed=8), whole)
+    assert sorted(set(whole.tolist())) == [1, 2, 3]
 
 
 def test_prefix_decoders_are_off_by_default_and_add_nothing_to_the_loss():

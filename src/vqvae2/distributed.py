@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 from .config import RuntimeConfig
 
@@ -97,6 +98,71 @@ class DistributedContext:
         base, extra = divmod(count, self.world_size)
         start = self.rank * base + min(self.rank, extra)
         return range(start, start + base + (1 if self.rank < extra else 0))
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """Sum of a tensor over processes whose gradient is the sum of the processes' gradients:
+    each process's loss depends on every process's input through the sum."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        total = tensor.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, gradient: Tensor) -> Tensor:
+        total = gradient.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` that, in training under a process group, normalises with the mean and
+    variance of the global batch (every process's slice) and moves its running statistics
+    by them, so that N processes compute what one process computes for the whole batch and
+    keep equal buffers. Outside training or without a process group it is ``BatchNorm2d``.
+    Unlike ``torch.nn.SyncBatchNorm`` it runs on the CPU (gloo) too.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        values = x.float()
+        channels = values.shape[1]
+        local = torch.cat([values.sum((0, 2, 3)), values.new_tensor([values.numel() / channels])])
+        totals = _SumOverProcesses.apply(local)  # (C + 1,): per-channel sums, then the count
+        count = totals[channels].detach()
+        mean = totals[:channels] / count  # (C,)
+        centered = values - mean[None, :, None, None]  # (B, C, H, W)
+        variance = _SumOverProcesses.apply(centered.pow(2).sum((0, 2, 3))) / count  # biased, (C,)
+        normalised = centered * torch.rsqrt(variance + self.eps)[None, :, None, None]
+        if self.affine:
+            normalised = (
+                normalised * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+            )
+        if self.track_running_stats:
+            self._track(mean.detach(), variance.detach(), float(count))
+        return normalised.to(x.dtype)
+
+    @torch.no_grad()
+    def _track(self, mean: Tensor, variance: Tensor, count: float) -> None:
+        """The running statistics' step, as ``BatchNorm2d`` takes it (unbiased variance)."""
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean, momentum)
+        self.running_var.lerp_(variance * count / max(count - 1.0, 1.0), momentum)
+
+
+def use_global_batch_norm(model: nn.Module) -> int:
+    """Turn every ``BatchNorm2d`` of ``model`` into a ``GlobalBatchNorm2d`` in place (the same
+    objects, parameters and buffers; the class alone changes). Returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = GlobalBatchNorm2d
+            count += 1
+    return count
 
 
 def pick_device(name: str = "auto") -> torch.device:

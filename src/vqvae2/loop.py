@@ -30,7 +30,7 @@ from ._helpers import SEED_STRIDE, load_state_checked
 from .checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from .config import RuntimeConfig, TrainConfig, config_from_dict, save_yaml
 from .data import uint8_to_float
-from .distributed import DistributedContext
+from .distributed import DistributedContext, use_global_batch_norm
 from .logs import TENSORBOARD_DIR, MetricsLog, naming_file
 from .run import CONFIG_FILE, METRICS_FILE, has_checkpoint
 
@@ -147,8 +147,10 @@ def prepare_step_module(
     forward: Any = model
     ddp = None
     if context.enabled:
-        # Buffers (the EMA codebooks) are kept equal by the quantizer's own reductions, so
-        # DDP's per-step broadcast of rank 0's buffers is not needed.
+        # Buffers are kept equal by the models' own reductions: the quantizers' EMA codebooks,
+        # and batch norms that use the global batch's statistics (the classifier's), so DDP's
+        # per-step broadcast of rank 0's buffers is not needed.
+        use_global_batch_norm(model)
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         parameters = inspect.signature(DistributedDataParallel).parameters
         no_buffer_sync = (

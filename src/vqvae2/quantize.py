@@ -9,7 +9,7 @@ rotation trick (Fifty et al. 2024, "Restructuring Vector Quantization with the R
 
 Two additions fight codebook collapse, the most common failure of public VQ-VAE code:
   * data initialisation: the first training batch seeds the codebook with a seeded random
-    choice of its encoder outputs;
+    choice of its distinct encoder outputs (no two codes start as twins);
   * dead-code restart: a code unused for ``dead_code_after_steps`` training steps is re-seeded
     with the encoder output that is currently worst served (farthest from its nearest code).
 Both are deterministic and see the encoder outputs of every process (through ``gather_fn``), so
@@ -38,6 +38,42 @@ def identity_reduce(tensor: Tensor) -> Tensor:
 
 
 GRADIENT_ESTIMATORS = ("straight_through", "rotation")
+# Rows closer than this fraction of the batch's RMS norm count as one vector when seeding codes:
+# float32 rounding leaves twins about 1e-7 of it apart, while the distinct encoder outputs of a
+# fashion-mnist-32 first batch lie at least 6e-4 of it apart (measured).
+DISTINCT_TOLERANCE = 1e-5
+# Codes per input whose distances are computed from differences (see ``nearest_codes``): more
+# than the two of a near-tie, for the rare near-tie of three.
+SHORTLIST = 4
+
+
+def distinct_rows(rows: Tensor, count: int, tolerance: float) -> Tensor:
+    """The first ``count`` rows of ``rows`` farther than ``tolerance`` from every earlier row.
+
+    Rows are examined in blocks of ``count``; a row is kept when no earlier row of its block and
+    no row kept before it lies within ``tolerance`` (Euclidean, computed from differences so
+    that rounding cannot make twins look apart). Deterministic: equal inputs give equal picks.
+
+    Args:
+        rows: (N, D) float, in the order of preference.
+        count: how many rows are wanted at most.
+        tolerance: distances up to this count as the same vector.
+
+    Returns:
+        (n, D) with n <= ``count``; n < ``count`` only when ``rows`` hold fewer distinct vectors.
+    """
+    kept = rows[:0]  # (0, D)
+    for start in range(0, rows.shape[0], count):
+        block = rows[start : start + count]  # (b, D)
+        within = torch.cdist(block, block, compute_mode="donot_use_mm_for_euclid_dist")  # (b, b)
+        fresh = ~(within <= tolerance).tril(-1).any(1)  # no earlier row of the block is near
+        if kept.shape[0] > 0:
+            to_kept = torch.cdist(block, kept, compute_mode="donot_use_mm_for_euclid_dist")
+            fresh &= to_kept.min(1).values > tolerance  # (b,)
+        kept = torch.cat([kept, block[fresh]])
+        if kept.shape[0] >= count:
+            break
+    return kept[:count]
 
 
 def rotate_to_codes(inputs: Tensor, codes: Tensor, eps: float = 1e-6) -> Tensor:
@@ -174,6 +210,12 @@ class VectorQuantizerEMA(nn.Module):
     def nearest_codes(self, flat_inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Index and squared distance of the nearest code for each row of ``flat_inputs``.
 
+        A matrix product shortlists the ``SHORTLIST`` nearest codes of each row; their distances
+        are then taken again from differences, and the nearest of them wins (the lowest index
+        among exact ties). The product's rounding (about 1e-7 of ||x||^2, and different for
+        other batch shapes) thus decides no choice: a batch split over processes picks the
+        codes that one process picks for the whole batch.
+
         Args:
             flat_inputs: (N, D) float.
 
@@ -182,14 +224,15 @@ class VectorQuantizerEMA(nn.Module):
         """
         flat_inputs = flat_inputs.float()
         codebook = self.codebook.float()
-        # ||x - e||^2 = ||x||^2 - 2 x.e + ||e||^2, all (N, K)
-        distances = (
-            flat_inputs.pow(2).sum(1, keepdim=True)
-            - 2 * flat_inputs @ codebook.t()
-            + codebook.pow(2).sum(1)[None, :]
-        )
-        min_distances, codes = distances.min(dim=1)
-        return codes, min_distances.clamp_min(0)
+        # ||x - e||^2 = ||x||^2 - 2 x.e + ||e||^2; ||x||^2 is the same for every code of a row
+        approximate = codebook.pow(2).sum(1)[None, :] - 2 * flat_inputs @ codebook.t()  # (N, K)
+        shortlist = min(SHORTLIST, self.codebook_size)
+        candidates = approximate.topk(shortlist, dim=1, largest=False).indices  # (N, S)
+        candidates = candidates.sort(dim=1).values  # index order, so that ties go to the lowest
+        differences = flat_inputs[:, None, :] - codebook[candidates]  # (N, S, D)
+        min_distances, best = differences.pow(2).sum(2).min(dim=1)  # (N,), (N,)
+        codes = candidates.gather(1, best[:, None]).squeeze(1)  # (N,)
+        return codes, min_distances
 
     def lookup(self, codes: Tensor) -> Tensor:
         """Code vectors for integer codes.
@@ -249,17 +292,23 @@ class VectorQuantizerEMA(nn.Module):
 
     @torch.no_grad()
     def _initialize_from(self, flat_inputs: Tensor) -> None:
-        """Seed the codebook with K rows of the first (global) training batch, chosen at random
-        without repeats while the batch has K rows (a random choice, not evenly spaced rows: at
-        paper shapes those all fall in one column of the latent map)."""
+        """Seed the codebook with distinct rows of the first (global) training batch, taken in a
+        seeded random order (not evenly spaced rows: at paper shapes those all fall in one
+        column of the latent map).
+
+        A row within ``DISTINCT_TOLERANCE`` of an earlier row of that order is passed over, so
+        no two seeds are twins (equal rows, such as the encoder outputs of a padded border,
+        would split their inputs by float rounding). A batch with fewer than K distinct rows
+        seeds that many codes; the others keep the random vectors drawn at construction (as
+        distinct as random draws are) until the dead-code restart re-seeds them from data.
+        """
         all_inputs = self.gather_fn(flat_inputs)  # (N_global, D), the same on every process
-        count = all_inputs.shape[0]
         generator = torch.Generator().manual_seed(self.seed)
-        rounds = -(-self.codebook_size // count)  # whole permutations needed to cover K
-        picks = torch.cat([torch.randperm(count, generator=generator) for _ in range(rounds)])
-        seeds = all_inputs[picks[: self.codebook_size].to(all_inputs.device)]  # (K, D)
-        self.codebook.copy_(seeds)
-        self.embed_sum.copy_(seeds)
+        order = torch.randperm(all_inputs.shape[0], generator=generator).to(all_inputs.device)
+        tolerance = DISTINCT_TOLERANCE * float(all_inputs.pow(2).sum(1).mean().sqrt())
+        seeds = distinct_rows(all_inputs[order], self.codebook_size, tolerance)  # (n <= K, D)
+        self.codebook[: seeds.shape[0]] = seeds
+        self.embed_sum.copy_(self.codebook)
         self.cluster_size.fill_(1.0)
         self.initialized.fill_(True)
 

@@ -27,7 +27,6 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from ._helpers import SEED_STRIDE
 from .checkpoint import read_checkpoint
 from .classifier import Classifier
 from .codes import CodeDataset, CodeStoreWriter, PriorTrainingCodes
@@ -177,7 +176,7 @@ def train_vqvae(
         )
         validate = _vqvae_validation(model, val_set, session, run_dir)
         loader = batch_loader(train_set, session.batch_sampler(train_set), config.data.num_workers)
-        session.run(loader, _vqvae_step(model, session.step_module, config), validate)
+        session.run(loader, _vqvae_step(model, session, config), validate)
         return session.finish(lambda: validate(final=True), split="val")
 
 
@@ -202,10 +201,24 @@ def _vqvae_validation(model: VQVAE2, val_set: Dataset, session: TrainingSession,
     return validate
 
 
-def _vqvae_step(model: VQVAE2, step_module: StepModule, config: VQVAERunConfig):
-    """The forward and backward passes of one stage-1 step over a batch (B, C, H, W)."""
-    train = config.train
+def image_keys(session: TrainingSession, rows: slice) -> list[int]:
+    """The keys of ``rows`` of this process's batch: each image's position in the run's
+    sequence of training images, step * batch_size + its place in the global batch (the keys of
+    ``loop.EpochBatchSampler``), so the same image has the same key under any number of
+    processes and micro-batches, and in a resumed run."""
+    train, context = session.train, session.context
+    first = session.step * train.batch_size + context.rank * (
+        train.batch_size // context.world_size
+    )
+    return list(range(first + rows.start, first + rows.stop))
+
+
+def _vqvae_step(model: VQVAE2, session: TrainingSession, config: VQVAERunConfig):
+    """The forward and backward passes of one stage-1 step over a batch (B, C, H, W); with
+    ``model.level_dropout`` each image's levels are dropped as drawn from its key."""
+    train, step_module = config.train, session.step_module
     accumulating = train.grad_accum_steps > 1
+    dropping = config.model.level_dropout > 0
 
     def step(batch: tuple[Tensor, Tensor]) -> StepOutput:
         images = batch[0]
@@ -214,8 +227,12 @@ def _vqvae_step(model: VQVAE2, step_module: StepModule, config: VQVAERunConfig):
         with model.deferred_codebook_updates() if accumulating else nullcontext():
             for rows, last in micro_batches(step_module, train):
                 micro_images = step_module.images_to_device(images[rows])
+                inputs = [micro_images]
+                if dropping:  # level dropout's choice for each image, (B,)
+                    keys = image_keys(session, rows)
+                    inputs.append(step_module.to_device(model.draw_kept_levels(keys, train.seed)))
                 with step_module.sync_gradients(last), step_module.autocast():
-                    output = step_module.forward(micro_images)
+                    output = step_module.forward(*inputs)
                     loss = output.loss / train.grad_accum_steps
                 loss.backward()
                 total += loss.detach()
@@ -566,16 +583,24 @@ def _prior_step(prior: PixelSNAIL, step_module: StepModule, config: PriorRunConf
 AUGMENT_SHIFT = 2  # pixels of random translation in classifier training
 
 
-def augment(images: Tensor, generator: torch.Generator) -> Tensor:
+AUGMENT_STREAM = 2  # tags the augmentation's random stream (LEVEL_DROPOUT_STREAM is 1)
+
+
+def augment(images: Tensor, keys: Sequence[int], seed: int) -> Tensor:
     """Random horizontal flips and shifts of up to ``AUGMENT_SHIFT`` pixels (replicated edges):
-    (B, C, S, S) -> same, one random offset per image."""
+    (B, C, S, S) -> same. Image b's flip and offset are drawn from (``seed``, ``keys[b]``), its
+    position in the run's sequence of training images, so they do not depend on which process
+    holds it."""
     batch, _, size, _ = images.shape
-    flip = torch.rand(batch, generator=generator) < 0.5
+    if len(keys) != batch:
+        raise ValueError(f"augment needs one key per image: {batch} images, {len(keys)} keys")
+    draws = [np.random.default_rng([seed, key, AUGMENT_STREAM]) for key in keys]
+    flip = torch.tensor([bool(rng.random() < 0.5) for rng in draws])  # (B,)
+    offsets = [rng.integers(0, 2 * AUGMENT_SHIFT + 1, 2).tolist() for rng in draws]  # (B, 2)
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
     padded = torch.nn.functional.pad(images, (AUGMENT_SHIFT,) * 4, mode="replicate")
-    offsets = torch.randint(0, 2 * AUGMENT_SHIFT + 1, (batch, 2), generator=generator)
     return torch.stack(
-        [padded[i, :, y : y + size, x : x + size] for i, (y, x) in enumerate(offsets.tolist())]
+        [padded[i, :, y : y + size, x : x + size] for i, (y, x) in enumerate(offsets)]
     )
 
 
@@ -664,8 +689,8 @@ def _classifier_step(session: TrainingSession, config: ClassifierRunConfig):
 
     def step(batch: tuple[Tensor, Tensor]) -> StepOutput:
         images, labels = batch
-        seed = (train.seed * SEED_STRIDE + session.step) * context.world_size + context.rank
-        images = augment(uint8_to_float(images), torch.Generator().manual_seed(seed))
+        keys = image_keys(session, slice(0, len(labels)))
+        images = augment(uint8_to_float(images), keys, train.seed)
         total = torch.zeros((), device=context.device)
         for rows, last in micro_batches(step_module, train):
             micro_images, micro_labels = (

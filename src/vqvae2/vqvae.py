@@ -20,11 +20,14 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .config import VQVAEConfig
 from .quantize import GatherFn, QuantizerOutput, ReduceFn, VectorQuantizerEMA, identity_reduce
+
+LEVEL_DROPOUT_STREAM = 1  # tags level dropout's random stream (see ``draw_kept_levels``)
 
 
 class ResBlock(nn.Module):
@@ -339,25 +342,54 @@ class VQVAE2(nn.Module):
         vector = self.absent[level].to(like.dtype)[None, :, None, None]  # (1, D, 1, 1)
         return vector.expand(batch, -1, side, side)
 
-    def drop_lower_levels(
-        self, quantized: list[Tensor], generator: torch.Generator | None = None
-    ) -> list[Tensor]:
-        """Level dropout (training): each image, with probability ``level_dropout``, keeps only
-        a random prefix of its levels (1 to L - 1, top first); the rest become absent vectors.
+    def draw_kept_levels(self, keys: Sequence[int], seed: int) -> Tensor:
+        """Level dropout's draw for each image of a training batch: how many levels (top first)
+        it is decoded from, all L or, with probability ``level_dropout``, a prefix of 1 to L - 1
+        chosen uniformly.
+
+        Image b's draw depends only on (``seed``, ``keys[b]``), its key being its position in
+        the run's sequence of training images: the same whichever process holds the image and
+        whether or not the run was resumed.
+
+        Args:
+            keys: one int per image, >= 0.
+            seed: the run's seed.
+
+        Returns:
+            (B,) int64 in [1, L].
+        """
+        levels, probability = self.config.num_levels, self.config.level_dropout
+        kept = []
+        for key in keys:
+            # The trailing stream tag keeps these draws apart from data.py's (seed, key) ones.
+            drop, prefix = np.random.default_rng([seed, key, LEVEL_DROPOUT_STREAM]).random(2)
+            dropped = levels > 1 and drop < probability
+            kept.append(1 + int(prefix * (levels - 1)) if dropped else levels)
+        return torch.tensor(kept, dtype=torch.long)
+
+    def drop_lower_levels(self, quantized: list[Tensor], kept_levels: Tensor) -> list[Tensor]:
+        """Replace the levels below each image's kept prefix with absent vectors.
 
         Args:
             quantized: per level (B, D, h_l, w_l), top first.
+            kept_levels: (B,) int64 in [1, L], the levels kept per image (``draw_kept_levels``).
 
         Returns:
-            The same shapes, some images' lower levels replaced.
+            The same shapes, the left-out levels replaced (by the learned absent vectors in a
+            model trained with ``level_dropout``, else zeros).
         """
-        levels = self.config.num_levels
-        batch, device = quantized[0].shape[0], quantized[0].device
-        dropped = torch.rand(batch, generator=generator, device=device) < self.config.level_dropout
-        kept = torch.randint(1, levels, (batch,), generator=generator, device=device)  # (B,)
+        levels, batch = self.config.num_levels, quantized[0].shape[0]
+        if tuple(kept_levels.shape) != (batch,) or kept_levels.dtype != torch.long:
+            raise ValueError(
+                f"kept_levels must be int64 of shape ({batch},), got {kept_levels.dtype} "
+                f"{tuple(kept_levels.shape)}"
+            )
+        if batch and not (int(kept_levels.min()) >= 1 and int(kept_levels.max()) <= levels):
+            raise ValueError(f"kept_levels must lie in [1, {levels}]")
+        kept_levels = kept_levels.to(quantized[0].device)
         result = [quantized[0]]
         for level in range(1, levels):
-            absent = dropped & (level >= kept)  # (B,)
+            absent = level >= kept_levels  # (B,)
             stand_in = self._absent(level, batch, quantized[level])
             result.append(torch.where(absent[:, None, None, None], stand_in, quantized[level]))
         return result
@@ -412,17 +444,19 @@ class VQVAE2(nn.Module):
             ):
                 raise ValueError(f"{name} codes must lie in [0, {self.config.codebook_size})")
 
-    def forward(self, images: Tensor) -> VQVAEOutput:
-        """Encode, quantize, decode; in train mode the codebooks take one EMA step (and, with
-        ``level_dropout``, some images are decoded from a prefix of their levels).
+    def forward(self, images: Tensor, kept_levels: Tensor | None = None) -> VQVAEOutput:
+        """Encode, quantize, decode; in train mode the codebooks take one EMA step.
 
         Args:
             images: (B, C, H, W) float in [-1, 1].
+            kept_levels: (B,) int64 in [1, L]: decode image b from its top ``kept_levels[b]``
+                levels alone (level dropout in training: ``draw_kept_levels``). None decodes
+                every level.
         """
         outputs = self.quantize(images)
         quantized = [output.quantized for output in outputs]
-        if self.training and self.absent is not None and self.config.num_levels > 1:
-            quantized = self.drop_lower_levels(quantized)
+        if kept_levels is not None:
+            quantized = self.drop_lower_levels(quantized, kept_levels)
         reconstruction = self.decode(quantized)
         reconstruction_loss = torch.mean((reconstruction - images) ** 2)
         commitment_loss = torch.stack([output.commitment_loss for output in outputs]).sum()
