@@ -1,7 +1,9 @@
 """The incremental sampler on every prior shape the presets use: exactness and state memory.
 
-Exactness: the cached per-position logits equal the teacher-forced forward pass, and the cached
-sampler draws the same codes as the reference sampler from the same generator. Each preset keeps
+Exactness: the cached per-position logits equal the teacher-forced forward pass up to float
+rounding, and at these narrow widths the cached sampler draws the same codes as the reference
+sampler from the same generator (at the paper's widths rounding tips a near-tie about once in
+800 64x64 maps: ``test_bench_sampler_agreement.py``, ``bench/README.md``). Each preset keeps
 its kernel size, layers, attention layers and heads, output and conditioning stacks and its
 conditioning structure (upper levels, classes); the widths shrink (16 hidden, 12 residual, 8
 conditioning channels, K = 13) and so do the paper-size maps: to an eighth of their side for the

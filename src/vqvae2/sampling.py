@@ -103,8 +103,11 @@ def sample_level_cached(
 ) -> Tensor:
     """Sample one level position by position with cached activations (``IncrementalSampler``).
 
-    Same arguments and result as ``sample_level_reference``; with dropout off and the same
-    generator state it draws the same codes, at about the cost of one forward pass.
+    Same arguments and result as ``sample_level_reference``, at about the cost of one forward
+    pass. Its logits equal the reference's up to float rounding and both draw from the generator
+    alike, so from the same generator state it draws the same codes except where rounding tips a
+    near-tie (about 1 in 800 maps at the paper's 64x64 bottom prior, random weights; from there
+    on the maps differ; ``bench/bench_sampler_agreement.py``).
     """
     codes = _empty_codes(prior, batch_size, labels, condition_codes, temperature)
     side = prior.config.code_size
@@ -134,7 +137,8 @@ def sample_codes(
 
     Args:
         sampler: ``cached`` (incremental, default) or ``reference`` (one full forward pass per
-            position); both give the same codes for the same generator state.
+            position); both give the same codes for the same generator state except where
+            float rounding tips a near-tie (``sample_level_cached``).
 
     Returns:
         Per level (B, h_l, w_l) int64 codes.
