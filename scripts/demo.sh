@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The default job, end to end on Fashion-MNIST in about 15 minutes on 2 CPU cores:
+# The default job, end to end on Fashion-MNIST in 11 to 22 minutes on 2 CPU cores (set-up included):
 # set up (if needed), train stage 1, extract the codes, train the top and bottom priors and the
 # classifier, then draw a 10 classes x 10 samples grid and print its path.
 # Override the lengths with environment variables, e.g. VQVAE_STEPS=12000 for a better stage 1,
