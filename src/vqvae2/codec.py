@@ -7,7 +7,7 @@ its prior (given the levels above and, for class-conditional priors, the class),
 coder of ``constriction``. Decoding runs the priors position by position with the same
 probabilities, then the stage-1 decoder once.
 
-Probabilities: the float32 logits of the incremental sampler (``pixelsnail.IncrementalSampler``,
+Probabilities: the float32 logits of the incremental sampler (``pixelsnail_sampler.IncrementalSampler``,
 the same calls in the encoder, teacher-forced with the true codes, and in the decoder) go through a
 float64 softmax and are quantised here to integer weights, each at least 1, summing to
 ``2 ** CODER_PRECISION_BITS`` (``quantise_probabilities``). constriction's non-"perfect"
@@ -63,7 +63,8 @@ from ._helpers import evaluating
 from .checkpoint import META, MODEL_WEIGHTS, held_checkpoint_dir
 from .config import PriorRunConfig, VQVAERunConfig
 from .data import UNREADABLE, fit_uint8_array, float_to_uint8, uint8_to_float
-from .pixelsnail import IncrementalSampler, PixelSNAIL
+from .pixelsnail import PixelSNAIL
+from .pixelsnail_sampler import IncrementalSampler
 from .report import save_png
 from .run import (
     VQVAE_KIND,
