@@ -24,6 +24,10 @@ from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+# The pixel conversions live in _helpers (the pure codec core needs them without this module's
+# file readers); the trainers and commands import them from here.
+from ._helpers import float_to_uint8 as float_to_uint8
+from ._helpers import uint8_to_float as uint8_to_float
 from .config import DataConfig
 
 Split = Literal["train", "val", "test"]
@@ -33,16 +37,6 @@ DEFAULT_DATA_PATH = Path("/usr/share/datasets/fashion-mnist")
 IDX_PREFIXES = {"train": "train", "test": "t10k"}
 
 logger = logging.getLogger("vqvae2.data")
-
-
-def uint8_to_float(images: Tensor) -> Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1], any shape."""
-    return images.float() / 127.5 - 1.0
-
-
-def float_to_uint8(images: Tensor) -> Tensor:
-    """float [-1, 1] (clamped) -> uint8 [0, 255], any shape."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def _short_side(size: int, scale: float) -> int:
