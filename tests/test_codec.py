@@ -360,7 +360,7 @@ def test_the_core_imports_no_run_checkpoint_report_data_or_cli_module():
     assert libraries == CORE_LIBRARIES
     # The same reading finds the file layer's imports: the check can see what it forbids.
     file_modules, file_libraries = imports_of("compress")
-    assert {"run", "checkpoint", "report", "data", "codec"} <= file_modules
+    assert {"run", "checkpoint", "report", "images", "codec"} <= file_modules
     assert {"tqdm", "PIL"} <= file_libraries
 
 

@@ -48,7 +48,7 @@ from .codec import (
     slot_batches,
 )
 from .config import PriorRunConfig, VQVAERunConfig
-from .data import UNREADABLE, fit_uint8_array
+from .images import UNREADABLE, fit_uint8_array
 from .pixelsnail import PixelSNAIL
 from .report import save_png
 from .run import (
@@ -74,7 +74,7 @@ def fit_image(image: np.ndarray, size: int, channels: int) -> tuple[Tensor, Fit]
 
     Images no larger than ``size`` either way are placed centred on a black square (as the IDX
     loader pads Fashion-MNIST's 28x28 to 32x32), larger ones resized by their short side and
-    centre-cropped (``data.fit_uint8_array``).
+    centre-cropped (``images.fit_uint8_array``).
 
     Args:
         image: (H, W) or (H, W, C) uint8, C in {1, 3, 4}.
