@@ -31,6 +31,24 @@ def _push_row(rows: Tensor, row: Tensor | None, margin: int) -> None:
         rows[:, :, -1:, margin : rows.shape[-1] - margin] = row
 
 
+def _matrix_weights(prior: PixelSNAIL) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """The horizontal stream's weights as matrices for one position: the input layer's
+    (C(k+1), C), and per block its convolution's (C(k+1), R) and gates' (R, 2C).
+
+    Per-position work is tiny, so convolutions become matrix products on flat windows: a
+    (out, in, 1, k) weight flattens in the same (in, k) order as a (B, in, k) window.
+    """
+    input_weight = prior.horizontal_input.conv.weight.flatten(1).t()  # (C(k+1), C)
+    block_weights = [
+        (
+            block.horizontal.conv.weight.flatten(1).t(),  # (C(k+1), R)
+            block.horizontal_gates.weight.flatten(1).t(),  # (R, 2C)
+        )
+        for block in prior.blocks
+    ]
+    return input_weight, block_weights
+
+
 class IncrementalSampler:
     """Computes a prior's logits one raster position at a time, keeping only what later positions read.
 
@@ -128,16 +146,7 @@ class IncrementalSampler:
             if prior.attention
             else None
         )
-        # Per-position work is tiny, so convolutions become matrix products on flat windows:
-        # a (out, in, 1, k) weight flattens in the same (in, k) order as a (B, in, k) window.
-        self.input_weight = prior.horizontal_input.conv.weight.flatten(1).t()  # (C(k+1), C)
-        self.block_weights = [
-            (
-                block.horizontal.conv.weight.flatten(1).t(),  # (C(k+1), R)
-                block.horizontal_gates.weight.flatten(1).t(),  # (R, 2C)
-            )
-            for block in prior.blocks
-        ]
+        self.input_weight, self.block_weights = _matrix_weights(prior)
         self.position = 0  # the next raster position to set
         self.computed = -1  # the last position whose logits (and stream values) were computed
 
