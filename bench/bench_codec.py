@@ -39,13 +39,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vqvae2.codec import (
+from vqvae2.codec import decode_images, slot_batches
+from vqvae2.compress import (
     compress_files,
     compression_report,
-    decode_images,
     decompress_files,
     fit_image,
-    slot_batches,
     unfit_image,
 )
 from vqvae2.data import DEFAULT_DATA_PATH, open_dataset

@@ -45,6 +45,7 @@ import argparse
 import dataclasses
 import json
 import time
+import types
 import weakref
 
 import torch
@@ -54,7 +55,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from vqvae2 import pixelsnail
+from vqvae2 import pixelsnail, pixelsnail_sampler
 from vqvae2.config import PriorRunConfig, TrainConfig, VQVAERunConfig, load_config
 from vqvae2.loop import AdamInBackward
 from vqvae2.vqvae import VQVAE2
@@ -468,7 +469,11 @@ def main() -> None:
                 batches=tuple(args.prior_batches),
                 verify=True,
             )
-        for key, module in (("before", baseline), ("after", pixelsnail)):
+        today = types.SimpleNamespace(
+            PixelSNAIL=pixelsnail.PixelSNAIL,
+            IncrementalSampler=pixelsnail_sampler.IncrementalSampler,
+        )  # the prior and its sampler, as one module of an older revision held both
+        for key, module in (("before", baseline), ("after", today)):
             row.update(
                 {
                     f"{kind}_{key}": figures

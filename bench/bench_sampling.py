@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from vqvae2.config import PixelSNAILConfig
-from vqvae2.pixelsnail import IncrementalSampler, PixelSNAIL
+from vqvae2.pixelsnail import PixelSNAIL
+from vqvae2.pixelsnail_sampler import IncrementalSampler
 
 BATCH = 16
 COMMON = dict(
@@ -57,7 +58,8 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def load_baseline(revision: str) -> types.ModuleType:
-    """The prior module (``pixelsnail.py``) of a git revision, as a throwaway module."""
+    """The prior module (``pixelsnail.py``, with ``pixelsnail_sampler.py`` where the revision has
+    it) of a git revision, as a throwaway module."""
     source = subprocess.run(
         ["git", "show", f"{revision}:src/vqvae2/pixelsnail.py"],
         cwd=REPOSITORY,
@@ -69,6 +71,19 @@ def load_baseline(revision: str) -> types.ModuleType:
     source = source.replace("from .config import", "from vqvae2.config import")
     module = types.ModuleType(f"pixelsnail_{revision}")
     exec(compile(source, f"{revision}:src/vqvae2/pixelsnail.py", "exec"), module.__dict__)
+    # Later revisions keep the incremental sampler in its own module: run it in the same
+    # namespace, where the names it imports from the prior's module already are.
+    sampler = subprocess.run(
+        ["git", "show", f"{revision}:src/vqvae2/pixelsnail_sampler.py"],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+    )
+    if sampler.returncode == 0:
+        lines = sampler.stdout.splitlines(keepends=True)
+        source = "".join(line for line in lines if not line.startswith("from .pixelsnail import"))
+        path = f"{revision}:src/vqvae2/pixelsnail_sampler.py"
+        exec(compile(source, path, "exec"), module.__dict__)
     return module
 
 

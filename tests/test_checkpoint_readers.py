@@ -17,7 +17,7 @@ from torch import nn
 
 from vqvae2 import checkpoint, loop
 from vqvae2.checkpoint import read_checkpoint, read_meta, save_checkpoint
-from vqvae2.codec import compress_files
+from vqvae2.compress import compress_files
 from vqvae2.config import PriorRunConfig, VQVAERunConfig, load_config
 from vqvae2.run import load_hierarchy
 from vqvae2.sample import sample_from_run

@@ -11,14 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vqvae2.codec import (
-    OVERHEAD_BYTES,
-    compress_files,
-    decode_images,
-    decompress_files,
-    summarise,
-    unfit_image,
-)
+from vqvae2.codec import OVERHEAD_BYTES, decode_images
+from vqvae2.compress import compress_files, decompress_files, summarise, unfit_image
 from vqvae2.config import PriorRunConfig, VQVAERunConfig, load_config
 from vqvae2.run import load_hierarchy
 from vqvae2.train import extract_codes, train_prior, train_vqvae

@@ -14,7 +14,8 @@ import torch
 from PIL import Image, JpegImagePlugin
 
 from vqvae2.config import DataConfig
-from vqvae2.data import open_dataset, pil_to_uint8, split_indices
+from vqvae2.data import open_dataset, split_indices
+from vqvae2.images import pil_to_uint8
 from vqvae2.report import make_grid
 
 

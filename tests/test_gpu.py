@@ -12,9 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vqvae2.codec import compress_files, decode_batch, decode_images, decompress_files, encode_batch
+from vqvae2.codec import decode_batch, decode_images, encode_batch
+from vqvae2.compress import compress_files, decompress_files
 from vqvae2.config import PriorRunConfig, RuntimeConfig, load_config
-from vqvae2.pixelsnail import IncrementalSampler, PixelSNAIL
+from vqvae2.pixelsnail import PixelSNAIL
+from vqvae2.pixelsnail_sampler import IncrementalSampler
 from vqvae2.run import load_hierarchy
 from vqvae2.sampling import sample_level_cached, sample_level_reference
 from vqvae2.train import extract_codes, train_prior, train_vqvae

@@ -10,7 +10,8 @@ import torch
 import vqvae2.sampling
 from vqvae2.classifier import Classifier
 from vqvae2.config import MIN_TEMPERATURE, ClassifierConfig, EvaluateConfig, PixelSNAILConfig
-from vqvae2.pixelsnail import IncrementalSampler, PixelSNAIL
+from vqvae2.pixelsnail import PixelSNAIL
+from vqvae2.pixelsnail_sampler import IncrementalSampler
 from vqvae2.sampling import (
     _draw,
     check_hierarchy,

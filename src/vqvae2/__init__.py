@@ -44,8 +44,8 @@ _EXPORTS = {
     "sample_from_run": "sample",
     "sample_with_rejection": "sample",
     "evaluate_run": "evaluate",
-    "compress_files": "codec",
-    "decompress_files": "codec",
+    "compress_files": "compress",
+    "decompress_files": "compress",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,9 +6,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 SEED_STRIDE = 1_000_003  # derived seeds: base * stride + offset (step, process rank)
+
+
+def uint8_to_float(images: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1], any shape: images as the models take them."""
+    return images.float() / 127.5 - 1.0
+
+
+def float_to_uint8(images: Tensor) -> Tensor:
+    """float [-1, 1] (clamped) -> uint8 [0, 255], any shape."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 @contextmanager

@@ -510,7 +510,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from .codec import OVERHEAD_BYTES, compress_files, compression_report
+    from .compress import OVERHEAD_BYTES, compress_files, compression_report
 
     labels = args.label
     if labels is not None and len(labels) == 1:
@@ -537,7 +537,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _cmd_decompress(args: argparse.Namespace) -> int:
-    from .codec import decompress_files
+    from .compress import decompress_files
 
     results = decompress_files(args.files, args.out, args.run, progress=not args.quiet)
     if args.json:

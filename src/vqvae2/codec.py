@@ -1,28 +1,28 @@
-"""A lossless codec for a trained run's latent codes: image <-> codes <-> bytes.
+"""The latent codec's core: the container format and the range coding of codes, on bytes alone.
 
 Razavi et al. 2019 (Section 3.2) read fitting the priors as lossless compression of the latent
-codes; this module makes that literal. An image goes through the stage-1 encoder to its codes,
-then every level, top first, is entropy-coded with the per-position categorical probabilities of
-its prior (given the levels above and, for class-conditional priors, the class), through the range
+codes; this module makes that literal. An image's codes (from the stage-1 encoder) are
+entropy-coded level by level, top first, with the per-position categorical probabilities of its
+prior (given the levels above and, for class-conditional priors, the class), through the range
 coder of ``constriction``. Decoding runs the priors position by position with the same
 probabilities, then the stage-1 decoder once.
 
-Probabilities: the float32 logits of the incremental sampler (``pixelsnail.IncrementalSampler``,
-the same calls in the encoder, teacher-forced with the true codes, and in the decoder) go through a
-float64 softmax and are quantised here to integer weights, each at least 1, summing to
-``2 ** CODER_PRECISION_BITS`` (``quantise_probabilities``). constriction's non-"perfect"
-categorical model receives ``weight - 1`` as exact float64 integers: its own quantisation gives
-each code ``floor(cumulative * scale) + index`` with ``scale`` exactly 1 for these numbers, so the
-coder uses exactly our weights. Encoder and decoder get bit-identical logits because they run
-the same code path on the CPU with ``CODING_THREADS`` threads, float32, eval mode, always in
-batches of exactly ``CODING_BATCH_SIZE`` rows, and each image in the same row of its batch: on
-the CPU a row's float results do not depend on what the other rows hold, but they can differ in
-the last bits between batch sizes and between rows (measured with PyTorch 2.13: with a tiny
-prior, odd and even rows differ). Each file records its row; decoding groups files into batches
-in their rows (``slot_batches``). Files therefore decode on the same software and hardware
-stack; across CPUs or library versions the float results, and so the decoded codes, may differ.
-Each file records the torch and constriction versions that compressed it: decoding under others
-is allowed but logged, and a failed codes check then names the versions.
+Probabilities: the float32 logits of the incremental sampler
+(``pixelsnail_sampler.IncrementalSampler``, the same calls in the encoder, teacher-forced with the
+true codes, and in the decoder) go through a float64 softmax and are quantised here to integer
+weights, each at least 1, summing to ``2 ** CODER_PRECISION_BITS`` (``quantise_probabilities``).
+constriction's non-"perfect" categorical model receives ``weight - 1`` as exact float64
+integers: its own quantisation gives each code ``floor(cumulative * scale) + index`` with
+``scale`` exactly 1 for these numbers, so the coder uses exactly our weights. Encoder and
+decoder get bit-identical logits because they run the same code path on the CPU with
+``CODING_THREADS`` threads, float32, eval mode, always in batches of exactly
+``CODING_BATCH_SIZE`` rows, and each image in the same row of its batch: on the CPU a row's
+float results do not depend on what the other rows hold, but they can differ in the last bits
+between batch sizes and between rows (measured with PyTorch 2.13: with a tiny prior, odd and
+even rows differ). Each file records its row; decoding groups files into batches in their rows
+(``slot_batches``). Files therefore decode on the same software and hardware stack; across CPUs
+or library versions the float results, and so the decoded codes, may differ. Each file records
+the torch and constriction versions that compressed it (``running_versions``).
 
 The payload is one range-coded stream per image, all levels top first in raster order, cut to the
 shortest byte string that still decodes (``encode_symbols``). The container (``pack_file`` /
@@ -32,52 +32,30 @@ the number of levels, the class label, the batch row, a 32-bit check of the code
 format version 1, still read), the payload length and a CRC32; all but the codes check are
 checked before any model work, the codes check after decoding (``codes_check``).
 
-The pure parts (container, quantisation, symbol coding, the batch coders) do no file I/O; the
-thin functions at the end (``run_fingerprint``, ``compress_files``, ``decompress_files``) read and
-write files.
+Everything here is pure: bytes, tensors and models in, bytes and tensors out, no files. Images,
+run folders, fingerprints and progress are the file layer's (``compress.py``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import logging
-import os
 import re
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import constriction
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
-from tqdm import tqdm
 
-from ._helpers import evaluating
-from .checkpoint import META, MODEL_WEIGHTS, held_checkpoint_dir
-from .config import PriorRunConfig, VQVAERunConfig
-from .data import UNREADABLE, fit_uint8_array, float_to_uint8, uint8_to_float
-from .pixelsnail import IncrementalSampler, PixelSNAIL
-from .report import save_png
-from .run import (
-    VQVAE_KIND,
-    has_checkpoint,
-    level_names,
-    load_prior,
-    load_run_config,
-    load_vqvae,
-    prior_kind,
-)
-from .sampling import check_hierarchy
+from ._helpers import evaluating, float_to_uint8, uint8_to_float
+from .pixelsnail import PixelSNAIL
+from .pixelsnail_sampler import IncrementalSampler
 from .vqvae import VQVAE2
-
-logger = logging.getLogger("vqvae2.codec")
 
 # constriction's default range coder (``stream.queue.RangeEncoder``): 32-bit words, a 64-bit
 # state and probabilities in fixed point with 24 bits.
@@ -301,6 +279,26 @@ def max_file_bytes(positions: int) -> int:
     return OVERHEAD_BYTES + payload
 
 
+def codes_check(codes: Sequence[Tensor]) -> int:
+    """The CRC32 of one image's codes (per level (h_l, w_l), top first, as big-endian int32 in
+    raster order). A file stores it; a decoder whose probabilities differ from the encoder's
+    (another CPU, another library version, a changed prior) decodes other codes, and the check
+    names the file instead of writing a wrong image (one such decode in 2**32 passes it)."""
+    data = b"".join(level.to(torch.int32).numpy().astype(">i4").tobytes() for level in codes)
+    return zlib.crc32(data) & CODES_CHECK_MASK
+
+
+def running_versions() -> Versions:
+    """The torch and constriction releases this process codes with."""
+    found = []
+    for version in (torch.__version__, importlib.metadata.version("constriction")):
+        release = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+        if release is None:
+            raise ValueError(f"cannot read a release number from version {version!r}")
+        found.append(tuple(int(part or 0) for part in release.groups()))
+    return Versions(*found)
+
+
 # ----------------------------------------------------------------------------------------------
 # Probabilities and symbols
 
@@ -441,46 +439,6 @@ class SymbolDecoder:
         except (AssertionError, ValueError):  # constriction's answer to data that cannot decode
             return None
         return int(symbol)
-
-
-# ----------------------------------------------------------------------------------------------
-# Images in and out of the model's square
-
-
-def fit_image(image: np.ndarray, size: int, channels: int) -> tuple[Tensor, Fit]:
-    """An image as the model sees it, and how it was fitted.
-
-    Images no larger than ``size`` either way are placed centred on a black square (as the IDX
-    loader pads Fashion-MNIST's 28x28 to 32x32), larger ones resized by their short side and
-    centre-cropped (``data.fit_uint8_array``).
-
-    Args:
-        image: (H, W) or (H, W, C) uint8, C in {1, 3, 4}.
-
-    Returns:
-        (channels, size, size) uint8 and "pad" or "resize".
-    """
-    height, width = image.shape[:2]
-    fit: Fit = "pad" if height <= size and width <= size else "resize"
-    return fit_uint8_array(image[None], size, channels)[0], fit
-
-
-def unfit_image(image: Tensor, header: Header) -> Tensor:
-    """Undo ``fit_image``'s padding: (C, S, S) uint8 -> (C, H, W) for a padded image, else as is."""
-    if header.fit != "pad":
-        return image
-    size = image.shape[-1]
-    top, left = (size - header.height) // 2, (size - header.width) // 2
-    return image[:, top : top + header.height, left : left + header.width]
-
-
-def codes_check(codes: Sequence[Tensor]) -> int:
-    """The CRC32 of one image's codes (per level (h_l, w_l), top first, as big-endian int32 in
-    raster order). A file stores it; a decoder whose probabilities differ from the encoder's
-    (another CPU, another library version, a changed prior) decodes other codes, and the check
-    names the file instead of writing a wrong image (one such decode in 2**32 passes it)."""
-    data = b"".join(level.to(torch.int32).numpy().astype(">i4").tobytes() for level in codes)
-    return zlib.crc32(data) & CODES_CHECK_MASK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -696,430 +654,3 @@ def decode_images(
     with coding_threads(), evaluating(vqvae):
         decoded = vqvae.decode_codes([_placed(level, slots) for level in codes])
     return float_to_uint8(decoded[slots])
-
-
-def summarise(
-    encoded: Sequence[EncodedImage],
-    level_names: Sequence[str],
-    pixels: int,
-    file_bytes: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """Bits per pixel of a set of compressed images, per level and in total, beside the priors'
-    NLL of the same codes (Table 1's measure, also in nats per code).
-
-    Args:
-        encoded: the images' ``EncodedImage``.
-        level_names: the levels' names, top first.
-        pixels: pixels per image (the model's S x S).
-        file_bytes: each file's size, when the images were written as files.
-
-    Returns:
-        Plain data: means over the images, and the payload's and the coder's excess over the
-        NLL (overall and the largest of one image).
-    """
-    count = len(encoded)
-    nll = np.array([item.nll_bits for item in encoded])  # (N, levels)
-    coded = np.array([item.coded_bits for item in encoded])  # (N, levels)
-    payload = np.array([8 * len(item.payload) for item in encoded], dtype=np.float64)  # (N,)
-    codes = np.array([[level.numel() for level in item.codes] for item in encoded])
-    summary: dict[str, Any] = {
-        "images": count,
-        "pixels_per_image": pixels,
-        "nll_nats_per_code": {
-            name: float(nll[:, i].sum() * np.log(2) / codes[:, i].sum())
-            for i, name in enumerate(level_names)
-        },
-        "nll_bits_per_pixel": {
-            **{name: float(nll[:, i].mean() / pixels) for i, name in enumerate(level_names)},
-            "total": float(nll.sum(1).mean() / pixels),
-        },
-        "bits_per_pixel": {
-            **{name: float(coded[:, i].mean() / pixels) for i, name in enumerate(level_names)},
-            "payload": float(payload.mean() / pixels),
-        },
-        "payload_bytes": float(payload.mean() / 8),
-        "coded_over_nll": float(coded.sum() / nll.sum() - 1),
-        "payload_over_nll": float(payload.sum() / nll.sum() - 1),
-        "max_payload_over_nll": float((payload / nll.sum(1) - 1).max()),
-        "max_payload_minus_coded_bits": float((payload - coded.sum(1)).max()),
-    }
-    if file_bytes is not None:
-        summary["bits_per_pixel"]["file"] = float(8 * np.mean(file_bytes) / pixels)
-        summary["file_bytes"] = float(np.mean(file_bytes))
-        summary["header_bytes"] = OVERHEAD_BYTES
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Files: the thin layer that reads and writes them
-
-
-def run_fingerprint(run_dir: str | Path) -> bytes:
-    """``FINGERPRINT_BYTES`` of the SHA-256 of a run's checkpoints: the metadata (configs
-    included) and weights files of the VQ-VAE and of every level's prior, top first, each
-    framed by its kind, name and length. Any change to a weight or a config changes it. Reads
-    the files; builds no model.
-
-    Raises:
-        ValueError: the run lacks the VQ-VAE or a level's prior.
-    """
-    with _held_run(Path(run_dir)) as step_dirs:
-        return _fingerprint(step_dirs)
-
-
-@contextmanager
-def _held_run(run_dir: Path) -> Iterator[dict[str, Path]]:
-    """The step folders of the VQ-VAE and of every level's prior (top first) by kind, held for
-    the block: a trainer writing the run meanwhile does not delete them."""
-    with ExitStack() as stack:
-        step_dirs = {}
-        for kind in (VQVAE_KIND, *(prior_kind(level) for level in level_names(run_dir))):
-            if not has_checkpoint(run_dir / kind):
-                raise ValueError(f"{run_dir} has no trained {kind} checkpoint")
-            step_dirs[kind] = stack.enter_context(held_checkpoint_dir(run_dir, kind))
-        yield step_dirs
-
-
-def _fingerprint(step_dirs: dict[str, Path]) -> bytes:
-    digest = hashlib.sha256()
-    for kind, step_dir in step_dirs.items():
-        for name in (META, MODEL_WEIGHTS):
-            path = step_dir / name
-            digest.update(f"{kind}/{name}:{path.stat().st_size}:".encode())
-            with open(path, "rb") as handle:
-                while chunk := handle.read(_READ_CHUNK):
-                    digest.update(chunk)
-    return digest.digest()[:FINGERPRINT_BYTES]
-
-
-_READ_CHUNK = 1 << 20
-
-
-def running_versions() -> Versions:
-    """The torch and constriction releases this process codes with."""
-    found = []
-    for version in (torch.__version__, importlib.metadata.version("constriction")):
-        release = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
-        if release is None:
-            raise ValueError(f"cannot read a release number from version {version!r}")
-        found.append(tuple(int(part or 0) for part in release.groups()))
-    return Versions(*found)
-
-
-def _load_models(run_dir: Path) -> tuple[bytes, VQVAE2, list[PixelSNAIL]]:
-    """The run's models on the CPU and the fingerprint of exactly their checkpoints."""
-    with _held_run(run_dir) as step_dirs:
-        fingerprint = _fingerprint(step_dirs)
-        vqvae = load_vqvae(step_dirs[VQVAE_KIND])
-        priors = [
-            load_prior(step_dirs[prior_kind(level)], level) for level in vqvae.config.level_names
-        ]
-    check_hierarchy(vqvae, priors)
-    return fingerprint, vqvae, priors
-
-
-def _output_paths(paths: Sequence[Path], out_dir: Path, suffix: str) -> list[Path]:
-    outputs = [out_dir / (path.stem + suffix) for path in paths]
-    seen: dict[Path, Path] = {}
-    for path, output in zip(paths, outputs, strict=True):
-        if output in seen:
-            raise ValueError(f"{seen[output]} and {path} would both be written to {output}")
-        seen[output] = path
-    return outputs
-
-
-def _read_image(path: Path, channels: int) -> np.ndarray:
-    """An image file as uint8 (H, W) grey or (H, W, 3) RGB."""
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
-    except UNREADABLE as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
-    if max(array.shape[:2]) > MAX_SIDE:
-        raise ValueError(f"{path} is larger than {MAX_SIDE} pixels a side")
-    return array
-
-
-def _checked_labels(
-    priors: Sequence[PixelSNAIL], labels: Sequence[int] | None, count: int
-) -> Tensor | None:
-    """(count,) int64 labels for class-conditional priors (None otherwise), checked."""
-    num_classes = max(prior.config.num_classes for prior in priors)
-    if num_classes == 0:
-        if labels is not None:
-            raise ValueError("the run's priors are not class-conditional: give no labels")
-        return None
-    if labels is None:
-        raise ValueError("the run's priors are class-conditional: give each image's class label")
-    if len(labels) != count:
-        raise ValueError(f"{len(labels)} labels for {count} images")
-    bad = [label for label in labels if not 0 <= label < num_classes]
-    if bad:
-        raise ValueError(
-            f"class label {bad[0]} is out of range: the priors know 0..{num_classes - 1}"
-        )
-    return torch.tensor(list(labels), dtype=torch.long)
-
-
-class CompressedFile(NamedTuple):
-    image: Path  # the image file read
-    file: Path  # the compressed file written
-    header: Header
-    encoded: EncodedImage
-    size: int  # bytes of the compressed file
-
-
-def compress_files(
-    run_dir: str | Path,
-    paths: Sequence[str | Path],
-    out_dir: str | Path,
-    labels: Sequence[int] | None = None,
-    progress: bool = False,
-) -> list[CompressedFile]:
-    """Compress image files with a run: ``out_dir/<stem>.vq2`` per image.
-
-    Args:
-        run_dir: a run with its VQ-VAE and every level's prior.
-        paths: image files (any size; grey or colour, converted to the model's channels).
-        out_dir: folder for the compressed files (created).
-        labels: one class per image, required exactly when the priors are class-conditional.
-        progress: show a progress bar.
-
-    Returns:
-        One ``CompressedFile`` per image, in order.
-    """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    paths = [Path(path) for path in paths]
-    if not paths:
-        raise ValueError("no image files given")
-    missing = [path for path in paths if not path.is_file()]
-    if missing:
-        raise ValueError(f"image file {missing[0]} does not exist")
-    outputs = _output_paths(paths, out_dir, SUFFIX)
-    fingerprint, vqvae, priors = _load_models(run_dir)
-    versions = running_versions()
-    all_labels = _checked_labels(priors, labels, len(paths))
-    config = vqvae.config
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results: list[CompressedFile] = []
-    starts = range(0, len(paths), CODING_BATCH_SIZE)
-    for start in tqdm(starts, desc="compress", disable=not progress, leave=False):
-        chunk = slice(start, start + CODING_BATCH_SIZE)
-        arrays = [_read_image(path, config.in_channels) for path in paths[chunk]]
-        fitted = [fit_image(array, config.image_size, config.in_channels) for array in arrays]
-        chunk_labels = None if all_labels is None else all_labels[chunk]
-        images = torch.stack([image for image, _ in fitted])
-        encoded = encode_batch(vqvae, priors, images, chunk_labels)
-        for index, (array, (_, fit), item) in enumerate(zip(arrays, fitted, encoded, strict=True)):
-            header = Header(
-                fingerprint=fingerprint,
-                height=array.shape[0],
-                width=array.shape[1],
-                fit=fit,
-                num_levels=config.num_levels,
-                label=None if chunk_labels is None else int(chunk_labels[index]),
-                slot=item.slot,
-                codes_check=codes_check(item.codes),
-                versions=versions,
-            )
-            data = pack_file(header, item.payload)
-            output = outputs[start + index]
-            output.write_bytes(data)
-            results.append(CompressedFile(paths[start + index], output, header, item, len(data)))
-    return results
-
-
-class DecompressedFile(NamedTuple):
-    file: Path  # the compressed file read
-    png: Path  # the image written
-    header: Header
-    codes: list[Tensor]  # per level (h_l, w_l) int64, top first
-    image: Tensor  # (C, H, W) uint8 as written
-
-
-def _read_capped(path: Path, limit: int) -> bytes:
-    """A file's bytes, refused before it is read when it holds more than ``limit``: no
-    compressed image of the run is larger (``max_file_bytes``), so nothing huge is read."""
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            data = b"" if size > limit else handle.read(limit + 1)  # + 1: a file still growing
-    except OSError as error:
-        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
-    if size > limit or len(data) > limit:
-        raise CodecFormatError(
-            f"{max(size, len(data))} bytes or more, but a compressed image of this run has at "
-            f"most {limit}: not a .vq2 file of this run"
-        )
-    return data
-
-
-def read_checked(paths: Sequence[Path], run_dir: Path) -> list[tuple[Header, bytes]]:
-    """Parse compressed files and check them against a run, reading only the files and the
-    run's checkpoint metadata and hashes (no model is built).
-
-    Raises:
-        CodecFormatError: naming the first file that is corrupt or not from this run.
-    """
-    model = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model
-    limit = max_file_bytes(sum(side * side for side in model.latent_sizes))
-    parsed = []
-    for path in paths:
-        try:
-            parsed.append(parse_file(_read_capped(path, limit)))
-        except CodecFormatError as error:
-            raise CodecFormatError(f"{path}: {error}") from None
-    fingerprint = run_fingerprint(run_dir)
-    num_classes = max(
-        load_run_config(run_dir, prior_kind(level), PriorRunConfig).prior.num_classes
-        for level in model.level_names
-    )
-    for path, (header, _) in zip(paths, parsed, strict=True):
-        problem = None
-        if header.fingerprint != fingerprint:
-            problem = (
-                f"compressed with another model (fingerprint {header.fingerprint.hex()}; "
-                f"{run_dir} has {fingerprint.hex()})"
-            )
-        elif header.num_levels != model.num_levels:
-            problem = f"{header.num_levels} levels, the run has {model.num_levels}"
-        elif (header.label is None) != (num_classes == 0):
-            problem = "its class label does not fit the run's priors"
-        elif header.label is not None and header.label >= num_classes:
-            problem = f"class label {header.label}, the priors know 0..{num_classes - 1}"
-        elif header.fit == "pad" and max(header.height, header.width) > model.image_size:
-            problem = (
-                f"a padded {header.height}x{header.width} image in a {model.image_size} square"
-            )
-        if problem is not None:
-            raise CodecFormatError(f"{path}: {problem}")
-    return parsed
-
-
-def decompress_files(
-    paths: Sequence[str | Path],
-    out_dir: str | Path,
-    run_dir: str | Path,
-    progress: bool = False,
-) -> list[DecompressedFile]:
-    """Decompress files written by ``compress_files`` into ``out_dir/<stem>.png``.
-
-    The weights are not in the files: ``run_dir`` must be the run they were compressed with,
-    which the fingerprint checks before any model is built.
-
-    Raises:
-        CodecFormatError: a file is corrupt, truncated, of another version or from another run.
-    """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    paths = [Path(path) for path in paths]
-    if not paths:
-        raise ValueError("no compressed files given")
-    outputs = _output_paths(paths, out_dir, ".png")
-    parsed = read_checked(paths, run_dir)
-    fingerprint, vqvae, priors = _load_models(run_dir)
-    if fingerprint != parsed[0][0].fingerprint:
-        raise ValueError(
-            f"the checkpoints in {run_dir} changed after the files were checked (a trainer "
-            f"writing?): the files need fingerprint {parsed[0][0].fingerprint.hex()}"
-        )
-    here = running_versions()
-    done: dict[int, DecompressedFile] = {}
-    batches = slot_batches([header.slot for header, _ in parsed])
-    for batch in tqdm(batches, desc="decompress", disable=not progress, leave=False):
-        headers = [parsed[index][0] for index in batch]
-        slots = [header.slot for header in headers]
-        labels = None
-        if headers[0].label is not None:
-            labels = torch.tensor([header.label for header in headers], dtype=torch.long)
-        try:
-            codes = decode_batch(priors, [parsed[index][1] for index in batch], labels, slots)
-        except PayloadError as error:
-            raise CodecFormatError(f"{paths[batch[error.index]]}: {error}") from None
-        for place, (index, header) in enumerate(zip(batch, headers, strict=True)):
-            _check_decoded(paths[index], header, [level[place] for level in codes], here)
-        images = decode_images(vqvae, codes, slots)
-        for place, (index, header) in enumerate(zip(batch, headers, strict=True)):
-            image = unfit_image(images[place], header)
-            png = save_png(image, outputs[index])
-            image_codes = [level[place] for level in codes]
-            done[index] = DecompressedFile(paths[index], png, header, image_codes, image)
-    _note_other_versions([header for header, _ in parsed], here)
-    return [done[index] for index in range(len(paths))]
-
-
-def _check_decoded(path: Path, header: Header, codes: Sequence[Tensor], here: Versions) -> None:
-    """Refuse decoded codes that fail the file's codes check, naming the likely cause."""
-    if codes_check(codes) & header.codes_check_mask == header.codes_check:
-        return
-    if header.versions is not None and header.versions != here:
-        cause = (
-            f"it was compressed under {header.versions}, this is {here}: "
-            "decompress it under those versions"
-        )
-    else:
-        cause = (
-            "this machine's probabilities differ from the compressing one's (another CPU?) "
-            "or the file was altered"
-        )
-    raise CodecFormatError(f"{path}: the decoded codes fail the file's check: {cause}")
-
-
-def _note_other_versions(headers: Sequence[Header], here: Versions) -> None:
-    """One log line per set of library versions other than this process's whose files passed
-    their codes check, and one for version-1 files (their check has 16 bits)."""
-    others: dict[Versions, int] = {}
-    for header in headers:
-        if header.versions is not None and header.versions != here:
-            others[header.versions] = others.get(header.versions, 0) + 1
-    for versions, count in others.items():
-        logger.warning(
-            "%d of %d files were compressed under %s, this is %s; their decoded codes passed "
-            "the 32-bit check",
-            count,
-            len(headers),
-            versions,
-            here,
-        )
-    old = sum(header.format_version == 1 for header in headers)
-    if old:
-        logger.warning(
-            "%d of %d files are format version 1, whose codes check has 16 bits: one wrong "
-            "decode in 65,536 passes it",
-            old,
-            len(headers),
-        )
-
-
-def compression_report(run_dir: str | Path, results: Sequence[CompressedFile]) -> dict[str, Any]:
-    """``summarise`` of ``compress_files``'s results, with one entry per file (plain data)."""
-    model = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model
-    pixels = model.image_size**2
-    names = model.level_names
-    files = []
-    for result in results:
-        encoded, header = result.encoded, result.header
-        files.append(
-            {
-                "image": str(result.image),
-                "file": str(result.file),
-                "bytes": result.size,
-                "payload_bytes": len(encoded.payload),
-                "height": header.height,
-                "width": header.width,
-                "fit": header.fit,
-                "label": header.label,
-                "bits_per_pixel": {
-                    **dict(zip(names, np.array(encoded.coded_bits) / pixels, strict=True)),
-                    "payload": 8 * len(encoded.payload) / pixels,
-                    "file": 8 * result.size / pixels,
-                },
-                "nll_bits_per_pixel": {
-                    **dict(zip(names, np.array(encoded.nll_bits) / pixels, strict=True)),
-                    "total": sum(encoded.nll_bits) / pixels,
-                },
-            }
-        )
-    summary = summarise(
-        [result.encoded for result in results], names, pixels, [r.size for r in results]
-    )
-    return {"run": str(run_dir), **summary, "files": files}

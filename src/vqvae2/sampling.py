@@ -23,7 +23,8 @@ from torch import Tensor
 from ._helpers import evaluating
 from .classifier import Classifier
 from .config import check_temperature
-from .pixelsnail import IncrementalSampler, PixelSNAIL
+from .pixelsnail import PixelSNAIL
+from .pixelsnail_sampler import IncrementalSampler
 from .vqvae import VQVAE2
 
 SamplerName = Literal["cached", "reference"]

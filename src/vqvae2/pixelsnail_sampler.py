@@ -1,0 +1,279 @@
+"""The incremental (cached) sampler of a PixelSNAIL prior (``pixelsnail.PixelSNAIL``).
+
+Sampling, and the codec's entropy coding, need the prior's logits one raster position at a time.
+Running the full forward pass per position costs a whole map each time; ``IncrementalSampler``
+computes the same logits (up to float rounding) from a state that holds, per block, only the rows
+its convolutions still read, the attention keys and values so far, and the conditioning features.
+The prior is untouched: the sampler reads its weights and keeps its own state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .pixelsnail import PixelSNAIL, coordinate_grid, gate
+
+
+def _pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 convolution applied to one position's features: (B, C_in) -> (B, C_out)."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
+def _push_row(rows: Tensor, row: Tensor | None, margin: int) -> None:
+    """Shift a window of rows (B, C, n, W + 2 * margin) up by one, in place, and put ``row``
+    (B, C, 1, W) as its last row between the margins (zeros when None)."""
+    rows[:, :, :-1] = rows[:, :, 1:].clone()
+    rows[:, :, -1] = 0
+    if row is not None:
+        rows[:, :, -1:, margin : rows.shape[-1] - margin] = row
+
+
+def _matrix_weights(prior: PixelSNAIL) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """The horizontal stream's weights as matrices for one position: the input layer's
+    (C(k+1), C), and per block its convolution's (C(k+1), R) and gates' (R, 2C).
+
+    Per-position work is tiny, so convolutions become matrix products on flat windows: a
+    (out, in, 1, k) weight flattens in the same (in, k) order as a (B, in, k) window.
+    """
+    input_weight = prior.horizontal_input.conv.weight.flatten(1).t()  # (C(k+1), C)
+    block_weights = [
+        (
+            block.horizontal.conv.weight.flatten(1).t(),  # (C(k+1), R)
+            block.horizontal_gates.weight.flatten(1).t(),  # (R, 2C)
+        )
+        for block in prior.blocks
+    ]
+    return input_weight, block_weights
+
+
+class IncrementalSampler:
+    """Computes a prior's logits one raster position at a time, keeping only what later positions read.
+
+    The horizontal stream is evaluated at the new position through every block (its convolutions
+    read the current row to its left), the vertical stream one whole row at a time once the row's
+    codes are known, attention appends the new key and value to its cache, and the conditioning
+    features are kept once at the conditioning stack's width and projected into each block's
+    gates a row at a time. The result equals the full forward pass (teacher forcing) up to float
+    rounding.
+
+    State (k = kernel_size // 2, W the map side, T = W * W positions, C hidden and R residual
+    channels, L blocks, C_c conditioning channels, A attention layers with ``heads`` heads):
+
+    ================  ==========================  ===================================================
+    ``embedded``      (B, C, k + 1, W + 2k + 1)   code embeddings of rows i-k .. i (the current row
+                                                  last; logical column j stored at j + k + 1)
+    ``vertical[l]``   (B, C, k + 1, W + 2k)       ELU of the vertical stream entering block l, rows
+                                                  i-k .. i (column j at j + k); L of them
+    ``horizontal[l]`` (B, C, W + k)               ELU of the horizontal stream entering block l on
+                                                  the current row (column j at j + k); L of them
+    ``input_above``   (B, C, W)                   what the first horizontal layer takes from the
+                                                  row above, plus that layer's bias
+    ``above[l]``      (B, R, W)                   the same for block l's horizontal hidden layer
+    ``gate_offsets``  (B, 2C, W) per block        the horizontal gates' bias plus the current
+                                                  row's conditioning; (B, 2C, 1) for class or
+                                                  augmentation conditioning only, none without
+    ``condition``     (B, C_c, W, W)              the conditioning features (or (B, C_c, 1, 1))
+    ``keys[a]``,      (B, heads, T, C / heads)    attention keys and values of every position so
+    ``values[a]``                                 far; A layers
+    ================  ==========================  ===================================================
+
+    That is, per image, C(k+1)(W+2k+1) + L C(k+1)(W+2k) + L C(W+k) + C W + L R W elements,
+    plus L 2C W + C_c W^2 with upper levels to condition on (L 2C + C_c with only a class or
+    augmentation), plus 2 A C T with attention; and a (T, 2) table of coordinates shared by the
+    batch. Per block it is linear in W; the terms in T = W^2 are the attention cache and the
+    conditioning features, neither per block (float32, batch 1: 29 MiB for the paper's ImageNet
+    bottom prior, 53 MiB for the FFHQ bottom prior; ``bench/README.md``).
+
+    Use ``logits_at(row, col)`` then ``set_codes(row, col, codes)`` for every position in raster
+    order (``ValueError`` otherwise). Inference only: no gradients flow through the state.
+    """
+
+    @torch.no_grad()
+    def __init__(self, prior: PixelSNAIL, batch_size: int, condition: Tensor | None) -> None:
+        self.prior = prior
+        config = prior.config
+        self.side = side = config.code_size
+        self.half = half = config.kernel_size // 2
+        hidden, residual = config.hidden_channels, config.residual_channels
+        parameter = next(prior.parameters())
+
+        def zeros(*size: int) -> Tensor:
+            return torch.zeros(*size, device=parameter.device, dtype=parameter.dtype)
+
+        self.embedded = zeros(batch_size, hidden, half + 1, side + 2 * half + 1)
+        self.vertical = [zeros(batch_size, hidden, half + 1, side + 2 * half) for _ in prior.blocks]
+        self.horizontal = [zeros(batch_size, hidden, side + half) for _ in prior.blocks]
+        # Row 0 has nothing above it: the 1x1 convolutions of the (zero) shifted vertical stream
+        # leave their biases, to which the horizontal convolutions' biases are added once here.
+        self.input_above = zeros(batch_size, hidden, side)
+        self.input_above += (
+            prior.vertical_input_to_horizontal.bias + prior.horizontal_input.conv.bias
+        )[:, None]
+        self.above = [zeros(batch_size, residual, side) for _ in prior.blocks]
+        for above, block in zip(self.above, prior.blocks, strict=True):
+            above += (block.vertical_to_horizontal.bias + block.horizontal.conv.bias)[:, None]
+
+        self.condition = condition  # (B, C_c, H, W), (B or 1, C_c, 1, 1) or None
+        self.spatial = condition is not None and condition.shape[-1] > 1
+        # Each block's conditioning weights, split into the vertical and horizontal gates' parts.
+        self.condition_weights = [
+            None
+            if block.condition is None or condition is None
+            else (
+                block.condition.weight.split(block.gate_channels),  # (2C or 0, C_c, 1, 1), (2C, ..)
+                block.condition.bias.split(block.gate_channels),
+            )
+            for block in prior.blocks
+        ]
+        first_row = self._condition_row(0)
+        self.gate_offsets = [
+            self._horizontal_gate_offsets(index, first_row) for index in range(len(prior.blocks))
+        ]  # per block (B, 2C, W) spatial, (B or 1, 2C, 1) constant, (2C, 1) bias only
+
+        attention_layers = dict(prior.attention.items())
+        self.attention_after = [attention_layers.get(str(i)) for i in range(len(prior.blocks))]
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+        for index, attention in enumerate(self.attention_after):
+            if attention is not None:
+                cache = (batch_size, attention.heads, side * side, hidden // attention.heads)
+                self.keys[index], self.values[index] = zeros(*cache), zeros(*cache)
+        self.coordinates = (
+            rearrange(coordinate_grid(side, side, parameter), "c h w -> (h w) c")  # (T, 2)
+            if prior.attention
+            else None
+        )
+        self.input_weight, self.block_weights = _matrix_weights(prior)
+        self.position = 0  # the next raster position to set
+        self.computed = -1  # the last position whose logits (and stream values) were computed
+
+    # ------------------------------------------------------------------------------------------
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor the state holds (weights and their views excluded)."""
+        tensors = [self.embedded, *self.vertical, *self.horizontal, self.input_above, *self.above]
+        if self.condition is not None:
+            tensors += [self.condition, *self.gate_offsets]
+        tensors += [*self.keys.values(), *self.values.values()]
+        if self.coordinates is not None:
+            tensors.append(self.coordinates)
+        return tensors
+
+    def state_bytes(self) -> int:
+        """Bytes of the state (``state_tensors``), numel x element size."""
+        return sum(t.numel() * t.element_size() for t in self.state_tensors())
+
+    # ------------------------------------------------------------------------------------------
+    def _condition_row(self, row: int) -> Tensor | None:
+        """Conditioning features of one row (B, C_c, 1, W), constant (B, C_c, 1, 1), or None."""
+        if self.condition is None or not self.spatial:
+            return self.condition
+        return self.condition[:, :, row : row + 1]
+
+    def _horizontal_gate_offsets(self, index: int, condition_row: Tensor | None) -> Tensor:
+        """Block ``index``'s horizontal gates' bias plus the conditioning of one row.
+
+        Returns (B, 2C, W) for spatial conditioning, (B or 1, 2C, 1) for constant, (2C, 1) none.
+        """
+        bias = self.prior.blocks[index].horizontal_gates.bias[:, None]  # (2C, 1)
+        weights = self.condition_weights[index]
+        if weights is None or condition_row is None:
+            return bias
+        condition = F.conv2d(condition_row, weights[0][1], weights[1][1])  # (B, 2C, 1, W or 1)
+        return bias + condition[:, :, 0]  # (B, 2C, W or 1)
+
+    def _check_position(self, row: int, col: int) -> int:
+        position = row * self.side + col
+        if not (0 <= row < self.side and 0 <= col < self.side) or position != self.position:
+            expected = divmod(self.position, self.side)
+            raise ValueError(
+                f"positions go in raster order: expected {expected}, got ({row}, {col})"
+            )
+        return position
+
+    def _attend(self, index: int, features: Tensor, position: int) -> Tensor:
+        """Attention output (B, C) at one position from features (B, C), caching key and value."""
+        attention = self.attention_after[index]
+        assert attention is not None and self.coordinates is not None
+        coordinates = self.coordinates[position].expand(features.shape[0], -1)  # (B, 2)
+        token = torch.cat([F.elu(features), coordinates], dim=1)[:, None]  # (B, 1, C + 2)
+        query, key, value = attention.project(token)  # (B, heads, 1, d) each
+        keys, values = self.keys[index], self.values[index]
+        keys[:, :, position : position + 1] = key
+        values[:, :, position : position + 1] = value
+        attended = F.scaled_dot_product_attention(
+            query, keys[:, :, : position + 1], values[:, :, : position + 1]
+        )  # (B, heads, 1, d): one query sees every key so far, no mask needed
+        return attention.output(rearrange(attended, "b n 1 d -> b (n d)"))  # (B, C)
+
+    @torch.no_grad()
+    def logits_at(self, row: int, col: int) -> Tensor:
+        """Logits (B, K) of the code at (row, col); every earlier code must have been set."""
+        position = self._check_position(row, col)
+        prior, half = self.prior, self.half
+        window = self.embedded[:, :, half, col : col + half + 1]  # (B, C, k+1): shift_right(x)
+        horizontal = torch.addmm(
+            self.input_above[:, :, col], window.flatten(1), self.input_weight
+        )  # (B, C)
+        for index, (conv_weight, gates_weight) in enumerate(self.block_weights):
+            stored = self.horizontal[index]  # (B, C, W + k)
+            stored[:, :, col + half] = F.elu(horizontal)
+            window = stored[:, :, col : col + half + 1].flatten(1)  # (B, C(k+1))
+            hidden = torch.addmm(self.above[index][:, :, col], window, conv_weight)  # (B, R)
+            offsets = self.gate_offsets[index]
+            gates = torch.addmm(
+                offsets[..., col if offsets.shape[-1] > 1 else 0], F.elu(hidden), gates_weight
+            )  # (B, 2C)
+            horizontal = horizontal + gate(gates)
+            if self.attention_after[index] is not None:
+                horizontal = horizontal + self._attend(index, horizontal, position)
+        for block in prior.output_stack:
+            horizontal = horizontal + _pointwise(
+                block.second, F.elu(_pointwise(block.first, F.elu(horizontal)))
+            )
+        self.computed = position
+        return _pointwise(prior.output, F.elu(horizontal))  # (B, K)
+
+    @torch.no_grad()
+    def set_codes(self, row: int, col: int, codes: Tensor) -> None:
+        """Record the codes (B,) chosen at (row, col); after a row's last code, advance the
+        vertical stream by that row. ``logits_at(row, col)`` must have been called first."""
+        position = self._check_position(row, col)
+        if self.computed != position:
+            raise ValueError(f"call logits_at({row}, {col}) before set_codes({row}, {col}, ...)")
+        self.embedded[:, :, self.half, col + self.half + 1] = self.prior.embedding(codes)
+        self.position += 1
+        if col == self.side - 1 and row < self.side - 1:  # the last row has no reader below
+            self._advance_row(row)
+
+    def _advance_row(self, row: int) -> None:
+        """The vertical stream over ``row`` (all its codes known), and what row + 1 reads from it."""
+        prior, half = self.prior, self.half
+        # The embedded rows row-k .. row with their column margins: the input layer's window.
+        vertical = prior.vertical_input.conv(self.embedded[:, :, :, 1:])  # (B, C, 1, W)
+        self.input_above.copy_(
+            prior.vertical_input_to_horizontal(vertical)[:, :, 0]
+            + prior.horizontal_input.conv.bias[:, None]
+        )  # (B, C, W)
+        _push_row(self.embedded, None, half)  # the next row starts empty
+        condition_row, next_condition_row = self._condition_row(row), self._condition_row(row + 1)
+        for index, block in enumerate(prior.blocks):
+            rows = self.vertical[index]  # (B, C, k+1, W + 2k)
+            _push_row(rows, F.elu(vertical), half)
+            hidden = block.vertical.conv(rows)  # (B, R, 1, W)
+            self.above[index].copy_(
+                block.vertical_to_horizontal(hidden)[:, :, 0] + block.horizontal.conv.bias[:, None]
+            )  # (B, R, W)
+            if self.spatial:
+                self.gate_offsets[index].copy_(
+                    self._horizontal_gate_offsets(index, next_condition_row)
+                )
+            if block.vertical_gates is None:
+                break  # the last block leaves the vertical stream alone
+            gates = block.vertical_gates(F.elu(hidden))  # (B, 2C, 1, W)
+            weights = self.condition_weights[index]
+            if weights is not None and condition_row is not None:
+                gates = gates + F.conv2d(condition_row, weights[0][0], weights[1][0])
+            vertical = vertical + gate(gates)
