@@ -44,7 +44,8 @@ import torch
 from torch import Tensor
 
 from vqvae2.config import PriorRunConfig, load_config
-from vqvae2.pixelsnail import IncrementalSampler, PixelSNAIL
+from vqvae2.pixelsnail import PixelSNAIL
+from vqvae2.pixelsnail_sampler import IncrementalSampler
 from vqvae2.sampling import _draw
 
 # prior -> (preset, map side, upper levels' sides) as ImageNet-256 gives them (Table 3)

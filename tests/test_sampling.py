@@ -304,25 +304,31 @@ def test_requested_labels_give_every_class_its_share():
 # Rejection sampling holds the kept samples and one batch
 
 
-def image_bytes_held(image_shape: tuple[int, ...]) -> int:
-    """Bytes of every live tensor storage shaped like a batch of images (N, *image_shape)."""
+def image_storages(image_shape: tuple[int, ...]) -> dict[int, int]:
+    """Bytes of every live tensor storage shaped like a batch of images (N, *image_shape), by
+    the storage's address."""
     storages = {}
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor) and tuple(obj.shape[1:]) == image_shape:
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+    return storages
 
 
 @pytest.fixture
 def watched_generate(monkeypatch):
     """``generate`` as rejection sampling calls it, recording the image bytes held once it made
-    a batch (anything held before is still held then): the largest in ``peak[0]``."""
+    a batch (anything held before is still held then): the largest in ``peak[0]``. Storages
+    alive before the test (other tests' tensors in this process) are not counted."""
+    image_shape = (1, 16, 16)
+    gc.collect()
+    before = set(image_storages(image_shape))
     peak = [0]
 
     def watched(*args, **kwargs):
         result = generate(*args, **kwargs)
-        peak[0] = max(peak[0], image_bytes_held((1, 16, 16)))
+        held = image_storages(image_shape)
+        peak[0] = max(peak[0], sum(size for ptr, size in held.items() if ptr not in before))
         return result
 
     monkeypatch.setattr(vqvae2.sampling, "generate", watched)
