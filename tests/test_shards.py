@@ -260,3 +260,14 @@ def test_the_trainers_take_shards_as_they_take_the_folder(tmp_path, capsys):
     pattern = str(tmp_path / "shards" / "train-{000000..000004}.tar")
     size = ["--config", "classifier-tiny", "model.image_size=16", "train.batch_size=4"]
     assert main([*classifier, *size, "--data", pattern]) == 0
+
+
+def test_make_shards_writes_what_write_shards_writes(tmp_path, capsys):
+    write_folder(tmp_path / "folder", {"train": 3, "test": 1})
+    args = ["make-shards", str(tmp_path / "folder"), str(tmp_path / "out")]
+    assert main([*args, "--images-per-shard", "4"]) == 0
+    assert "train 9 images in 3 shards, test 3 images in 1 shards" in capsys.readouterr().out
+    write_shards(tmp_path / "folder", tmp_path / "api", images_per_shard=4)
+    for name in ("train-000000.tar", "train-000002.tar", "test-000000.tar"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "api" / name).read_bytes()
+    assert_one_line_error(capsys, main(args), "already holds shards")
