@@ -35,6 +35,7 @@ HELP_MARKS = {
     "evaluate": "--inception-weights",
     "compress": "--label",
     "decompress": "--run",
+    "make-shards": "--images-per-shard",
     "presets": "usage: vqvae2 presets [-h]\n",
 }
 SUBCOMMANDS = list(HELP_MARKS)

@@ -557,6 +557,18 @@ def _cmd_decompress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_shards(args: argparse.Namespace) -> int:
+    from .shards import write_shards
+
+    written = write_shards(args.folder, args.out, images_per_shard=args.images_per_shard)
+    counts = ", ".join(
+        f"{split} {written.images[split]} images in {len(paths)} shards"
+        for split, paths in written.shards.items()
+    )
+    print(f"wrote {written.manifest}: {counts}")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     for name in list_presets():
         print(name)
@@ -615,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_evaluate,
         _add_compress,
         _add_decompress,
+        _add_make_shards,
         _add_presets,
     ):
         add_command(commands)
@@ -861,6 +874,21 @@ def _add_decompress(commands: argparse._SubParsersAction) -> None:
     decompress.add_argument("--quiet", action="store_true", help="no progress bar")
     decompress.add_argument("--json", action="store_true", help="print the files as JSON")
     decompress.set_defaults(handler=_cmd_decompress)
+
+
+def _add_make_shards(commands: argparse._SubParsersAction) -> None:
+    shards = commands.add_parser(
+        "make-shards",
+        help="write an image folder as tar shards (image + class), splits kept; --data reads them",
+    )
+    shards.add_argument(
+        "folder", type=Path, help="image folder (train/ beside val/ or test/, or one)"
+    )
+    shards.add_argument("out", type=Path, help="folder for the shards and shards.json")
+    shards.add_argument(
+        "--images-per-shard", type=int, default=1000, help="images per tar file (default 1000)"
+    )
+    shards.set_defaults(handler=_cmd_make_shards)
 
 
 def _add_presets(commands: argparse._SubParsersAction) -> None:

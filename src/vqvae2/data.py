@@ -395,27 +395,31 @@ def _labelled(
     return [class_of[folder] for folder in folders], names
 
 
+def split_folders(root: Path) -> list[str]:
+    """The splits of an image folder that have their own sub-folder: ``train`` first, then
+    ``val`` and/or ``test``, when ``train/`` sits beside one of them; [] for a folder that is
+    one source (all its splits carved)."""
+    own = [name for name in SPLITS if (root / name).is_dir()]
+    return own if "train" in own and len(own) > 1 else []
+
+
 def _open_folder(
     root: Path, split: str, image_size: int, channels: int, config: DataConfig
 ) -> ImageFolderDataset:
     """One split of a folder of images. A folder with a ``train`` sub-folder beside ``val``
     and/or ``test`` ones takes each split from its own folder (a missing one is carved from
     train); any other folder is one source whose splits are carved."""
-    split_folders = (root / "train").is_dir() and any(
-        (root / name).is_dir() for name in ("val", "test")
-    )
-    source = root / "train" if split_folders else root
+    own = split_folders(root)
+    source = root / "train" if own else root
     files = _image_files(source)
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {source}")
     labels, class_names = _labelled(source, files, None)
-    own_folder = split_folders and split != "train" and (root / split).is_dir()
-    if own_folder:
+    if split in own and split != "train":
         files = _image_files(root / split)
         labels, _ = _labelled(root / split, files, class_names)
     else:
-        carve_test = not (split_folders and (root / "test").is_dir())
-        keep = split_indices(len(files), split, config, carve_test=carve_test)
+        keep = split_indices(len(files), split, config, carve_test="test" not in own)
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     if not files:
         raise ValueError(f"the {split} split of {root} is empty")
@@ -439,7 +443,9 @@ def open_dataset(
             images (recursive; class = first sub-folder when every image is in one), or a
             ``.npz`` file with ``images`` [+ ``labels``] or ``{train,val,test}_images`` arrays.
             A folder with ``train/`` and ``val/`` and/or ``test/`` sub-folders takes each split
-            from its own folder.
+            from its own folder. Tar shards (``vqvae2.shards``): the folder ``write_shards``
+            wrote (splits kept), or a shard pattern (``train-{000000..000009}.tar``, a glob, one
+            ``.tar``), one source whose splits are carved.
         split: ``train``, ``val`` or ``test``.
         image_size: side S of the square images returned: arrays that fit are padded, other
             images resized by their short side and centre-cropped.
@@ -459,10 +465,14 @@ def open_dataset(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     path = Path(path)
-    if not path.exists():
+    from .shards import is_shard_source, open_shards  # shards.py builds on this module
+
+    if not path.exists() and not is_shard_source(path):
         raise ValueError(f"data path {path} does not exist")
     try:
-        if path.is_file():
+        if is_shard_source(path):
+            dataset = open_shards(path, split, image_size, channels, config)
+        elif path.is_file():
             if path.suffix != ".npz":
                 raise ValueError(f"data path {path} is a file but not .npz; give a folder or .npz")
             dataset = _open_npz(path, split, image_size, channels, config)
