@@ -45,6 +45,11 @@ _EXPORTS = {
     "sample_with_rejection": "sample",
     "evaluate_run": "evaluate",
     "compress_files": "compress",
+    "export_run": "export",
+    "load_pretrained": "export",
+    "save_pretrained": "export",
+    "from_pretrained": "export",
+    "PretrainedModels": "export",
     "decompress_files": "compress",
 }
 
