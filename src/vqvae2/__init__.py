@@ -50,6 +50,7 @@ _EXPORTS = {
     "save_pretrained": "export",
     "from_pretrained": "export",
     "PretrainedModels": "export",
+    "export_onnx": "onnx_export",
     "decompress_files": "compress",
 }
 
