@@ -46,6 +46,12 @@ _EXPORTS = {
     "sample_with_rejection": "sample",
     "evaluate_run": "evaluate",
     "compress_files": "compress",
+    "export_run": "export",
+    "load_pretrained": "export",
+    "save_pretrained": "export",
+    "from_pretrained": "export",
+    "PretrainedModels": "export",
+    "export_onnx": "onnx_export",
     "decompress_files": "compress",
 }
 

@@ -1,0 +1,207 @@
+"""Exporting a trained run in the Hub layout and loading it back: the same weights and samples,
+a model card whose every figure comes from the run's logs, and one-line errors (a Hub name
+with no network, folders that are not exports)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vqvae2.config import ClassifierRunConfig, PriorRunConfig, VQVAERunConfig, load_config
+from vqvae2.evaluate import evaluate_run
+from vqvae2.export import (
+    CARD_FILE,
+    CONFIG_FILE,
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    export_run,
+    from_pretrained,
+    load_pretrained,
+    save_pretrained,
+)
+from vqvae2.logs import read_metrics
+from vqvae2.model_card import FIGURES_HEADING
+from vqvae2.pixelsnail import PixelSNAIL
+from vqvae2.run import load_classifier, load_hierarchy
+from vqvae2.sampling import generate
+from vqvae2.train import extract_codes, train_classifier, train_prior, train_vqvae
+
+from .conftest import run_python, write_npz
+from .test_evaluate import tiny_evaluate_config
+
+# A number in running text: not part of a word or a name such as "top-1" or "prior-top".
+NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+)?(?![\w])")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """VQ-VAE, both priors and the classifier of a run on 3 classes of 16x16 blobs, evaluated
+    (its report in RUN/evaluation/)."""
+    root = tmp_path_factory.mktemp("export")
+    data = write_npz(root / "blobs.npz", count=300)
+    run = root / "run"
+    vqvae_config = load_config(
+        VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=30"]
+    )
+    train_vqvae(vqvae_config, data, run, progress=False)
+    extract_codes(run, data, progress=False)
+    for level in ("top", "bottom"):
+        config = load_config(PriorRunConfig, f"prior-{level}-tiny", ["train.max_steps=10"])
+        train_prior(run, level, config, progress=False)
+    classifier_config = load_config(
+        ClassifierRunConfig, "classifier-tiny", ["model.image_size=16", "train.max_steps=20"]
+    )
+    train_classifier(classifier_config, data, run / "classifier", progress=False)
+    evaluate_run(run, data, run / "evaluation", tiny_evaluate_config(), progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory) -> Path:
+    return export_run(trained_run, tmp_path_factory.mktemp("exported") / "model")
+
+
+def test_each_model_is_a_hub_folder_with_the_run_s_weights(trained_run, exported):
+    index = json.loads((exported / INDEX_FILE).read_text())
+    assert index["priors"] == ["prior-top", "prior-bottom"]
+    for name, class_name in [("vqvae", "VQVAE2"), ("prior-top", "PixelSNAIL"),
+                             ("prior-bottom", "PixelSNAIL"), ("classifier", "Classifier")]:  # fmt: skip
+        assert (exported / name / WEIGHTS_FILE).is_file()
+        assert json.loads((exported / name / CONFIG_FILE).read_text())["_class_name"] == class_name
+    models = load_pretrained(exported)
+    vqvae, priors = load_hierarchy(trained_run)
+    classifier = load_classifier(trained_run / "classifier")
+    pairs = [(vqvae, models.vqvae), *zip(priors, models.priors, strict=True)]
+    for run_model, loaded in [*pairs, (classifier, models.classifier)]:
+        assert loaded.config == run_model.config and not loaded.training
+        state, loaded_state = run_model.state_dict(), loaded.state_dict()
+        assert state.keys() == loaded_state.keys()
+        assert all(torch.equal(state[key], loaded_state[key]) for key in state)
+    assert models.level_names == ("top", "bottom")
+
+
+def test_the_export_samples_what_the_run_samples_for_the_same_seed(trained_run, exported):
+    labels = torch.arange(6) % 3
+    vqvae, priors = load_hierarchy(trained_run)
+    models = load_pretrained(str(exported))
+    runs = [
+        generate(vqvae, priors, 6, labels, generator=torch.Generator().manual_seed(seed))
+        for seed in (0, 1)
+    ]
+    export_images, export_codes = generate(
+        models.vqvae, models.priors, 6, labels, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(export_images, runs[0][0])
+    assert all(torch.equal(a, b) for a, b in zip(export_codes, runs[0][1], strict=True))
+    assert not torch.equal(runs[0][1][1], runs[1][1][1])  # another seed draws other codes
+
+
+def logged_numbers(run: Path) -> list[float]:
+    """Every number of the run's logs: each metrics.csv (steps and values) and the report."""
+    numbers: list[float] = []
+    for path in run.rglob("metrics.csv"):
+        for row in read_metrics(path):
+            numbers += [float(row["step"]), float(row["value"])]
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            numbers.append(float(value))
+
+    walk(json.loads((run / "evaluation" / "report.json").read_text()))
+    return numbers
+
+
+def figure_numbers(card: str) -> list[str]:
+    """The numbers of the card's figures section as written, code spans left out."""
+    section = card.split(FIGURES_HEADING, 1)[1]
+    return NUMBER.findall(re.sub(r"`[^`]*`", "", section))
+
+
+def test_every_number_in_the_card_s_figures_comes_from_the_run_s_logs(trained_run, exported):
+    card = (exported / CARD_FILE).read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["library_name"] == "vqvae2" and "class-conditional" in header["tags"]
+    assert "datasets" not in header  # blobs.npz is no Hub data set
+    logged = logged_numbers(trained_run)
+    written = figure_numbers(card)
+    assert len(written) > 40
+    for text in written:
+        digits = len(text.partition(".")[2])
+        assert any(f"{value:.{digits}f}" == text for value in logged), text
+    mse = [row for row in read_metrics(trained_run / "metrics.csv") if row["metric"] == "mse"]
+    report = json.loads((trained_run / "evaluation" / "report.json").read_text())
+    assert f"| validation MSE | {float(mse[-1]['value']):.5f} | 30 |" in card
+    assert f"| {report['rejection'][0]['fid']:.3f} |" in card
+
+
+def test_figures_a_run_does_not_have_are_left_out(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("classifier", "evaluation"))
+    (run / "prior-bottom" / "metrics.csv").unlink()
+    card = (export_run(run, tmp_path / "out") / CARD_FILE).read_text()
+    assert "| top prior | validation NLL (nats per code) |" in card
+    for absent in ("bottom prior", "classifier |", "FID", "CAS", "n/a", "nan"):
+        assert absent not in card
+    assert load_pretrained(tmp_path / "out").classifier is None
+
+
+def test_a_hub_name_without_network_fails_in_one_line_quickly():
+    start = time.monotonic()
+    with pytest.raises(ValueError) as error:
+        load_pretrained("nobody-here/no-such-vqvae2-model")
+    assert time.monotonic() - start < 60
+    message = str(error.value)
+    assert "\n" not in message and "nobody-here/no-such-vqvae2-model" in message
+
+
+def test_bad_folders_are_one_line_each(trained_run, exported, tmp_path):
+    with pytest.raises(ValueError, match="not an exported vqvae2 model"):
+        load_pretrained(trained_run)
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        export_run(trained_run, exported)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_pretrained(tmp_path / "missing")
+    with pytest.raises(ValueError, match="holds a VQVAE2, expected a PixelSNAIL"):
+        from_pretrained(exported / "vqvae", expected=PixelSNAIL)
+    broken = shutil.copytree(exported, tmp_path / "broken")
+    (broken / "prior-top" / WEIGHTS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="cannot read .*prior-top"):
+        load_pretrained(broken)
+    save_pretrained(load_pretrained(exported).priors[1], broken / "prior-top")
+    with pytest.raises(ValueError, match="top prior models 4x4 maps"):
+        load_pretrained(broken)
+
+
+PROBE = """
+import sys, time
+import vqvae2.export
+print("huggingface_hub" in sys.modules)
+start = time.monotonic()
+try:
+    vqvae2.export.load_pretrained("nobody-here/no-such-vqvae2-model")
+except ValueError as error:
+    print(repr(str(error)), time.monotonic() - start)
+"""
+
+
+@pytest.mark.slow
+def test_import_downloads_nothing_and_offline_mode_fails_in_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_python("-c", PROBE, timeout=60)
+    assert result.returncode == 0, result.stderr
+    imported, message = result.stdout.strip().splitlines()
+    assert imported == "False"
+    assert "HF_HUB_OFFLINE" in message and "Traceback" not in result.stderr
