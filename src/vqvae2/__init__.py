@@ -31,6 +31,7 @@ _EXPORTS = {
     "generate": "sampling",
     "sample_codes": "sampling",
     "open_dataset": "data",
+    "Run": "run",
     "load_vqvae": "run",
     "load_prior": "run",
     "load_classifier": "run",

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .data import float_to_uint8
 from .report import make_grid, save_png
-from .run import load_classifier, load_hierarchy
+from .run import Run
 from .sampling import SamplerName, generate, generate_with_rejection, requested_labels
 
 SAMPLE_BATCH_SIZE = 64
@@ -31,7 +31,7 @@ class SampleResult:
 
 
 def sample_from_run(
-    run_dir: str | Path,
+    run: Run,
     count: int,
     classes: list[int] | None = None,
     temperature: float = 1.0,
@@ -51,7 +51,7 @@ def sample_from_run(
     """
     if count < 1:
         raise ValueError(f"the number of samples must be >= 1, got {count}")
-    vqvae, priors = load_hierarchy(run_dir, device)
+    vqvae, priors = run.load_hierarchy(device)
     num_classes = priors[0].config.num_classes
     labels = None
     if num_classes > 0:
@@ -85,7 +85,7 @@ class RejectionSampleResult:
 
 
 def sample_with_rejection(
-    run_dir: str | Path,
+    run: Run,
     count: int,
     classes: list[int] | None = None,
     *,
@@ -111,12 +111,11 @@ def sample_with_rejection(
     """
     if count < 1:
         raise ValueError(f"the number of samples must be >= 1, got {count}")
-    run_dir = Path(run_dir)
-    vqvae, priors = load_hierarchy(run_dir, device)
+    vqvae, priors = run.load_hierarchy(device)
     num_classes = priors[0].config.num_classes
     if num_classes == 0:
         raise ValueError("rejection sampling needs class-conditional priors; this run has none")
-    classifier = load_classifier(run_dir, map_location=device)
+    classifier = run.load_classifier(device)
     labels = requested_labels(classes, count, num_classes)
     limit = max_candidates if max_candidates is not None else MAX_CANDIDATES_PER_SAMPLE * count
     generator = torch.Generator(device=device).manual_seed(seed)
