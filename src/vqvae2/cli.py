@@ -38,13 +38,6 @@ def _runtime(args: argparse.Namespace) -> RuntimeConfig:
     )
 
 
-def _device(args: argparse.Namespace):
-    """The torch.device of ``--device`` (auto: CUDA when available, else the CPU)."""
-    from .distributed import pick_device
-
-    return pick_device(args.device)
-
-
 def _is_main_process() -> bool:
     """Under torchrun only rank 0 reports; the other processes stay silent."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -162,7 +155,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         args.split,
         args.out,
         image_files=args.images,
-        device=_device(args),
+        runtime=_runtime(args),
     )
     if args.json:
         print(json.dumps(result))
@@ -327,7 +320,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         sampler=args.sampler,
-        device=_device(args),
+        runtime=_runtime(args),
     )
     _write_sample_images(args, result.images)
     if args.save_codes is not None:
@@ -378,7 +371,7 @@ def _cmd_sample_with_rejection(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         sampler=args.sampler,
-        device=_device(args),
+        runtime=_runtime(args),
     )
     _write_sample_images(args, result.images)
     if args.save_images is not None:
@@ -471,7 +464,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         feature_classifier=args.feature_classifier,
         progress=not args.quiet,
         command=_evaluate_command(args, data),
-        device=_device(args),
+        runtime=_runtime(args),
     )
     if not _is_main_process():
         return 0

@@ -53,7 +53,7 @@ from .config import (
     config_from_dict,
 )
 from .data import TensorImageDataset, float_to_uint8, open_dataset, random_transform
-from .distributed import DistributedContext, runtime_context
+from .distributed import DistributedContext, runtime_context, runtime_device
 from .fit import train_classifier
 from .inception import load_inception
 from .measure import SplitMeasure, class_logits, extract_features, measure_split
@@ -615,7 +615,7 @@ def evaluate_run(
     feature_classifier: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
-    device: str | torch.device | None = None,
+    runtime: RuntimeConfig | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run (VQ-VAE, every prior, classifier) and write the report.
 
@@ -636,8 +636,9 @@ def evaluate_run(
             network that measures the samples is not the one that rejected them.
         progress: progress bars on stderr.
         command: the command line, recorded in the report.
-        device: where the networks run (default: this process's device, CUDA when available;
-            the sample pool then depends on it, as a seed draws other codes on a GPU).
+        runtime: its ``device`` is where the networks run (default: this process's device,
+            CUDA when available; the sample pool then depends on it, as a seed draws other
+            codes on a GPU).
 
     Returns:
         The report (also written as ``report.json``).
@@ -649,7 +650,7 @@ def evaluate_run(
     config = config or EvaluateConfig()
     out_dir = Path(out_dir)
     context = runtime_context()
-    device = context.device if device is None else torch.device(device)
+    device = context.device if runtime is None else runtime_device(runtime)
     progress = progress and context.is_main
     lap = _Laps()
     # Load and check everything first: bad input fails before the long parts.

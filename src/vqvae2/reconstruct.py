@@ -9,11 +9,13 @@ from typing import Any
 
 import torch
 
+from .config import RuntimeConfig
 from .data import (
     TensorImageDataset,
     load_image_files,
     open_dataset,
 )
+from .distributed import runtime_device
 from .measure import measure_levels, measure_reconstruction, reconstruction_grid
 from .report import save_png
 from .run import Run
@@ -34,9 +36,10 @@ def reconstruct(
     out_png: str | Path,
     image_files: list[str] | None = None,
     grid_images: int = 16,
-    device: str | torch.device = "cpu",
+    runtime: RuntimeConfig | None = None,
 ) -> dict[str, Any]:
-    """Write an original / reconstruction / per-level grid and measure a split (on ``device``).
+    """Write an original / reconstruction / per-level grid and measure a split (on
+    ``runtime.device``, default the CPU).
 
     Args:
         run: the run (``Run.open``).
@@ -50,7 +53,7 @@ def reconstruct(
         ``mse``/``psnr`` ([0, 1] pixels), per level ``usage_*``/``perplexity_*``, ``images``,
         ``grid`` (path), and ``levels``: what each level carries (``measure_levels``).
     """
-    model = run.load_vqvae(device)
+    model = run.load_vqvae(runtime_device(runtime))
     config = model.config
     if image_files:
         images = load_image_files(image_files, config.image_size, config.in_channels)

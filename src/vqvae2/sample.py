@@ -15,7 +15,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .config import RuntimeConfig
 from .data import float_to_uint8
+from .distributed import runtime_device
 from .report import make_grid, save_png
 from .run import Run
 from .sampling import SamplerName, generate, generate_with_rejection, requested_labels
@@ -39,18 +41,20 @@ def sample_from_run(
     batch_size: int = SAMPLE_BATCH_SIZE,
     progress: bool = True,
     sampler: SamplerName = "cached",
-    device: str | torch.device = "cpu",
+    runtime: RuntimeConfig | None = None,
 ) -> SampleResult:
     """Draw ``count`` images from a trained run.
 
     With class-conditional priors, ``classes`` are spread over the samples in blocks, in the
     order given: each gets ``count // len(classes)`` samples and the first
     ``count % len(classes)`` one more (``requested_labels``); without ``classes``, all classes. Randomness comes from one generator seeded with ``seed`` on
-    ``device`` (where the models run), so the same seed draws other images on another device.
+    ``runtime.device`` (where the models run; default the CPU), so the same seed draws other
+    images on another device.
     The results are on the CPU.
     """
     if count < 1:
         raise ValueError(f"the number of samples must be >= 1, got {count}")
+    device = runtime_device(runtime)
     vqvae, priors = run.load_hierarchy(device)
     num_classes = priors[0].config.num_classes
     labels = None
@@ -97,7 +101,7 @@ def sample_with_rejection(
     max_candidates: int | None = None,
     progress: bool = True,
     sampler: SamplerName = "cached",
-    device: str | torch.device = "cpu",
+    runtime: RuntimeConfig | None = None,
 ) -> RejectionSampleResult:
     """Draw ``count`` class-conditional images from a run, filtered by the run's classifier.
 
@@ -107,10 +111,12 @@ def sample_with_rejection(
     probability reaches it). ``max_candidates`` caps the samples drawn (default: 100 per image
     asked for); threshold sampling that cannot fill its quota within it raises ``ValueError``.
     Only the candidates that can still be kept are held: ``count`` images plus one batch.
-    The models and the generator run on ``device``; the results are on the CPU.
+    The models and the generator run on ``runtime.device`` (default the CPU); the results are
+    on the CPU.
     """
     if count < 1:
         raise ValueError(f"the number of samples must be >= 1, got {count}")
+    device = runtime_device(runtime)
     vqvae, priors = run.load_hierarchy(device)
     num_classes = priors[0].config.num_classes
     if num_classes == 0:
