@@ -390,6 +390,32 @@ def _code_stores(
     return train_codes, val_codes, PriorTrainingCodes(train_codes, augmented)
 
 
+def _prior_fitting_data(
+    run: Run, index: int, config: PriorRunConfig, new: bool, codes: PriorTrainingCodes
+) -> PriorRunConfig:
+    """A new prior's config with its data fields set from the VQ-VAE and the codes
+    (``config.prior_for_data``); a resumed prior's, checked to fit the codes still."""
+    prior = config.prior
+    if not new:
+        if prior.num_augmentations != codes.num_augmentations:
+            raise ValueError(
+                f"this prior was started on codes with {prior.num_augmentations} transforms "
+                f"but {run.codes_dir} now holds {codes.num_augmentations}; "
+                "extract the codes as before or train a new prior"
+            )
+        return config
+    vqvae = run.config.model
+    num_classes = codes.plain.num_classes if config.class_conditional else 0
+    from_data = {
+        "code_size": vqvae.latent_sizes[index],
+        "codebook_size": vqvae.codebook_size,
+        "condition_sizes": tuple(vqvae.latent_sizes[:index]),
+        "num_classes": num_classes if num_classes > 1 else 0,
+        "num_augmentations": codes.num_augmentations,
+    }
+    return replace(config, prior=prior_for_data(prior, from_data))
+
+
 def train_prior(
     run: Run,
     level: str,
@@ -415,7 +441,6 @@ def train_prior(
     """
     runtime = runtime or RuntimeConfig()
     context = runtime_context(runtime)
-    vqvae_config = run.config.model
     index = run.level_index(level)
     kind, kind_dir = prior_kind(level), run.prior_dir(level)
     with training_lock(kind_dir, context, resume):
@@ -429,22 +454,7 @@ def train_prior(
             max_steps,
         )
         train_codes, val_codes, training_codes = _code_stores(run, config.augmented_codes)
-        if checkpoint is None:
-            num_classes = train_codes.num_classes if config.class_conditional else 0
-            from_data = {
-                "code_size": vqvae_config.latent_sizes[index],
-                "codebook_size": vqvae_config.codebook_size,
-                "condition_sizes": tuple(vqvae_config.latent_sizes[:index]),
-                "num_classes": num_classes if num_classes > 1 else 0,
-                "num_augmentations": training_codes.num_augmentations,
-            }
-            config = replace(config, prior=prior_for_data(config.prior, from_data))
-        elif config.prior.num_augmentations != training_codes.num_augmentations:
-            raise ValueError(
-                f"this prior was started on codes with {config.prior.num_augmentations} transforms "
-                f"but {run.codes_dir} now holds {training_codes.num_augmentations}; "
-                "extract the codes as before or train a new prior"
-            )
+        config = _prior_fitting_data(run, index, config, checkpoint is None, training_codes)
         micro_batch_size(config.train, context)  # the batch must split evenly: checked first
         check_batch_fits(len(training_codes), config.train.batch_size)
         torch.manual_seed(config.train.seed)
