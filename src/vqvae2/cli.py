@@ -304,9 +304,7 @@ def _check_sample_options(args: argparse.Namespace) -> None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .sample import sample_from_run
+    from .sample import class_agreement_of, sample_from_run, write_codes
 
     _check_sample_options(args)
     if args.reject_fraction is not None or args.accept_threshold is not None:
@@ -324,11 +322,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     )
     _write_sample_images(args, result.images)
     if args.save_codes is not None:
-        arrays = {f"codes_{i}": c.numpy() for i, c in enumerate(result.codes)}
-        if result.labels is not None:
-            arrays["labels"] = result.labels.numpy()
-        args.save_codes.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.save_codes, **arrays)
+        write_codes(result, args.save_codes)
     summary: dict = {
         "samples": args.n,
         "sampler": args.sampler,
@@ -336,10 +330,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "temperature": args.temperature,
     }
-    if result.labels is not None and run.has_classifier():
-        from .measure import class_agreement
-
-        agreement = class_agreement(run.load_classifier(), result.images, result.labels)
+    agreement = class_agreement_of(run, result)
+    if agreement is not None:
         summary["class_agreement"] = agreement
     text = f"{args.n} samples: {args.out}"
     if "class_agreement" in summary:
@@ -353,9 +345,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_sample_with_rejection(args: argparse.Namespace) -> int:
     """``sample --reject-fraction F`` / ``--accept-threshold T`` (Section 3.3)."""
-    import numpy as np
-
-    from .sample import sample_with_rejection
+    from .sample import sample_with_rejection, write_scores
 
     if args.reject_fraction is not None and args.accept_threshold is not None:
         raise ValueError("give --reject-fraction or --accept-threshold, not both")
@@ -375,11 +365,7 @@ def _cmd_sample_with_rejection(args: argparse.Namespace) -> int:
     )
     _write_sample_images(args, result.images)
     if args.save_images is not None:
-        np.savez(
-            args.save_images / "scores.npz",
-            labels=result.labels.numpy(),
-            scores=result.scores.numpy(),
-        )
+        write_scores(result, args.save_images / "scores.npz")
     summary = {
         "samples": args.n,
         "candidates": result.candidates,

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from .config import RuntimeConfig
 from .data import float_to_uint8
 from .distributed import runtime_device
+from .measure import class_agreement
 from .report import make_grid, save_png
 from .run import Run
 from .sampling import SamplerName, generate, generate_with_rejection, requested_labels
@@ -162,3 +164,26 @@ def write_samples(
 def grid_columns(count: int, classes: list[int] | None) -> int:
     """Columns of a sample grid: one row per requested class, else a square-ish grid."""
     return count // len(classes) if classes else math.ceil(math.sqrt(count))
+
+
+def write_codes(result: SampleResult, path: str | Path) -> None:
+    """The codes of ``result`` as an .npz: ``codes_0`` (top) .. ``codes_L-1`` (N, h, w) int64,
+    and ``labels`` (N,) when the samples were class-conditional."""
+    arrays = {f"codes_{i}": codes.numpy() for i, codes in enumerate(result.codes)}
+    if result.labels is not None:
+        arrays["labels"] = result.labels.numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+def write_scores(result: RejectionSampleResult, path: str | Path) -> None:
+    """The requested classes (N,) and the classifier's probability of each (N,) as an .npz."""
+    np.savez(path, labels=result.labels.numpy(), scores=result.scores.numpy())
+
+
+def class_agreement_of(run: Run, result: SampleResult) -> float | None:
+    """The share of class-conditional samples that the run's classifier assigns to the class
+    they were drawn for; None without labels or without a classifier."""
+    if result.labels is None or not run.has_classifier():
+        return None
+    return class_agreement(run.load_classifier(), result.images, result.labels)
