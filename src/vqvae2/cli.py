@@ -103,7 +103,6 @@ def _new_config(args: argparse.Namespace, config_class: type, preset: str, base=
 def _cmd_train_vqvae(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .run import run_data_path
     from .train import train_vqvae
 
     _check_output(args.out, "--out", folder=True)
@@ -115,7 +114,7 @@ def _cmd_train_vqvae(args: argparse.Namespace) -> int:
         config = replace(config, train=replace(config.train, seed=args.seed))
     result = train_vqvae(
         config,
-        _data_of(args, run_data_path(args.out) if args.resume else None),
+        args.data if args.resume else _data_of(args, None),
         args.out,
         max_minutes=args.max_minutes,
         resume=args.resume,
@@ -244,7 +243,6 @@ def _cmd_train_prior(args: argparse.Namespace) -> int:
 
 def _cmd_train_classifier(args: argparse.Namespace) -> int:
     from .config import ClassifierRunConfig
-    from .run import run_data_path
     from .train import train_classifier
 
     out, preset, base, run = args.out, args.config, None, None
@@ -262,7 +260,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     config = _new_config(args, ClassifierRunConfig, preset or "classifier-fashion-mnist-32", base)
     # Without --data: the stage-1 run's images, or those a resumed --out classifier trained on.
     if args.resume and run is None:
-        data = _data_of(args, run_data_path(out, "classifier"))
+        data = args.data  # None: the one the classifier trained on
     else:
         data = _data_of(args, None if run is None else run.data_path)
     result = train_classifier(

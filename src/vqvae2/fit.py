@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from .checkpoint import RunFacts
 from .classifier import Classifier
 from .config import ClassifierRunConfig, RuntimeConfig
-from .data import batch_loader, open_dataset, uint8_to_float
+from .data import DEFAULT_DATA_PATH, batch_loader, open_dataset, uint8_to_float
 from .distributed import runtime_context
 from .loop import (
     Clock,
@@ -87,7 +87,7 @@ def _classifier_splits(
 
 def train_classifier(
     config: ClassifierRunConfig | None,
-    data: str | Path | Mapping[str, Dataset],
+    data: str | Path | Mapping[str, Dataset] | None,
     out_dir: str | Path,
     *,
     max_minutes: float | None = None,
@@ -104,7 +104,9 @@ def train_classifier(
         config: the run config; on resume None (the saved one) or one whose run length counts.
         data: an image source (``vqvae2.data.open_dataset``), or the "train", "val" and "test"
             datasets of (image (C, S, S) uint8, label) items with ``num_classes`` (the train
-            set's random transform, if any, set by the caller).
+            set's random transform, if any, set by the caller). None: on resume the image
+            source the classifier trained on, else (or when none was recorded) the default
+            Fashion-MNIST files.
         out_dir: checkpoints, metrics and config.
 
     ``model.num_classes`` is taken from the data. Returns ``val_accuracy`` and
@@ -123,6 +125,9 @@ def train_classifier(
             f"{out_dir} already holds a trained classifier; pass --resume or another --out",
             max_steps,
         )
+        if data is None:
+            recorded = None if checkpoint is None else checkpoint.facts.data_path
+            data = recorded or DEFAULT_DATA_PATH
         splits = _classifier_splits(data, config)
         if checkpoint is None:
             num_classes = splits["train"].num_classes

@@ -36,6 +36,7 @@ from .config import (
     prior_for_data,
 )
 from .data import (
+    DEFAULT_DATA_PATH,
     apply_augmentation,
     augmentation_names,
     batch_loader,
@@ -87,7 +88,7 @@ from .vqvae import VQVAE2
 
 def train_vqvae(
     config: VQVAERunConfig | None,
-    data_path: str | Path,
+    data_path: str | Path | None,
     run_dir: str | Path,
     *,
     max_minutes: float | None = None,
@@ -105,7 +106,9 @@ def train_vqvae(
     Args:
         config: the run config; on resume None (the saved one) or a config of which only the
             run length counts (``train.max_steps``, ``train.schedule_minutes``).
-        data_path: image source (see ``vqvae2.data.open_dataset``).
+        data_path: image source (see ``vqvae2.data.open_dataset``); None: on resume the one
+            the run trained on, else (or when none was recorded) the default Fashion-MNIST
+            files.
         run_dir: output folder; must not hold a run unless ``resume``, nor be in the hands of
             another trainer (``RUN_DIR/vqvae/.lock``, see ``loop.training_lock``).
         max_minutes: stop (after checkpointing) once this much wall time has passed.
@@ -134,6 +137,9 @@ def train_vqvae(
             f"{run_dir} already holds a trained VQ-VAE; pass --resume or another --out",
             max_steps,
         )
+        if data_path is None:
+            recorded = None if checkpoint is None else checkpoint.facts.data_path
+            data_path = recorded or DEFAULT_DATA_PATH
         model_config, train_config = config.model, config.train
         micro_batch_size(train_config, context)  # the batch must split evenly: checked first
         train_set, val_set = (
