@@ -23,6 +23,8 @@ from .data import AUGMENTATION_KINDS, DEFAULT_DATA_PATH, SPLITS
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from .run import Run
+
 DEFAULT_PRESET = "fashion-mnist-32"
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -66,7 +68,7 @@ def _check_positive(value: float | None, option: str) -> None:
         raise ValueError(f"{option} must be a positive number, got {value}")
 
 
-def _open_run(path: Path):
+def _open_run(path: Path) -> Run:
     """The run a command works on, opened once."""
     from .run import Run
 
@@ -201,7 +203,7 @@ def _cmd_extract_codes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_preset(run, prefix: str) -> str:
+def _default_preset(run: Run, prefix: str) -> str:
     """``prefix-<VQ-VAE preset>`` when the run was trained from a preset that has one."""
     name = f"{prefix}-{run.preset}"
     if run.preset is None or name not in list_presets():
@@ -538,12 +540,18 @@ def _add_device_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_output_options(parser: argparse.ArgumentParser, result: str | None) -> None:
+    """--quiet and, when the command prints a ``result``, --json."""
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    if result is not None:
+        parser.add_argument("--json", action="store_true", help=f"print {result} as JSON")
+
+
 def _add_training_options(parser: argparse.ArgumentParser, result: str) -> None:
     """Options every training subcommand shares; ``result`` names what --json prints."""
     parser.add_argument("--max-minutes", type=float, help="stop after this much wall time")
     parser.add_argument("--max-steps", type=int, help="sets train.max_steps")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help=f"print {result} as JSON")
+    _add_output_options(parser, result)
     _add_device_option(parser)
     parser.add_argument(
         "--precision",
@@ -629,7 +637,7 @@ def _add_reconstruct(commands: argparse._SubParsersAction) -> None:
     recon.add_argument("--split", choices=SPLITS, default="test", help="split (default: test)")
     recon.add_argument("--images", nargs="+", help="image files to reconstruct instead")
     recon.add_argument("--out", type=Path, required=True, help="grid PNG to write")
-    recon.add_argument("--json", action="store_true", help="print metrics as one JSON object")
+    recon.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _add_device_option(recon)
     recon.set_defaults(handler=_cmd_reconstruct)
 
@@ -652,7 +660,7 @@ def _add_extract_codes(commands: argparse._SubParsersAction) -> None:
         "codes/train-augmented; priors then train on them conditioned on the transform "
         "(distribution augmentation) and evaluate and sample with the identity",
     )
-    extract.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_output_options(extract, None)
     _add_device_option(extract)
     extract.set_defaults(handler=_cmd_extract_codes)
 
@@ -711,8 +719,7 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--out", type=Path, required=True, help="grid PNG to write")
     sample.add_argument("--save-images", type=Path, help="also write each image into this folder")
     sample.add_argument("--save-codes", type=Path, help="also write the codes to this .npz")
-    sample.add_argument("--quiet", action="store_true", help="no progress bar")
-    sample.add_argument("--json", action="store_true", help="print a summary as JSON")
+    _add_output_options(sample, "a summary")
     sample.add_argument(
         "--sampler",
         choices=("cached", "reference"),
@@ -779,8 +786,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         help="take features from this classifier folder (default RUN_DIR/feature-classifier)",
     )
     evaluate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
-    evaluate.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    _add_output_options(evaluate, "the whole report")
     _add_device_option(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
 
@@ -825,8 +831,7 @@ def _add_decompress(commands: argparse._SubParsersAction) -> None:
         "--run", type=Path, required=True, help="the run folder the files were compressed with"
     )
     decompress.add_argument("--out", type=Path, required=True, help="folder for the PNG images")
-    decompress.add_argument("--quiet", action="store_true", help="no progress bar")
-    decompress.add_argument("--json", action="store_true", help="print the files as JSON")
+    _add_output_options(decompress, "the files")
     decompress.set_defaults(handler=_cmd_decompress)
 
 
