@@ -24,7 +24,7 @@ import numpy as np
 from vqvae2.codes import CodeDataset, CodeStoreWriter
 from vqvae2.config import PriorRunConfig, load_config
 from vqvae2.measure import measure_nll
-from vqvae2.run import CODES_DIR
+from vqvae2.run import CODES_DIR, Run
 from vqvae2.train import train_prior
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     held_out = copy_codes(train, np.sort(order[half:]), scratch / CODES_DIR / "heldout")
     copy_codes(val, np.arange(len(val)), scratch / CODES_DIR / "val")
     config = load_config(PriorRunConfig, "prior-top-fashion-mnist-32", overrides)
-    result = train_prior(scratch, "top", config, progress=False)
+    result = train_prior(Run.open(scratch), "top", config, progress=False)
     # As many held-out codes as validation codes, like the train figure.
     batches = -(-len(val) // 256)
     held_out_nats = measure_nll(result.model, held_out, 0, max_batches=batches)

@@ -28,6 +28,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from vqvae2.config import ClassifierRunConfig, PriorRunConfig, VQVAERunConfig, load_config
 from vqvae2.distributed import shutdown
 from vqvae2.quantize import VectorQuantizerEMA
+from vqvae2.run import Run
 from vqvae2.train import extract_codes, train_classifier, train_prior, train_vqvae
 
 # Same global batch of 8 whatever the world size; restarts after 2 idle steps so that the
@@ -113,11 +114,11 @@ def run(stage: str, data: Path, run_dir: Path, steps: int, resume: bool = False)
         result = train_classifier(config, data, run_dir, resume=resume, progress=False)
     else:
         if not resume:
-            extract_codes(run_dir, data, progress=False, augment=["flip"])
+            extract_codes(Run.open(run_dir), data, progress=False, augment=["flip"])
         config = load_config(
             PriorRunConfig, "prior-top-tiny", [*PRIOR_OVERRIDES, f"train.max_steps={steps}"]
         )
-        result = train_prior(run_dir, "top", config, resume=resume, progress=False)
+        result = train_prior(Run.open(run_dir), "top", config, resume=resume, progress=False)
     state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
     path = run_dir / f"{stage}-rank{rank}-of-{world}.safetensors"
     save_file(state, str(path))

@@ -20,7 +20,7 @@ from vqvae2.data import (
     uint8_to_float,
 )
 from vqvae2.measure import measure_nll
-from vqvae2.run import load_prior, load_vqvae
+from vqvae2.run import Run, load_prior, load_vqvae
 from vqvae2.sample import sample_from_run
 from vqvae2.train import extract_codes, train_prior, train_vqvae
 
@@ -39,7 +39,7 @@ def augmented_run(tmp_path_factory):
     data = write_npz(root / "blobs.npz", count=48)
     config = load_config(VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=20"])
     train_vqvae(config, data, root / "run", progress=False)
-    written = extract_codes(root / "run", data, progress=False, augment=KINDS)
+    written = extract_codes(Run.open(root / "run"), data, progress=False, augment=KINDS)
     assert sorted(written) == ["train", "train-augmented", "val"]
     return root / "run", data
 
@@ -118,7 +118,7 @@ def test_prior_trains_on_augmented_codes_and_evaluates_with_the_identity(augment
     config = load_config(
         PriorRunConfig, "prior-top-tiny", ["train.max_steps=30", "train.learning_rate=3e-3"]
     )
-    metrics = train_prior(run, "top", config, progress=False).metrics
+    metrics = train_prior(Run.open(run), "top", config, progress=False).metrics
     prior = load_prior(run, "top")
     assert prior.config.num_augmentations == 10
     # Reported figures are on the plain codes, with the identity transform (index 0): another
@@ -133,8 +133,8 @@ def test_prior_trains_on_augmented_codes_and_evaluates_with_the_identity(augment
     assert metrics["val_nll_nats"] != pytest.approx(flipped, rel=1e-3)
     assert metrics["val_nll_nats"] < np.log(16)
     bottom = load_config(PriorRunConfig, "prior-bottom-tiny", ["train.max_steps=3"])
-    train_prior(run, "bottom", bottom, progress=False)
-    result = sample_from_run(run, 6, classes=[0, 1, 2], seed=0, progress=False)
+    train_prior(Run.open(run), "bottom", bottom, progress=False)
+    result = sample_from_run(Run.open(run), 6, classes=[0, 1, 2], seed=0, progress=False)
     assert result.images.shape == (6, 1, 16, 16) and result.codes[0].shape == (6, 2, 2)
     with torch.no_grad():
         decoded = float_to_uint8(load_vqvae(run).eval().decode_codes(result.codes))
@@ -157,7 +157,7 @@ def test_plain_priors_ignore_augmented_codes_when_asked(augmented_run, tmp_path,
     config = load_config(
         PriorRunConfig, "prior-top-tiny", ["train.max_steps=2", "augmented_codes=false"]
     )
-    train_prior(scratch, "top", config, progress=False)
+    train_prior(Run.open(scratch), "top", config, progress=False)
     assert load_prior(scratch, "top").config.num_augmentations == 0
     # The batches come from the plain train codes alone.
     assert sizes == [len(CodeDataset(run / "codes" / "train"))]
@@ -169,15 +169,15 @@ def test_extracting_again_without_augmentation_drops_the_store_and_resume_is_ref
     data = write_npz(tmp_path / "blobs.npz", count=24)
     config = load_config(VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=3"])
     train_vqvae(config, data, tmp_path / "run", progress=False)
-    extract_codes(tmp_path / "run", data, progress=False, augment=["flip"])
+    extract_codes(Run.open(tmp_path / "run"), data, progress=False, augment=["flip"])
     prior_config = load_config(PriorRunConfig, "prior-top-tiny", ["train.max_steps=2"])
-    train_prior(tmp_path / "run", "top", prior_config, progress=False)
+    train_prior(Run.open(tmp_path / "run"), "top", prior_config, progress=False)
     assert load_prior(tmp_path / "run", "top").config.num_augmentations == 2
-    extract_codes(tmp_path / "run", data, progress=False)
+    extract_codes(Run.open(tmp_path / "run"), data, progress=False)
     assert not (tmp_path / "run" / "codes" / "train-augmented").exists()
     with pytest.raises(ValueError, match="started on codes with 2 transforms .* now holds 0"):
         train_prior(
-            tmp_path / "run",
+            Run.open(tmp_path / "run"),
             "top",
             load_config(PriorRunConfig, "prior-top-tiny", ["train.max_steps=4"]),
             resume=True,

@@ -19,7 +19,7 @@ from vqvae2 import checkpoint, loop
 from vqvae2.checkpoint import read_checkpoint, read_meta, save_checkpoint
 from vqvae2.compress import compress_files
 from vqvae2.config import PriorRunConfig, VQVAERunConfig, load_config
-from vqvae2.run import load_hierarchy
+from vqvae2.run import Run, load_hierarchy
 from vqvae2.sample import sample_from_run
 from vqvae2.train import extract_codes, train_prior
 from vqvae2.vqvae import VQVAE2
@@ -163,10 +163,10 @@ def run_with_priors(tmp_path_factory) -> Path:
     save_checkpoint(
         run / "vqvae", "vqvae", 1, config, VQVAE2(config.model), extra={"data_path": str(data)}
     )
-    extract_codes(run, data, progress=False)
+    extract_codes(Run.open(run), data, progress=False)
     for level in ("top", "bottom"):
         prior = load_config(PriorRunConfig, f"prior-{level}-tiny", ["train.max_steps=2"])
-        train_prior(run, level, prior, progress=False)
+        train_prior(Run.open(run), level, prior, progress=False)
     return run
 
 
@@ -183,7 +183,7 @@ def test_sample_and_compress_while_the_top_prior_checkpoints_every_step(
     def read() -> int:
         call = next(calls)
         if call % 3 == 0:
-            sampled = sample_from_run(run, 2, progress=False)
+            sampled = sample_from_run(Run.open(run), 2, progress=False)
             assert sampled.images.shape == (2, 1, 16, 16)
         elif call % 3 == 1:
             compress_files(run, images, tmp_path / f"c{call}", labels=[0, 1])
@@ -198,7 +198,7 @@ def test_sample_and_compress_while_the_top_prior_checkpoints_every_step(
         [f"train.max_steps={2 + steps}", "train.checkpoint_every=1"],
     )
     with Readers(read) as readers:
-        train_prior(run, "top", config, resume=True, progress=False)
+        train_prior(Run.open(run), "top", config, resume=True, progress=False)
         saves.finish()
     assert readers.errors == [], readers.errors[:3]
     assert readers.results[:2] == [0, 1]  # a sample and a compression at least, both whole

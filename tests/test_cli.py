@@ -157,7 +157,7 @@ def test_commands_on_a_run_read_the_run_s_own_data_by_default(
         == 0
     )
     assert main(["train-vqvae", "--out", str(run), "--resume", "--max-steps", "3", "--quiet"]) == 0
-    assert read_meta(run, "vqvae")[1]["extra"]["data_path"] == str(npz_data.resolve())
+    assert read_meta(run, "vqvae")[1]["run"]["data_path"] == str(npz_data.resolve())
     assert main(["extract-codes", str(run), "--quiet"]) == 0
     train_rows = len(open_dataset(npz_data, "train", 16, 1))
     assert np.load(run / "codes" / "train" / "top.npy", mmap_mode="r").shape[0] == train_rows
@@ -169,9 +169,7 @@ def test_commands_on_a_run_read_the_run_s_own_data_by_default(
     size = ["--config", "classifier-tiny", "model.image_size=16"]
     assert main([*scorer, *size, "--data", str(npz_data), "--max-steps", "2"]) == 0
     assert main([*scorer, "--resume", "--max-steps", "3"]) == 0
-    assert read_meta(tmp_path / "c", "classifier")[1]["extra"]["data_path"] == str(
-        npz_data.resolve()
-    )
+    assert read_meta(tmp_path / "c", "classifier")[1]["run"]["data_path"] == str(npz_data.resolve())
 
 
 def test_errors_raised_in_loader_processes_keep_their_own_message():

@@ -14,7 +14,7 @@ from PIL import Image
 from vqvae2.codec import OVERHEAD_BYTES, decode_images
 from vqvae2.compress import compress_files, decompress_files, summarise, unfit_image
 from vqvae2.config import PriorRunConfig, VQVAERunConfig, load_config
-from vqvae2.run import load_hierarchy
+from vqvae2.run import Run, load_hierarchy
 from vqvae2.train import extract_codes, train_prior, train_vqvae
 
 from .conftest import run_module, write_npz
@@ -37,10 +37,10 @@ def trained(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
     )
     run = root / "run"
     train_vqvae(vqvae_config, data, run, progress=False)
-    extract_codes(run, data, progress=False)
+    extract_codes(Run.open(run), data, progress=False)
     for level in ("top", "bottom"):
         config = load_config(PriorRunConfig, f"prior-{level}-tiny", ["train.max_steps=40"])
-        train_prior(run, level, config, progress=False)
+        train_prior(Run.open(run), level, config, progress=False)
     arrays = np.load(data)
     images, labels = arrays["images"][:40, 2:-2, 2:-2], arrays["labels"][:40]
     folder = root / "images"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from vqvae2.checkpoint import read_checkpoint
 from vqvae2.config import PriorRunConfig, load_config
 from vqvae2.logs import read_metrics
-from vqvae2.run import load_prior
+from vqvae2.run import Run, load_prior
 from vqvae2.train import train_prior
 
 from .conftest import FASHION_MNIST, REAL_DATA, assert_states_close, torchrun, write_npz
@@ -156,7 +156,7 @@ def test_gradient_accumulation_matches_the_whole_batch(prior_runs):
         "prior-top-tiny",
         [*PRIOR_OVERRIDES, "train.max_steps=4", "train.grad_accum_steps=2"],
     )
-    result = train_prior(accumulated, "top", config, progress=False)
+    result = train_prior(Run.open(accumulated), "top", config, progress=False)
     save_file(
         {k: v.contiguous() for k, v in result.model.state_dict().items()},
         str(accumulated / "accumulated.safetensors"),

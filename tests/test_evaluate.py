@@ -33,7 +33,7 @@ from vqvae2.measure import extract_features
 from vqvae2.metrics import frechet_distance, precision_recall
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.report import render_markdown
-from vqvae2.run import load_classifier, load_prior, load_run_config, load_vqvae
+from vqvae2.run import Run, load_classifier, load_prior, load_run_config, load_vqvae
 from vqvae2.sample import sample_with_rejection
 from vqvae2.sampling import (
     accept_above_threshold,
@@ -286,10 +286,10 @@ def tiny_run(tmp_path_factory):
         VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=30"]
     )
     train_vqvae(vqvae_config, data, root / "run", progress=False)
-    extract_codes(root / "run", data, progress=False)
+    extract_codes(Run.open(root / "run"), data, progress=False)
     for level in ("top", "bottom"):
         config = load_config(PriorRunConfig, f"prior-{level}-tiny", ["train.max_steps=10"])
-        train_prior(root / "run", level, config, progress=False)
+        train_prior(Run.open(root / "run"), level, config, progress=False)
     classifier_config = load_config(
         ClassifierRunConfig, "classifier-tiny", ["model.image_size=16", "train.max_steps=20"]
     )
@@ -355,7 +355,7 @@ def table1_by_hand(
 def test_evaluate_writes_tables_curves_and_plots(tiny_run, tmp_path):
     run, data = tiny_run
     config = tiny_evaluate_config()
-    report = evaluate_run(run, data, tmp_path / "report", config, progress=False)
+    report = evaluate_run(Run.open(run), data, tmp_path / "report", config, progress=False)
     table1, table2 = report["table1"], report["table2"]
     assert set(table1["priors"]) == {"top", "bottom"}
     # Table 1, computed here without the code that made it.
@@ -425,7 +425,7 @@ def test_evaluate_scores_with_a_network_that_did_not_reject(tiny_run, tmp_path):
     run's classifier that chose the samples; the report says which network did what."""
     run, data = tiny_run
     config = tiny_evaluate_config(reject_fractions=(0.0, 0.5), cas_steps=1)
-    report = evaluate_run(run, data, tmp_path / "default", config, progress=False)
+    report = evaluate_run(Run.open(run), data, tmp_path / "default", config, progress=False)
     scorer = str(run / "classifier")
     assert report["rejection_scorer"] == scorer
     assert report["features"]["path"] == str(run / "feature-classifier") != scorer
@@ -444,10 +444,10 @@ def test_evaluate_scores_with_a_network_that_did_not_reject(tiny_run, tmp_path):
 def test_evaluate_feature_network_options(tiny_run, tmp_path, monkeypatch):
     run, data = tiny_run
     config = tiny_evaluate_config(reject_fractions=(0.0,), cas_steps=1)
-    default = evaluate_run(run, data, tmp_path / "default", config, progress=False)
+    default = evaluate_run(Run.open(run), data, tmp_path / "default", config, progress=False)
     # The default feature classifier named explicitly: the same features, the same numbers.
     named = evaluate_run(
-        run,
+        Run.open(run),
         data,
         tmp_path / "named",
         config,
@@ -459,7 +459,7 @@ def test_evaluate_feature_network_options(tiny_run, tmp_path, monkeypatch):
         assert named["rejection"][0][key] == pytest.approx(default["rejection"][0][key])
     # The rejection scorer named as the feature network: other features, other numbers.
     scorer = evaluate_run(
-        run,
+        Run.open(run),
         data,
         tmp_path / "scorer",
         config,
@@ -488,7 +488,12 @@ def test_evaluate_feature_network_options(tiny_run, tmp_path, monkeypatch):
         "vqvae2.evaluate.load_inception", lambda path: loaded.append(path) or StandIn()
     )
     report = evaluate_run(
-        run, data, tmp_path / "inception", config, inception_weights="w.pth", progress=False
+        Run.open(run),
+        data,
+        tmp_path / "inception",
+        config,
+        inception_weights="w.pth",
+        progress=False,
     )
     assert loaded == ["w.pth"] and report["features"]["dimensions"] == 32
     assert report["features"]["network"].startswith("InceptionV3")
@@ -498,12 +503,12 @@ def test_evaluate_feature_network_options(tiny_run, tmp_path, monkeypatch):
 def test_sample_with_rejection_from_a_run(tiny_run):
     run, _ = tiny_run
     result = sample_with_rejection(
-        run, 6, classes=[2, 0], reject_fraction=0.5, seed=1, progress=False
+        Run.open(run), 6, classes=[2, 0], reject_fraction=0.5, seed=1, progress=False
     )
     assert result.images.shape == (6, 1, 16, 16) and result.images.dtype == torch.uint8
     assert result.labels.tolist() == [2, 2, 2, 0, 0, 0] and result.candidates == 12
     again = sample_with_rejection(
-        run, 6, classes=[2, 0], reject_fraction=0.5, seed=1, progress=False
+        Run.open(run), 6, classes=[2, 0], reject_fraction=0.5, seed=1, progress=False
     )
     assert torch.equal(result.images, again.images)
 

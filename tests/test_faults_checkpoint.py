@@ -307,9 +307,9 @@ def _pickled_npy(path: Path) -> None:
 
 CORRUPTIONS = {
     "another format version": (
-        lambda run: edit_meta(run / VQ, lambda meta: meta.update(format_version=2)),
+        lambda run: edit_meta(run / VQ, lambda meta: meta.update(format_version=99)),
         RECONSTRUCT,
-        f"{VQ} has checkpoint format version 2, this vqvae2 reads version 1",
+        f"{VQ} has checkpoint format version 99, this vqvae2 reads versions 1, 2",
     ),
     "another model kind": (
         lambda run: shutil.copytree(run / PRIOR, run / VQ, dirs_exist_ok=True),

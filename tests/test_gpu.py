@@ -17,7 +17,7 @@ from vqvae2.compress import compress_files, decompress_files
 from vqvae2.config import PriorRunConfig, RuntimeConfig, load_config
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.pixelsnail_sampler import IncrementalSampler
-from vqvae2.run import load_hierarchy
+from vqvae2.run import Run, load_hierarchy
 from vqvae2.sampling import sample_level_cached, sample_level_reference
 from vqvae2.train import extract_codes, train_prior, train_vqvae
 from vqvae2.vqvae import VQVAE2
@@ -145,11 +145,11 @@ def test_the_trainers_train_in_bf16_on_cuda(tmp_path, npz_data):
     train_vqvae(
         tiny_run_config("train.max_steps=3"), npz_data, run, progress=False, runtime=runtime
     )
-    extract_codes(run, npz_data, progress=False, runtime=runtime)
+    extract_codes(Run.open(run), npz_data, progress=False, runtime=runtime)
     config = load_config(
         PriorRunConfig, "prior-top-tiny", ["train.max_steps=3", "train.log_every=1"]
     )
-    train_prior(run, "top", config, progress=False, runtime=runtime)
+    train_prior(Run.open(run), "top", config, progress=False, runtime=runtime)
     for metrics, name, weights in (
         (run / "metrics.csv", "loss", run / "vqvae"),
         (run / "prior-top" / "metrics.csv", "batch_nll_nats", run / "prior-top"),

@@ -21,7 +21,7 @@ from vqvae2.config import (
 from vqvae2.data import float_to_uint8
 from vqvae2.logs import read_metrics
 from vqvae2.report import make_grid
-from vqvae2.run import load_vqvae
+from vqvae2.run import Run, load_vqvae
 from vqvae2.train import extract_codes, train_classifier, train_prior, train_vqvae
 
 from .conftest import write_npz
@@ -61,13 +61,13 @@ def test_tensorboard_events_hold_the_csv_figures_and_the_grids(tmp_path):
     assert [p.step for p in pictures] == [2, 4]
     assert (pictures[0].width, pictures[0].height) == (5 * 18 + 2, 3 * 18 + 2)
 
-    extract_codes(run, data, progress=False)
+    extract_codes(Run.open(run), data, progress=False)
     prior_config = load_config(
         PriorRunConfig,
         "prior-bottom-tiny",
         ["train.max_steps=2", "train.val_every=1", "train.log_every=1"],
     )
-    train_prior(run, "bottom", prior_config, progress=False, runtime=TENSORBOARD)
+    train_prior(Run.open(run), "bottom", prior_config, progress=False, runtime=TENSORBOARD)
     bottom = events(run / "prior-bottom" / "tensorboard")
     assert "train/batch_nll_nats" in bottom.Tags()["scalars"]
     assert "final/val_nll_nats" in bottom.Tags()["scalars"]

@@ -19,7 +19,7 @@ from vqvae2.config import (
 )
 from vqvae2.data import open_dataset, uint8_to_float
 from vqvae2.measure import class_agreement, measure_nll
-from vqvae2.run import load_classifier, load_prior, load_vqvae
+from vqvae2.run import Run, load_classifier, load_prior, load_vqvae
 from vqvae2.sample import sample_from_run
 from vqvae2.train import (
     extract_codes,
@@ -38,7 +38,7 @@ def trained_run(tmp_path_factory):
     data = write_npz(root / "blobs.npz")
     config = load_config(VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=40"])
     train_vqvae(config, data, root / "run", progress=False)
-    extract_codes(root / "run", data, progress=False)
+    extract_codes(Run.open(root / "run"), data, progress=False)
     return root / "run", data
 
 
@@ -94,7 +94,7 @@ def test_prior_learns_resumes_and_reports_nll(trained_run, tmp_path):
     config = load_config(
         PriorRunConfig, "prior-top-tiny", ["train.max_steps=30", "train.learning_rate=3e-3"]
     )
-    result = train_prior(run, "top", config, progress=False)
+    result = train_prior(Run.open(run), "top", config, progress=False)
     metrics = result.metrics
     uniform = math.log(16)  # nats per code of a uniform guess over K = 16
     assert metrics["val_nll_nats"] < uniform and metrics["train_nll_nats"] < uniform
@@ -103,7 +103,7 @@ def test_prior_learns_resumes_and_reports_nll(trained_run, tmp_path):
     store = CodeDataset(run / "codes" / "val")
     assert measure_nll(prior, store, 0) == pytest.approx(metrics["val_nll_nats"], rel=1e-5)
     more = train_prior(
-        run,
+        Run.open(run),
         "top",
         load_config(PriorRunConfig, "prior-top-tiny", ["train.max_steps=35"]),
         resume=True,
@@ -111,13 +111,13 @@ def test_prior_learns_resumes_and_reports_nll(trained_run, tmp_path):
     )
     assert more.step == 35
     with pytest.raises(ValueError, match="already holds a trained prior"):
-        train_prior(run, "top", config, progress=False)
+        train_prior(Run.open(run), "top", config, progress=False)
 
 
 def test_bottom_prior_is_conditioned_on_the_top_codes(trained_run):
     run, _ = trained_run
     config = load_config(PriorRunConfig, "prior-bottom-tiny", ["train.max_steps=5"])
-    train_prior(run, "bottom", config, progress=False)
+    train_prior(Run.open(run), "bottom", config, progress=False)
     prior = load_prior(run, "bottom")
     assert prior.config.condition_sizes == (2,) and prior.config.code_size == 4
     # Other top codes give other bottom logits, even at the first position (0, 0), which no
@@ -133,7 +133,9 @@ def test_bottom_prior_is_conditioned_on_the_top_codes(trained_run):
 def test_prior_for_a_missing_level_is_refused(trained_run):
     run, _ = trained_run
     with pytest.raises(ValueError, match="there is no 'middle' level"):
-        train_prior(run, "middle", load_config(PriorRunConfig, "prior-top-tiny"), progress=False)
+        train_prior(
+            Run.open(run), "middle", load_config(PriorRunConfig, "prior-top-tiny"), progress=False
+        )
 
 
 @pytest.mark.parametrize(
@@ -167,8 +169,10 @@ def test_a_prior_config_that_sets_a_data_field_is_refused(trained_run, tmp_path,
     scratch = tmp_path / "run"
     shutil.copytree(run, scratch, ignore=shutil.ignore_patterns("prior-*", "classifier"))
     with pytest.raises(ValueError, match=f"prior.{field}"):
-        train_prior(scratch, "top", hand_made, progress=False)
-    assert train_prior(scratch, "top", config, progress=False).step == 1  # defaults are fine
+        train_prior(Run.open(scratch), "top", hand_made, progress=False)
+    assert (
+        train_prior(Run.open(scratch), "top", config, progress=False).step == 1
+    )  # defaults are fine
 
 
 def test_classifier_beats_chance(trained_run, tmp_path):
@@ -197,7 +201,7 @@ def test_time_budget_ends_prior_and_classifier_training(trained_run, tmp_path, s
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("prior-*", "classifier"))
     budget = ["train.max_steps=100000", "train.lr_schedule=linear", "train.schedule_minutes=0.1"]
     prior_config = load_config(PriorRunConfig, "prior-top-tiny", budget)
-    prior = train_prior(copy, "top", prior_config, progress=False, now=step_clock)
+    prior = train_prior(Run.open(copy), "top", prior_config, progress=False, now=step_clock)
     assert prior.step == 6
     classifier_config = load_config(
         ClassifierRunConfig, "classifier-tiny", ["model.image_size=16", *budget]
@@ -211,18 +215,25 @@ def test_time_budget_ends_prior_and_classifier_training(trained_run, tmp_path, s
 def test_sampling_from_a_run(trained_run):
     run, _ = trained_run
     if not (run / "prior-bottom" / "latest").exists():
-        train_prior(run, "bottom", load_config(PriorRunConfig, "prior-bottom-tiny"), progress=False)
+        train_prior(
+            Run.open(run),
+            "bottom",
+            load_config(PriorRunConfig, "prior-bottom-tiny"),
+            progress=False,
+        )
     if not (run / "prior-top" / "latest").exists():
-        train_prior(run, "top", load_config(PriorRunConfig, "prior-top-tiny"), progress=False)
-    result = sample_from_run(run, 6, classes=[2, 0], seed=3, progress=False)
+        train_prior(
+            Run.open(run), "top", load_config(PriorRunConfig, "prior-top-tiny"), progress=False
+        )
+    result = sample_from_run(Run.open(run), 6, classes=[2, 0], seed=3, progress=False)
     assert result.images.shape == (6, 1, 16, 16) and result.images.dtype == torch.uint8
     assert result.labels.tolist() == [2, 2, 2, 0, 0, 0]
-    again = sample_from_run(run, 6, classes=[2, 0], seed=3, progress=False)
-    other = sample_from_run(run, 6, classes=[2, 0], seed=4, progress=False)
+    again = sample_from_run(Run.open(run), 6, classes=[2, 0], seed=3, progress=False)
+    other = sample_from_run(Run.open(run), 6, classes=[2, 0], seed=4, progress=False)
     assert torch.equal(result.images, again.images)
     assert not all(torch.equal(a, b) for a, b in zip(result.codes, other.codes, strict=True))
     with pytest.raises(ValueError, match="class 5 is out of range"):
-        sample_from_run(run, 2, classes=[5], progress=False)
+        sample_from_run(Run.open(run), 2, classes=[5], progress=False)
 
 
 def test_sample_from_run_uses_the_sampler_asked_for(trained_run, monkeypatch):
@@ -231,9 +242,16 @@ def test_sample_from_run_uses_the_sampler_asked_for(trained_run, monkeypatch):
 
     run, _ = trained_run
     if not (run / "prior-bottom" / "latest").exists():
-        train_prior(run, "bottom", load_config(PriorRunConfig, "prior-bottom-tiny"), progress=False)
+        train_prior(
+            Run.open(run),
+            "bottom",
+            load_config(PriorRunConfig, "prior-bottom-tiny"),
+            progress=False,
+        )
     if not (run / "prior-top" / "latest").exists():
-        train_prior(run, "top", load_config(PriorRunConfig, "prior-top-tiny"), progress=False)
+        train_prior(
+            Run.open(run), "top", load_config(PriorRunConfig, "prior-top-tiny"), progress=False
+        )
     calls = {"cached": 0, "reference": 0}
     for name, sample_level in list(sampling.SAMPLERS.items()):
 
@@ -242,8 +260,8 @@ def test_sample_from_run_uses_the_sampler_asked_for(trained_run, monkeypatch):
             return _sample_level(*args, **kwargs)
 
         monkeypatch.setitem(sampling.SAMPLERS, name, counted)
-    reference = sample_from_run(run, 2, seed=5, progress=False, sampler="reference")
+    reference = sample_from_run(Run.open(run), 2, seed=5, progress=False, sampler="reference")
     assert calls == {"cached": 0, "reference": 2}  # one call per level
-    cached = sample_from_run(run, 2, seed=5, progress=False)
+    cached = sample_from_run(Run.open(run), 2, seed=5, progress=False)
     assert calls == {"cached": 2, "reference": 2}
     assert all(torch.equal(a, b) for a, b in zip(reference.codes, cached.codes, strict=True))

@@ -15,7 +15,7 @@ from vqvae2.logs import read_metrics
 from vqvae2.loop import EpochBatchSampler, RunClock, learning_rate
 from vqvae2.measure import low_pass, measure_levels
 from vqvae2.reconstruct import reconstruct
-from vqvae2.run import load_vqvae
+from vqvae2.run import Run, load_vqvae
 from vqvae2.train import train_vqvae
 
 from .conftest import assert_states_close, metric_values
@@ -210,7 +210,7 @@ def test_refuses_to_overwrite_a_run_and_resume_needs_a_run(tmp_path, npz_data):
 def test_reconstruct_reports_split_metrics_and_writes_grid(tmp_path, npz_data):
     config = tiny_run_config("train.max_steps=5")
     train_vqvae(config, npz_data, tmp_path / "run", progress=False)
-    result = reconstruct(tmp_path / "run", npz_data, "test", tmp_path / "grid.png")
+    result = reconstruct(Run.open(tmp_path / "run"), npz_data, "test", tmp_path / "grid.png")
     assert result["images"] == 10 and result["split"] == "test"
     # By hand on the test split: the clamped reconstruction's error on [0, 1] pixels, and the
     # share of the K = 16 codes each level uses.
@@ -239,7 +239,7 @@ def test_reconstruct_grid_shows_images_from_across_the_split(tmp_path, npz_data)
     images, so a split sorted by class shows more than one class."""
     config = tiny_run_config("train.max_steps=2")
     train_vqvae(config, npz_data, tmp_path / "run", progress=False)
-    reconstruct(tmp_path / "run", npz_data, "test", tmp_path / "grid.png", grid_images=3)
+    reconstruct(Run.open(tmp_path / "run"), npz_data, "test", tmp_path / "grid.png", grid_images=3)
     test = open_dataset(npz_data, "test", 16, 1, config.data)
     from PIL import Image
 

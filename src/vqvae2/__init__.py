@@ -32,6 +32,7 @@ _EXPORTS = {
     "sample_codes": "sampling",
     "open_dataset": "data",
     "write_shards": "shards",
+    "Run": "run",
     "load_vqvae": "run",
     "load_prior": "run",
     "load_classifier": "run",

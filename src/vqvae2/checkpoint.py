@@ -5,7 +5,8 @@ Layout of one model kind inside a run folder::
     RUN_DIR/vqvae/step-00001000/model.safetensors      weights and buffers
                                 optimizer.safetensors  optimizer tensors (when saved)
                                 random.safetensors     each process's generator states (when saved)
-                                meta.json              format, kind, step, full run config, ...
+                                meta.json              format, kind, step, full run config,
+                                                       run facts (``RunFacts``), ...
     RUN_DIR/vqvae/latest                               name of the newest complete step folder
 
 A step folder is written under a temporary name and renamed into place, then ``latest`` is
@@ -26,7 +27,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ from torch import Tensor, nn
 from .config import config_to_dict
 
 FORMAT_NAME = "vqvae2-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the run's facts in a typed "run" section, no longer in "extra"
+READABLE_VERSIONS = (1, 2)
 LATEST = "latest"
 META = "meta.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -47,6 +49,31 @@ RANDOM_STATE = "random.safetensors"  # uint8 generator states keyed "<rank>/<gen
 # Times a reader resolves ``latest`` again when a trainer deleted the folder it named before the
 # reader could hold it; each time means the trainer moved ``latest`` on meanwhile.
 HOLD_ATTEMPTS = 100
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a checkpoint states about its run besides its config: meta.json's ``run`` section
+    (format 2; format 1 kept them in ``extra``, where ``run_facts`` still finds them)."""
+
+    data_path: str | None = None  # the absolute image source the model trained on
+    preset: str | None = None  # the preset stage 1's config came from
+    level: str | None = None  # a prior's level ("top", "middle", "bottom")
+
+
+def run_facts(meta: dict[str, Any], step_dir: Path) -> RunFacts:
+    """The ``RunFacts`` of checked metadata; ``ValueError`` for a malformed ``run`` section."""
+    names = RunFacts.__dataclass_fields__
+    if meta["format_version"] == 1:  # the facts were free-form extras then
+        extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+        section = {name: extra[name] for name in names if isinstance(extra.get(name), str)}
+    else:
+        section = meta.get("run", {})
+        if not isinstance(section, dict) or not set(section) <= set(names):
+            raise ValueError(f"{step_dir / META}: 'run' must be an object with keys {list(names)}")
+        if any(value is not None and not isinstance(value, str) for value in section.values()):
+            raise ValueError(f"{step_dir / META}: each value of 'run' must be a string or null")
+    return RunFacts(**section)
 
 
 @dataclass
@@ -59,10 +86,11 @@ class Checkpoint:
     config: dict[str, Any]  # the run config as plain data
     model_state: dict[str, Tensor]
     optimizer_state: dict[str, Any] | None
-    extra: dict[str, Any]  # free-form JSON (e.g. elapsed time, data path)
+    extra: dict[str, Any]  # the training loop's bookkeeping (elapsed time, skipped steps)
     # Each training process's generator states, by rank: {"cpu": uint8 (n,), "cuda": ...}; read
     # with the optimiser state; None when the checkpoint holds none (written before they were).
     random_state: dict[int, dict[str, Tensor]] | None = None
+    facts: RunFacts = RunFacts()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -143,6 +171,7 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     keep: int = 2,
     random_state: dict[int, dict[str, Tensor]] | None = None,
+    facts: RunFacts | None = None,
 ) -> Path:
     """Atomically write a checkpoint of ``model`` (and optimizer) as ``kind_dir/step-NNNNNNNN``.
 
@@ -153,7 +182,8 @@ def save_checkpoint(
         config: the run config dataclass (saved whole, so loading needs no flags).
         model: module whose ``state_dict`` is saved.
         optimizer: saved too when given, for ``--resume``.
-        extra: JSON-serialisable extras.
+        extra: the training loop's JSON-serialisable bookkeeping.
+        facts: what the checkpoint states about its run (data source, preset, level).
         random_state: each training process's generator states by rank (uint8 tensors, e.g.
             ``{"cpu": torch.get_rng_state()}``), saved for an exact ``--resume``.
         keep: step folders kept; older ones are deleted after ``latest`` moves, except one
@@ -182,6 +212,7 @@ def save_checkpoint(
         "kind": kind,
         "step": step,
         "config": config_to_dict(config),
+        "run": asdict(facts or RunFacts()),
         "extra": extra or {},
         "torch_version": torch.__version__,
     }
@@ -337,10 +368,11 @@ def _checked_meta(step_dir: Path, kind: str) -> dict[str, Any]:
         raise ValueError(f"cannot read {step_dir / META}: {error}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{step_dir} is not a vqvae2 checkpoint")
-    if meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{step_dir} has checkpoint format version {meta.get('format_version')}, "
-            f"this vqvae2 reads version {FORMAT_VERSION}"
+            f"{step_dir} has checkpoint format version {version}, "
+            f"this vqvae2 reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     if meta.get("kind") != kind:
         raise ValueError(f"{step_dir} holds a '{meta.get('kind')}' model, expected '{kind}'")
@@ -407,4 +439,5 @@ def _read_checkpoint_at(step_dir: Path, kind: str, with_optimizer: bool) -> Chec
         optimizer_state=optimizer_state,
         extra=meta.get("extra", {}),
         random_state=random_state,
+        facts=run_facts(meta, step_dir),
     )

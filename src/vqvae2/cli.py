@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import RuntimeConfig, VQVAERunConfig, check_temperature, list_presets, load_config
+from .config import RuntimeConfig, VQVAERunConfig, check_temperature, list_presets
 from .data import AUGMENTATION_KINDS, DEFAULT_DATA_PATH, SPLITS
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+    from .run import Run
 
 DEFAULT_PRESET = "fashion-mnist-32"
 EXIT_USER_ERROR = 2
@@ -36,13 +38,6 @@ def _runtime(args: argparse.Namespace) -> RuntimeConfig:
         channels_last=getattr(args, "channels_last", False),
         tensorboard=getattr(args, "tensorboard", False),
     )
-
-
-def _device(args: argparse.Namespace):
-    """The torch.device of ``--device`` (auto: CUDA when available, else the CPU)."""
-    from .distributed import pick_device
-
-    return pick_device(args.device)
 
 
 def _is_main_process() -> bool:
@@ -73,51 +68,59 @@ def _check_positive(value: float | None, option: str) -> None:
         raise ValueError(f"{option} must be a positive number, got {value}")
 
 
-def _resumed_config(run_dir: Path, kind: str, config_class: type, max_steps: int | None):
-    """The config saved with a run, for --resume; --max-steps may lengthen or shorten it."""
-    from dataclasses import replace
+def _open_run(path: Path) -> Run:
+    """The run a command works on, opened once."""
+    from .run import Run
 
-    from .run import load_run_config
-
-    config = load_run_config(run_dir, kind, config_class)
-    if max_steps is None:
-        return config
-    return replace(config, train=replace(config.train, max_steps=max_steps))
+    return Run.open(path)
 
 
-def _data_of(args: argparse.Namespace, run_dir: Path | None, kind: str = "vqvae") -> Path:
-    """``--data`` when given, else the image source the run's ``kind`` model trained on, else
+def _data_of(args: argparse.Namespace, recorded: Path | str | None) -> Path:
+    """``--data`` when given, else the image source the run trained on (``recorded``), else
     the default Fashion-MNIST files: commands on a run read its data unless told otherwise."""
     if args.data is not None:
         return args.data
-    from .run import run_data_path
-
-    recorded = run_data_path(run_dir, kind) if run_dir is not None else None
     return Path(recorded) if recorded is not None else Path(DEFAULT_DATA_PATH)
 
 
+def _check_resume(args: argparse.Namespace, *flags: str) -> None:
+    """--resume continues the saved config: no config, overrides or ``flags`` beside it."""
+    given = args.config is not None or args.overrides or any(getattr(args, f) for f in flags)
+    if args.resume and given:
+        names = ", ".join(["--config", *(f"--{f}" for f in flags)])
+        raise ValueError(f"--resume continues the saved config; drop {names} and overrides")
+
+
+def _new_config(args: argparse.Namespace, config_class: type, preset: str, base=None):
+    """The config of a new run: preset or YAML, overrides, then --max-steps (None on resume:
+    the trainer reads the saved one)."""
+    from .config import load_config, with_max_steps
+
+    if args.resume:
+        return None
+    config = load_config(config_class, preset, list(args.overrides), base)
+    return with_max_steps(config, args.max_steps)
+
+
 def _cmd_train_vqvae(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .train import train_vqvae
 
     _check_output(args.out, "--out", folder=True)
     _check_positive(args.max_minutes, "--max-minutes")
-    overrides = list(args.overrides)
-    if args.resume and (args.config is not None or overrides or args.seed is not None):
+    if args.resume and (args.config is not None or args.overrides or args.seed is not None):
         raise ValueError("--resume continues the saved config; drop --config, --seed and overrides")
-    if args.seed is not None:
-        overrides.append(f"train.seed={args.seed}")
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    if args.resume:
-        config = _resumed_config(args.out, "vqvae", VQVAERunConfig, args.max_steps)
-    else:
-        config = load_config(VQVAERunConfig, args.config or DEFAULT_PRESET, overrides)
+    config = _new_config(args, VQVAERunConfig, args.config or DEFAULT_PRESET)
+    if config is not None and args.seed is not None:
+        config = replace(config, train=replace(config.train, seed=args.seed))
     result = train_vqvae(
         config,
-        _data_of(args, args.out if args.resume else None),
+        args.data if args.resume else _data_of(args, None),
         args.out,
         max_minutes=args.max_minutes,
         resume=args.resume,
+        max_steps=args.max_steps if args.resume else None,
         progress=not args.quiet,
         preset=args.config or DEFAULT_PRESET,
         runtime=_runtime(args),
@@ -145,14 +148,15 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .reconstruct import reconstruct
 
     _check_output(args.out, "--out")
-    data = None if args.images and args.data is None else _data_of(args, args.run_dir)
+    run = _open_run(args.run_dir)
+    data = None if args.images and args.data is None else _data_of(args, run.data_path)
     result = reconstruct(
-        args.run_dir,
+        run,
         data,
         args.split,
         args.out,
         image_files=args.images,
-        device=_device(args),
+        runtime=_runtime(args),
     )
     if args.json:
         print(json.dumps(result))
@@ -185,9 +189,10 @@ def _print_result(args: argparse.Namespace, result: dict, text: str) -> None:
 def _cmd_extract_codes(args: argparse.Namespace) -> int:
     from .train import extract_codes
 
+    run = _open_run(args.run_dir)
     written = extract_codes(
-        args.run_dir,
-        _data_of(args, args.run_dir),
+        run,
+        _data_of(args, run.data_path),
         progress=not args.quiet,
         runtime=_runtime(args),
         augment=args.augment,
@@ -198,41 +203,30 @@ def _cmd_extract_codes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_preset(run_dir: Path, prefix: str) -> str:
+def _default_preset(run: Run, prefix: str) -> str:
     """``prefix-<VQ-VAE preset>`` when the run was trained from a preset that has one."""
-    from .checkpoint import read_meta
-
-    preset = read_meta(run_dir, "vqvae")[1].get("extra", {}).get("preset")
-    name = f"{prefix}-{preset}"
-    if preset is None or name not in list_presets():
+    name = f"{prefix}-{run.preset}"
+    if run.preset is None or name not in list_presets():
         raise ValueError(f"no preset '{name}' for this run; pass --config PRESET_OR_YAML")
     return name
 
 
 def _cmd_train_prior(args: argparse.Namespace) -> int:
     from .config import PriorRunConfig
-    from .run import level_index
     from .train import train_prior
 
-    level_index(args.run_dir, args.level)  # a clear error before any preset lookup
+    run = _open_run(args.run_dir)
+    run.level_index(args.level)  # a clear error before any preset lookup
     _check_positive(args.max_minutes, "--max-minutes")
-    overrides = list(args.overrides)
-    if args.resume and (args.config is not None or overrides):
-        raise ValueError("--resume continues the saved config; drop --config and overrides")
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    if args.resume:
-        kind = f"prior-{args.level}"
-        config = _resumed_config(args.run_dir, kind, PriorRunConfig, args.max_steps)
-    else:
-        preset = args.config or _default_preset(args.run_dir, f"prior-{args.level}")
-        config = load_config(PriorRunConfig, preset, overrides)
+    _check_resume(args)
+    preset = args.config or (None if args.resume else _default_preset(run, f"prior-{args.level}"))
     result = train_prior(
-        args.run_dir,
+        run,
         args.level,
-        config,
+        _new_config(args, PriorRunConfig, preset),
         max_minutes=args.max_minutes,
         resume=args.resume,
+        max_steps=args.max_steps if args.resume else None,
         progress=not args.quiet,
         runtime=_runtime(args),
     )
@@ -253,43 +247,31 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     from .config import ClassifierRunConfig
     from .train import train_classifier
 
-    overrides = list(args.overrides)
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    out = args.out
-    preset = args.config
+    out, preset, base, run = args.out, args.config, None, None
     if args.run is not None:
-        from .run import load_run_config
-
-        model = load_run_config(args.run, "vqvae", VQVAERunConfig).model
-        overrides = [
-            f"model.image_size={model.image_size}",
-            f"model.in_channels={model.in_channels}",
-            *overrides,
-        ]
-        out = out or args.run / "classifier"
-        preset = preset or _default_preset(args.run, "classifier")
+        run = _open_run(args.run)
+        model = run.config.model
+        base = {"model": {"image_size": model.image_size, "in_channels": model.in_channels}}
+        out = out or run.classifier_dir
+        preset = preset or _default_preset(run, "classifier")
     if out is None:
         raise ValueError("give --out DIR (or --run RUN_DIR to write RUN_DIR/classifier)")
     _check_output(out, "--out", folder=True)
     _check_positive(args.max_minutes, "--max-minutes")
-    if args.resume and (args.config is not None or args.overrides):
-        raise ValueError("--resume continues the saved config; drop --config and overrides")
-    if args.resume:
-        config = _resumed_config(out, "classifier", ClassifierRunConfig, args.max_steps)
-    else:
-        config = load_config(
-            ClassifierRunConfig, preset or "classifier-fashion-mnist-32", overrides
-        )
+    _check_resume(args)
+    config = _new_config(args, ClassifierRunConfig, preset or "classifier-fashion-mnist-32", base)
     # Without --data: the stage-1 run's images, or those a resumed --out classifier trained on.
-    resumed_alone = args.resume and args.run is None
-    data = _data_of(args, out, "classifier") if resumed_alone else _data_of(args, args.run)
+    if args.resume and run is None:
+        data = args.data  # None: the one the classifier trained on
+    else:
+        data = _data_of(args, None if run is None else run.data_path)
     result = train_classifier(
         config,
         data,
         out,
         max_minutes=args.max_minutes,
         resume=args.resume,
+        max_steps=args.max_steps if args.resume else None,
         progress=not args.quiet,
         runtime=_runtime(args),
     )
@@ -322,30 +304,25 @@ def _check_sample_options(args: argparse.Namespace) -> None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .sample import sample_from_run
+    from .sample import class_agreement_of, sample_from_run, write_codes
 
     _check_sample_options(args)
     if args.reject_fraction is not None or args.accept_threshold is not None:
         return _cmd_sample_with_rejection(args)
+    run = _open_run(args.run_dir)
     result = sample_from_run(
-        args.run_dir,
+        run,
         args.n,
         classes=args.classes,
         temperature=args.temperature,
         seed=args.seed,
         progress=not args.quiet,
         sampler=args.sampler,
-        device=_device(args),
+        runtime=_runtime(args),
     )
     _write_sample_images(args, result.images)
     if args.save_codes is not None:
-        arrays = {f"codes_{i}": c.numpy() for i, c in enumerate(result.codes)}
-        if result.labels is not None:
-            arrays["labels"] = result.labels.numpy()
-        args.save_codes.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.save_codes, **arrays)
+        write_codes(result, args.save_codes)
     summary: dict = {
         "samples": args.n,
         "sampler": args.sampler,
@@ -353,12 +330,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "temperature": args.temperature,
     }
-    classifier_dir = args.run_dir / "classifier"
-    if result.labels is not None and (classifier_dir / "latest").is_file():
-        from .measure import class_agreement
-        from .run import load_classifier
-
-        agreement = class_agreement(load_classifier(classifier_dir), result.images, result.labels)
+    agreement = class_agreement_of(run, result)
+    if agreement is not None:
         summary["class_agreement"] = agreement
     text = f"{args.n} samples: {args.out}"
     if "class_agreement" in summary:
@@ -372,16 +345,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_sample_with_rejection(args: argparse.Namespace) -> int:
     """``sample --reject-fraction F`` / ``--accept-threshold T`` (Section 3.3)."""
-    import numpy as np
-
-    from .sample import sample_with_rejection
+    from .sample import sample_with_rejection, write_scores
 
     if args.reject_fraction is not None and args.accept_threshold is not None:
         raise ValueError("give --reject-fraction or --accept-threshold, not both")
     if args.save_codes is not None:
         raise ValueError("--save-codes is not available with rejection sampling")
     result = sample_with_rejection(
-        args.run_dir,
+        _open_run(args.run_dir),
         args.n,
         classes=args.classes,
         reject_fraction=args.reject_fraction,
@@ -390,15 +361,11 @@ def _cmd_sample_with_rejection(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
         sampler=args.sampler,
-        device=_device(args),
+        runtime=_runtime(args),
     )
     _write_sample_images(args, result.images)
     if args.save_images is not None:
-        np.savez(
-            args.save_images / "scores.npz",
-            labels=result.labels.numpy(),
-            scores=result.scores.numpy(),
-        )
+        write_scores(result, args.save_images / "scores.npz")
     summary = {
         "samples": args.n,
         "candidates": result.candidates,
@@ -432,9 +399,9 @@ def _fractions(text: str) -> list[float]:
         ) from None
 
 
-def _evaluate_command(args: argparse.Namespace) -> str:
+def _evaluate_command(args: argparse.Namespace, data: Path) -> str:
     """The command line of an ``evaluate`` call, for the report."""
-    words = ["vqvae2", "evaluate", str(args.run_dir), "--data", str(_data_of(args, args.run_dir))]
+    words = ["vqvae2", "evaluate", str(args.run_dir), "--data", str(data)]
     for option in (
         "n_samples",
         "cas_samples",
@@ -472,16 +439,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.reject_fractions is not None:
         changes["reject_fractions"] = tuple(args.reject_fractions)
     config = replace(config, **changes)
+    run = _open_run(args.run_dir)
+    data = _data_of(args, run.data_path)
     report = evaluate_run(
-        args.run_dir,
-        _data_of(args, args.run_dir),
+        run,
+        data,
         args.out,
         config,
         inception_weights=args.inception_weights,
         feature_classifier=args.feature_classifier,
         progress=not args.quiet,
-        command=_evaluate_command(args),
-        device=_device(args),
+        command=_evaluate_command(args, data),
+        runtime=_runtime(args),
     )
     if not _is_main_process():
         return 0
@@ -583,12 +552,18 @@ def _add_device_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_output_options(parser: argparse.ArgumentParser, result: str | None) -> None:
+    """--quiet and, when the command prints a ``result``, --json."""
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    if result is not None:
+        parser.add_argument("--json", action="store_true", help=f"print {result} as JSON")
+
+
 def _add_training_options(parser: argparse.ArgumentParser, result: str) -> None:
     """Options every training subcommand shares; ``result`` names what --json prints."""
     parser.add_argument("--max-minutes", type=float, help="stop after this much wall time")
     parser.add_argument("--max-steps", type=int, help="sets train.max_steps")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help=f"print {result} as JSON")
+    _add_output_options(parser, result)
     _add_device_option(parser)
     parser.add_argument(
         "--precision",
@@ -675,7 +650,7 @@ def _add_reconstruct(commands: argparse._SubParsersAction) -> None:
     recon.add_argument("--split", choices=SPLITS, default="test", help="split (default: test)")
     recon.add_argument("--images", nargs="+", help="image files to reconstruct instead")
     recon.add_argument("--out", type=Path, required=True, help="grid PNG to write")
-    recon.add_argument("--json", action="store_true", help="print metrics as one JSON object")
+    recon.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _add_device_option(recon)
     recon.set_defaults(handler=_cmd_reconstruct)
 
@@ -698,7 +673,7 @@ def _add_extract_codes(commands: argparse._SubParsersAction) -> None:
         "codes/train-augmented; priors then train on them conditioned on the transform "
         "(distribution augmentation) and evaluate and sample with the identity",
     )
-    extract.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_output_options(extract, None)
     _add_device_option(extract)
     extract.set_defaults(handler=_cmd_extract_codes)
 
@@ -757,8 +732,7 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--out", type=Path, required=True, help="grid PNG to write")
     sample.add_argument("--save-images", type=Path, help="also write each image into this folder")
     sample.add_argument("--save-codes", type=Path, help="also write the codes to this .npz")
-    sample.add_argument("--quiet", action="store_true", help="no progress bar")
-    sample.add_argument("--json", action="store_true", help="print a summary as JSON")
+    _add_output_options(sample, "a summary")
     sample.add_argument(
         "--sampler",
         choices=("cached", "reference"),
@@ -825,8 +799,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         help="take features from this classifier folder (default RUN_DIR/feature-classifier)",
     )
     evaluate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
-    evaluate.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    _add_output_options(evaluate, "the whole report")
     _add_device_option(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
 
@@ -871,8 +844,7 @@ def _add_decompress(commands: argparse._SubParsersAction) -> None:
         "--run", type=Path, required=True, help="the run folder the files were compressed with"
     )
     decompress.add_argument("--out", type=Path, required=True, help="folder for the PNG images")
-    decompress.add_argument("--quiet", action="store_true", help="no progress bar")
-    decompress.add_argument("--json", action="store_true", help="print the files as JSON")
+    _add_output_options(decompress, "the files")
     decompress.set_defaults(handler=_cmd_decompress)
 
 

@@ -10,7 +10,8 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -563,10 +564,61 @@ def read_yaml(preset_or_path: str | Path) -> dict[str, Any]:
     return data or {}
 
 
+def check_priors_fit(vqvae: VQVAEConfig, priors: Sequence[PixelSNAILConfig]) -> None:
+    """Raise ``ValueError`` unless the prior configs (top first) fit the VQ-VAE's levels and
+    codebook."""
+    if len(priors) != vqvae.num_levels:
+        raise ValueError(
+            f"the VQ-VAE has {vqvae.num_levels} levels but {len(priors)} priors were given"
+        )
+    for level, prior in enumerate(priors):
+        name, size = vqvae.level_names[level], vqvae.latent_sizes[level]
+        if prior.codebook_size != vqvae.codebook_size:
+            raise ValueError(
+                f"the {name} prior models {prior.codebook_size} codes, the VQ-VAE has "
+                f"{vqvae.codebook_size}: it was trained on another VQ-VAE"
+            )
+        if prior.code_size != size:
+            raise ValueError(
+                f"the {name} prior models {prior.code_size}x{prior.code_size} maps, "
+                f"the VQ-VAE's {name} level is {size}x{size}"
+            )
+        if tuple(prior.condition_sizes) != tuple(vqvae.latent_sizes[:level]):
+            raise ValueError(
+                f"the {name} prior is conditioned on other levels than the VQ-VAE has above it"
+            )
+
+
+def prior_for_data(prior: PixelSNAILConfig, from_data: dict[str, Any]) -> PixelSNAILConfig:
+    """``prior`` with its data fields (``PRIOR_DATA_FIELDS``) set from the data; a field set by
+    hand to another value than both its default and the data's is refused rather than silently
+    replaced."""
+    defaults = PixelSNAILConfig()
+    for name, value in from_data.items():
+        given = getattr(prior, name)
+        _check(
+            given == getattr(defaults, name) or given == value,
+            f"prior.{name}={given} does not fit the data ({value}): it is set from the "
+            "VQ-VAE and the extracted codes, leave it at its default",
+        )
+    return replace(prior, **from_data)
+
+
+def with_max_steps(config: Any, max_steps: int | None) -> Any:
+    """A run config with ``train.max_steps`` set (unchanged when ``max_steps`` is None)."""
+    if max_steps is None:
+        return config
+    return replace(config, train=replace(config.train, max_steps=max_steps))
+
+
 def load_config(
-    cls: type, preset_or_path: str | Path | None = None, overrides: list[str] | None = None
+    cls: type,
+    preset_or_path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> Any:
-    """Load a run config: preset/YAML data, then ``key=value`` overrides, validated into ``cls``.
+    """Load a run config: preset/YAML data, then ``base`` (nested values, e.g. the image size of
+    the run a classifier serves), then ``key=value`` overrides, validated into ``cls``.
 
     Raises:
         ValueError: an unknown key, a bad value, or a prior config that sets one of the fields
@@ -583,7 +635,7 @@ def load_config(
                     f"prior.{name} is set from the VQ-VAE and the extracted codes when the prior "
                     f"is trained; remove it from {source}",
                 )
-    return config_from_dict(cls, _merge(data, override_data))
+    return config_from_dict(cls, _merge(_merge(data, base or {}), override_data))
 
 
 def save_yaml(config: Any, path: Path) -> None:

@@ -171,6 +171,12 @@ def pick_device(name: str = "auto") -> torch.device:
     return _device_for(RuntimeConfig(device=name), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def runtime_device(runtime: RuntimeConfig | None, default: str = "cpu") -> torch.device:
+    """The device of an inference command's ``runtime`` (``pick_device``), or ``default`` when
+    none is given."""
+    return pick_device(default if runtime is None else runtime.device)
+
+
 def _device_for(runtime: RuntimeConfig, local_rank: int) -> torch.device:
     if runtime.device == "auto":
         if torch.cuda.is_available():

@@ -50,11 +50,11 @@ from .config import (
     ClassifierRunConfig,
     EvaluateConfig,
     RuntimeConfig,
-    VQVAERunConfig,
     config_from_dict,
 )
-from .data import float_to_uint8, open_dataset
-from .distributed import DistributedContext, runtime_context
+from .data import TensorImageDataset, float_to_uint8, open_dataset, random_transform
+from .distributed import DistributedContext, runtime_context, runtime_device
+from .fit import train_classifier
 from .inception import load_inception
 from .measure import SplitMeasure, class_logits, extract_features, measure_split
 from .metrics import (
@@ -68,16 +68,12 @@ from .pixelsnail import PixelSNAIL
 from .report import write_report
 from .run import (
     CLASSIFIER_KIND,
-    FEATURE_CLASSIFIER_DIR,
-    VQVAE_KIND,
+    Run,
     classifier_from_checkpoint,
     has_checkpoint,
     load_classifier,
-    load_hierarchy,
-    load_run_config,
 )
 from .sampling import generate, reject_fraction_per_class
-from .train import train_classifier
 from .vqvae import VQVAE2
 
 TOP_K = 5  # Table 2 reports top-1 and top-5 accuracy
@@ -108,9 +104,9 @@ def classification_accuracy_score(
     """Classification Accuracy Score (Ravuri & Vinyals 2019): train a classifier only on
     ``train_images`` (samples) with the recipe of ``config``, test it on each of ``test_sets``.
 
-    The classifier is trained by ``train_classifier`` itself (same augmentation, schedule and
-    seed as a classifier trained on real data), so real images in place of samples give that
-    classifier's accuracy exactly.
+    The classifier is trained by ``train_classifier`` itself on the tensors (same augmentation,
+    schedule and seed as a classifier trained on real data), so real images in place of samples
+    give that classifier's accuracy exactly. Its checkpoints go to a temporary folder.
 
     Args:
         train_images: (N, C, H, W) uint8; N must be at least ``config.train.batch_size``.
@@ -130,30 +126,27 @@ def classification_accuracy_score(
             f"least one batch of {config.train.batch_size}"
         )
 
-    def as_arrays(images: Tensor) -> np.ndarray:
-        return images.permute(0, 2, 3, 1).numpy()  # (N, C, H, W) -> (N, H, W, C) as .npz wants
-
     first_images, first_labels = next(iter(test_sets.values()))
+    train_set = _labelled_set(train_images, train_labels)
+    train_set.transform = random_transform(config.data, config.train.seed)
+    held_out = _labelled_set(first_images, first_labels)
+    splits = {"train": train_set, "val": held_out, "test": held_out}
     with tempfile.TemporaryDirectory(prefix="vqvae2-cas-") as work:
-        data = Path(work) / "cas-data.npz"
-        np.savez(
-            data,
-            train_images=as_arrays(train_images),
-            train_labels=train_labels.numpy(),
-            val_images=as_arrays(first_images),
-            val_labels=first_labels.numpy(),
-            test_images=as_arrays(first_images),
-            test_labels=first_labels.numpy(),
-        )
         # Under torchrun the classifier trains data-parallel; every process gets the model.
         result = train_classifier(
-            config, data, Path(work) / "classifier", progress=progress, runtime=runtime
+            config, splits, Path(work) / "classifier", progress=progress, runtime=runtime
         )
         classifier = result.model
     return {
         name: accuracy_pair(class_logits(classifier, images, batch_size), labels)
         for name, (images, labels) in test_sets.items()
     }
+
+
+def _labelled_set(images: Tensor, labels: Tensor) -> TensorImageDataset:
+    """(N, C, H, W) uint8 images and (N,) labels as a dataset of classes 0 .. max label."""
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    return TensorImageDataset(images, labels, [str(i) for i in range(num_classes)])
 
 
 def proportional_counts(histogram: list[int], total: int) -> list[int]:
@@ -270,19 +263,19 @@ class _Models:
 
 
 def _load_models(
-    run_dir: Path,
+    run: Run,
     data_path: str | Path,
     device: torch.device,
     inception_weights: str | Path | None,
     feature_classifier: str | Path | None,
 ) -> _Models:
     """Load the run and its data and check that they fit together."""
-    vqvae, priors = load_hierarchy(run_dir, device)
+    vqvae, priors = run.load_hierarchy(device)
     model_config = vqvae.config
     num_classes = priors[0].config.num_classes
     if num_classes == 0:
         raise ValueError("evaluate needs class-conditional priors (for CAS and rejection sampling)")
-    scorer_checkpoint = read_checkpoint(run_dir, CLASSIFIER_KIND)
+    scorer_checkpoint = read_checkpoint(run.path, CLASSIFIER_KIND)
     scorer = classifier_from_checkpoint(scorer_checkpoint, map_location=device)
     shape = (model_config.in_channels, model_config.image_size)
     if (scorer.config.in_channels, scorer.config.image_size) != shape:
@@ -296,7 +289,7 @@ def _load_models(
             f"the run's classifier knows {scorer.config.num_classes} classes, the priors "
             f"{num_classes}"
         )
-    data_config = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).data
+    data_config = run.config.data
     splits = {
         split: open_dataset(
             data_path, split, model_config.image_size, model_config.in_channels, data_config
@@ -333,13 +326,13 @@ def _load_models(
 
 
 def _independent_classifier(
-    run_dir: Path, data_path: str | Path, models: _Models, device: torch.device, progress: bool
+    run: Run, data_path: str | Path, models: _Models, device: torch.device, progress: bool
 ) -> None:
     """The default feature network: a second classifier, the run's recipe with the next seed,
     so the network that measures the samples is not the one that rejected them. It is trained
     once into ``RUN_DIR/feature-classifier`` (under torchrun by every process, data-parallel)
     and reused by later evaluations."""
-    folder = run_dir / FEATURE_CLASSIFIER_DIR
+    folder = run.feature_classifier_dir
     seed = models.scorer_config.train.seed + 1
     models.feature_source = {
         "network": f"classifier (a second one, the run's recipe with seed {seed}; "
@@ -613,7 +606,7 @@ def _table2(
 
 
 def evaluate_run(
-    run_dir: str | Path,
+    run: Run,
     data_path: str | Path,
     out_dir: str | Path,
     config: EvaluateConfig | None = None,
@@ -622,7 +615,7 @@ def evaluate_run(
     feature_classifier: str | Path | None = None,
     progress: bool = True,
     command: str | None = None,
-    device: str | torch.device | None = None,
+    runtime: RuntimeConfig | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run (VQ-VAE, every prior, classifier) and write the report.
 
@@ -630,7 +623,7 @@ def evaluate_run(
     data-parallel; rank 0 writes the report.
 
     Args:
-        run_dir: run folder with ``vqvae/``, ``prior-<level>/`` for every level and
+        run: the run (``Run.open``), with ``vqvae/``, ``prior-<level>/`` for every level and
             ``classifier/`` (the rejection scorer and the real-data row of Table 2).
         data_path: the image source the run was trained on (test split: the real images).
         out_dir: report folder: ``report.json``, ``report.md``, the two Fig. 7 plots and a
@@ -643,8 +636,9 @@ def evaluate_run(
             network that measures the samples is not the one that rejected them.
         progress: progress bars on stderr.
         command: the command line, recorded in the report.
-        device: where the networks run (default: this process's device, CUDA when available;
-            the sample pool then depends on it, as a seed draws other codes on a GPU).
+        runtime: its ``device`` is where the networks run (default: this process's device,
+            CUDA when available; the sample pool then depends on it, as a seed draws other
+            codes on a GPU).
 
     Returns:
         The report (also written as ``report.json``).
@@ -654,17 +648,17 @@ def evaluate_run(
             metric, data that does not fit the run.
     """
     config = config or EvaluateConfig()
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     context = runtime_context()
-    device = context.device if device is None else torch.device(device)
+    device = context.device if runtime is None else runtime_device(runtime)
     progress = progress and context.is_main
     lap = _Laps()
     # Load and check everything first: bad input fails before the long parts.
-    models = _load_models(run_dir, data_path, device, inception_weights, feature_classifier)
+    models = _load_models(run, data_path, device, inception_weights, feature_classifier)
     counts = _plan(models, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     if models.network is None:
-        _independent_classifier(run_dir, data_path, models, device, progress)
+        _independent_classifier(run, data_path, models, device, progress)
         lap("feature_classifier")
 
     table1, test = _table1(models, config, progress)
@@ -692,7 +686,7 @@ def evaluate_run(
     table2 = _table2(models, pool, pool_labels, test, config, counts, device, progress)
     lap("cas")
     report = _assemble_report(
-        run_dir, data_path, command, config, models, counts, table1, table2, rows, reference_rows
+        run.path, data_path, command, config, models, counts, table1, table2, rows, reference_rows
     )
     report["features"]["dimensions"] = int(references[0]["test"].shape[1])
     report["timings_seconds"] = lap.with_total()

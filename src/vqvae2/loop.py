@@ -27,8 +27,8 @@ from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from ._helpers import SEED_STRIDE, load_state_checked
-from .checkpoint import Checkpoint, read_checkpoint, save_checkpoint
-from .config import RuntimeConfig, TrainConfig, config_from_dict, save_yaml
+from .checkpoint import Checkpoint, RunFacts, read_checkpoint, save_checkpoint
+from .config import RuntimeConfig, TrainConfig, config_from_dict, save_yaml, with_max_steps
 from .data import uint8_to_float
 from .distributed import DistributedContext, use_global_batch_norm
 from .logs import TENSORBOARD_DIR, MetricsLog, naming_file
@@ -504,29 +504,49 @@ def resume_or_start(
     config: Any,
     resume: bool,
     occupied: str,
+    max_steps: int | None = None,
 ) -> tuple[Any, Checkpoint | None]:
     """The config to train with and, with ``resume``, the checkpoint to continue from.
 
-    A resumed run keeps its saved config; only this command's run length (``train.max_steps``
-    and ``train.schedule_minutes``) replaces the saved one. Without ``resume`` a folder that
-    already holds a checkpoint is refused with the message ``occupied``.
+    A resumed run keeps the config saved in its checkpoint (the only place it is read); the
+    run length (``train.max_steps`` and ``train.schedule_minutes``) of ``config``, when one is
+    given, replaces the saved one, then ``max_steps`` when given. Without ``resume`` a folder
+    that already holds a checkpoint is refused with the message ``occupied``, and ``config``
+    is needed.
     """
     if not resume:
         if has_checkpoint(checkpoint_dir):
             raise ValueError(occupied)
-        return config, None
+        if config is None:
+            raise ValueError("a new run needs a config (None continues a saved one on resume)")
+        return with_max_steps(config, max_steps), None
     checkpoint = read_checkpoint(checkpoint_dir, kind, with_optimizer=True)
-    if config.train.max_steps < checkpoint.step:
+    saved = config_from_dict(config_class, checkpoint.config)
+    if config is not None:
+        length = {
+            "max_steps": config.train.max_steps,
+            "schedule_minutes": config.train.schedule_minutes,
+        }
+        saved = replace(saved, train=replace(saved.train, **length))
+    saved = with_max_steps(saved, max_steps)
+    if saved.train.max_steps < checkpoint.step:
         raise ValueError(
             f"{checkpoint_dir} is at step {checkpoint.step}, past train.max_steps "
-            f"{config.train.max_steps}: give --max-steps {checkpoint.step} or more to resume"
+            f"{saved.train.max_steps}: give --max-steps {checkpoint.step} or more to resume"
         )
-    saved = config_from_dict(config_class, checkpoint.config)
-    length = {
-        "max_steps": config.train.max_steps,
-        "schedule_minutes": config.train.schedule_minutes,
-    }
-    return replace(saved, train=replace(saved.train, **length)), checkpoint
+    return saved, checkpoint
+
+
+def image_keys(session: TrainingSession, rows: slice) -> list[int]:
+    """The keys of ``rows`` of this process's batch: each image's position in the run's
+    sequence of training images, step * batch_size + its place in the global batch (the keys of
+    ``loop.EpochBatchSampler``), so the same image has the same key under any number of
+    processes and micro-batches, and in a resumed run."""
+    train, context = session.train, session.context
+    first = session.step * train.batch_size + context.rank * (
+        train.batch_size // context.world_size
+    )
+    return list(range(first + rows.start, first + rows.stop))
 
 
 class StepOutput(NamedTuple):
@@ -566,7 +586,7 @@ class TrainingSession:
         checkpoint_dir: folder of the step folders and ``latest``.
         log_dir: folder of ``config.yaml`` and ``metrics.csv`` (also ``TrainResult.run_dir``).
         checkpoint: the checkpoint to continue from, or None.
-        extra: JSON extras stored in every checkpoint.
+        facts: what every checkpoint states about the run (data source, preset, level).
         postfix: name of the logged figure shown beside the progress bar.
         now: the clock (tests pass a fake one).
     """
@@ -584,12 +604,12 @@ class TrainingSession:
         checkpoint: Checkpoint | None,
         max_minutes: float | None,
         progress: bool,
-        extra: dict[str, Any] | None = None,
+        facts: RunFacts | None = None,
         postfix: str = "loss",
         now: Clock = time.monotonic,
     ) -> None:
         self.model, self.run_config, self.train = model, run_config, run_config.train
-        self.context, self.kind, self.extra, self.postfix = context, kind, extra or {}, postfix
+        self.context, self.kind, self.facts, self.postfix = context, kind, facts, postfix
         self.checkpoint_dir, self.log_dir = checkpoint_dir, log_dir
         self.step, elapsed_before = 0, 0.0
         self.saved_step: int | None = None  # step of the newest checkpoint of this run
@@ -818,7 +838,8 @@ class TrainingSession:
                 self.run_config,
                 self.model,
                 self.optimizer,
-                extra={"elapsed_seconds": self.elapsed(), SKIPPED: self.skipped, **self.extra},
+                extra={"elapsed_seconds": self.elapsed(), SKIPPED: self.skipped},
+                facts=self.facts,
                 random_state=random_states,
             )
         self.saved_step = self.step

@@ -32,6 +32,7 @@ from .metrics import (
     squared_error_01,
 )
 from .pixelsnail import PixelSNAIL
+from .report import make_grid
 from .vqvae import VQVAE2
 
 EVAL_BATCH_SIZE = 256  # images or code maps per call when measuring a split
@@ -314,3 +315,24 @@ def _mean_image(dataset: Dataset, batch_size: int, device: torch.device) -> Tens
         total = summed if total is None else total + summed
         count += len(images)
     return total / count
+
+
+@torch.no_grad()
+def reconstruction_grid(model: VQVAE2, images: Tensor) -> Tensor:
+    """Rows: originals, full reconstructions, then decodes from the top level alone, top two, ...
+
+    Args:
+        images: (N, C, H, W) uint8.
+
+    Returns:
+        uint8 (C, H', W') grid with N columns (the per-level rows show what each level adds,
+        like the paper's Fig. 3).
+    """
+    with evaluating(model):
+        images = uint8_to_float(images.to(next(model.parameters()).device))
+        codes = model.encode(images)
+        rows = [images, model.decode_codes(codes)]
+        for kept in range(1, model.config.num_levels):
+            rows.append(model.decode_codes(codes, keep_levels=range(kept)))
+    stacked = float_to_uint8(torch.cat(rows).cpu())  # (rows * N, C, H, W)
+    return make_grid(stacked, columns=len(images))

@@ -11,24 +11,33 @@ Every command reads and writes one folder::
     RUN_DIR/classifier/                    train-classifier --run: the rejection scorer
     RUN_DIR/feature-classifier/            evaluate's feature network (another seed)
 
-Models load in eval mode with nothing but the folder: each checkpoint describes itself. A
-trainer may be writing the run meanwhile: each model comes whole from one step folder
-(``checkpoint.held_checkpoint_dir``).
+A command opens the folder once as a typed ``Run`` (``Run.open(path)``): stage 1's config, its
+levels, data source and preset as fields, the paths of its parts, and loading of its models;
+the stages take that object. Models load in eval mode with nothing but the folder: each
+checkpoint describes itself. A trainer may be writing the run meanwhile: each model comes whole
+from one step folder (``checkpoint.held_checkpoint_dir``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._helpers import load_state_checked
-from .checkpoint import LATEST, Checkpoint, read_checkpoint, read_meta
+from .checkpoint import LATEST, Checkpoint, read_checkpoint, read_meta, run_facts
 from .classifier import Classifier
-from .config import ClassifierRunConfig, PriorRunConfig, VQVAERunConfig, config_from_dict
+from .codes import CodeDataset
+from .config import (
+    ClassifierRunConfig,
+    PriorRunConfig,
+    VQVAERunConfig,
+    check_priors_fit,
+    config_from_dict,
+)
 from .pixelsnail import PixelSNAIL
-from .sampling import check_hierarchy
 from .vqvae import VQVAE2
 
 VQVAE_KIND = "vqvae"
@@ -60,11 +69,10 @@ def run_data_path(run_dir: str | Path, kind: str = VQVAE_KIND) -> str | None:
     """The image source the ``kind`` model of ``run_dir`` trained on (as recorded in its
     checkpoint), or None when the folder holds no such checkpoint or none was recorded."""
     try:
-        extra = read_meta(Path(run_dir), kind)[1].get("extra", {})
+        step_dir, meta = read_meta(Path(run_dir), kind)
     except ValueError:
         return None
-    path = extra.get("data_path") if isinstance(extra, dict) else None
-    return path if isinstance(path, str) else None
+    return run_facts(meta, step_dir).data_path
 
 
 def level_names(run_dir: str | Path) -> tuple[str, ...]:
@@ -142,5 +150,111 @@ def load_hierarchy(
                 f"`vqvae2 train-prior {run_dir} --level {level}`"
             )
         priors.append(load_prior(run_dir, level, map_location=device))
-    check_hierarchy(vqvae, priors)
+    check_priors_fit(vqvae.config, [prior.config for prior in priors])
     return vqvae, priors
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run folder opened once: stage 1's config and facts, where its parts live, and loading
+    of its models. Stages take a ``Run``; ``Run.open`` reads stage 1's metadata (JSON only).
+
+    Attributes:
+        path: the run folder.
+        config: stage 1's run config (model, data, train).
+        data_path: the absolute image source stage 1 trained on, or None when not recorded.
+        preset: the preset stage 1's config came from (later commands pick matching prior and
+            classifier presets by it), or None for a YAML file or a config built in Python.
+        vqvae_step: the step of stage 1's latest checkpoint when the run was opened.
+    """
+
+    path: Path
+    config: VQVAERunConfig
+    data_path: Path | None
+    preset: str | None
+    vqvae_step: int
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """Open the run in ``path``; ``ValueError`` unless it holds a trained VQ-VAE."""
+        path = Path(path)
+        step_dir, meta = read_meta(path, VQVAE_KIND)
+        facts = run_facts(meta, step_dir)
+        return cls(
+            path=path,
+            config=config_from_dict(VQVAERunConfig, meta["config"]),
+            data_path=None if facts.data_path is None else Path(facts.data_path),
+            preset=facts.preset,
+            vqvae_step=meta["step"],
+        )
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        """Names of the latent levels, top first."""
+        return self.config.model.level_names
+
+    def level_index(self, level: str) -> int:
+        """Index (top = 0) of ``level``; ``ValueError`` if the VQ-VAE has no such level."""
+        if level not in self.level_names:
+            raise ValueError(
+                f"the VQ-VAE in {self.path} has levels {', '.join(self.level_names)}; "
+                f"there is no '{level}' level"
+            )
+        return self.level_names.index(level)
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of the training split, as its code store records; None before
+        ``extract_codes``."""
+        store = self.codes_dir / "train"
+        return CodeDataset(store).num_classes if (store / "meta.json").is_file() else None
+
+    @property
+    def vqvae_dir(self) -> Path:
+        return self.path / VQVAE_KIND
+
+    @property
+    def codes_dir(self) -> Path:
+        """``codes/{train,val,train-augmented}``: the code stores of ``extract_codes``."""
+        return self.path / CODES_DIR
+
+    @property
+    def reconstructions_dir(self) -> Path:
+        return self.path / RECONSTRUCTIONS_DIR
+
+    def prior_dir(self, level: str) -> Path:
+        """Checkpoints, config and log of ``level``'s prior."""
+        return self.path / prior_kind(level)
+
+    @property
+    def classifier_dir(self) -> Path:
+        """The run's classifier: rejection sampling's scorer."""
+        return self.path / CLASSIFIER_KIND
+
+    @property
+    def feature_classifier_dir(self) -> Path:
+        """The evaluation's feature network (a second classifier, another seed)."""
+        return self.path / FEATURE_CLASSIFIER_DIR
+
+    def has_prior(self, level: str) -> bool:
+        return has_checkpoint(self.prior_dir(level))
+
+    def has_classifier(self) -> bool:
+        return has_checkpoint(self.classifier_dir)
+
+    def load_vqvae(self, device: str | torch.device = "cpu") -> VQVAE2:
+        """The trained VQ-VAE on ``device``, in eval mode."""
+        return load_vqvae(self.path, map_location=device)
+
+    def load_prior(self, level: str, device: str | torch.device = "cpu") -> PixelSNAIL:
+        """The trained prior of ``level`` on ``device``, in eval mode."""
+        self.level_index(level)
+        return load_prior(self.path, level, map_location=device)
+
+    def load_hierarchy(self, device: str | torch.device = "cpu") -> tuple[VQVAE2, list[PixelSNAIL]]:
+        """The VQ-VAE and one prior per level (top first), checked to fit each other."""
+        return load_hierarchy(self.path, device)
+
+    def load_classifier(self, device: str | torch.device = "cpu") -> Classifier:
+        """The run's classifier (``RUN_DIR/classifier``), in eval mode."""
+        return load_classifier(self.path, map_location=device)

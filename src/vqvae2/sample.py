@@ -11,13 +11,17 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .config import RuntimeConfig
 from .data import float_to_uint8
+from .distributed import runtime_device
+from .measure import class_agreement
 from .report import make_grid, save_png
-from .run import load_classifier, load_hierarchy
+from .run import Run
 from .sampling import SamplerName, generate, generate_with_rejection, requested_labels
 
 SAMPLE_BATCH_SIZE = 64
@@ -31,7 +35,7 @@ class SampleResult:
 
 
 def sample_from_run(
-    run_dir: str | Path,
+    run: Run,
     count: int,
     classes: list[int] | None = None,
     temperature: float = 1.0,
@@ -39,19 +43,21 @@ def sample_from_run(
     batch_size: int = SAMPLE_BATCH_SIZE,
     progress: bool = True,
     sampler: SamplerName = "cached",
-    device: str | torch.device = "cpu",
+    runtime: RuntimeConfig | None = None,
 ) -> SampleResult:
     """Draw ``count`` images from a trained run.
 
     With class-conditional priors, ``classes`` are spread over the samples in blocks, in the
     order given: each gets ``count // len(classes)`` samples and the first
     ``count % len(classes)`` one more (``requested_labels``); without ``classes``, all classes. Randomness comes from one generator seeded with ``seed`` on
-    ``device`` (where the models run), so the same seed draws other images on another device.
+    ``runtime.device`` (where the models run; default the CPU), so the same seed draws other
+    images on another device.
     The results are on the CPU.
     """
     if count < 1:
         raise ValueError(f"the number of samples must be >= 1, got {count}")
-    vqvae, priors = load_hierarchy(run_dir, device)
+    device = runtime_device(runtime)
+    vqvae, priors = run.load_hierarchy(device)
     num_classes = priors[0].config.num_classes
     labels = None
     if num_classes > 0:
@@ -85,7 +91,7 @@ class RejectionSampleResult:
 
 
 def sample_with_rejection(
-    run_dir: str | Path,
+    run: Run,
     count: int,
     classes: list[int] | None = None,
     *,
@@ -97,7 +103,7 @@ def sample_with_rejection(
     max_candidates: int | None = None,
     progress: bool = True,
     sampler: SamplerName = "cached",
-    device: str | torch.device = "cpu",
+    runtime: RuntimeConfig | None = None,
 ) -> RejectionSampleResult:
     """Draw ``count`` class-conditional images from a run, filtered by the run's classifier.
 
@@ -107,16 +113,17 @@ def sample_with_rejection(
     probability reaches it). ``max_candidates`` caps the samples drawn (default: 100 per image
     asked for); threshold sampling that cannot fill its quota within it raises ``ValueError``.
     Only the candidates that can still be kept are held: ``count`` images plus one batch.
-    The models and the generator run on ``device``; the results are on the CPU.
+    The models and the generator run on ``runtime.device`` (default the CPU); the results are
+    on the CPU.
     """
     if count < 1:
         raise ValueError(f"the number of samples must be >= 1, got {count}")
-    run_dir = Path(run_dir)
-    vqvae, priors = load_hierarchy(run_dir, device)
+    device = runtime_device(runtime)
+    vqvae, priors = run.load_hierarchy(device)
     num_classes = priors[0].config.num_classes
     if num_classes == 0:
         raise ValueError("rejection sampling needs class-conditional priors; this run has none")
-    classifier = load_classifier(run_dir, map_location=device)
+    classifier = run.load_classifier(device)
     labels = requested_labels(classes, count, num_classes)
     limit = max_candidates if max_candidates is not None else MAX_CANDIDATES_PER_SAMPLE * count
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -157,3 +164,26 @@ def write_samples(
 def grid_columns(count: int, classes: list[int] | None) -> int:
     """Columns of a sample grid: one row per requested class, else a square-ish grid."""
     return count // len(classes) if classes else math.ceil(math.sqrt(count))
+
+
+def write_codes(result: SampleResult, path: str | Path) -> None:
+    """The codes of ``result`` as an .npz: ``codes_0`` (top) .. ``codes_L-1`` (N, h, w) int64,
+    and ``labels`` (N,) when the samples were class-conditional."""
+    arrays = {f"codes_{i}": codes.numpy() for i, codes in enumerate(result.codes)}
+    if result.labels is not None:
+        arrays["labels"] = result.labels.numpy()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+def write_scores(result: RejectionSampleResult, path: str | Path) -> None:
+    """The requested classes (N,) and the classifier's probability of each (N,) as an .npz."""
+    np.savez(path, labels=result.labels.numpy(), scores=result.scores.numpy())
+
+
+def class_agreement_of(run: Run, result: SampleResult) -> float | None:
+    """The share of class-conditional samples that the run's classifier assigns to the class
+    they were drawn for; None without labels or without a classifier."""
+    if result.labels is None or not run.has_classifier():
+        return None
+    return class_agreement(run.load_classifier(), result.images, result.labels)

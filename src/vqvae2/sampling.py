@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._helpers import evaluating
 from .classifier import Classifier
-from .config import check_temperature
+from .config import check_priors_fit, check_temperature
 from .pixelsnail import PixelSNAIL
 from .pixelsnail_sampler import IncrementalSampler
 from .vqvae import VQVAE2
@@ -179,28 +179,7 @@ def requested_labels(classes: Sequence[int] | None, count: int, num_classes: int
 
 def check_hierarchy(vqvae: VQVAE2, priors: Sequence[PixelSNAIL]) -> None:
     """Raise ``ValueError`` unless ``priors`` (top first) fit the VQ-VAE's levels and codebook."""
-    config = vqvae.config
-    if len(priors) != config.num_levels:
-        raise ValueError(
-            f"the VQ-VAE has {config.num_levels} levels but {len(priors)} priors were given"
-        )
-    for level, prior in enumerate(priors):
-        name = config.level_names[level]
-        prior_config = prior.config
-        if prior_config.codebook_size != config.codebook_size:
-            raise ValueError(
-                f"the {name} prior models {prior_config.codebook_size} codes, the VQ-VAE has "
-                f"{config.codebook_size}: it was trained on another VQ-VAE"
-            )
-        if prior_config.code_size != config.latent_sizes[level]:
-            raise ValueError(
-                f"the {name} prior models {prior_config.code_size}x{prior_config.code_size} maps, "
-                f"the VQ-VAE's {name} level is {config.latent_sizes[level]}x{config.latent_sizes[level]}"
-            )
-        if tuple(prior_config.condition_sizes) != tuple(config.latent_sizes[:level]):
-            raise ValueError(
-                f"the {name} prior is conditioned on other levels than the VQ-VAE has above it"
-            )
+    check_priors_fit(vqvae.config, [prior.config for prior in priors])
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@
   codebooks, validation with reconstruction grids.
 - ``extract_codes``: encode the dataset once into code stores (Algorithm 2, lines 1-7).
 - ``train_prior``: the PixelSNAIL prior of one level on the stored codes (Algorithm 2, 8-9).
-- ``train_classifier``: the classifier of rejection sampling and of the evaluation.
+- ``train_classifier`` (defined in ``vqvae2.fit``): the classifier of rejection sampling and of
+  the evaluation.
 
 Each trainer builds its data and model and writes one step function; ``vqvae2.loop`` runs the
 session around it (resume, schedule, log, validation, checkpoints, time limits, DDP).
@@ -19,7 +20,6 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,17 +27,16 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from .checkpoint import read_checkpoint
-from .classifier import Classifier
+from .checkpoint import RunFacts, read_checkpoint
 from .codes import CodeDataset, CodeStoreWriter, PriorTrainingCodes
 from .config import (
-    ClassifierRunConfig,
-    PixelSNAILConfig,
     PriorRunConfig,
     RuntimeConfig,
     VQVAERunConfig,
+    prior_for_data,
 )
 from .data import (
+    DEFAULT_DATA_PATH,
     apply_augmentation,
     augmentation_names,
     batch_loader,
@@ -47,6 +46,7 @@ from .data import (
     uint8_to_float,
 )
 from .distributed import DistributedContext, runtime_context
+from .fit import train_classifier  # noqa: F401  (the stage trainers in one place)
 from .loop import (
     Clock,
     StepModule,
@@ -54,6 +54,7 @@ from .loop import (
     TrainingSession,
     TrainResult,
     check_batch_fits,
+    image_keys,
     micro_batch_size,
     micro_batches,
     resume_or_start,
@@ -62,24 +63,19 @@ from .loop import (
 )
 from .measure import (
     EVAL_BATCH_SIZE,
-    measure_accuracy,
     measure_nll,
     measure_reconstruction,
     prior_inputs,
+    reconstruction_grid,
 )
 from .metrics import squared_error_01
 from .pixelsnail import PixelSNAIL
-from .reconstruct import reconstruction_grid
 from .report import make_grid, save_png
 from .run import (
     AUGMENTED_CODES,
-    CLASSIFIER_KIND,
-    CODES_DIR,
     RECONSTRUCTIONS_DIR,
     VQVAE_KIND,
-    level_index,
-    load_run_config,
-    load_vqvae,
+    Run,
     prior_kind,
     vqvae_from_checkpoint,
 )
@@ -91,12 +87,13 @@ from .vqvae import VQVAE2
 
 
 def train_vqvae(
-    config: VQVAERunConfig,
-    data_path: str | Path,
+    config: VQVAERunConfig | None,
+    data_path: str | Path | None,
     run_dir: str | Path,
     *,
     max_minutes: float | None = None,
     resume: bool = False,
+    max_steps: int | None = None,
     progress: bool = True,
     preset: str | None = None,
     runtime: RuntimeConfig | None = None,
@@ -107,13 +104,16 @@ def train_vqvae(
     Under torchrun every process calls this; rank 0 alone writes files and measures.
 
     Args:
-        config: the run config (on resume only its ``train.max_steps`` and
-            ``train.schedule_minutes`` count: the saved run's config wins otherwise).
-        data_path: image source (see ``vqvae2.data.open_dataset``).
+        config: the run config; on resume None (the saved one) or a config of which only the
+            run length counts (``train.max_steps``, ``train.schedule_minutes``).
+        data_path: image source (see ``vqvae2.data.open_dataset``); None: on resume the one
+            the run trained on, else (or when none was recorded) the default Fashion-MNIST
+            files.
         run_dir: output folder; must not hold a run unless ``resume``, nor be in the hands of
             another trainer (``RUN_DIR/vqvae/.lock``, see ``loop.training_lock``).
         max_minutes: stop (after checkpointing) once this much wall time has passed.
         resume: continue the run in ``run_dir`` from its latest checkpoint.
+        max_steps: with ``resume``, the run's new length (default: the config's).
         progress: show a progress bar on stderr.
         preset: name of the preset the config came from; later commands pick matching prior
             and classifier presets by it.
@@ -135,7 +135,11 @@ def train_vqvae(
             config,
             resume,
             f"{run_dir} already holds a trained VQ-VAE; pass --resume or another --out",
+            max_steps,
         )
+        if data_path is None:
+            recorded = None if checkpoint is None else checkpoint.facts.data_path
+            data_path = recorded or DEFAULT_DATA_PATH
         model_config, train_config = config.model, config.train
         micro_batch_size(train_config, context)  # the batch must split evenly: checked first
         train_set, val_set = (
@@ -158,7 +162,7 @@ def train_vqvae(
             seed=train_config.seed,
         )
         if checkpoint is not None:
-            preset = checkpoint.extra.get("preset", preset)
+            preset = checkpoint.facts.preset
         session = TrainingSession(
             model,
             config,
@@ -170,7 +174,7 @@ def train_vqvae(
             checkpoint=checkpoint,
             max_minutes=max_minutes,
             progress=progress,
-            extra={"data_path": str(Path(data_path).resolve()), "preset": preset},
+            facts=RunFacts(data_path=str(Path(data_path).resolve()), preset=preset),
             postfix="mse",
             now=now,
         )
@@ -199,18 +203,6 @@ def _vqvae_validation(model: VQVAE2, val_set: Dataset, session: TrainingSession,
         return measure_reconstruction(model, val_set, None if final else train.val_batches)
 
     return validate
-
-
-def image_keys(session: TrainingSession, rows: slice) -> list[int]:
-    """The keys of ``rows`` of this process's batch: each image's position in the run's
-    sequence of training images, step * batch_size + its place in the global batch (the keys of
-    ``loop.EpochBatchSampler``), so the same image has the same key under any number of
-    processes and micro-batches, and in a resumed run."""
-    train, context = session.train, session.context
-    first = session.step * train.batch_size + context.rank * (
-        train.batch_size // context.world_size
-    )
-    return list(range(first + rows.start, first + rows.stop))
 
 
 def _vqvae_step(model: VQVAE2, session: TrainingSession, config: VQVAERunConfig):
@@ -265,7 +257,7 @@ def _vqvae_step(model: VQVAE2, session: TrainingSession, config: VQVAERunConfig)
 
 @torch.no_grad()
 def extract_codes(
-    run_dir: str | Path,
+    run: Run,
     data_path: str | Path,
     splits: tuple[str, ...] = ("train", "val"),
     batch_size: int = EVAL_BATCH_SIZE,
@@ -287,13 +279,12 @@ def extract_codes(
         The store folder of each split written.
     """
     context = runtime_context(runtime)
-    run_dir = Path(run_dir)
     names = augmentation_names(augment)  # checked before any work
-    checkpoint = read_checkpoint(run_dir, VQVAE_KIND)  # step and weights from one folder
+    checkpoint = read_checkpoint(run.path, VQVAE_KIND)  # step and weights from one folder
     checkpoint_step = checkpoint.step
     model = vqvae_from_checkpoint(checkpoint, map_location=context.device)
     config = model.config
-    data_config = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).data
+    data_config = run.config.data
     written = {}
     for split in splits:
         dataset = open_dataset(data_path, split, config.image_size, config.in_channels, data_config)
@@ -305,7 +296,7 @@ def extract_codes(
             written[store_name] = _encode_into_store(
                 model,
                 dataset,
-                run_dir / CODES_DIR / store_name,
+                run.codes_dir / store_name,
                 transforms,
                 recorded,
                 extra,
@@ -314,7 +305,7 @@ def extract_codes(
                 data_config.num_workers,
                 progress,
             )
-    stale = run_dir / CODES_DIR / AUGMENTED_CODES
+    stale = run.codes_dir / AUGMENTED_CODES
     if AUGMENTED_CODES not in written and "train" in splits and context.is_main and stale.exists():
         shutil.rmtree(stale)
     context.barrier()
@@ -380,27 +371,14 @@ def _nll_summary(prefix: str, nats: float) -> dict[str, float]:
     return {f"{prefix}_nll_nats": nats, f"{prefix}_nll_bits": nats / math.log(2)}
 
 
-def _prior_for_data(prior: PixelSNAILConfig, from_data: dict[str, Any]) -> PixelSNAILConfig:
-    """``prior`` with its data fields set from the data; a field set by hand to another value
-    than both its default and the data's is refused rather than silently replaced."""
-    defaults = PixelSNAILConfig()
-    for name, value in from_data.items():
-        given = getattr(prior, name)
-        if given != getattr(defaults, name) and given != value:
-            raise ValueError(
-                f"prior.{name}={given} does not fit the data ({value}): it is set from the "
-                "VQ-VAE and the extracted codes, leave it at its default"
-            )
-    return replace(prior, **from_data)
-
-
 def _code_stores(
-    run_dir: Path, vqvae_config: Any, use_augmented: bool
+    run: Run, use_augmented: bool
 ) -> tuple[CodeDataset, CodeDataset, PriorTrainingCodes]:
     """The train and validation code stores of a run, checked against its VQ-VAE, and what a
     prior trains on (the train codes plus, when asked and present, the augmented codes)."""
-    train_codes = CodeDataset(run_dir / CODES_DIR / "train")
-    val_codes = CodeDataset(run_dir / CODES_DIR / "val")
+    vqvae_config = run.config.model
+    train_codes = CodeDataset(run.codes_dir / "train")
+    val_codes = CodeDataset(run.codes_dir / "val")
     for store in (train_codes, val_codes):
         if (
             store.codebook_size != vqvae_config.codebook_size
@@ -409,7 +387,7 @@ def _code_stores(
             raise ValueError(
                 f"the codes in {store.directory} were not made by this VQ-VAE; extract them again"
             )
-    augmented_dir = run_dir / CODES_DIR / AUGMENTED_CODES
+    augmented_dir = run.codes_dir / AUGMENTED_CODES
     augmented = (
         CodeDataset(augmented_dir)
         if use_augmented and (augmented_dir / "meta.json").is_file()
@@ -418,13 +396,40 @@ def _code_stores(
     return train_codes, val_codes, PriorTrainingCodes(train_codes, augmented)
 
 
+def _prior_fitting_data(
+    run: Run, index: int, config: PriorRunConfig, new: bool, codes: PriorTrainingCodes
+) -> PriorRunConfig:
+    """A new prior's config with its data fields set from the VQ-VAE and the codes
+    (``config.prior_for_data``); a resumed prior's, checked to fit the codes still."""
+    prior = config.prior
+    if not new:
+        if prior.num_augmentations != codes.num_augmentations:
+            raise ValueError(
+                f"this prior was started on codes with {prior.num_augmentations} transforms "
+                f"but {run.codes_dir} now holds {codes.num_augmentations}; "
+                "extract the codes as before or train a new prior"
+            )
+        return config
+    vqvae = run.config.model
+    num_classes = codes.plain.num_classes if config.class_conditional else 0
+    from_data = {
+        "code_size": vqvae.latent_sizes[index],
+        "codebook_size": vqvae.codebook_size,
+        "condition_sizes": tuple(vqvae.latent_sizes[:index]),
+        "num_classes": num_classes if num_classes > 1 else 0,
+        "num_augmentations": codes.num_augmentations,
+    }
+    return replace(config, prior=prior_for_data(prior, from_data))
+
+
 def train_prior(
-    run_dir: str | Path,
+    run: Run,
     level: str,
-    config: PriorRunConfig,
+    config: PriorRunConfig | None,
     *,
     max_minutes: float | None = None,
     resume: bool = False,
+    max_steps: int | None = None,
     progress: bool = True,
     runtime: RuntimeConfig | None = None,
     now: Clock = time.monotonic,
@@ -434,20 +439,16 @@ def train_prior(
     The prior's data fields (code size, codebook size, upper levels, classes, transforms) come
     from the VQ-VAE and the code store; its checkpoints go to ``RUN_DIR/prior-<level>``, which
     no other trainer may be writing (``loop.training_lock``). Under torchrun every process calls
-    this; rank 0 alone writes files and measures.
+    this; rank 0 alone writes files and measures. On resume ``config`` may be None (the saved
+    one) and ``max_steps`` the run's new length; as ``train_vqvae``.
 
     Returns:
         Final ``train_nll_nats``/``bits`` and ``val_nll_nats``/``bits`` (nats/bits per code).
     """
     runtime = runtime or RuntimeConfig()
     context = runtime_context(runtime)
-    run_dir = Path(run_dir)
-    vqvae_config = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model
-    index = level_index(run_dir, level)
-    train_codes, val_codes, training_codes = _code_stores(
-        run_dir, vqvae_config, config.augmented_codes
-    )
-    kind, kind_dir = prior_kind(level), run_dir / prior_kind(level)
+    index = run.level_index(level)
+    kind, kind_dir = prior_kind(level), run.prior_dir(level)
     with training_lock(kind_dir, context, resume):
         config, checkpoint = resume_or_start(
             kind_dir,
@@ -456,23 +457,10 @@ def train_prior(
             config,
             resume,
             f"{kind_dir} already holds a trained prior; pass --resume",
+            max_steps,
         )
-        if checkpoint is None:
-            num_classes = train_codes.num_classes if config.class_conditional else 0
-            from_data = {
-                "code_size": vqvae_config.latent_sizes[index],
-                "codebook_size": vqvae_config.codebook_size,
-                "condition_sizes": tuple(vqvae_config.latent_sizes[:index]),
-                "num_classes": num_classes if num_classes > 1 else 0,
-                "num_augmentations": training_codes.num_augmentations,
-            }
-            config = replace(config, prior=_prior_for_data(config.prior, from_data))
-        elif config.prior.num_augmentations != training_codes.num_augmentations:
-            raise ValueError(
-                f"this prior was started on codes with {config.prior.num_augmentations} transforms "
-                f"but {run_dir / CODES_DIR} now holds {training_codes.num_augmentations}; "
-                "extract the codes as before or train a new prior"
-            )
+        train_codes, val_codes, training_codes = _code_stores(run, config.augmented_codes)
+        config = _prior_fitting_data(run, index, config, checkpoint is None, training_codes)
         micro_batch_size(config.train, context)  # the batch must split evenly: checked first
         check_batch_fits(len(training_codes), config.train.batch_size)
         torch.manual_seed(config.train.seed)
@@ -488,13 +476,13 @@ def train_prior(
             checkpoint=checkpoint,
             max_minutes=max_minutes,
             progress=progress,
-            extra={"level": level},
+            facts=RunFacts(level=level),
             postfix="batch_nll_nats",
             now=now,
         )
         seed_own_dropout(config.train, context)
 
-        vqvae = load_vqvae(run_dir) if session.log.wants_images else None  # for sample grids
+        vqvae = run.load_vqvae() if session.log.wants_images else None  # for sample grids
 
         def validate() -> dict[str, float]:
             if vqvae is not None:
@@ -573,142 +561,5 @@ def _prior_step(prior: PixelSNAIL, step_module: StepModule, config: PriorRunConf
             loss.backward()
             total += loss.detach()
         return StepOutput(total, lambda: _nll_summary("batch", output.loss.item()))
-
-    return step
-
-
-# ----------------------------------------------------------------------------------------------
-# Classifier (for rejection sampling and the evaluation metrics)
-
-AUGMENT_SHIFT = 2  # pixels of random translation in classifier training
-
-
-AUGMENT_STREAM = 2  # tags the augmentation's random stream (LEVEL_DROPOUT_STREAM is 1)
-
-
-def augment(images: Tensor, keys: Sequence[int], seed: int) -> Tensor:
-    """Random horizontal flips and shifts of up to ``AUGMENT_SHIFT`` pixels (replicated edges):
-    (B, C, S, S) -> same. Image b's flip and offset are drawn from (``seed``, ``keys[b]``), its
-    position in the run's sequence of training images, so they do not depend on which process
-    holds it."""
-    batch, _, size, _ = images.shape
-    if len(keys) != batch:
-        raise ValueError(f"augment needs one key per image: {batch} images, {len(keys)} keys")
-    draws = [np.random.default_rng([seed, key, AUGMENT_STREAM]) for key in keys]
-    flip = torch.tensor([bool(rng.random() < 0.5) for rng in draws])  # (B,)
-    offsets = [rng.integers(0, 2 * AUGMENT_SHIFT + 1, 2).tolist() for rng in draws]  # (B, 2)
-    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    padded = torch.nn.functional.pad(images, (AUGMENT_SHIFT,) * 4, mode="replicate")
-    return torch.stack(
-        [padded[i, :, y : y + size, x : x + size] for i, (y, x) in enumerate(offsets)]
-    )
-
-
-def train_classifier(
-    config: ClassifierRunConfig,
-    data_path: str | Path,
-    out_dir: str | Path,
-    *,
-    max_minutes: float | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    runtime: RuntimeConfig | None = None,
-    now: Clock = time.monotonic,
-) -> TrainResult:
-    """Train the image classifier; checkpoints, metrics and config go to ``out_dir``, which no
-    other trainer may be writing (``loop.training_lock``).
-
-    ``model.num_classes`` is taken from the data. Returns ``val_accuracy`` and
-    ``test_accuracy`` (on rank 0; under torchrun every process calls this).
-    """
-    runtime = runtime or RuntimeConfig()
-    context = runtime_context(runtime)
-    out_dir = Path(out_dir)
-    with training_lock(out_dir, context, resume):
-        config, checkpoint = resume_or_start(
-            out_dir,
-            CLASSIFIER_KIND,
-            ClassifierRunConfig,
-            config,
-            resume,
-            f"{out_dir} already holds a trained classifier; pass --resume or another --out",
-        )
-        model_config = config.model
-        splits = {
-            split: open_dataset(
-                data_path,
-                split,
-                model_config.image_size,
-                model_config.in_channels,
-                config.data,
-                config.train.seed,
-            )
-            for split in ("train", "val", "test")
-        }
-        if checkpoint is None:
-            num_classes = splits["train"].num_classes
-            if num_classes < 2:
-                raise ValueError(
-                    f"{data_path} has {num_classes} class; a classifier needs at least 2"
-                )
-            config = replace(config, model=replace(model_config, num_classes=num_classes))
-        micro_batch_size(config.train, context)  # the batch must split evenly: checked first
-        check_batch_fits(len(splits["train"]), config.train.batch_size)
-        torch.manual_seed(config.train.seed)
-        classifier = Classifier(config.model)
-        session = TrainingSession(
-            classifier,
-            config,
-            context,
-            runtime,
-            kind=CLASSIFIER_KIND,
-            checkpoint_dir=out_dir,
-            log_dir=out_dir,
-            checkpoint=checkpoint,
-            max_minutes=max_minutes,
-            progress=progress,
-            extra={"data_path": str(Path(data_path).resolve())},
-            now=now,
-        )
-        seed_own_dropout(config.train, context)
-        loader = batch_loader(
-            splits["train"], session.batch_sampler(splits["train"]), config.data.num_workers
-        )
-        session.run(loader, _classifier_step(session, config))
-        return session.finish(
-            lambda: {
-                "val_accuracy": measure_accuracy(classifier, splits["val"]),
-                "test_accuracy": measure_accuracy(classifier, splits["test"]),
-            }
-        )
-
-
-def _classifier_step(session: TrainingSession, config: ClassifierRunConfig):
-    """The forward and backward passes of one classifier step over augmented (images, labels)."""
-    train, step_module, context = config.train, session.step_module, session.context
-
-    def step(batch: tuple[Tensor, Tensor]) -> StepOutput:
-        images, labels = batch
-        keys = image_keys(session, slice(0, len(labels)))
-        images = augment(uint8_to_float(images), keys, train.seed)
-        total = torch.zeros((), device=context.device)
-        for rows, last in micro_batches(step_module, train):
-            micro_images, micro_labels = (
-                step_module.to_device(images[rows]),
-                step_module.to_device(labels[rows]),
-            )
-            with step_module.sync_gradients(last), step_module.autocast():
-                logits = step_module.forward(micro_images).logits
-                loss = torch.nn.functional.cross_entropy(logits.float(), micro_labels)
-                scaled_loss = loss / train.grad_accum_steps
-            scaled_loss.backward()
-            total += scaled_loss.detach()
-        return StepOutput(
-            total,
-            lambda: {
-                "loss": loss.item(),
-                "accuracy": float((logits.argmax(-1) == micro_labels).float().mean()),
-            },
-        )
 
     return step
