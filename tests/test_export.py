@@ -29,7 +29,7 @@ from vqvae2.export import (
 from vqvae2.logs import read_metrics
 from vqvae2.model_card import FIGURES_HEADING
 from vqvae2.pixelsnail import PixelSNAIL
-from vqvae2.run import load_classifier, load_hierarchy
+from vqvae2.run import Run, load_classifier, load_hierarchy
 from vqvae2.sampling import generate
 from vqvae2.train import extract_codes, train_classifier, train_prior, train_vqvae
 
@@ -51,21 +51,21 @@ def trained_run(tmp_path_factory) -> Path:
         VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=30"]
     )
     train_vqvae(vqvae_config, data, run, progress=False)
-    extract_codes(run, data, progress=False)
+    extract_codes(Run.open(run), data, progress=False)
     for level in ("top", "bottom"):
         config = load_config(PriorRunConfig, f"prior-{level}-tiny", ["train.max_steps=10"])
-        train_prior(run, level, config, progress=False)
+        train_prior(Run.open(run), level, config, progress=False)
     classifier_config = load_config(
         ClassifierRunConfig, "classifier-tiny", ["model.image_size=16", "train.max_steps=20"]
     )
     train_classifier(classifier_config, data, run / "classifier", progress=False)
-    evaluate_run(run, data, run / "evaluation", tiny_evaluate_config(), progress=False)
+    evaluate_run(Run.open(run), data, run / "evaluation", tiny_evaluate_config(), progress=False)
     return run
 
 
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory) -> Path:
-    return export_run(trained_run, tmp_path_factory.mktemp("exported") / "model")
+    return export_run(Run.open(trained_run), tmp_path_factory.mktemp("exported") / "model")
 
 
 def test_each_model_is_a_hub_folder_with_the_run_s_weights(trained_run, exported):
@@ -151,7 +151,7 @@ def test_figures_a_run_does_not_have_are_left_out(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("classifier", "evaluation"))
     (run / "prior-bottom" / "metrics.csv").unlink()
-    card = (export_run(run, tmp_path / "out") / CARD_FILE).read_text()
+    card = (export_run(Run.open(run), tmp_path / "out") / CARD_FILE).read_text()
     assert "| top prior | validation NLL (nats per code) |" in card
     for absent in ("bottom prior", "classifier |", "FID", "CAS", "n/a", "nan"):
         assert absent not in card
@@ -171,7 +171,7 @@ def test_bad_folders_are_one_line_each(trained_run, exported, tmp_path):
     with pytest.raises(ValueError, match="not an exported vqvae2 model"):
         load_pretrained(trained_run)
     with pytest.raises(ValueError, match="already exists and is not empty"):
-        export_run(trained_run, exported)
+        export_run(Run.open(trained_run), exported)
     with pytest.raises(ValueError, match="does not exist"):
         load_pretrained(tmp_path / "missing")
     with pytest.raises(ValueError, match="holds a VQVAE2, expected a PixelSNAIL"):

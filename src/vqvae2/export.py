@@ -44,14 +44,7 @@ from .config import (
 )
 from .model_card import model_card
 from .pixelsnail import PixelSNAIL
-from .run import (
-    CLASSIFIER_KIND,
-    VQVAE_KIND,
-    has_checkpoint,
-    load_classifier,
-    load_hierarchy,
-    prior_kind,
-)
+from .run import CLASSIFIER_KIND, VQVAE_KIND, Run, prior_kind
 from .sampling import check_hierarchy
 from .vqvae import VQVAE2
 
@@ -144,14 +137,14 @@ def from_pretrained(
     return model.to(map_location).eval()
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, report: str | Path | None = None) -> Path:
+def export_run(run: Run, out_dir: str | Path, report: str | Path | None = None) -> Path:
     """Export a trained run: its VQ-VAE, every prior and (when trained) its classifier, each
     in the Hub layout, with a model card of the figures the run logged.
 
     The folder is written under a temporary name and renamed into place at the end.
 
     Args:
-        run_dir: a run folder with a VQ-VAE and a prior for each of its levels.
+        run: a run with a VQ-VAE and a prior for each of its levels.
         out_dir: the folder to write; it must not exist, or be empty.
         report: an evaluation's ``report.json`` whose figures go into the card; default: the
             newest ``report.json`` inside the run folder, if any.
@@ -159,13 +152,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, report: str | Path | No
     Returns:
         ``out_dir``.
     """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"{out_dir} already exists and is not empty; choose another folder")
-    vqvae, priors = load_hierarchy(run_dir)
-    classifier_dir = run_dir / CLASSIFIER_KIND
-    classifier = load_classifier(classifier_dir) if has_checkpoint(classifier_dir) else None
-    card = model_card(run_dir, vqvae, priors, classifier, report)
+    vqvae, priors = run.load_hierarchy()
+    classifier = run.load_classifier() if run.has_classifier() else None
+    card = model_card(run.path, run.data_path, vqvae, priors, classifier, report)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

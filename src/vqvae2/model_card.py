@@ -16,7 +16,7 @@ from .classifier import Classifier
 from .logs import read_metrics
 from .pixelsnail import PixelSNAIL
 from .report import REPORT_JSON
-from .run import CLASSIFIER_KIND, METRICS_FILE, prior_kind, run_data_path
+from .run import CLASSIFIER_KIND, METRICS_FILE, prior_kind
 from .vqvae import VQVAE2
 
 FIGURES_HEADING = "## Figures"
@@ -53,15 +53,16 @@ def find_report(run_dir: Path) -> Path | None:
 
 def model_card(
     run_dir: Path,
+    data: str | None,
     vqvae: VQVAE2,
     priors: Sequence[PixelSNAIL],
     classifier: Classifier | None,
     report: str | Path | None = None,
 ) -> str:
-    """The README.md of the export of ``run_dir`` (whose models are given)."""
+    """The README.md of the export of the run in ``run_dir`` (whose models are given), which
+    trained on ``data`` (None when not recorded)."""
     report_path = Path(report) if report is not None else find_report(run_dir)
     evaluation = _read_report(report_path) if report_path is not None else None
-    data = run_data_path(run_dir)
     conditional = priors[0].config.num_classes > 0
     lines = [
         *_header(data, conditional),
