@@ -10,10 +10,12 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
+from vqvae2.cli import main
 from vqvae2.config import ClassifierRunConfig, PriorRunConfig, VQVAERunConfig, load_config
 from vqvae2.evaluate import evaluate_run
 from vqvae2.export import (
@@ -205,3 +207,29 @@ def test_import_downloads_nothing_and_offline_mode_fails_in_one_line(monkeypatch
     imported, message = result.stdout.strip().splitlines()
     assert imported == "False"
     assert "HF_HUB_OFFLINE" in message and "Traceback" not in result.stderr
+
+
+def test_the_cli_exports_a_run_and_samples_from_the_export_as_from_the_run(
+    trained_run, tmp_path, capsys
+):
+    out = tmp_path / "model"
+    assert main(["export", str(trained_run), str(out), "--onnx"]) == 0
+    assert (out / "encoder.onnx").is_file() and (out / "decoder.onnx").is_file()
+    for source, name in ((trained_run, "run"), (out, "export")):
+        argv = ["sample", str(source), "--n", "6", "--class", "0", "2", "--seed", "3"]
+        argv += [
+            "--out",
+            str(tmp_path / f"{name}.png"),
+            "--save-codes",
+            str(tmp_path / f"{name}.npz"),
+        ]
+        assert main([*argv, "--json"]) == 0
+    from_run, from_export = (np.load(tmp_path / f"{name}.npz") for name in ("run", "export"))
+    assert sorted(from_run.files) == sorted(from_export.files)
+    for key in from_run.files:
+        assert np.array_equal(from_run[key], from_export[key]), key
+    assert (tmp_path / "run.png").read_bytes() == (tmp_path / "export.png").read_bytes()
+    capsys.readouterr()
+    assert main(["sample", "nobody-here/no-such-model", "--out", str(tmp_path / "x.png")]) != 0
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "nobody-here/no-such-model" in error

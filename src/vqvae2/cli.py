@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +74,19 @@ def _open_run(path: Path) -> Run:
     from .run import Run
 
     return Run.open(path)
+
+
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
+
+
+def _open_models(path: Path):
+    """What ``sample`` draws from: a run folder, a folder written by ``vqvae2 export``, or the
+    Hub name (``owner/name``) of one."""
+    from .export import is_export, load_pretrained
+
+    if is_export(path) or (not path.exists() and HUB_NAME.fullmatch(str(path))):
+        return load_pretrained(path)
+    return _open_run(path)
 
 
 def _data_of(args: argparse.Namespace, recorded: Path | str | None) -> Path:
@@ -309,7 +323,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     _check_sample_options(args)
     if args.reject_fraction is not None or args.accept_threshold is not None:
         return _cmd_sample_with_rejection(args)
-    run = _open_run(args.run_dir)
+    run = _open_models(args.run_dir)
     result = sample_from_run(
         run,
         args.n,
@@ -526,6 +540,18 @@ def _cmd_decompress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run, load_pretrained
+    from .onnx_export import export_onnx
+
+    _check_output(args.out, "out", folder=True)
+    out = export_run(_open_run(args.run_dir), args.out, report=args.report)
+    if args.onnx:
+        export_onnx(load_pretrained(out).vqvae, out)
+    print(f"exported {args.run_dir} to {out}" + (" (with encoder.onnx, decoder.onnx)" * args.onnx))
+    return 0
+
+
 def _cmd_make_shards(args: argparse.Namespace) -> int:
     from .shards import write_shards
 
@@ -602,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_evaluate,
         _add_compress,
         _add_decompress,
+        _add_export,
         _add_make_shards,
         _add_presets,
     ):
@@ -718,7 +745,11 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
         "sample",
         help="draw images: top codes, then each lower level, then one decoder pass",
     )
-    sample.add_argument("run_dir", type=Path, help="run folder with the VQ-VAE and all priors")
+    sample.add_argument(
+        "run_dir",
+        type=Path,
+        help="run folder with the VQ-VAE and all priors, or an exported model (folder or owner/name)",
+    )
     sample.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     sample.add_argument(
         "--class",
@@ -846,6 +877,22 @@ def _add_decompress(commands: argparse._SubParsersAction) -> None:
     decompress.add_argument("--out", type=Path, required=True, help="folder for the PNG images")
     _add_output_options(decompress, "the files")
     decompress.set_defaults(handler=_cmd_decompress)
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write a run's models as one shareable folder (Hub layout, model card; --onnx too)",
+    )
+    export.add_argument("run_dir", type=Path, help="run folder with the VQ-VAE and all priors")
+    export.add_argument("out", type=Path, help="folder to write (new or empty)")
+    export.add_argument(
+        "--onnx", action="store_true", help="also write encoder.onnx and decoder.onnx"
+    )
+    export.add_argument(
+        "--report", type=Path, help="evaluation report.json for the card (default: the newest)"
+    )
+    export.set_defaults(handler=_cmd_export)
 
 
 def _add_make_shards(commands: argparse._SubParsersAction) -> None:

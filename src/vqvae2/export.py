@@ -80,6 +80,25 @@ class PretrainedModels:
     def level_names(self) -> tuple[str, ...]:
         return self.vqvae.config.level_names
 
+    # The loaders of a run (``vqvae2.run.Run``), so that sampling takes either.
+    def load_hierarchy(self, device: str | torch.device = "cpu") -> tuple[VQVAE2, list[PixelSNAIL]]:
+        """The VQ-VAE and the priors (top first) on ``device``."""
+        return self.vqvae.to(device), [prior.to(device) for prior in self.priors]
+
+    def has_classifier(self) -> bool:
+        return self.classifier is not None
+
+    def load_classifier(self, device: str | torch.device = "cpu") -> Classifier:
+        """The exported classifier on ``device``; ``ValueError`` when none was exported."""
+        if self.classifier is None:
+            raise ValueError(f"{self.path} holds no classifier (its run had none when exported)")
+        return self.classifier.to(device)
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by ``export_run``."""
+    return (Path(path) / INDEX_FILE).is_file()
+
 
 def save_pretrained(model: nn.Module, folder: str | Path) -> Path:
     """Write ``model`` (a ``VQVAE2``, ``PixelSNAIL`` or ``Classifier``) to ``folder`` as

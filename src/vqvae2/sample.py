@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,11 @@ from .distributed import runtime_device
 from .measure import class_agreement
 from .report import make_grid, save_png
 from .run import Run
+
+if TYPE_CHECKING:
+    from .export import PretrainedModels
+
+    Models = Run | PretrainedModels  # a run folder, or a run's exported models
 from .sampling import SamplerName, generate, generate_with_rejection, requested_labels
 
 SAMPLE_BATCH_SIZE = 64
@@ -35,7 +41,7 @@ class SampleResult:
 
 
 def sample_from_run(
-    run: Run,
+    run: Models,
     count: int,
     classes: list[int] | None = None,
     temperature: float = 1.0,
@@ -45,7 +51,7 @@ def sample_from_run(
     sampler: SamplerName = "cached",
     runtime: RuntimeConfig | None = None,
 ) -> SampleResult:
-    """Draw ``count`` images from a trained run.
+    """Draw ``count`` images from a trained run (or its exported models, ``load_pretrained``).
 
     With class-conditional priors, ``classes`` are spread over the samples in blocks, in the
     order given: each gets ``count // len(classes)`` samples and the first
@@ -91,7 +97,7 @@ class RejectionSampleResult:
 
 
 def sample_with_rejection(
-    run: Run,
+    run: Models,
     count: int,
     classes: list[int] | None = None,
     *,
@@ -181,7 +187,7 @@ def write_scores(result: RejectionSampleResult, path: str | Path) -> None:
     np.savez(path, labels=result.labels.numpy(), scores=result.scores.numpy())
 
 
-def class_agreement_of(run: Run, result: SampleResult) -> float | None:
+def class_agreement_of(run: Models, result: SampleResult) -> float | None:
     """The share of class-conditional samples that the run's classifier assigns to the class
     they were drawn for; None without labels or without a classifier."""
     if result.labels is None or not run.has_classifier():
