@@ -229,6 +229,10 @@ def test_the_cli_exports_a_run_and_samples_from_the_export_as_from_the_run(
     for key in from_run.files:
         assert np.array_equal(from_run[key], from_export[key]), key
     assert (tmp_path / "run.png").read_bytes() == (tmp_path / "export.png").read_bytes()
+    for source, name in ((trained_run, "run-kept"), (out, "export-kept")):  # with its classifier
+        argv = ["sample", str(source), "--n", "4", "--reject-fraction", "0.5", "--seed", "1"]
+        assert main([*argv, "--out", str(tmp_path / f"{name}.png"), "--quiet"]) == 0
+    assert (tmp_path / "run-kept.png").read_bytes() == (tmp_path / "export-kept.png").read_bytes()
     capsys.readouterr()
     assert main(["sample", "nobody-here/no-such-model", "--out", str(tmp_path / "x.png")]) != 0
     error = capsys.readouterr().err.strip()

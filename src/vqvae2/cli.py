@@ -366,7 +366,7 @@ def _cmd_sample_with_rejection(args: argparse.Namespace) -> int:
     if args.save_codes is not None:
         raise ValueError("--save-codes is not available with rejection sampling")
     result = sample_with_rejection(
-        _open_run(args.run_dir),
+        _open_models(args.run_dir),
         args.n,
         classes=args.classes,
         reject_fraction=args.reject_fraction,
