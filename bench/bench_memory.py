@@ -37,13 +37,23 @@ memory, the allocator's slack and (on a GPU) the CUDA context are not tensors an
   softmax statistics per row, not the weights).
 
     PYTHONPATH=src .venv/bin/python bench/bench_memory.py --baseline-rev 8c2b4e7 [--threads 2]
+
+``--checkpointing`` measures instead only the training step, in float32 and bf16 autocast, each
+without and with ``train.activation_checkpointing`` (priors with the fused attention kernel;
+where a line misses, the largest batch is searched one batch at a time), and with
+``--time-rounds N`` the CPU step time it costs (``checkpointing_seconds``):
+
+    PYTHONPATH=src:bench .venv/bin/python bench/bench_memory.py --checkpointing --threads 1 \
+        --prior-batches 256 512 --time-rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import statistics
 import time
 import types
 import weakref
@@ -71,6 +81,10 @@ HIERARCHIES = {
     ),
 }
 SAMPLED_ROWS = 2
+# The presets whose training steps are timed with and without activation checkpointing.
+TIMED_HIERARCHY = {
+    "fashion-mnist-32": (("prior-top-fashion-mnist-32", "prior-bottom-fashion-mnist-32"), 10)
+}
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -118,10 +132,10 @@ def tracked(tensors) -> LiveTensorBytes:
 # Cases
 
 
-def prior_configs() -> dict[str, tuple]:
+def prior_configs(hierarchies=HIERARCHIES) -> dict[str, tuple]:
     """prior preset -> (PixelSNAILConfig for its data, stage-1 preset)."""
     configs = {}
-    for stage1, (priors, classes) in HIERARCHIES.items():
+    for stage1, (priors, classes) in hierarchies.items():
         model = load_config(VQVAERunConfig, stage1).model
         for level, name in enumerate(priors):
             configs[name] = (
@@ -145,9 +159,16 @@ def prior_inputs(config, batch: int):
     return codes, labels, upper or None
 
 
-def training_loss(prior, codes, labels, upper) -> torch.Tensor:
-    """``prior(codes, labels, upper).loss`` without the input checks (they read values)."""
-    return F.cross_entropy(prior.logits(codes, prior.condition(labels, upper)), codes)
+def training_loss(prior, codes, labels, upper, precision: str = "float32") -> torch.Tensor:
+    """``prior(codes, labels, upper).loss`` without the input checks (they read values), under
+    bf16 autocast for ``precision="bf16"`` (as the trainer runs its forward pass)."""
+    with autocast(precision):
+        return F.cross_entropy(prior.logits(codes, prior.condition(labels, upper)), codes)
+
+
+def autocast(precision: str):
+    """The trainer's ``--precision``: bf16 autocast on the CPU's kernels, or nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def parameters_of(config) -> int:
@@ -156,15 +177,24 @@ def parameters_of(config) -> int:
 
 
 def prior_training(
-    module, config, batches, attention_dropout=None, in_backward=False
+    module,
+    config,
+    batches,
+    attention_dropout=None,
+    in_backward=False,
+    precision="float32",
+    checkpointing=False,
 ) -> dict[int, dict]:
     """One training step of ``module.PixelSNAIL(config)`` on fake tensors, per batch size:
     ``peak`` (live bytes, the whole step) and ``forward`` (the forward pass's peak above the
     step's start: activations and their transients). ``in_backward``: Adam steps each
-    parameter inside the backward pass (``train.optimizer_in_backward``)."""
+    parameter inside the backward pass (``train.optimizer_in_backward``); ``precision``:
+    "float32" or "bf16" (autocast); ``checkpointing``: ``train.activation_checkpointing``."""
     results = {}
     with FakeTensorMode():
         prior = module.PixelSNAIL(config).train()
+        if checkpointing:
+            prior.set_activation_checkpointing(True)
         if attention_dropout is not None:
             for attention in prior.attention.values():
                 attention.dropout = attention_dropout
@@ -179,13 +209,13 @@ def prior_training(
             inputs = [t for t in (codes, labels, *(upper or [])) if t is not None]
 
             if index == 0:  # a first step creates Adam's moments
-                training_loss(prior, codes, labels, upper).backward()
+                training_loss(prior, codes, labels, upper, precision).backward()
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state = [t for o in optimizers for s in o.state.values() for t in s.values()]
             with tracked([*prior.parameters(), *state, *inputs]) as tracker:
                 start = tracker.live
-                loss = training_loss(prior, codes, labels, upper)
+                loss = training_loss(prior, codes, labels, upper, precision)
                 forward_peak = tracker.peak - start
                 loss.backward()
                 del loss
@@ -249,25 +279,31 @@ def prior_sampling(module, config, batches) -> dict[int, dict]:
     return results
 
 
-def stage1_training(name: str, batches) -> dict[int, dict]:
+def stage1_training(
+    name: str, batches, precision: str = "float32", checkpointing: bool = False
+) -> dict[int, dict]:
     """One VQ-VAE training step on real CPU tensors, per batch size (as ``prior_training``)."""
     model_config = load_config(VQVAERunConfig, name).model
     torch.manual_seed(0)
     model = VQVAE2(model_config).train()
+    model.set_activation_checkpointing(checkpointing)
     optimizer = torch.optim.Adam(model.parameters(), fused=True)
     size = model_config.image_size
     results = {}
     for index, batch in enumerate(batches):
         images = torch.rand(batch, model_config.in_channels, size, size) * 2 - 1
         if index == 0:  # a first step creates Adam's moments
-            model(images).loss.backward()
+            with autocast(precision):
+                loss = model(images).loss
+            loss.backward()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state = [t for s in optimizer.state.values() for t in s.values()]
         tensors = [*model.parameters(), *model.buffers(), *state, images]
         with tracked(tensors) as tracker:
             start = tracker.live
-            loss = model(images).loss
+            with autocast(precision):
+                loss = model(images).loss
             forward_peak = tracker.peak - start
             loss.backward()
             del loss
@@ -299,12 +335,33 @@ def train_figures(measure, batches: tuple[int, int], verify: bool) -> dict:
         **fit({b: r["peak"] for b, r in runs.items()}, *batches),
     }
     if verify:
-        checks = {}
+        checks, searched = {}, {}
         for name, batch in figures["largest_batch"].items():
             peaks = measure((batch, batch + 1))
             checks[name] = peaks[batch]["peak"] <= CAPACITIES[name] < peaks[batch + 1]["peak"]
+            if not checks[name]:
+                searched[name] = search_largest_batch(measure, batch, CAPACITIES[name])
         figures["largest_batch_verified"] = checks
+        if searched:  # where the line missed: the batch found by runs one batch apart
+            figures["largest_batch_searched"] = searched
     return figures
+
+
+SEARCH_LIMIT = 32  # batches tried one by one from the line's prediction
+
+
+def search_largest_batch(measure, batch: int, capacity: int) -> int | None:
+    """The largest batch whose step peak fits ``capacity``, walking one batch at a time from
+    ``batch`` (None when it lies more than ``SEARCH_LIMIT`` away)."""
+    fits = measure((batch,))[batch]["peak"] <= capacity
+    for _ in range(SEARCH_LIMIT):
+        candidate = batch + 1 if fits else batch - 1
+        if candidate < 1:
+            return None
+        if (measure((candidate,))[candidate]["peak"] <= capacity) != fits:
+            return batch if fits else candidate
+        batch = candidate
+    return None
 
 
 def sample_figures(measure, batches: tuple[int, int]) -> dict[str, dict]:
@@ -366,8 +423,23 @@ def gib(value: int) -> str:
     return f"{value / GIB:,.2f}"
 
 
+def largest_batch(figures: dict, capacity: str) -> int:
+    """The searched largest batch where the line missed, else the line's."""
+    return figures.get("largest_batch_searched", {}).get(
+        capacity, figures["largest_batch"][capacity]
+    )
+
+
 def batches_text(figures: dict) -> str:
-    return " / ".join(f"{figures['largest_batch'][name]:,}" for name in CAPACITIES)
+    """The largest batches (80 / 141 GB); where the line missed, the searched one and the
+    line's in brackets."""
+    searched = figures.get("largest_batch_searched", {})
+    return " / ".join(
+        f"{searched[name]:,} (line {figures['largest_batch'][name]:,})"
+        if name in searched
+        else f"{figures['largest_batch'][name]:,}"
+        for name in CAPACITIES
+    )
 
 
 def print_tables(stage1: dict, priors: dict) -> None:
@@ -417,9 +489,136 @@ VARIANTS = {
 }
 
 
+# ----------------------------------------------------------------------------------------------
+# Activation checkpointing and bf16 (``--checkpointing``)
+
+CHECKPOINTING_VARIANTS = {  # key -> (precision, train.activation_checkpointing)
+    "float32": ("float32", False),
+    "float32_checkpointed": ("float32", True),
+    "bf16": ("bf16", False),
+    "bf16_checkpointed": ("bf16", True),
+}
+
+
+def checkpointing_memory(args) -> tuple[dict, dict]:
+    """Training-step figures of every variant: the VQ-VAEs on real tensors (batches 1 and 2),
+    the priors on fake tensors with the fused attention kernel (the GPU's memory), checked."""
+    stage1, priors = {}, {}
+    for name in [] if args.skip_stage1 else HIERARCHIES:
+        stage1[name] = {
+            key: train_figures(
+                lambda b, n=name, p=precision, c=checkpointed: stage1_training(n, b, p, c),
+                batches=(1, 2),
+                verify=False,
+            )
+            for key, (precision, checkpointed) in CHECKPOINTING_VARIANTS.items()
+        }
+    for name, (config, _) in prior_configs().items():
+        if args.priors and name not in args.priors:
+            continue
+        fused = 0.0 if config.attention_layers else None
+        priors[name] = {"parameters": parameters_of(config)}
+        for key, (precision, checkpointed) in CHECKPOINTING_VARIANTS.items():
+            priors[name][key] = train_figures(
+                lambda b, c=config, d=fused, p=precision, k=checkpointed: prior_training(
+                    pixelsnail, c, b, d, False, p, k
+                ),
+                batches=tuple(args.prior_batches),
+                verify=True,
+            )
+    return stage1, priors
+
+
+def checkpointing_seconds(batch: int, rounds: int, steps: int) -> dict[str, dict]:
+    """Seconds per training step (forward, backward, fused Adam; real CPU tensors, float32) of
+    the ``TIMED_HIERARCHY`` presets without and with checkpointing: per round each variant
+    runs ``steps`` timed steps after one untimed one, variants interleaved; the medians over
+    the rounds and their ratio."""
+    cases = {}
+    for name, (config, _) in prior_configs(TIMED_HIERARCHY).items():
+        torch.manual_seed(0)
+        prior = pixelsnail.PixelSNAIL(config).train()
+        codes, labels, upper = prior_inputs(config, batch)
+        cases[name] = (prior, functools.partial(training_loss, prior, codes, labels, upper))
+    for name in TIMED_HIERARCHY:
+        torch.manual_seed(0)
+        model = VQVAE2(load_config(VQVAERunConfig, name).model).train()
+        size, channels = model.config.image_size, model.config.in_channels
+        images = torch.rand(batch, channels, size, size) * 2 - 1
+        cases[f"{name} (stage 1)"] = (model, lambda m=model, x=images: m(x).loss)
+    results = {}
+    for name, (model, loss_fn) in cases.items():
+        optimizer = torch.optim.Adam(model.parameters(), fused=True)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(rounds):
+            for checkpointed in (False, True):
+                model.set_activation_checkpointing(checkpointed)
+                for index in range(steps + 1):
+                    start = time.perf_counter()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_fn().backward()
+                    optimizer.step()
+                    if index > 0:  # the first step of each turn is a warm-up
+                        times[checkpointed].append(time.perf_counter() - start)
+        plain, checkpointed = (statistics.median(times[k]) for k in (False, True))
+        results[name] = {"plain_s": plain, "checkpointed_s": checkpointed}
+        results[name]["ratio"] = checkpointed / plain
+    return results
+
+
+def print_checkpointing_tables(stage1: dict, priors: dict, seconds: dict, batch: int) -> None:
+    print("Training step (forward, backward, fused Adam) by precision and checkpointing\n")
+    print(
+        "| model | precision | checkpointing | step peak at batch 1 GiB | forward at batch 1 MiB | "
+        "per image MiB | fixed GiB | largest batch (80 / 141 GB) | x float32 (80 GB) | checked |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = [(f"{name} (stage 1)", variants) for name, variants in stage1.items()]
+    rows += list(priors.items())
+    for name, variants in rows:
+        today = largest_batch(variants["float32"], "80 GB")
+        for key, (precision, checkpointed) in CHECKPOINTING_VARIANTS.items():
+            train = variants[key]
+            checked = train.get("largest_batch_verified")
+            checked = "-" if checked is None else str(all(checked.values()))
+            if "largest_batch_searched" in train:
+                checked = "searched"
+            gain = largest_batch(train, "80 GB") / today if today else float("inf")
+            print(
+                f"| {name} | {precision} | {'on' if checkpointed else 'off'} | "
+                f"{gib(train['peak_batch1'])} | {mib(train['forward_batch1'])} | "
+                f"{mib(train['per_image'])} | {gib(train['fixed'])} | {batches_text(train)} | "
+                f"{gain:.2f} | {checked} |"
+            )
+    if seconds:
+        print(f"\nSeconds per training step on this CPU, float32, batch {batch}\n")
+        print("| model | plain s | checkpointed s | checkpointed / plain |")
+        print("|---|---|---|---|")
+        for name, row in seconds.items():
+            print(
+                f"| {name} | {row['plain_s']:.4f} | {row['checkpointed_s']:.4f} | "
+                f"{row['ratio']:.3f} |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline-rev", required=True, help="git revision for 'before'")
+    parser.add_argument(
+        "--baseline-rev", help="git revision for 'before' (required without --checkpointing)"
+    )
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="only the training step by precision (float32, bf16) and activation checkpointing",
+    )
+    parser.add_argument(
+        "--time-rounds",
+        type=int,
+        default=0,
+        help="with --checkpointing: rounds of the CPU step-time comparison (0: none)",
+    )
+    parser.add_argument("--time-steps", type=int, default=3, help="timed steps per round")
+    parser.add_argument("--time-batch", type=int, default=32, help="batch of the timed steps")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-stage1", action="store_true", help="priors only (no real runs)")
     parser.add_argument("--priors", nargs="*", help="only these prior presets (default: all)")
@@ -432,6 +631,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.checkpointing:
+        start = time.perf_counter()
+        stage1, priors = checkpointing_memory(args)
+        seconds = {}
+        if args.time_rounds:
+            seconds = checkpointing_seconds(args.time_batch, args.time_rounds, args.time_steps)
+        print_checkpointing_tables(stage1, priors, seconds, args.time_batch)
+        figures = {"capacities_bytes": CAPACITIES, "prior_batches": args.prior_batches}
+        figures.update(stage1=stage1, priors=priors, step_seconds=seconds)
+        print(json.dumps({**figures, "seconds": round(time.perf_counter() - start, 1)}))
+        return
+    if args.baseline_rev is None:
+        parser.error("--baseline-rev is required without --checkpointing")
     baseline = load_baseline(args.baseline_rev)
     start = time.perf_counter()
     check = check_fake_matches_real()

@@ -217,6 +217,10 @@ class TrainConfig:
     # lowers the peak memory of large priors by up to one model's worth. One process, no
     # gradient accumulation, nonfinite=stop (a step already taken cannot be skipped).
     optimizer_in_backward: bool = False
+    # Keep only each residual block's inputs in the forward pass and recompute the rest in the
+    # backward pass (the priors' gated, conditioning and output blocks; the VQ-VAE's residual
+    # blocks): same gradients, a fraction of the activation memory, about one more forward pass.
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -249,6 +253,10 @@ class TrainConfig:
             not self.optimizer_in_backward
             or (self.grad_accum_steps == 1 and self.nonfinite == "stop"),
             "train.optimizer_in_backward needs train.grad_accum_steps=1 and train.nonfinite=stop",
+        )
+        _check(
+            isinstance(self.activation_checkpointing, bool),
+            f"train.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}",
         )
 
 

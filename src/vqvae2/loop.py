@@ -624,6 +624,10 @@ class TrainingSession:
         self.skipped = 0 if checkpoint is None else int(checkpoint.extra.get(SKIPPED, 0))
         if self.train.optimizer_in_backward and context.enabled:
             raise ValueError("train.optimizer_in_backward runs in one process, not under DDP")
+        if self.train.activation_checkpointing:  # the VQ-VAE's and the priors' switch
+            if not hasattr(model, "set_activation_checkpointing"):
+                raise ValueError(f"train.activation_checkpointing is not available for the {kind}")
+            model.set_activation_checkpointing(True)
         self.step_module = prepare_step_module(model, context, runtime)
         self.optimizer = make_optimizer(model, self.train)
         if checkpoint is not None and checkpoint.optimizer_state is not None:

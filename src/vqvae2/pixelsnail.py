@@ -20,16 +20,20 @@ features, which already exclude the code at their own position; the attention is
 
 ``pixelsnail_sampler.IncrementalSampler`` computes the same logits one position at a time for
 sampling (and for entropy coding), holding per block only the rows its convolutions still read.
+
+With activation checkpointing on (``set_activation_checkpointing``), a training forward pass
+keeps only each residual block's inputs and recomputes the block in the backward pass.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import PixelSNAILConfig
 
@@ -288,6 +292,21 @@ class PixelSNAIL(nn.Module):
             ]
         )
         self.output = nn.Conv2d(hidden, config.codebook_size, 1)
+        self.activation_checkpointing = False  # see set_activation_checkpointing
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each residual block (gated, attention, conditioning, output stack) in the
+        backward pass instead of keeping its intermediate maps: in training with gradients on,
+        only the blocks' inputs stay alive. The global generators' states are saved with each
+        block and restored for its recomputation, so dropout draws the same masks and the
+        gradients equal the plain pass's; the cost is about one more forward pass."""
+        self.activation_checkpointing = enabled
+
+    def _run_block(self, block: nn.Module, *inputs: Tensor | None) -> Any:
+        """``block(*inputs)``, checkpointed when asked, in training with gradients on."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
 
     # ------------------------------------------------------------------------------------------
     def check_inputs(
@@ -359,7 +378,9 @@ class PixelSNAIL(nn.Module):
             for embedding, upper in zip(self.condition_embeddings, condition_codes, strict=True):
                 embedded = rearrange(embedding(upper), "b h w c -> b c h w")  # (B, C_cond, h, w)
                 maps.append(F.interpolate(embedded, size=(side, side), mode="nearest"))
-            features = self.condition_stack(self.condition_input(torch.cat(maps, dim=1)))
+            features = self.condition_input(torch.cat(maps, dim=1))  # (B, C_cond, H, W)
+            for block in self.condition_stack:
+                features = self._run_block(block, features)
         if config.num_classes > 0:
             assert labels is not None
             class_features = self.class_embedding(labels)[:, :, None, None]  # (B, C_cond, 1, 1)
@@ -431,7 +452,9 @@ class PixelSNAIL(nn.Module):
             shift_down(vertical)
         )  # strictly before (i, j)
         for index, block in enumerate(self.blocks):
-            vertical, horizontal = block(vertical, horizontal, condition)
+            vertical, horizontal = self._run_block(block, vertical, horizontal, condition)
             if str(index) in self.attention:
-                horizontal = horizontal + self.attention[str(index)](horizontal)
-        return self.output(F.elu(self.output_stack(horizontal)))  # (B, K, H, W)
+                horizontal = horizontal + self._run_block(self.attention[str(index)], horizontal)
+        for block in self.output_stack:
+            horizontal = self._run_block(block, horizontal)
+        return self.output(F.elu(horizontal))  # (B, K, H, W)

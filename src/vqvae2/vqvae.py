@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import VQVAEConfig
 from .quantize import GatherFn, QuantizerOutput, ReduceFn, VectorQuantizerEMA, identity_reduce
@@ -31,7 +32,11 @@ LEVEL_DROPOUT_STREAM = 1  # tags level dropout's random stream (see ``draw_kept_
 
 
 class ResBlock(nn.Module):
-    """x + Conv1x1(ReLU(Conv3x3(ReLU(x)))): the residual unit of Table 5 (hidden -> residual -> hidden)."""
+    """x + Conv1x1(ReLU(Conv3x3(ReLU(x)))): the residual unit of Table 5 (hidden -> residual -> hidden).
+
+    With ``recompute_in_backward`` (``VQVAE2.set_activation_checkpointing``), a training pass
+    with gradients keeps only x and recomputes the branch in the backward pass.
+    """
 
     def __init__(self, channels: int, residual_channels: int, kernel_size: int) -> None:
         super().__init__()
@@ -41,8 +46,11 @@ class ResBlock(nn.Module):
             nn.ReLU(),
             nn.Conv2d(residual_channels, channels, 1),
         )
+        self.recompute_in_backward = False
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        if self.recompute_in_backward and self.training and torch.is_grad_enabled():
+            return x + checkpoint(self.block, x, use_reentrant=False)
         return x + self.block(x)
 
 
@@ -258,6 +266,15 @@ class VQVAE2(nn.Module):
             config=config,
             fine_blocks=config.decoder_fine_blocks,
         )
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute every residual block (encoders, decoders, prefix decoders) in the backward
+        pass instead of keeping its intermediate maps, in training with gradients on. The
+        blocks hold no randomness and no state, so the gradients equal the plain pass's; the
+        quantizers are outside them and take their EMA step once."""
+        for module in self.modules():
+            if isinstance(module, ResBlock):
+                module.recompute_in_backward = enabled
 
     # ------------------------------------------------------------------------------------------
     def _check_images(self, images: Tensor) -> None:
