@@ -20,6 +20,7 @@ from vqvae2.config import (
     load_config,
 )
 from vqvae2.pixelsnail import PixelSNAIL
+from vqvae2.run import Run
 from vqvae2.train import extract_codes, train_classifier, train_prior, train_vqvae
 from vqvae2.vqvae import VQVAE2
 
@@ -157,7 +158,7 @@ def run_with_codes(tmp_path_factory):
     data = write_npz(root / "blobs.npz")
     config = load_config(VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=2"])
     train_vqvae(config, data, root / "run", progress=False)
-    extract_codes(root / "run", data, progress=False)
+    extract_codes(Run.open(root / "run"), data, progress=False)
     return root / "run", data
 
 
@@ -177,7 +178,7 @@ def test_prior_trainer_takes_the_same_step(run_with_codes, tmp_path):
             "prior-bottom-tiny",
             [*ONE_ACCUMULATED_STEP, "prior.dropout=0.3", f"train.activation_checkpointing={flag}"],
         )
-        result = train_prior(copied, "bottom", config, progress=False)
+        result = train_prior(Run.open(copied), "bottom", config, progress=False)
         assert result.model.activation_checkpointing is (flag == "true")
         states[flag] = result.model.state_dict()
     assert_states_close(states["false"], states["true"], atol=1e-7)
