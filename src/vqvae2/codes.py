@@ -9,10 +9,16 @@ without being held in memory::
                         labels.npy     (N,) int64 class labels
                         augmentations.npy  (N,) int16 transform index (augmented stores only)
                         meta.json      format, version, levels, sizes, K, classes, ...
+
+An extraction fills ``RUN_DIR/codes/.train.tmp`` shard by shard (a shard: a range of rows), and
+records each finished shard with a digest of its rows; a rerun after a kill keeps the recorded
+shards whose rows still match their digest and encodes the rest. Only the finished store gets
+``meta.json`` and its final name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +33,25 @@ from torch.utils.data import Dataset
 CODE_STORE_FORMAT = "vqvae2-codes"
 CODE_STORE_VERSION = 1
 STORE_META = "meta.json"
+# In the temporary folder of a store being written: what its rows are made from, and one record
+# per finished shard.
+STORE_PROGRESS = "progress.json"
+SHARD_RECORDS = "shards"
+
+
+def _write_json_atomically(path: Path, value: dict) -> None:
+    """Write ``value`` as JSON to ``path`` by a rename: a kill leaves the old file or the new."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(value, indent=2))
+    os.replace(partial, path)
+
+
+def _read_json(path: Path) -> object:
+    """The JSON in ``path``, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _code_dtype(codebook_size: int) -> np.dtype:
@@ -38,8 +63,9 @@ class CodeStoreWriter:
     files, so the store can grow to millions of entries without being held in memory.
 
     Files go to a temporary folder that ``close`` renames into place: a killed extraction leaves
-    no half-written store behind. Several processes can fill one store: one creates it, the
-    others ``attach`` to the same temporary folder and write their own rows.
+    no half-written store behind, and the next one continues it (``shard_done``,
+    ``finish_shard``). Several processes can fill one store: one creates it, the others
+    ``attach`` to the same temporary folder and write their own rows.
     """
 
     def __init__(
@@ -51,25 +77,16 @@ class CodeStoreWriter:
         codebook_size: int,
         extra: dict | None = None,
         augmentations: Sequence[str] = (),
+        source: dict | None = None,
     ) -> None:
         """``augmentations``: names of the transforms whose codes the store holds (index 0 the
-        identity); when given, every row also records its transform index."""
+        identity); when given, every row also records its transform index. ``source``: what
+        the rows are made from besides the metadata (the weights, the data, the batching); the
+        unfinished store of an earlier extraction is kept when its metadata and source equal
+        these, and discarded otherwise (``self.previous`` says which: "none", "kept" or why it
+        was discarded)."""
         self.directory = Path(directory)
         self.tmp = self.directory.with_name(f".{self.directory.name}.tmp")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
-        dtype = _code_dtype(codebook_size)
-        self.codes = [
-            np.lib.format.open_memmap(self.tmp / f"{name}.npy", "w+", dtype, (count, side, side))
-            for name, side in zip(level_names, code_sizes, strict=True)
-        ]
-        self.labels = np.lib.format.open_memmap(self.tmp / "labels.npy", "w+", np.int64, (count,))
-        self.augmentations = None
-        if augmentations:
-            self.augmentations = np.lib.format.open_memmap(
-                self.tmp / "augmentations.npy", "w+", np.int16, (count,)
-            )
         self.meta = {
             "format": CODE_STORE_FORMAT,
             "format_version": CODE_STORE_VERSION,
@@ -80,6 +97,56 @@ class CodeStoreWriter:
             **({"augmentations": list(augmentations)} if augmentations else {}),
             **(extra or {}),
         }
+        # JSON's view of it (tuples become lists), to compare with the one on disk.
+        progress = json.loads(json.dumps({"meta": self.meta, "source": source or {}}))
+        self.previous = self._previous(progress)
+        if self.previous == "kept":
+            try:
+                self._open(level_names, "r+")
+                return
+            except (OSError, ValueError):
+                self.previous = "its files are unreadable"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        (self.tmp / SHARD_RECORDS).mkdir()
+        dtype = _code_dtype(codebook_size)
+        for name, side in zip(level_names, code_sizes, strict=True):
+            np.lib.format.open_memmap(self.tmp / f"{name}.npy", "w+", dtype, (count, side, side))
+        np.lib.format.open_memmap(self.tmp / "labels.npy", "w+", np.int64, (count,))
+        if augmentations:
+            np.lib.format.open_memmap(self.tmp / "augmentations.npy", "w+", np.int16, (count,))
+        # Written last: an unfinished store without it has no usable rows.
+        _write_json_atomically(self.tmp / STORE_PROGRESS, progress)
+        self._open(level_names, "r+")
+
+    def _previous(self, progress: dict) -> str:
+        """What became of an unfinished store: "none" (there is none), "kept" (it matches
+        ``progress``) or why it is discarded."""
+        if not self.tmp.exists():
+            return "none"
+        found = _read_json(self.tmp / STORE_PROGRESS)
+        if not isinstance(found, dict):
+            return "it has no readable progress record"
+        if found == progress:
+            return "kept"
+        differ = [
+            key
+            for part in ("meta", "source")
+            for key in sorted(set(progress[part]) | set(found.get(part) or {}))
+            if progress[part].get(key) != (found.get(part) or {}).get(key)
+        ]
+        if not differ:
+            return "its progress record differs"
+        return f"it was made with another {', '.join(differ)}"
+
+    def _open(self, level_names: Sequence[str], mode: str) -> None:
+        self.codes = [np.load(self.tmp / f"{name}.npy", mmap_mode=mode) for name in level_names]
+        self.labels = np.load(self.tmp / "labels.npy", mmap_mode=mode)
+        augmentations = self.tmp / "augmentations.npy"
+        self.augmentations = (
+            np.load(augmentations, mmap_mode=mode) if augmentations.is_file() else None
+        )
 
     @classmethod
     def attach(cls, directory: str | Path, level_names: Sequence[str]) -> CodeStoreWriter:
@@ -90,13 +157,9 @@ class CodeStoreWriter:
         writer = cls.__new__(cls)
         writer.directory = Path(directory)
         writer.tmp = writer.directory.with_name(f".{writer.directory.name}.tmp")
-        writer.codes = [np.load(writer.tmp / f"{name}.npy", mmap_mode="r+") for name in level_names]
-        writer.labels = np.load(writer.tmp / "labels.npy", mmap_mode="r+")
-        augmentations = writer.tmp / "augmentations.npy"
-        writer.augmentations = (
-            np.load(augmentations, mmap_mode="r+") if augmentations.is_file() else None
-        )
+        writer._open(level_names, "r+")
         writer.meta = {}
+        writer.previous = "attached"
         return writer
 
     def write(
@@ -112,14 +175,40 @@ class CodeStoreWriter:
             self.augmentations[start:stop] = augmentation
 
     def flush(self) -> None:
-        arrays = [*self.codes, self.labels]
-        if self.augmentations is not None:
-            arrays.append(self.augmentations)
-        for array in arrays:
+        for array in self._arrays():
             array.flush()
 
-    def close(self) -> Path:
+    def _arrays(self) -> list[np.ndarray]:
+        arrays = [*self.codes, self.labels]
+        return arrays if self.augmentations is None else [*arrays, self.augmentations]
+
+    def _digest(self, rows: range) -> str:
+        """SHA-256 of rows ``rows`` of every file of the store."""
+        digest = hashlib.sha256()
+        for array in self._arrays():
+            digest.update(np.ascontiguousarray(array[rows.start : rows.stop]).tobytes())
+        return digest.hexdigest()
+
+    def _record_path(self, rows: range) -> Path:
+        return self.tmp / SHARD_RECORDS / f"{rows.start}-{rows.stop}.json"
+
+    def shard_done(self, rows: range) -> bool:
+        """Whether rows ``rows`` were finished by an earlier process (of this extraction or of
+        a killed one) and still hold what it recorded."""
+        record = _read_json(self._record_path(rows))
+        return isinstance(record, dict) and record.get("sha256") == self._digest(rows)
+
+    def finish_shard(self, rows: range) -> None:
+        """Record rows ``rows`` as finished, after they reached the files."""
         self.flush()
+        _write_json_atomically(self._record_path(rows), {"sha256": self._digest(rows)})
+
+    def close(self) -> Path:
+        """Give the finished store its ``meta.json`` and, by a rename, its final name."""
+        self.flush()
+        # Without its progress record an unfinished store is discarded by the next extraction.
+        (self.tmp / STORE_PROGRESS).unlink()
+        shutil.rmtree(self.tmp / SHARD_RECORDS)
         (self.tmp / STORE_META).write_text(json.dumps(self.meta, indent=2))
         if self.directory.exists():
             shutil.rmtree(self.directory)

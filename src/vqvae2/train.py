@@ -13,6 +13,8 @@ session around it (resume, schedule, log, validation, checkpoints, time limits, 
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import shutil
 import time
@@ -40,7 +42,6 @@ from .data import (
     apply_augmentation,
     augmentation_names,
     batch_loader,
-    eval_loader,
     float_to_uint8,
     open_dataset,
     uint8_to_float,
@@ -81,6 +82,8 @@ from .run import (
 )
 from .sampling import sample_level_cached
 from .vqvae import VQVAE2
+
+logger = logging.getLogger("vqvae2.train")
 
 # ----------------------------------------------------------------------------------------------
 # Stage 1 (Algorithm 1)
@@ -254,6 +257,10 @@ def _vqvae_step(model: VQVAE2, session: TrainingSession, config: VQVAERunConfig)
 # ----------------------------------------------------------------------------------------------
 # Stage 2: code extraction (Algorithm 2, lines 1-7)
 
+# Images per shard of a code store: the unit an extraction records as finished, so a killed one
+# redoes at most this many images per process; 16 evaluation batches.
+EXTRACT_SHARD_SIZE = 16 * EVAL_BATCH_SIZE
+
 
 @torch.no_grad()
 def extract_codes(
@@ -264,6 +271,7 @@ def extract_codes(
     progress: bool = True,
     runtime: RuntimeConfig | None = None,
     augment: Sequence[str] = (),
+    shard_size: int | None = None,
 ) -> dict[str, Path]:
     """Encode dataset splits once with the trained VQ-VAE into ``RUN_DIR/codes/<split>``.
 
@@ -273,15 +281,28 @@ def extract_codes(
     (distribution augmentation) and use the identity for evaluation and sampling. Without
     ``augment`` an earlier augmented store is removed, so priors never mix two VQ-VAEs' codes.
 
-    Under torchrun each process encodes a contiguous share of every split into the same store.
+    Each store is written in shards of ``shard_size`` images (default ``EXTRACT_SHARD_SIZE``),
+    each recorded when finished; under torchrun the processes take turns over the shards. An
+    extraction killed mid-way and run again encodes only the shards it had not finished, into
+    a store equal to an uninterrupted extraction's, unless the VQ-VAE weights, the data, the
+    batch or shard size changed in between: then the unfinished store is discarded.
 
     Returns:
         The store folder of each split written.
     """
+    shard_size = EXTRACT_SHARD_SIZE if shard_size is None else shard_size
+    if shard_size < 1:
+        raise ValueError(f"the shard size must be at least 1 image, got {shard_size}")
     context = runtime_context(runtime)
     names = augmentation_names(augment)  # checked before any work
     checkpoint = read_checkpoint(run.path, VQVAE_KIND)  # step and weights from one folder
     checkpoint_step = checkpoint.step
+    source = {
+        "vqvae_sha256": _weights_digest(checkpoint.model_state),
+        "data": str(Path(data_path).resolve()),
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+    }
     model = vqvae_from_checkpoint(checkpoint, map_location=context.device)
     config = model.config
     data_config = run.config.data
@@ -300,8 +321,10 @@ def extract_codes(
                 transforms,
                 recorded,
                 extra,
+                {**source, "split": split},
                 context,
                 batch_size,
+                shard_size,
                 data_config.num_workers,
                 progress,
             )
@@ -312,6 +335,15 @@ def extract_codes(
     return written
 
 
+def _weights_digest(state: dict[str, Tensor]) -> str:
+    """SHA-256 of a model's tensors (names and bytes): which weights made a code store."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _encode_into_store(
     model: VQVAE2,
     dataset: Dataset,
@@ -319,15 +351,18 @@ def _encode_into_store(
     transforms: Sequence[str],
     recorded: Sequence[str],
     extra: dict,
+    source: dict,
     context: DistributedContext,
     batch_size: int,
+    shard_size: int,
     num_workers: int,
     progress: bool,
 ) -> Path:
     """Encode ``dataset`` once per transform into one code store, transform-major rows.
 
     ``recorded`` names every transform of an augmented store (its rows record their index in
-    it); empty for a plain store. Each process encodes its contiguous share of every copy.
+    it); empty for a plain store. The rows go in shards of ``shard_size`` images of one copy,
+    the processes taking turns; a shard an earlier (killed) extraction finished is kept.
     """
     config = model.config
     if context.is_main:
@@ -339,28 +374,104 @@ def _encode_into_store(
             config.codebook_size,
             extra=extra,
             augmentations=recorded,
+            source={**source, "transforms": list(transforms)},
         )
+        if writer.previous not in ("none", "kept"):
+            logger.warning(
+                "discarding the unfinished code store %s: %s",
+                writer.tmp,
+                writer.previous,
+            )
     context.barrier()  # the store's files exist before the other processes open them
     if not context.is_main:
         writer = CodeStoreWriter.attach(directory, config.level_names)
-    share = context.shard_range(len(dataset))
+    # Shards: (copy index, images of the dataset), each a range of store rows.
+    shards = [
+        (copy_index, range(start, min(start + shard_size, len(dataset))))
+        for copy_index in range(len(transforms))
+        for start in range(0, len(dataset), shard_size)
+    ]
+    mine = shards[context.rank :: context.world_size]
+    to_do = [
+        (copy_index, images)
+        for copy_index, images in mine
+        if not writer.shard_done(_store_rows(copy_index, images, len(dataset)))
+    ]
+    kept = len(mine) - len(to_do)
+    bar = tqdm(
+        total=sum(len(images) for _, images in to_do),
+        desc=f"extract-codes {directory.name}",
+        disable=not (progress and context.is_main),
+    )
     for copy_index, transform in enumerate(transforms):
-        transform_index = recorded.index(transform) if recorded else 0
-        start = copy_index * len(dataset) + share.start
-        batches = eval_loader(Subset(dataset, share), batch_size, num_workers)
-        description = f"extract-codes {directory.name}" + (f" {transform}" if recorded else "")
-        for images, labels in tqdm(
-            batches, desc=description, disable=not (progress and context.is_main)
-        ):
-            images = apply_augmentation(uint8_to_float(images.to(context.device)), transform)
-            writer.write(start, model.encode(images), labels, transform_index)
-            start += len(labels)
-    writer.flush()
+        shard_images = [images for index, images in to_do if index == copy_index]
+        if shard_images:
+            transform_index = recorded.index(transform) if recorded else 0
+            _encode_shards(
+                model,
+                dataset,
+                copy_index,
+                shard_images,
+                (transform, transform_index),
+                writer,
+                context,
+                batch_size,
+                num_workers,
+                bar,
+            )
+    bar.close()
+    if kept and context.is_main:
+        logger.info(
+            "%s: kept %d of %d shards finished by an interrupted extraction, encoded %d",
+            directory,
+            kept,
+            len(mine),
+            len(mine) - kept,
+        )
     context.barrier()  # every share is written before the store is closed
     if context.is_main:
         writer.close()
     context.barrier()
     return directory
+
+
+def _encode_shards(
+    model: VQVAE2,
+    dataset: Dataset,
+    copy_index: int,
+    shard_images: list[range],
+    transform: tuple[str, int],
+    writer: CodeStoreWriter,
+    context: DistributedContext,
+    batch_size: int,
+    num_workers: int,
+    bar: tqdm,
+) -> None:
+    """Encode the images of each shard in ``shard_images`` under ``transform`` (name, index
+    recorded) into their rows of copy ``copy_index``, recording each shard when finished."""
+    name, index = transform
+    batches = [
+        list(images[start : start + batch_size])
+        for images in shard_images
+        for start in range(0, len(images), batch_size)
+    ]
+    loader = iter(batch_loader(dataset, batches, num_workers))
+    for images in shard_images:  # the loader's batches, shard by shard
+        rows = _store_rows(copy_index, images, len(dataset))
+        start = rows.start
+        while start < rows.stop:
+            pixels, labels = next(loader)
+            pixels = apply_augmentation(uint8_to_float(pixels.to(context.device)), name)
+            writer.write(start, model.encode(pixels), labels, index)
+            start += len(labels)
+            bar.update(len(labels))
+        writer.finish_shard(rows)
+
+
+def _store_rows(copy_index: int, images: range, dataset_size: int) -> range:
+    """The store rows of ``images`` of the dataset in copy ``copy_index`` (transform-major)."""
+    offset = copy_index * dataset_size
+    return range(offset + images.start, offset + images.stop)
 
 
 # ----------------------------------------------------------------------------------------------
