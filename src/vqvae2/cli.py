@@ -249,41 +249,37 @@ def _draw_settings(args: argparse.Namespace) -> dict:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from .sample import grid_columns, sample_from_run, sample_summary, write_codes, write_samples
+    from . import sample
 
     _check_sample_options(args)
     if _rejecting(args):
         return _cmd_sample_with_rejection(args)
     models, settings, runtime = _open_models(args.run_dir), _draw_settings(args), _runtime(args)
-    result = sample_from_run(
+    result = sample.sample_from_run(
         models, args.n, args.classes, **settings, progress=not args.quiet, runtime=runtime
     )
-    write_samples(result.images, args.out, grid_columns(args.n, args.classes), args.save_images)
+    columns = sample.grid_columns(args.n, args.classes)
+    sample.write_samples(result.images, args.out, columns, args.save_images)
     if args.save_codes is not None:
-        write_codes(result, args.save_codes)
-    return _report(args, sample_summary, models, result, args.out, settings)
+        sample.write_codes(result, args.save_codes)
+    return _report(args, sample.sample_summary, models, result, args.out, settings)
 
 
 def _cmd_sample_with_rejection(args: argparse.Namespace) -> int:
     """``sample --reject-fraction F`` / ``--accept-threshold T`` (Section 3.3)."""
-    from .sample import (
-        grid_columns,
-        rejection_summary,
-        sample_with_rejection,
-        write_samples,
-        write_scores,
-    )
+    from . import sample
 
     rejection = {"reject_fraction": args.reject_fraction, "accept_threshold": args.accept_threshold}
     settings, runtime = {**rejection, **_draw_settings(args)}, _runtime(args)
     models = _open_models(args.run_dir)
-    result = sample_with_rejection(
+    result = sample.sample_with_rejection(
         models, args.n, args.classes, **settings, progress=not args.quiet, runtime=runtime
     )
-    write_samples(result.images, args.out, grid_columns(args.n, args.classes), args.save_images)
+    columns = sample.grid_columns(args.n, args.classes)
+    sample.write_samples(result.images, args.out, columns, args.save_images)
     if args.save_images is not None:
-        write_scores(result, args.save_images / "scores.npz")
-    return _report(args, rejection_summary, result, args.out, settings)
+        sample.write_scores(result, args.save_images / "scores.npz")
+    return _report(args, sample.rejection_summary, result, args.out, settings)
 
 
 def _evaluate_config(args: argparse.Namespace):
