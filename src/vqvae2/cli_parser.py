@@ -251,40 +251,40 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         "unless --inception-weights or --feature-classifier is given; classifier features give "
         "numbers that are not comparable with published FID/IS.",
     )
-    add = evaluate.add_argument
     _add_run_dir(evaluate, "run folder with the VQ-VAE, priors, classifier")
     _add_data(evaluate)
-    add("--out", type=Path, required=True, help="report folder to write")
-    add(
+    evaluate.add_argument("--out", type=Path, required=True, help="report folder to write")
+    evaluate.add_argument(
         "--n-samples",
         dest="num_samples",
+        metavar="N_SAMPLES",
         type=int,
         help="samples per metric set at each rejection rate (10000)",
     )
-    add(
+    evaluate.add_argument(
         "--reject-fractions",
         type=_fractions,
         help="comma-separated rejection rates in [0, 1) (default 0,0.25,0.5,0.75)",
     )
-    add(
+    evaluate.add_argument(
         "--cas-samples", type=int, help="samples the CAS classifier trains on (default: train size)"
     )
-    add(
+    evaluate.add_argument(
         "--cas-steps",
         type=int,
         help="CAS classifier steps (default: those of the run's classifier)",
     )
-    add(
+    evaluate.add_argument(
         "--inception-weights",
         type=Path,
         help="FID InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth) for the features",
     )
-    add(
+    evaluate.add_argument(
         "--feature-classifier",
         type=Path,
         help="take features from this classifier folder (default RUN_DIR/feature-classifier)",
     )
-    add("--seed", type=int, default=0, help="random seed (default 0)")
+    evaluate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _add_output_options(evaluate, "the whole report")
     _add_device_option(evaluate)
 
