@@ -377,3 +377,9 @@ def test_the_report_s_command_line_names_the_options_that_differ_from_the_defaul
         evaluate_command("r", "d", "o", EvaluateConfig())
         == "vqvae2 evaluate r --data d --seed 0 --out o"
     )
+
+
+def test_resume_with_seed_zero_is_refused_like_any_seed(tmp_path, capsys):
+    argv = ["train-vqvae", "--out", str(tmp_path / "run"), "--resume", "--seed", "0", "--quiet"]
+    message = "--resume continues the saved config; drop --config, --seed and overrides"
+    assert_one_line_error(capsys, main(argv), message)
