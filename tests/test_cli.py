@@ -361,3 +361,25 @@ def test_stage2_bad_input_is_one_line(tmp_path, npz_data, capsys):
     codes.write_bytes(codes.read_bytes()[:100])
     code = main(["train-prior", str(run), "--level", "top", "--resume", "--quiet"])
     assert_one_line_error(capsys, code, "truncated or corrupt")
+
+
+def test_the_report_s_command_line_names_the_options_that_differ_from_the_defaults():
+    from vqvae2.config import EvaluateConfig
+    from vqvae2.report import evaluate_command
+
+    config = EvaluateConfig(num_samples=24, cas_steps=5, reject_fractions=(0.5,), seed=3)
+    line = evaluate_command("runs/a", "d.npz", "rep", config, "cpu", feature_classifier="fc")
+    assert line == (
+        "vqvae2 evaluate runs/a --data d.npz --n-samples 24 --cas-steps 5 --feature-classifier fc "
+        "--reject-fractions 0.5 --device cpu --seed 3 --out rep"
+    )
+    assert (
+        evaluate_command("r", "d", "o", EvaluateConfig())
+        == "vqvae2 evaluate r --data d --seed 0 --out o"
+    )
+
+
+def test_resume_with_seed_zero_is_refused_like_any_seed(tmp_path, capsys):
+    argv = ["train-vqvae", "--out", str(tmp_path / "run"), "--resume", "--seed", "0", "--quiet"]
+    message = "--resume continues the saved config; drop --config, --seed and overrides"
+    assert_one_line_error(capsys, main(argv), message)

@@ -350,3 +350,9 @@ def test_help_of_the_codec_commands(command, mark, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])
     assert exit_info.value.code == 0 and mark in capsys.readouterr().out
+
+
+def test_one_label_is_every_image_s(run_dir, tmp_path):
+    paths = write_pngs(tmp_path / "in", blob_images(3))
+    compressed = compress_files(run_dir, paths, tmp_path / "c", labels=[2])
+    assert [item.header.label for item in compressed] == [2, 2, 2]

@@ -190,6 +190,8 @@ def _checked_labels(
         return None
     if labels is None:
         raise ValueError("the run's priors are class-conditional: give each image's class label")
+    if len(labels) == 1:
+        labels = list(labels) * count  # one class for every image
     if len(labels) != count:
         raise ValueError(f"{len(labels)} labels for {count} images")
     bad = [label for label in labels if not 0 <= label < num_classes]
@@ -221,7 +223,8 @@ def compress_files(
         run_dir: a run with its VQ-VAE and every level's prior.
         paths: image files (any size; grey or colour, converted to the model's channels).
         out_dir: folder for the compressed files (created).
-        labels: one class per image, required exactly when the priors are class-conditional.
+        labels: one class per image (or one for all), required exactly when the priors are
+            class-conditional.
         progress: show a progress bar.
 
     Returns:
@@ -518,3 +521,35 @@ def compression_report(run_dir: str | Path, results: Sequence[CompressedFile]) -
         [result.encoded for result in results], names, pixels, [r.size for r in results]
     )
     return {"run": str(run_dir), **summary, "files": files}
+
+
+def compression_text(report: dict[str, Any], out_dir: str | Path) -> str:
+    """``compression_report`` for people: file sizes and bits per pixel beside the priors' NLL."""
+    bits, nll = report["bits_per_pixel"], report["nll_bits_per_pixel"]
+    levels = ", ".join(f"{name} {value:.3f}" for name, value in nll.items() if name != "total")
+    return (
+        f"compressed {report['images']} images into {out_dir}: {report['file_bytes']:.1f} bytes "
+        f"each on average ({report['payload_bytes']:.1f} payload + {OVERHEAD_BYTES} header), "
+        f"{bits['file']:.3f} bits per pixel ({bits['payload']:.3f} for the payload)\n"
+        f"the priors' NLL of the codes: {nll['total']:.3f} bits per pixel ({levels}); the "
+        f"payload is {report['payload_over_nll']:+.2%} over it"
+    )
+
+
+def decompression_summary(
+    results: Sequence[DecompressedFile], run_dir: str | Path, out_dir: str | Path
+) -> tuple[dict[str, Any], str]:
+    """What ``vqvae2 decompress`` prints: a record of each file's PNG, size and label, and a
+    line."""
+    files = [
+        {
+            "file": str(result.file),
+            "png": str(result.png),
+            "height": result.header.height,
+            "width": result.header.width,
+            "label": result.header.label,
+        }
+        for result in results
+    ]
+    record = {"run": str(run_dir), "images": len(results), "files": files}
+    return record, f"decompressed {len(results)} files into {out_dir}"

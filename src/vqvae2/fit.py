@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -197,3 +198,13 @@ def _classifier_step(session: TrainingSession, config: ClassifierRunConfig):
         )
 
     return step
+
+
+def classifier_summary(result: TrainResult) -> tuple[dict[str, Any], str]:
+    """What ``vqvae2 train-classifier`` prints: the final accuracy as a record, and as text."""
+    metrics, out = result.metrics, result.run_dir
+    text = (
+        f"classifier, {result.step} steps: test accuracy {metrics['test_accuracy']:.2%} "
+        f"(validation {metrics['val_accuracy']:.2%}); saved in {out}"
+    )
+    return {"out": str(out), "step": result.step, **metrics}, text

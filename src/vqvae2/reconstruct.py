@@ -78,3 +78,26 @@ def reconstruct(
         "grid": str(out_png),
         "levels": {key: levels[key] for key in ("levels", "prefixes")},
     }
+
+
+def reconstruction_text(result: dict[str, Any]) -> str:
+    """``reconstruct``'s result for people: the error, what each level carries, the grid."""
+    lines = [
+        f"{result['split']}: {result['images']} images, MSE {result['mse']:.5f}, "
+        f"PSNR {result['psnr']:.2f} dB"
+    ]
+    for name, level in result["levels"]["levels"].items():
+        lines.append(
+            f"{name}: code perplexity {level['perplexity']:.1f} ({level['bits']:.2f} bits); "
+            f"swapping its codes changes the output by MSE {level['swap_mse']:.5f}, "
+            f"{level['swap_coarse_share']:.0%} of it at the top map's scale"
+        )
+    for name, prefix in result["levels"]["prefixes"].items():
+        side = prefix["low_pass_side"]
+        lines.append(
+            f"decoded from {name} alone: PSNR {prefix['psnr_vs_low_pass']:.2f} dB against the "
+            f"image low-passed to {side}x{side}, "
+            f"{prefix['psnr_vs_mean_image']:.2f} dB against the mean image"
+        )
+    lines.append(f"grid: {result['grid']}")
+    return "\n".join(lines)

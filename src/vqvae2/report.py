@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .config import EvaluateConfig
+
 REPORT_JSON = "report.json"
 REPORT_MARKDOWN = "report.md"
 FID_PLOT = "fid-vs-inception-score.png"
@@ -284,3 +286,61 @@ def write_report(
     plot_rejection_curves(report["rejection"], report["references"], out_dir)
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / REPORT_MARKDOWN).write_text(render_markdown(report))
+
+
+def evaluation_text(report: dict[str, Any], out_dir: str | Path) -> str:
+    """The headline of an evaluation report for people: CAS, then FID, IS, precision and recall
+    without rejection and at the highest rejection rate, then where ``report.md`` is."""
+    base, last = report["rejection"][0], report["rejection"][-1]
+    table2 = report["table2"]
+    lines = [
+        f"CAS top-1: samples {table2['samples']['top1']:.2%} (after reconstructing "
+        f"{table2['samples_after_reconstructing']['top1']:.2%}), real data "
+        f"{table2['real']['top1']:.2%}",
+        f"no rejection: FID {base['fid']:.3f}, IS {base['inception_score']:.3f}, precision "
+        f"{base['precision']:.3f}, recall {base['recall']:.3f}",
+    ]
+    if last is not base:
+        lines.append(
+            f"rejecting {last['reject_fraction']:.0%}: FID {last['fid']:.3f}, IS "
+            f"{last['inception_score']:.3f}, precision {last['precision']:.3f}, recall "
+            f"{last['recall']:.3f}"
+        )
+    lines.append(f"report: {Path(out_dir) / REPORT_MARKDOWN}")
+    return "\n".join(lines)
+
+
+def evaluation_summary(report: dict[str, Any], out_dir: str | Path) -> tuple[dict, str]:
+    """What ``vqvae2 evaluate`` prints: the whole report as its record, and its headline."""
+    return report, evaluation_text(report, out_dir)
+
+
+def evaluate_command(
+    run_dir: str | Path,
+    data_path: str | Path,
+    out_dir: str | Path,
+    config: EvaluateConfig,
+    device: str = "auto",
+    inception_weights: str | Path | None = None,
+    feature_classifier: str | Path | None = None,
+) -> str:
+    """The ``vqvae2 evaluate`` command line that repeats an evaluation, for its report: the
+    command's options whose values differ from their defaults, then the seed and the folder."""
+    default = EvaluateConfig()
+
+    def fractions(config: EvaluateConfig) -> str:
+        return ",".join(f"{fraction:g}" for fraction in config.reject_fractions)
+
+    words = ["vqvae2", "evaluate", str(run_dir), "--data", str(data_path)]
+    for flag, value, unset in (
+        ("--n-samples", config.num_samples, default.num_samples),
+        ("--cas-samples", config.cas_samples, default.cas_samples),
+        ("--cas-steps", config.cas_steps, default.cas_steps),
+        ("--inception-weights", inception_weights, None),
+        ("--feature-classifier", feature_classifier, None),
+        ("--reject-fractions", fractions(config), fractions(default)),
+        ("--device", device, "auto"),
+    ):
+        if value != unset:
+            words += [flag, str(value)]
+    return " ".join([*words, "--seed", str(config.seed), "--out", str(out_dir)])

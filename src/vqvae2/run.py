@@ -36,6 +36,7 @@ from .config import (
     VQVAERunConfig,
     check_priors_fit,
     config_from_dict,
+    list_presets,
 )
 from .pixelsnail import PixelSNAIL
 from .vqvae import VQVAE2
@@ -192,6 +193,15 @@ class Run:
     def level_names(self) -> tuple[str, ...]:
         """Names of the latent levels, top first."""
         return self.config.model.level_names
+
+    def preset_for(self, stage: str) -> str:
+        """The preset ``<stage>-<this run's preset>`` (``prior-top-fashion-mnist-32``,
+        ``classifier-fashion-mnist-32``) that a later stage defaults to; ``ValueError`` when the
+        run was not trained from a preset that has one."""
+        name = f"{stage}-{self.preset}"
+        if self.preset is None or name not in list_presets():
+            raise ValueError(f"no preset '{name}' for this run; pass --config PRESET_OR_YAML")
+        return name
 
     def level_index(self, level: str) -> int:
         """Index (top = 0) of ``level``; ``ValueError`` if the VQ-VAE has no such level."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -193,3 +193,40 @@ def class_agreement_of(run: Models, result: SampleResult) -> float | None:
     if result.labels is None or not run.has_classifier():
         return None
     return class_agreement(run.load_classifier(), result.images, result.labels)
+
+
+def sample_summary(
+    run: Models, result: SampleResult, grid: str | Path, settings: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
+    """What ``vqvae2 sample`` prints: a record (the count, the grid, the draw's ``settings``,
+    the run classifier's agreement with the requested classes when it has one) and its text."""
+    record: dict[str, Any] = {"samples": len(result.images), "grid": str(grid), **settings}
+    text = f"{len(result.images)} samples: {grid}"
+    agreement = class_agreement_of(run, result)
+    if agreement is not None:
+        record["class_agreement"] = agreement
+        text += f"\nthe run's classifier assigns the requested class to {agreement:.1%} of them"
+    return record, text
+
+
+def rejection_summary(
+    result: RejectionSampleResult, grid: str | Path, settings: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
+    """What ``vqvae2 sample --reject-fraction/--accept-threshold`` prints: a record (counts,
+    the classifier's scores of the kept samples, the draw's ``settings``) and its text."""
+    kept = len(result.images)
+    record = {
+        "samples": kept,
+        "candidates": result.candidates,
+        "accepted_fraction": kept / result.candidates,
+        "mean_score": float(result.scores.mean()),
+        "min_score": float(result.scores.min()),
+        "grid": str(grid),
+        **settings,
+    }
+    text = (
+        f"{kept} samples kept of {result.candidates} drawn: {grid}\n"
+        f"the run's classifier gives their requested class a mean probability of "
+        f"{record['mean_score']:.3f} (lowest {record['min_score']:.3f})"
+    )
+    return record, text

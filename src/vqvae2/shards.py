@@ -74,6 +74,14 @@ class WrittenShards:
     images: dict[str, int]
     class_names: list[str]
 
+    def summary(self) -> str:
+        """One line: the manifest, then each split's images and shards."""
+        counts = ", ".join(
+            f"{split} {self.images[split]} images in {len(paths)} shards"
+            for split, paths in self.shards.items()
+        )
+        return f"wrote {self.manifest}: {counts}"
+
 
 def _folder_sets(root: Path) -> tuple[dict[str, tuple[list[Path], list[int]]], list[str]]:
     """The image files and labels of each split an image folder has (``train`` always: the

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -674,3 +675,33 @@ def _prior_step(prior: PixelSNAIL, step_module: StepModule, config: PriorRunConf
         return StepOutput(total, lambda: _nll_summary("batch", output.loss.item()))
 
     return step
+
+
+# ----------------------------------------------------------------------------------------------
+# What the training commands print
+
+
+def vqvae_summary(result: TrainResult) -> tuple[dict[str, Any], str]:
+    """What ``vqvae2 train-vqvae`` prints: the final metrics as a record, and as text."""
+    metrics = result.metrics
+    usage = ", ".join(
+        f"{key.removeprefix('usage_')} {value:.1%}"
+        for key, value in metrics.items()
+        if key.startswith("usage_")
+    )
+    text = (
+        f"trained {result.step} steps; validation MSE {metrics['mse']:.5f} "
+        f"(PSNR {metrics['psnr']:.2f} dB), codes in use: {usage}\nrun folder: {result.run_dir}"
+    )
+    return {"run_dir": str(result.run_dir), "step": result.step, **metrics}, text
+
+
+def prior_summary(level: str, result: TrainResult) -> tuple[dict[str, Any], str]:
+    """What ``vqvae2 train-prior`` prints: the final NLL as a record, and as text."""
+    metrics = result.metrics
+    text = (
+        f"{level} prior, {result.step} steps: NLL train {metrics['train_nll_nats']:.4f} "
+        f"nats/code ({metrics['train_nll_bits']:.4f} bits), validation "
+        f"{metrics['val_nll_nats']:.4f} nats/code ({metrics['val_nll_bits']:.4f} bits)"
+    )
+    return {"level": level, "step": result.step, **metrics}, text
