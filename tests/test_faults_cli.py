@@ -87,6 +87,14 @@ def test_training_output_under_a_file_is_refused(tmp_path, npz_data, capsys, a_f
     assert line == f"--out {out}: {a_file} is not a folder"
 
 
+def test_a_bad_shard_size_is_refused_before_extraction(sampled_run, capsys):
+    run, data = sampled_run
+    store = (run / "codes" / "train" / "meta.json").stat().st_mtime_ns
+    line = refused(capsys, ["extract-codes", run, "--data", data, "--shard-size", "0"])
+    assert line == "the shard size must be at least 1 image, got 0"
+    assert (run / "codes" / "train" / "meta.json").stat().st_mtime_ns == store
+
+
 def test_bad_prior_arguments_are_refused(sampled_run, tmp_path, capsys):
     run, _ = sampled_run
     line = refused(capsys, ["train-prior", run, "--level", "top", "--max-steps", "0"])

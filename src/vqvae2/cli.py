@@ -217,7 +217,12 @@ def _cmd_extract_codes(args: argparse.Namespace) -> int:
     run = _open_run(args.run_dir)
     data, runtime = _data_of(args, run.data_path), _runtime(args)
     written = extract_codes(
-        run, data, progress=not args.quiet, runtime=runtime, augment=args.augment
+        run,
+        data,
+        progress=not args.quiet,
+        runtime=runtime,
+        augment=args.augment,
+        shard_size=args.shard_size,
     )
     for split, path in written.items():
         if _is_main_process():

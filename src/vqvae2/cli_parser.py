@@ -181,6 +181,12 @@ def _add_extract_codes(commands: argparse._SubParsersAction) -> None:
         "codes/train-augmented; priors then train on them conditioned on the transform "
         "(distribution augmentation) and evaluate and sample with the identity",
     )
+    extract.add_argument(
+        "--shard-size",
+        type=int,
+        help="images encoded between progress marks; a killed run again redoes only the "
+        "unfinished shards (default 4096)",
+    )
     _add_output_options(extract, None)
     _add_device_option(extract)
 
