@@ -17,26 +17,25 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .batches import check_batch_fits, micro_batch_size
 from .checkpoint import RunFacts
 from .classifier import Classifier
 from .config import ClassifierRunConfig, RuntimeConfig
 from .data import DEFAULT_DATA_PATH, batch_loader, open_dataset, uint8_to_float
 from .distributed import runtime_context
 from .loop import (
-    Clock,
     StepOutput,
     TrainingSession,
     TrainResult,
-    check_batch_fits,
     image_keys,
-    micro_batch_size,
     micro_batches,
     resume_or_start,
-    seed_own_dropout,
     training_lock,
 )
 from .measure import measure_accuracy
+from .random_state import seed_own_dropout
 from .run import CLASSIFIER_KIND
+from .schedule import Clock
 
 CLASSIFIER_SPLITS = ("train", "val", "test")
 

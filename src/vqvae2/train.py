@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
+from .batches import check_batch_fits, micro_batch_size
 from .checkpoint import RunFacts, read_checkpoint
 from .codes import CodeDataset, CodeStoreWriter, PriorTrainingCodes
 from .config import (
@@ -48,17 +49,13 @@ from .data import (
 from .distributed import DistributedContext, runtime_context
 from .fit import train_classifier  # noqa: F401  (the stage trainers in one place)
 from .loop import (
-    Clock,
     StepModule,
     StepOutput,
     TrainingSession,
     TrainResult,
-    check_batch_fits,
     image_keys,
-    micro_batch_size,
     micro_batches,
     resume_or_start,
-    seed_own_dropout,
     training_lock,
 )
 from .measure import (
@@ -70,6 +67,7 @@ from .measure import (
 )
 from .metrics import squared_error_01
 from .pixelsnail import PixelSNAIL
+from .random_state import seed_own_dropout
 from .report import make_grid, save_png
 from .run import (
     AUGMENTED_CODES,
@@ -80,6 +78,7 @@ from .run import (
     vqvae_from_checkpoint,
 )
 from .sampling import sample_level_cached
+from .schedule import Clock
 from .vqvae import VQVAE2
 
 # ----------------------------------------------------------------------------------------------
