@@ -211,7 +211,7 @@ def resume_or_start(
 def image_keys(session: TrainingSession, rows: slice) -> list[int]:
     """The keys of ``rows`` of this process's batch: each image's position in the run's
     sequence of training images, step * batch_size + its place in the global batch (the keys of
-    ``loop.EpochBatchSampler``), so the same image has the same key under any number of
+    ``batches.EpochBatchSampler``), so the same image has the same key under any number of
     processes and micro-batches, and in a resumed run."""
     train, context = session.train, session.context
     first = session.step * train.batch_size + context.rank * (
