@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vqvae2.cas import classification_accuracy_score
 from vqvae2.classifier import Classifier
 from vqvae2.cli import main
 from vqvae2.config import (
@@ -23,11 +24,7 @@ from vqvae2.config import (
     load_config,
 )
 from vqvae2.data import SPLITS, float_to_uint8, open_dataset, uint8_to_float
-from vqvae2.evaluate import (
-    classification_accuracy_score,
-    evaluate_run,
-    proportional_counts,
-)
+from vqvae2.evaluate import evaluate_run, proportional_counts
 from vqvae2.inception import InceptionV3, load_inception
 from vqvae2.measure import extract_features
 from vqvae2.metrics import frechet_distance, precision_recall
@@ -632,7 +629,7 @@ def test_float_to_uint8_round_trip_used_by_the_pool():
 
 def test_pool_batches_cover_the_pool_once_over_processes():
     from vqvae2.distributed import DistributedContext
-    from vqvae2.evaluate import pool_batches
+    from vqvae2.rejection_sweep import pool_batches
 
     starts = [pool_batches(10, 2, DistributedContext(rank=r, world_size=3)) for r in range(3)]
     assert starts == [[0, 6], [2, 8], [4]]
