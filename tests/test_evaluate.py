@@ -15,10 +15,8 @@ from vqvae2.cas import classification_accuracy_score
 from vqvae2.classifier import Classifier
 from vqvae2.cli import main
 from vqvae2.config import (
-    ClassifierConfig,
     ClassifierRunConfig,
     EvaluateConfig,
-    PixelSNAILConfig,
     PriorRunConfig,
     VQVAERunConfig,
     load_config,
@@ -28,6 +26,7 @@ from vqvae2.evaluate import evaluate_run, proportional_counts
 from vqvae2.inception import InceptionV3, load_inception
 from vqvae2.measure import extract_features
 from vqvae2.metrics import frechet_distance, precision_recall
+from vqvae2.model_configs import ClassifierConfig, PixelSNAILConfig
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.report import render_markdown
 from vqvae2.run import Run, load_classifier, load_prior, load_run_config, load_vqvae

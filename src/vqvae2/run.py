@@ -30,13 +30,8 @@ from ._helpers import load_state_checked
 from .checkpoint import LATEST, Checkpoint, read_checkpoint, read_meta, run_facts
 from .classifier import Classifier
 from .codes import CodeDataset
-from .config import (
-    ClassifierRunConfig,
-    PriorRunConfig,
-    VQVAERunConfig,
-    check_priors_fit,
-    config_from_dict,
-)
+from .config import ClassifierRunConfig, PriorRunConfig, VQVAERunConfig, config_from_dict
+from .model_configs import check_priors_fit
 from .pixelsnail import PixelSNAIL
 from .vqvae import VQVAE2
 

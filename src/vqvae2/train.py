@@ -30,12 +30,7 @@ from tqdm import tqdm
 from .batches import check_batch_fits, micro_batch_size
 from .checkpoint import RunFacts, read_checkpoint
 from .codes import CodeDataset, CodeStoreWriter, PriorTrainingCodes
-from .config import (
-    PriorRunConfig,
-    RuntimeConfig,
-    VQVAERunConfig,
-    prior_for_data,
-)
+from .config import PriorRunConfig, RuntimeConfig, VQVAERunConfig
 from .data import (
     DEFAULT_DATA_PATH,
     apply_augmentation,
@@ -66,6 +61,7 @@ from .measure import (
     reconstruction_grid,
 )
 from .metrics import squared_error_01
+from .model_configs import prior_for_data
 from .pixelsnail import PixelSNAIL
 from .random_state import seed_own_dropout
 from .report import make_grid, save_png
@@ -399,7 +395,7 @@ def _prior_fitting_data(
     run: Run, index: int, config: PriorRunConfig, new: bool, codes: PriorTrainingCodes
 ) -> PriorRunConfig:
     """A new prior's config with its data fields set from the VQ-VAE and the codes
-    (``config.prior_for_data``); a resumed prior's, checked to fit the codes still."""
+    (``model_configs.prior_for_data``); a resumed prior's, checked to fit the codes still."""
     prior = config.prior
     if not new:
         if prior.num_augmentations != codes.num_augmentations:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import VQVAEConfig
+from .model_configs import VQVAEConfig
 from .quantize import GatherFn, QuantizerOutput, ReduceFn, VectorQuantizerEMA, identity_reduce
 
 LEVEL_DROPOUT_STREAM = 1  # tags level dropout's random stream (see ``draw_kept_levels``)
