@@ -34,7 +34,8 @@ import torch
 
 from vqvae2.config import PriorRunConfig, RuntimeConfig, VQVAERunConfig, load_config
 from vqvae2.distributed import runtime_context
-from vqvae2.loop import make_optimizer, prepare_step_module
+from vqvae2.loop import prepare_step_module
+from vqvae2.optimizer import make_optimizer
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.pixelsnail_sampler import IncrementalSampler
 from vqvae2.vqvae import VQVAE2

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vqvae2.batches import EpochBatchSampler
 from vqvae2.config import DataConfig, VQVAERunConfig, load_config
 from vqvae2.data import batch_loader, open_dataset
-from vqvae2.loop import EpochBatchSampler, make_optimizer
+from vqvae2.optimizer import make_optimizer
 from vqvae2.shards import write_shards
 from vqvae2.vqvae import VQVAE2
 

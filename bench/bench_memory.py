@@ -67,7 +67,7 @@ from torch.utils._pytree import tree_leaves
 
 from vqvae2 import pixelsnail, pixelsnail_sampler
 from vqvae2.config import PriorRunConfig, TrainConfig, VQVAERunConfig, load_config
-from vqvae2.loop import AdamInBackward
+from vqvae2.optimizer import AdamInBackward
 from vqvae2.vqvae import VQVAE2
 
 CAPACITIES = {"80 GB": 80 * 10**9, "141 GB": 141 * 10**9}

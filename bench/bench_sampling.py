@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from vqvae2.config import PixelSNAILConfig
+from vqvae2.model_configs import PixelSNAILConfig
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.pixelsnail_sampler import IncrementalSampler
 

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from vqvae2.config import VQVAEConfig
 from vqvae2.logs import read_metrics
+from vqvae2.model_configs import VQVAEConfig
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False

@@ -13,12 +13,12 @@ from torch import nn
 
 from vqvae2.config import (
     ClassifierRunConfig,
-    PixelSNAILConfig,
     PriorRunConfig,
     TrainConfig,
     VQVAERunConfig,
     load_config,
 )
+from vqvae2.model_configs import PixelSNAILConfig
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.run import Run
 from vqvae2.train import extract_codes, train_classifier, train_prior, train_vqvae

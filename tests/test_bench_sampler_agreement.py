@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from vqvae2.config import PixelSNAILConfig
+from vqvae2.model_configs import PixelSNAILConfig
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.sampling import sample_level_cached
 

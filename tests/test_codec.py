@@ -39,7 +39,8 @@ from vqvae2.codec import (
     quantise_probabilities,
     slot_batches,
 )
-from vqvae2.config import PixelSNAILConfig, PriorRunConfig, VQVAERunConfig
+from vqvae2.config import PriorRunConfig, VQVAERunConfig
+from vqvae2.model_configs import PixelSNAILConfig
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.run import load_hierarchy
 from vqvae2.vqvae import VQVAE2
@@ -326,9 +327,9 @@ CORE_MODULES = {
     "pixelsnail_sampler",
     "vqvae",
     "quantize",
-    "config",
+    "model_configs",
 }
-CORE_LIBRARIES = {"torch", "numpy", "constriction", "einops", "yaml"}  # beside the standard library
+CORE_LIBRARIES = {"torch", "numpy", "constriction", "einops"}  # beside the standard library
 
 
 def imports_of(module: str) -> tuple[set[str], set[str]]:

@@ -7,7 +7,6 @@ import pytest
 from vqvae2.config import (
     ClassifierRunConfig,
     PriorRunConfig,
-    VQVAEConfig,
     VQVAERunConfig,
     config_from_dict,
     config_to_dict,
@@ -15,6 +14,7 @@ from vqvae2.config import (
     load_config,
     parse_overrides,
 )
+from vqvae2.model_configs import VQVAEConfig
 
 
 def config_class_of(preset: str) -> type:

@@ -11,26 +11,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vqvae2.cas import classification_accuracy_score
 from vqvae2.classifier import Classifier
 from vqvae2.cli import main
 from vqvae2.config import (
-    ClassifierConfig,
     ClassifierRunConfig,
     EvaluateConfig,
-    PixelSNAILConfig,
     PriorRunConfig,
     VQVAERunConfig,
     load_config,
 )
 from vqvae2.data import SPLITS, float_to_uint8, open_dataset, uint8_to_float
-from vqvae2.evaluate import (
-    classification_accuracy_score,
-    evaluate_run,
-    proportional_counts,
-)
+from vqvae2.evaluate import evaluate_run, proportional_counts
 from vqvae2.inception import InceptionV3, load_inception
 from vqvae2.measure import extract_features
 from vqvae2.metrics import frechet_distance, precision_recall
+from vqvae2.model_configs import ClassifierConfig, PixelSNAILConfig
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.report import render_markdown
 from vqvae2.run import Run, load_classifier, load_prior, load_run_config, load_vqvae
@@ -632,7 +628,7 @@ def test_float_to_uint8_round_trip_used_by_the_pool():
 
 def test_pool_batches_cover_the_pool_once_over_processes():
     from vqvae2.distributed import DistributedContext
-    from vqvae2.evaluate import pool_batches
+    from vqvae2.rejection_sweep import pool_batches
 
     starts = [pool_batches(10, 2, DistributedContext(rank=r, world_size=3)) for r in range(3)]
     assert starts == [[0, 6], [2, 8], [4]]

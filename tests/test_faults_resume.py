@@ -22,7 +22,7 @@ from vqvae2.checkpoint import (
 )
 from vqvae2.cli import main
 from vqvae2.distributed import DistributedContext
-from vqvae2.loop import derived_random_seed, own_random_state, restore_random_state
+from vqvae2.random_state import derived_random_seed, own_random_state, restore_random_state
 
 STEPS, STOPPED_AT = 6, 4  # every run here: 6 steps, a checkpoint every 2, resumed from step 4
 EVERY_STEP = ["--quiet", "train.checkpoint_every=2", "train.log_every=1", "train.val_every=3"]

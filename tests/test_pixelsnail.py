@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from vqvae2.config import PixelSNAILConfig
+from vqvae2.model_configs import PixelSNAILConfig
 from vqvae2.pixelsnail import CausalSelfAttention, PixelSNAIL
 from vqvae2.sampling import sample_level_cached
 

@@ -22,7 +22,8 @@ import dataclasses
 import pytest
 import torch
 
-from vqvae2.config import PixelSNAILConfig, PriorRunConfig, list_presets, load_config
+from vqvae2.config import PriorRunConfig, list_presets, load_config
+from vqvae2.model_configs import PixelSNAILConfig
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.pixelsnail_sampler import IncrementalSampler
 from vqvae2.sampling import sample_level_cached, sample_level_reference

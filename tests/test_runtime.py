@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vqvae2.batches import micro_batch_size
 from vqvae2.config import RuntimeConfig, TrainConfig, VQVAERunConfig, load_config
 from vqvae2.distributed import DistributedContext
-from vqvae2.loop import micro_batch_size, prepare_step_module
+from vqvae2.loop import prepare_step_module
 from vqvae2.quantize import VectorQuantizerEMA
 from vqvae2.train import train_vqvae
 

@@ -9,7 +9,8 @@ import torch
 
 import vqvae2.sampling
 from vqvae2.classifier import Classifier
-from vqvae2.config import MIN_TEMPERATURE, ClassifierConfig, EvaluateConfig, PixelSNAILConfig
+from vqvae2.config import MIN_TEMPERATURE, EvaluateConfig
+from vqvae2.model_configs import ClassifierConfig, PixelSNAILConfig
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.pixelsnail_sampler import IncrementalSampler
 from vqvae2.sampling import (

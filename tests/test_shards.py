@@ -16,10 +16,10 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from vqvae2 import write_shards
+from vqvae2.batches import EpochBatchSampler
 from vqvae2.cli import main
 from vqvae2.config import DataConfig, VQVAERunConfig, load_config
 from vqvae2.data import batch_loader, open_dataset
-from vqvae2.loop import EpochBatchSampler
 from vqvae2.shards import ShardDataset, expand_braces
 from vqvae2.train import train_vqvae
 

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from vqvae2.batches import EpochBatchSampler
 from vqvae2.config import TrainConfig, VQVAERunConfig, load_config
 from vqvae2.data import open_dataset, uint8_to_float
 from vqvae2.logs import read_metrics
-from vqvae2.loop import EpochBatchSampler, RunClock, learning_rate
 from vqvae2.measure import low_pass, measure_levels
 from vqvae2.reconstruct import reconstruct
 from vqvae2.run import Run, load_vqvae
+from vqvae2.schedule import RunClock, learning_rate
 from vqvae2.train import train_vqvae
 
 from .conftest import assert_states_close, metric_values
@@ -386,7 +387,7 @@ def test_adam_in_backward_trains_the_same_weights_and_shares_checkpoints(tmp_pat
 
 def test_adam_in_backward_frees_each_gradient_as_it_steps():
     from vqvae2.config import TrainConfig
-    from vqvae2.loop import AdamInBackward
+    from vqvae2.optimizer import AdamInBackward
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     optimizer = AdamInBackward(model, TrainConfig(learning_rate=0.1))

@@ -12,6 +12,12 @@ from torch import Tensor, nn
 SEED_STRIDE = 1_000_003  # derived seeds: base * stride + offset (step, process rank)
 
 
+def check(condition: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``condition``: the configs' one-line checks."""
+    if not condition:
+        raise ValueError(message)
+
+
 def uint8_to_float(images: Tensor) -> Tensor:
     """uint8 [0, 255] -> float32 [-1, 1], any shape: images as the models take them."""
     return images.float() / 127.5 - 1.0

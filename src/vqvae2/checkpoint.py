@@ -218,23 +218,7 @@ def save_checkpoint(
     }
     try:
         kind_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / MODEL_WEIGHTS))
-        _sync(tmp / MODEL_WEIGHTS)
-        if optimizer is not None:
-            tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
-            save_file(tensors, str(tmp / OPTIMIZER_WEIGHTS))
-            _sync(tmp / OPTIMIZER_WEIGHTS)
-            meta["optimizer"] = optimizer_meta
-        if random_state is not None:
-            save_file(_flatten_random_state(random_state), str(tmp / RANDOM_STATE))
-            _sync(tmp / RANDOM_STATE)
-            meta["random_state_processes"] = len(random_state)
-        write_text_atomic(tmp / META, json.dumps(meta, indent=2))
-        _sync(tmp)
+        _write_step_folder(tmp, meta, model, optimizer, random_state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -253,6 +237,35 @@ def save_checkpoint(
         if old != final:
             _remove_unless_held(old)
     return final
+
+
+def _write_step_folder(
+    folder: Path,
+    meta: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    random_state: dict[int, dict[str, Tensor]] | None,
+) -> None:
+    """Write a step folder's files into ``folder`` (made afresh), each flushed to the disk:
+    the weights, the optimiser and random states when given, and ``meta`` (completed with
+    what those add) last."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(folder / MODEL_WEIGHTS))
+    _sync(folder / MODEL_WEIGHTS)
+    if optimizer is not None:
+        tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, str(folder / OPTIMIZER_WEIGHTS))
+        _sync(folder / OPTIMIZER_WEIGHTS)
+        meta["optimizer"] = optimizer_meta
+    if random_state is not None:
+        save_file(_flatten_random_state(random_state), str(folder / RANDOM_STATE))
+        _sync(folder / RANDOM_STATE)
+        meta["random_state_processes"] = len(random_state)
+    write_text_atomic(folder / META, json.dumps(meta, indent=2))
+    _sync(folder)
 
 
 def _remove_unless_held(step_dir: Path) -> None:

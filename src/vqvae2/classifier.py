@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from .config import ClassifierConfig
+from .model_configs import ClassifierConfig
 
 
 class ClassifierOutput(NamedTuple):

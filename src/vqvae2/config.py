@@ -1,4 +1,6 @@
-"""Configuration dataclasses for VQ-VAE-2 (Razavi, van den Oord, Vinyals 2019) and YAML I/O.
+"""The run configs of VQ-VAE-2 (Razavi, van den Oord, Vinyals 2019): data, training, runtime and
+evaluation settings, the run config of each trainer around its model's config (those are in
+``vqvae2.model_configs``), and YAML I/O: presets, files and ``key=value`` overrides.
 
 Config flows one way: YAML (plain data) -> validated frozen dataclass -> model. Unknown keys
 and impossible values raise ``ValueError`` naming the key and the expected range.
@@ -10,146 +12,21 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from ._helpers import check
+from .model_configs import (
+    PRIOR_DATA_FIELDS,
+    ClassifierConfig,
+    PixelSNAILConfig,
+    VQVAEConfig,
+)
+
 PRESET_DIR = Path(__file__).parent / "configs"
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _is_power_of_two(value: int) -> bool:
-    return value >= 1 and (value & (value - 1)) == 0
-
-
-@dataclass(frozen=True)
-class VQVAEConfig:
-    """Hierarchical VQ-VAE (paper Section 3.1, Algorithm 1). Defaults are Table 5 (ImageNet)."""
-
-    image_size: int = 256  # square input side in pixels (Table 5: 256 ImageNet, 1024 FFHQ)
-    in_channels: int = 3  # 1 for grey, 3 for RGB
-    num_levels: int = 2  # latent maps: 2 for 256x256, 3 for 1024x1024 (Section 3.1)
-    hidden_channels: int = 128  # Table 5 "hidden units"
-    residual_channels: int = 64  # Table 5 "residual units" (bottleneck of each residual block)
-    num_res_blocks: int = 2  # Table 5 "layers": residual blocks per encoder / decoder stack
-    codebook_size: int = 512  # K, Table 5 "codebook size"
-    embedding_dim: int = 64  # D, Table 5 "codebook dimension"
-    commitment_weight: float = 0.25  # beta, eq. 2 and Table 5
-    ema_decay: float = 0.99  # gamma of the EMA codebook updates (Section 2.1)
-    ema_epsilon: float = 1e-5  # Laplace smoothing of the EMA cluster counts (Sonnet VQ-VAE)
-    dead_code_after_steps: int = 100  # re-seed a code unused this many train steps; 0 = never
-    bottom_downsample: int = 4  # image -> bottom latent factor (64x64 from 256x256, Fig. 2a)
-    encoder_kernel_size: int = 3  # Table 5 "encoder conv filter size"
-    upsample_kernel_size: int = 4  # Table 5 "upsampling conv filter size" (transposed convs)
-    # Residual blocks (hidden/2 wide) after each intermediate upsampling of the image decoder,
-    # i.e. at the finer resolutions the paper's decoder crosses with transposed convs alone.
-    decoder_fine_blocks: int = 0
-    # Encoder gradient through the quantizer: the paper's straight-through copy, or the rotation
-    # trick (Fifty et al. 2024), which rotates and rescales the decoder's gradient from the code
-    # vector onto the encoder output. The forward pass is the same either way.
-    gradient_estimator: Literal["straight_through", "rotation"] = "straight_through"
-    # Not in the paper: the probability that a training image is decoded from a random prefix
-    # of its levels (the top alone, the top two, ...), the levels below replaced by each level's
-    # learned "absent" vector, which decoding then also puts in place of any level it leaves
-    # out; partial hierarchies so decode to whole, coarser images (Fig. 3). 0: zeros stand in.
-    level_dropout: float = 0.0
-    # Not in the paper: the weight of a level-wise reconstruction target. For the top level
-    # alone, the top two, ... a light decoder of its own maps those levels to the image, and
-    # the weighted mean of their squared errors joins the loss, so the upper levels must hold
-    # what a coarse picture needs; decoding a prefix of the levels then uses its decoder.
-    # 0: none (the paper's objective).
-    prefix_decoder_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check(
-            self.in_channels in (1, 3), f"model.in_channels must be 1 or 3, got {self.in_channels}"
-        )
-        _check(
-            1 <= self.num_levels <= 3, f"model.num_levels must be 1, 2 or 3, got {self.num_levels}"
-        )
-        _check(
-            _is_power_of_two(self.bottom_downsample) and self.bottom_downsample >= 2,
-            f"model.bottom_downsample must be a power of two >= 2, got {self.bottom_downsample}",
-        )
-        total = self.total_downsample
-        _check(
-            self.image_size >= total and self.image_size % total == 0,
-            f"model.image_size={self.image_size} must be a positive multiple of the total "
-            f"downsampling {total} (bottom_downsample {self.bottom_downsample} x 2 per extra level)",
-        )
-        _check(
-            self.codebook_size >= 2, f"model.codebook_size must be >= 2, got {self.codebook_size}"
-        )
-        for name in ("hidden_channels", "residual_channels", "embedding_dim"):
-            value = getattr(self, name)
-            _check(value >= 1, f"model.{name} must be >= 1, got {value}")
-        _check(
-            self.num_res_blocks >= 0,
-            f"model.num_res_blocks must be >= 0, got {self.num_res_blocks}",
-        )
-        _check(
-            self.decoder_fine_blocks >= 0,
-            f"model.decoder_fine_blocks must be >= 0, got {self.decoder_fine_blocks}",
-        )
-        _check(
-            self.commitment_weight >= 0,
-            f"model.commitment_weight must be >= 0, got {self.commitment_weight}",
-        )
-        _check(
-            0.0 <= self.ema_decay < 1.0, f"model.ema_decay must be in [0, 1), got {self.ema_decay}"
-        )
-        _check(self.ema_epsilon > 0, f"model.ema_epsilon must be > 0, got {self.ema_epsilon}")
-        _check(
-            0.0 <= self.level_dropout <= 1.0,
-            f"model.level_dropout must be in [0, 1], got {self.level_dropout}",
-        )
-        _check(
-            self.prefix_decoder_weight >= 0,
-            f"model.prefix_decoder_weight must be >= 0, got {self.prefix_decoder_weight}",
-        )
-        # The prefix decoders decode the top 1 .. num_levels - 1 levels: one level has none.
-        _check(
-            self.prefix_decoder_weight == 0 or self.num_levels >= 2,
-            f"model.prefix_decoder_weight={self.prefix_decoder_weight} needs num_levels >= 2 "
-            "(it weighs decoders of the top levels without the bottom), got num_levels=1",
-        )
-        _check(
-            self.dead_code_after_steps >= 0,
-            f"model.dead_code_after_steps must be >= 0, got {self.dead_code_after_steps}",
-        )
-        _check(
-            self.encoder_kernel_size % 2 == 1,
-            f"model.encoder_kernel_size must be odd, got {self.encoder_kernel_size}",
-        )
-        _check(
-            self.upsample_kernel_size >= 2 and self.upsample_kernel_size % 2 == 0,
-            f"model.upsample_kernel_size must be even and >= 2, got {self.upsample_kernel_size}",
-        )
-
-    @property
-    def total_downsample(self) -> int:
-        """Image side / top latent side."""
-        return self.bottom_downsample * 2 ** (self.num_levels - 1)
-
-    @property
-    def latent_sizes(self) -> tuple[int, ...]:
-        """Side of each latent map, top level first (e.g. (32, 64) for ImageNet-256)."""
-        bottom = self.image_size // self.bottom_downsample
-        return tuple(bottom // 2 ** (self.num_levels - 1 - i) for i in range(self.num_levels))
-
-    @property
-    def level_names(self) -> tuple[str, ...]:
-        """Names of the levels, top first: ('top', 'middle', 'bottom') for three levels."""
-        return {1: ("bottom",), 2: ("top", "bottom"), 3: ("top", "middle", "bottom")}[
-            self.num_levels
-        ]
 
 
 @dataclass(frozen=True)
@@ -169,21 +46,21 @@ class DataConfig:
     crop_margin: float = 0.125  # with random_crop: how much larger than the crop the image is
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             0.0 <= self.val_fraction < 1.0,
             f"data.val_fraction must be in [0, 1), got {self.val_fraction}",
         )
-        _check(
+        check(
             0.0 <= self.test_fraction < 1.0,
             f"data.test_fraction must be in [0, 1), got {self.test_fraction}",
         )
-        _check(
+        check(
             self.val_fraction + self.test_fraction < 1.0,
             "data.val_fraction + data.test_fraction must be < 1",
         )
-        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
-        _check(self.split_seed >= 0, f"data.split_seed must be >= 0, got {self.split_seed}")
-        _check(self.crop_margin > 0, f"data.crop_margin must be > 0, got {self.crop_margin}")
+        check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        check(self.split_seed >= 0, f"data.split_seed must be >= 0, got {self.split_seed}")
+        check(self.crop_margin > 0, f"data.crop_margin must be > 0, got {self.crop_margin}")
 
 
 @dataclass(frozen=True)
@@ -234,27 +111,27 @@ class TrainConfig:
             "grid_images",
         ):
             value = getattr(self, name)
-            _check(value >= 1, f"train.{name} must be >= 1, got {value}")
-        _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
+            check(value >= 1, f"train.{name} must be >= 1, got {value}")
+        check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
-            _check(0.0 <= value < 1.0, f"train.{name} must be in [0, 1), got {value}")
-        _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
-        _check(
+            check(0.0 <= value < 1.0, f"train.{name} must be in [0, 1), got {value}")
+        check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        check(
             self.schedule_minutes >= 0,
             f"train.schedule_minutes must be >= 0, got {self.schedule_minutes}",
         )
-        _check(
+        check(
             self.nonfinite in ("stop", "skip"),
             f"train.nonfinite must be stop or skip, got {self.nonfinite!r}",
         )
-        _check(
+        check(
             not self.optimizer_in_backward
             or (self.grad_accum_steps == 1 and self.nonfinite == "stop"),
             "train.optimizer_in_backward needs train.grad_accum_steps=1 and train.nonfinite=stop",
         )
-        _check(
+        check(
             isinstance(self.activation_checkpointing, bool),
             f"train.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}",
         )
@@ -274,7 +151,7 @@ class RuntimeConfig:
     tensorboard: bool = False  # also write the training figures and grids as TensorBoard events
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.precision in ("float32", "bf16"),
             f"precision must be float32 or bf16, got {self.precision}",
         )
@@ -290,94 +167,6 @@ class VQVAERunConfig:
 
 
 @dataclass(frozen=True)
-class PixelSNAILConfig:
-    """Autoregressive prior over one level's codes (Section 3.2). Defaults: Table 3 top prior.
-
-    ``code_size``, ``codebook_size``, ``condition_sizes`` and ``num_classes`` describe the data
-    the prior models; ``train-prior`` fills them in from the VQ-VAE and the dataset.
-    """
-
-    code_size: int = 32  # side of this level's code map (Table 3 "input size")
-    codebook_size: int = 512  # K of the VQ-VAE level modelled
-    hidden_channels: int = 512  # Table 3 "hidden units": width of both streams
-    residual_channels: int = 2048  # Table 3 "residual units": inner width of each block
-    num_layers: int = 20  # Table 3 "layers": gated residual blocks
-    attention_layers: int = 4  # Table 3 "attention layers", spread evenly over the blocks
-    attention_heads: int = 8  # Table 3 "attention heads"
-    kernel_size: int = 5  # Table 3 "conv filter size"; odd, >= 3
-    dropout: float = 0.1  # Table 3 "dropout", after each block and on the attention weights
-    output_stack_layers: int = 20  # Table 3 "output stack layers": 1x1 residual blocks
-    condition_res_blocks: int = 0  # Table 3 "conditioning stack residual blocks" (lower priors)
-    condition_channels: int = 512  # width of the conditioning stack and class embedding
-    condition_sizes: tuple[int, ...] = ()  # sides of the upper levels' code maps, top first
-    num_classes: int = 0  # > 0 makes the prior class-conditional
-    # > 0: also conditioned on which of this many image transforms made the codes (index 0 the
-    # identity, used for evaluation and sampling): distribution augmentation (Jun et al., 2020)
-    num_augmentations: int = 0
-
-    def __post_init__(self) -> None:
-        for name in (
-            "code_size",
-            "hidden_channels",
-            "residual_channels",
-            "num_layers",
-            "attention_heads",
-            "condition_channels",
-        ):
-            value = getattr(self, name)
-            _check(value >= 1, f"prior.{name} must be >= 1, got {value}")
-        _check(
-            self.codebook_size >= 2, f"prior.codebook_size must be >= 2, got {self.codebook_size}"
-        )
-        _check(
-            0 <= self.attention_layers <= self.num_layers,
-            f"prior.attention_layers must be in [0, num_layers={self.num_layers}], "
-            f"got {self.attention_layers}",
-        )
-        _check(
-            self.attention_layers == 0 or self.hidden_channels % self.attention_heads == 0,
-            f"prior.hidden_channels={self.hidden_channels} must be divisible by "
-            f"prior.attention_heads={self.attention_heads}",
-        )
-        # A 1x1 kernel leaves a blind spot: the vertical stream never reaches column j + 1 of
-        # the rows above, and only attention could see it.
-        _check(
-            self.kernel_size >= 3 and self.kernel_size % 2 == 1,
-            f"prior.kernel_size must be odd and >= 3, got {self.kernel_size}",
-        )
-        _check(0.0 <= self.dropout < 1.0, f"prior.dropout must be in [0, 1), got {self.dropout}")
-        for name in (
-            "output_stack_layers",
-            "condition_res_blocks",
-            "num_classes",
-            "num_augmentations",
-        ):
-            value = getattr(self, name)
-            _check(value >= 0, f"prior.{name} must be >= 0, got {value}")
-        _check(
-            all(size >= 1 for size in self.condition_sizes),
-            f"prior.condition_sizes must be positive, got {list(self.condition_sizes)}",
-        )
-
-    @property
-    def attention_layer_indices(self) -> tuple[int, ...]:
-        """Blocks followed by attention: evenly spread, the last block always among them."""
-        count, layers = self.attention_layers, self.num_layers
-        return tuple((i + 1) * layers // count - 1 for i in range(count))
-
-
-# Fields of a prior that describe the data it models: train-prior sets them from the VQ-VAE
-# and the code store, so a prior's config file or overrides must leave them out.
-PRIOR_DATA_FIELDS = (
-    "code_size",
-    "codebook_size",
-    "condition_sizes",
-    "num_classes",
-    "num_augmentations",
-)
-
-
-@dataclass(frozen=True)
 class PriorRunConfig:
     """Everything `vqvae2 train-prior` needs besides the run folder and level."""
 
@@ -386,38 +175,6 @@ class PriorRunConfig:
     class_conditional: bool = True  # condition on the labels when the data has several classes
     # also train on RUN_DIR/codes/train-augmented (extract-codes --augment) when it exists
     augmented_codes: bool = True
-
-
-@dataclass(frozen=True)
-class ClassifierConfig:
-    """Small convolutional image classifier (for rejection sampling and the evaluation metrics).
-
-    ``image_size``, ``in_channels`` and ``num_classes`` are filled in from the data.
-    """
-
-    image_size: int = 32  # square input side
-    in_channels: int = 1  # 1 grey, 3 RGB
-    num_classes: int = 10  # output classes
-    stage_channels: tuple[int, ...] = (32, 64, 128)  # two 3x3 convs then 2x2 max-pool per stage
-    dropout: float = 0.3  # before the final linear layer
-
-    def __post_init__(self) -> None:
-        _check(
-            self.in_channels in (1, 3),
-            f"classifier.in_channels must be 1 or 3, got {self.in_channels}",
-        )
-        _check(
-            self.num_classes >= 2, f"classifier.num_classes must be >= 2, got {self.num_classes}"
-        )
-        _check(len(self.stage_channels) >= 1, "classifier.stage_channels must not be empty")
-        _check(
-            self.image_size % 2 ** len(self.stage_channels) == 0,
-            f"classifier.image_size={self.image_size} must be divisible by "
-            f"2^{len(self.stage_channels)} (one 2x2 pool per stage)",
-        )
-        _check(
-            0.0 <= self.dropout < 1.0, f"classifier.dropout must be in [0, 1), got {self.dropout}"
-        )
 
 
 @dataclass(frozen=True)
@@ -451,7 +208,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin is Literal:
         allowed = typing.get_args(annotation)
-        _check(value in allowed, f"{key} must be one of {list(allowed)}, got {value!r}")
+        check(value in allowed, f"{key} must be one of {list(allowed)}, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -467,26 +224,26 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 errors.append(str(error))
         raise ValueError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is tuple:
-        _check(isinstance(value, list | tuple), f"{key} must be a list, got {value!r}")
+        check(isinstance(value, list | tuple), f"{key} must be a list, got {value!r}")
         (item_type, _) = typing.get_args(annotation)
         return tuple(_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value))
     if annotation is bool:
-        _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+        check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
         return value
     if annotation is int:
-        _check(
+        check(
             isinstance(value, int) and not isinstance(value, bool),
             f"{key} must be an integer, got {value!r}",
         )
         return value
     if annotation is float:
-        _check(
+        check(
             isinstance(value, int | float) and not isinstance(value, bool),
             f"{key} must be a number, got {value!r}",
         )
         return float(value)
     if annotation is str:
-        _check(isinstance(value, str), f"{key} must be a string, got {value!r}")
+        check(isinstance(value, str), f"{key} must be a string, got {value!r}")
         return value
     if dataclasses.is_dataclass(annotation):
         return config_from_dict(annotation, value, prefix=f"{key}.")
@@ -502,11 +259,11 @@ def config_from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     if data is None:
         data = {}
     where = prefix.rstrip(".") or "config"
-    _check(isinstance(data, dict), f"{where} must be a mapping, got {type(data).__name__}")
+    check(isinstance(data, dict), f"{where} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
-    _check(
+    check(
         not unknown,
         f"unknown config key '{prefix}{unknown[0] if unknown else ''}' (known: {', '.join(sorted(names))})",
     )
@@ -522,7 +279,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        _check(bool(sep) and bool(key), f"override must look like section.key=value, got {item!r}")
+        check(bool(sep) and bool(key), f"override must look like section.key=value, got {item!r}")
         value = yaml.safe_load(raw) if raw else ""
         # YAML 1.1 reads "3e-4" as a string; accept it as the float users mean.
         if isinstance(value, str):
@@ -534,7 +291,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-            _check(isinstance(node, dict), f"override {item!r} conflicts with another override")
+            check(isinstance(node, dict), f"override {item!r} conflicts with another override")
         node[parts[-1]] = value
     return nested
 
@@ -559,7 +316,7 @@ def read_yaml(preset_or_path: str | Path) -> dict[str, Any]:
     path = Path(preset_or_path)
     if not path.is_file():
         preset = PRESET_DIR / f"{preset_or_path}.yaml"
-        _check(
+        check(
             preset.is_file(),
             f"config '{preset_or_path}' is neither a YAML file nor a preset "
             f"(presets: {', '.join(list_presets())})",
@@ -570,46 +327,6 @@ def read_yaml(preset_or_path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as error:
         raise ValueError(f"config file {path} is not valid YAML: {error}".splitlines()[0]) from None
     return data or {}
-
-
-def check_priors_fit(vqvae: VQVAEConfig, priors: Sequence[PixelSNAILConfig]) -> None:
-    """Raise ``ValueError`` unless the prior configs (top first) fit the VQ-VAE's levels and
-    codebook."""
-    if len(priors) != vqvae.num_levels:
-        raise ValueError(
-            f"the VQ-VAE has {vqvae.num_levels} levels but {len(priors)} priors were given"
-        )
-    for level, prior in enumerate(priors):
-        name, size = vqvae.level_names[level], vqvae.latent_sizes[level]
-        if prior.codebook_size != vqvae.codebook_size:
-            raise ValueError(
-                f"the {name} prior models {prior.codebook_size} codes, the VQ-VAE has "
-                f"{vqvae.codebook_size}: it was trained on another VQ-VAE"
-            )
-        if prior.code_size != size:
-            raise ValueError(
-                f"the {name} prior models {prior.code_size}x{prior.code_size} maps, "
-                f"the VQ-VAE's {name} level is {size}x{size}"
-            )
-        if tuple(prior.condition_sizes) != tuple(vqvae.latent_sizes[:level]):
-            raise ValueError(
-                f"the {name} prior is conditioned on other levels than the VQ-VAE has above it"
-            )
-
-
-def prior_for_data(prior: PixelSNAILConfig, from_data: dict[str, Any]) -> PixelSNAILConfig:
-    """``prior`` with its data fields (``PRIOR_DATA_FIELDS``) set from the data; a field set by
-    hand to another value than both its default and the data's is refused rather than silently
-    replaced."""
-    defaults = PixelSNAILConfig()
-    for name, value in from_data.items():
-        given = getattr(prior, name)
-        _check(
-            given == getattr(defaults, name) or given == value,
-            f"prior.{name}={given} does not fit the data ({value}): it is set from the "
-            "VQ-VAE and the extracted codes, leave it at its default",
-        )
-    return replace(prior, **from_data)
 
 
 def with_max_steps(config: Any, max_steps: int | None) -> Any:
@@ -638,7 +355,7 @@ def load_config(
         for source, values in ((preset_or_path, data), ("the overrides", override_data)):
             prior = values.get("prior") if isinstance(values, dict) else None
             for name in PRIOR_DATA_FIELDS:
-                _check(
+                check(
                     not isinstance(prior, dict) or name not in prior,
                     f"prior.{name} is set from the VQ-VAE and the extracted codes when the prior "
                     f"is trained; remove it from {source}",
@@ -659,11 +376,11 @@ MIN_TEMPERATURE = 2.0**-126
 
 def check_temperature(temperature: float, name: str = "temperature") -> None:
     """Raise ``ValueError`` unless ``temperature`` is finite and at least ``MIN_TEMPERATURE``."""
-    _check(
+    check(
         math.isfinite(temperature) and temperature > 0,
         f"{name} must be a finite number > 0, got {temperature}",
     )
-    _check(
+    check(
         temperature >= MIN_TEMPERATURE,
         f"{name} {temperature:g} is below the smallest sampling temperature, "
         f"{MIN_TEMPERATURE:.3g} (float32's smallest normal number)",
@@ -687,26 +404,26 @@ class EvaluateConfig:
     seed: int = 0  # seeds sampling, the subsets drawn and the metrics' random splits
 
     def __post_init__(self) -> None:
-        _check(self.num_samples >= 2, f"evaluate.num_samples must be >= 2, got {self.num_samples}")
+        check(self.num_samples >= 2, f"evaluate.num_samples must be >= 2, got {self.num_samples}")
         for name in ("cas_samples", "cas_steps"):
             value = getattr(self, name)
-            _check(value >= 0, f"evaluate.{name} must be >= 0, got {value}")
-        _check(len(self.reject_fractions) >= 1, "evaluate.reject_fractions must not be empty")
-        _check(
+            check(value >= 0, f"evaluate.{name} must be >= 0, got {value}")
+        check(len(self.reject_fractions) >= 1, "evaluate.reject_fractions must not be empty")
+        check(
             all(0.0 <= fraction < 1.0 for fraction in self.reject_fractions),
             f"evaluate.reject_fractions must lie in [0, 1), got {list(self.reject_fractions)}",
         )
         for name in ("nearest_k", "inception_score_splits", "kid_subsets", "kid_subset_size"):
             value = getattr(self, name)
-            _check(value >= 1, f"evaluate.{name} must be >= 1, got {value}")
+            check(value >= 1, f"evaluate.{name} must be >= 1, got {value}")
         check_temperature(self.temperature, "evaluate.temperature")
-        _check(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
-        _check(
+        check(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
+        check(
             self.num_samples > self.nearest_k,
             f"evaluate.num_samples={self.num_samples} is too few for precision/recall with "
             f"k={self.nearest_k}: it needs more than k samples",
         )
-        _check(
+        check(
             self.num_samples >= self.inception_score_splits,
             f"evaluate.num_samples={self.num_samples} is too few for the Inception Score over "
             f"{self.inception_score_splits} splits",

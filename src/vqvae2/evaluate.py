@@ -24,14 +24,14 @@ models of this project but are **not comparable with published FID/IS values**, 
 InceptionV3. Given the standard FID weights file, ``vqvae2.inception`` provides InceptionV3
 instead; any other classifier checkpoint can be named too.
 
-The metric arithmetic is in ``vqvae2.metrics``, the rejection rules in ``vqvae2.sampling`` and the
-report files in ``vqvae2.report``.
+Fig. 7's pool, metric sets and metrics are in ``vqvae2.rejection_sweep``, Table 2's classifier
+in ``vqvae2.cas``, the metric arithmetic in ``vqvae2.metrics``, the rejection rules in
+``vqvae2.sampling`` and the report files in ``vqvae2.report``.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,9 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
-from tqdm import tqdm
 
-from ._helpers import SEED_STRIDE
+from .cas import accuracy_pair, classification_accuracy_score
 from .checkpoint import read_checkpoint
 from .classifier import Classifier
 from .config import (
@@ -52,19 +51,13 @@ from .config import (
     RuntimeConfig,
     config_from_dict,
 )
-from .data import TensorImageDataset, float_to_uint8, open_dataset, random_transform
+from .data import open_dataset
 from .distributed import DistributedContext, runtime_context, runtime_device
 from .fit import train_classifier
 from .inception import load_inception
 from .measure import SplitMeasure, class_logits, extract_features, measure_split
-from .metrics import (
-    frechet_distance,
-    inception_score,
-    kernel_distance,
-    precision_recall,
-    top_k_accuracy,
-)
 from .pixelsnail import PixelSNAIL
+from .rejection_sweep import draw_pool, rejection_rows, score_pool
 from .report import write_report
 from .run import (
     CLASSIFIER_KIND,
@@ -73,80 +66,12 @@ from .run import (
     has_checkpoint,
     load_classifier,
 )
-from .sampling import generate, reject_fraction_per_class
 from .vqvae import VQVAE2
 
-TOP_K = 5  # Table 2 reports top-1 and top-5 accuracy
 SPLITS = ("train", "val", "test")
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks
-
-
-def accuracy_pair(logits: Tensor, labels: Tensor) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (Table 2's columns) of (N, K) logits for (N,) labels."""
-    return {
-        "top1": top_k_accuracy(logits, labels, 1),
-        f"top{TOP_K}": top_k_accuracy(logits, labels, min(TOP_K, logits.shape[1])),
-    }
-
-
-def classification_accuracy_score(
-    train_images: Tensor,
-    train_labels: Tensor,
-    test_sets: dict[str, tuple[Tensor, Tensor]],
-    config: ClassifierRunConfig,
-    *,
-    progress: bool = True,
-    batch_size: int = 256,
-    runtime: RuntimeConfig | None = None,
-) -> dict[str, dict[str, float]]:
-    """Classification Accuracy Score (Ravuri & Vinyals 2019): train a classifier only on
-    ``train_images`` (samples) with the recipe of ``config``, test it on each of ``test_sets``.
-
-    The classifier is trained by ``train_classifier`` itself on the tensors (same augmentation,
-    schedule and seed as a classifier trained on real data), so real images in place of samples
-    give that classifier's accuracy exactly. Its checkpoints go to a temporary folder.
-
-    Args:
-        train_images: (N, C, H, W) uint8; N must be at least ``config.train.batch_size``.
-        train_labels: (N,) int64 in [0, config.model.num_classes).
-        test_sets: name -> ((M, C, H, W) uint8 images, (M,) int64 labels); at least one.
-        config: the classifier run config (its ``model.num_classes`` is set from the labels).
-        runtime: where and how the classifier trains (default: ``train_classifier``'s).
-
-    Returns:
-        name -> ``{"top1": ..., "top5": ...}`` accuracies in [0, 1].
-    """
-    if not test_sets:
-        raise ValueError("classification_accuracy_score needs at least one test set")
-    if len(train_images) < config.train.batch_size:
-        raise ValueError(
-            f"{len(train_images)} samples are too few to train the CAS classifier: it needs at "
-            f"least one batch of {config.train.batch_size}"
-        )
-
-    first_images, first_labels = next(iter(test_sets.values()))
-    train_set = _labelled_set(train_images, train_labels)
-    train_set.transform = random_transform(config.data, config.train.seed)
-    held_out = _labelled_set(first_images, first_labels)
-    splits = {"train": train_set, "val": held_out, "test": held_out}
-    with tempfile.TemporaryDirectory(prefix="vqvae2-cas-") as work:
-        # Under torchrun the classifier trains data-parallel; every process gets the model.
-        result = train_classifier(
-            config, splits, Path(work) / "classifier", progress=progress, runtime=runtime
-        )
-        classifier = result.model
-    return {
-        name: accuracy_pair(class_logits(classifier, images, batch_size), labels)
-        for name, (images, labels) in test_sets.items()
-    }
-
-
-def _labelled_set(images: Tensor, labels: Tensor) -> TensorImageDataset:
-    """(N, C, H, W) uint8 images and (N,) labels as a dataset of classes 0 .. max label."""
-    num_classes = int(labels.max()) + 1 if len(labels) else 0
-    return TensorImageDataset(images, labels, [str(i) for i in range(num_classes)])
 
 
 def proportional_counts(histogram: list[int], total: int) -> list[int]:
@@ -158,75 +83,6 @@ def proportional_counts(histogram: list[int], total: int) -> list[int]:
     for index in by_remainder[: total - sum(counts)]:
         counts[index] += 1
     return counts
-
-
-def pool_batches(count: int, batch_size: int, context: DistributedContext) -> list[int]:
-    """Start rows of the pool batches this process draws: every ``world_size``-th batch."""
-    return list(range(context.rank * batch_size, count, context.world_size * batch_size))
-
-
-@torch.no_grad()
-def draw_pool(
-    vqvae: VQVAE2,
-    priors: list[PixelSNAIL],
-    labels: Tensor,
-    batch_size: int,
-    temperature: float,
-    seed: int,
-    progress: bool,
-    context: DistributedContext | None = None,
-) -> Tensor:
-    """Samples for (N,) requested ``labels``, in batches -> (N, C, H, W) uint8.
-
-    Under torchrun each process draws every ``world_size``-th batch with its own generator
-    (seeded ``seed`` on rank 0, so one process reproduces the single-process pool) and the
-    batches are gathered, in order, on every process.
-    """
-    context = context or DistributedContext()
-    device = next(vqvae.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed + SEED_STRIDE * context.rank)
-    starts = pool_batches(len(labels), batch_size, context)
-    drawn = {}
-    with tqdm(
-        total=len(labels), desc="sample", disable=not (progress and context.is_main), unit="img"
-    ) as bar:
-        for start in starts:
-            chunk = labels[start : start + batch_size]
-            batch, _ = generate(vqvae, priors, len(chunk), chunk, temperature, generator)
-            drawn[start] = float_to_uint8(batch.cpu())
-            bar.update(len(chunk) * context.world_size)
-    drawn = {
-        start: images for part in context.gather_objects(drawn) for start, images in part.items()
-    }
-    return torch.cat([drawn[start] for start in sorted(drawn)])
-
-
-def _sample_metrics(
-    reference: dict[str, Tensor],
-    features: Tensor,
-    logits: Tensor,
-    config: EvaluateConfig,
-    kid_subset_size: int,
-    with_star: bool = True,
-) -> dict[str, float | None]:
-    """FID (and FID* against reconstructions), KID, IS and precision/recall of one image set."""
-    values: dict[str, float | None] = {
-        "fid": frechet_distance(reference["test"], features),
-    }
-    if with_star:
-        values["fid_star"] = frechet_distance(reference["reconstructions"], features)
-    kid_mean, kid_std = kernel_distance(
-        reference["test"], features, config.kid_subsets, kid_subset_size, config.seed
-    )
-    score, score_std = inception_score(logits, config.inception_score_splits, config.seed)
-    values.update(
-        kid=kid_mean,
-        kid_std=kid_std,
-        inception_score=score,
-        inception_score_std=None if math.isnan(score_std) else score_std,
-    )
-    values.update(precision_recall(reference["test"], features, config.nearest_k)._asdict())
-    return values
 
 
 def _nll_row(train: float, val: float) -> dict[str, float]:
@@ -426,23 +282,6 @@ def _table1(
     return table1, measures["test"]
 
 
-def _metric_sets(
-    scores: Tensor, labels: Tensor, config: EvaluateConfig, counts: _Counts
-) -> list[Tensor]:
-    """Per rejection rate, the pool indices of its metric set: the kept share of each class,
-    subsampled to the metric counts (selection seed: seed + 1)."""
-    selector = torch.Generator().manual_seed(config.seed + 1)
-    selections = []
-    for fraction in config.fractions:
-        kept = reject_fraction_per_class(scores, labels, fraction)
-        chosen = []
-        for label, count in enumerate(counts.metric):
-            members = kept[labels[kept] == label]
-            chosen.append(members[torch.randperm(len(members), generator=selector)[:count]])
-        selections.append(torch.sort(torch.cat(chosen)).values)
-    return selections
-
-
 def _reference_features(
     models: _Models, test: SplitMeasure, config: EvaluateConfig, progress: bool
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -461,93 +300,6 @@ def _reference_features(
             models.network, images, config.batch_size, progress, f"features: {name}"
         )
     return features, logits
-
-
-@dataclass
-class _ScoredPool:
-    """The pool scored by the rejection classifier, and the features of its metric sets."""
-
-    scores: Tensor  # (P,) classifier probability of each sample's requested class
-    agreement: Tensor  # (P,) bool, the classifier's top class is the requested one
-    selections: list[Tensor]  # per rejection rate, the pool indices of its metric set
-    features: Tensor  # (M, F) features of the samples in some metric set
-    logits: Tensor  # (M, K) the feature network's logits of the same samples
-    position: Tensor  # (P,) row of each pool sample in features / logits (-1: in no set)
-
-
-def _score_pool(
-    models: _Models,
-    pool: Tensor,
-    pool_labels: Tensor,
-    config: EvaluateConfig,
-    counts: _Counts,
-    progress: bool,
-) -> _ScoredPool:
-    """Score every pool sample once, choose each rate's metric set, and take the features of
-    the samples that some set holds."""
-    pool_logits = class_logits(models.scorer, pool, config.batch_size)  # (P, K)
-    scores = torch.softmax(pool_logits, dim=-1).gather(1, pool_labels[:, None]).squeeze(1)
-    selections = _metric_sets(scores, pool_labels, config, counts)
-    needed = torch.unique(torch.cat(selections))  # pool indices in some metric set
-    position = torch.full((len(pool),), -1, dtype=torch.long)
-    position[needed] = torch.arange(len(needed))
-    features, logits = extract_features(
-        models.network, pool[needed], config.batch_size, progress, "features: samples"
-    )
-    return _ScoredPool(
-        scores=scores,
-        agreement=pool_logits.argmax(-1) == pool_labels,
-        selections=selections,
-        features=features,
-        logits=logits,
-        position=position,
-    )
-
-
-def _rejection_rows(
-    scored: _ScoredPool,
-    references: tuple[dict[str, Tensor], dict[str, Tensor]],
-    config: EvaluateConfig,
-    kid_subset_size: int,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Fig. 7: the metrics of each rate's metric set, and of the real train images and the
-    test reconstructions as references."""
-    reference, reference_logits = references
-    rows = []
-    for fraction, selection in zip(config.fractions, scored.selections, strict=True):
-        chosen = scored.position[selection]
-        rows.append(
-            {
-                "reject_fraction": fraction,
-                "samples": len(selection),
-                "mean_score": float(scored.scores[selection].mean()),
-                "class_agreement": float(scored.agreement[selection].float().mean()),
-                **_sample_metrics(
-                    reference,
-                    scored.features[chosen],
-                    scored.logits[chosen],
-                    config,
-                    kid_subset_size,
-                ),
-            }
-        )
-    train_kid = min(kid_subset_size, len(reference["train"]))
-    return rows, {
-        "train_images": _sample_metrics(
-            reference, reference["train"], reference_logits["train"], config, train_kid
-        ),
-        "test_reconstructions": _sample_metrics(
-            reference,
-            reference["reconstructions"],
-            reference_logits["reconstructions"],
-            config,
-            kid_subset_size,
-            with_star=False,
-        ),
-        "test_images_inception_score": inception_score(
-            reference_logits["test"], config.inception_score_splits, config.seed
-        )[0],
-    }
 
 
 def _table2(
@@ -663,6 +415,38 @@ def evaluate_run(
 
     table1, test = _table1(models, config, progress)
     lap("table1_and_reconstructions")
+    pool, pool_labels = _draw_pool(models, counts, config, progress, context)
+    lap("sampling")
+
+    scored = score_pool(
+        models.scorer, models.network, pool, pool_labels, config, counts.metric, progress
+    )
+    references = _reference_features(models, test, config, progress)
+    lap("scoring_and_features")
+    rows, reference_rows = rejection_rows(scored, references, config, counts.kid_subset_size)
+    lap("metrics")
+    table2 = _table2(models, pool, pool_labels, test, config, counts, device, progress)
+    lap("cas")
+    report = _assemble_report(
+        run.path, data_path, command, config, models, counts, table1, table2, rows, reference_rows
+    )
+    report["features"]["dimensions"] = int(references[0]["test"].shape[1])
+    report["timings_seconds"] = lap.with_total()
+    if context.is_main:
+        grids = (pool, pool_labels, scored.selections, config.fractions, models.num_classes)
+        write_report(report, out_dir, *grids)
+    return report
+
+
+def _draw_pool(
+    models: _Models,
+    counts: _Counts,
+    config: EvaluateConfig,
+    progress: bool,
+    context: DistributedContext,
+) -> tuple[Tensor, Tensor]:
+    """The sample pool, (P, C, H, W) uint8, and its (P,) requested labels: ``counts.pool``
+    samples of each class, in class order."""
     pool_labels = torch.cat(
         [torch.full((count,), label, dtype=torch.long) for label, count in enumerate(counts.pool)]
     )
@@ -676,24 +460,7 @@ def evaluate_run(
         progress,
         context,
     )
-    lap("sampling")
-
-    scored = _score_pool(models, pool, pool_labels, config, counts, progress)
-    references = _reference_features(models, test, config, progress)
-    lap("scoring_and_features")
-    rows, reference_rows = _rejection_rows(scored, references, config, counts.kid_subset_size)
-    lap("metrics")
-    table2 = _table2(models, pool, pool_labels, test, config, counts, device, progress)
-    lap("cas")
-    report = _assemble_report(
-        run.path, data_path, command, config, models, counts, table1, table2, rows, reference_rows
-    )
-    report["features"]["dimensions"] = int(references[0]["test"].shape[1])
-    report["timings_seconds"] = lap.with_total()
-    if context.is_main:
-        grids = (pool, pool_labels, scored.selections, config.fractions, models.num_classes)
-        write_report(report, out_dir, *grids)
-    return report
+    return pool, pool_labels
 
 
 class _Laps:

@@ -35,14 +35,9 @@ from . import __version__
 from ._helpers import load_state_checked
 from .checkpoint import write_text_atomic
 from .classifier import Classifier
-from .config import (
-    ClassifierConfig,
-    PixelSNAILConfig,
-    VQVAEConfig,
-    config_from_dict,
-    config_to_dict,
-)
+from .config import config_from_dict, config_to_dict
 from .model_card import model_card
+from .model_configs import ClassifierConfig, PixelSNAILConfig, VQVAEConfig
 from .pixelsnail import PixelSNAIL
 from .run import CLASSIFIER_KIND, VQVAE_KIND, Run, prior_kind
 from .sampling import check_hierarchy

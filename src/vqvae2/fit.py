@@ -18,26 +18,25 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .checkpoint import RunFacts
+from .batches import check_batch_fits, micro_batch_size
+from .checkpoint import Checkpoint, RunFacts
 from .classifier import Classifier
 from .config import ClassifierRunConfig, RuntimeConfig
 from .data import DEFAULT_DATA_PATH, batch_loader, open_dataset, uint8_to_float
 from .distributed import runtime_context
 from .loop import (
-    Clock,
     StepOutput,
     TrainingSession,
     TrainResult,
-    check_batch_fits,
     image_keys,
-    micro_batch_size,
     micro_batches,
     resume_or_start,
-    seed_own_dropout,
     training_lock,
 )
 from .measure import measure_accuracy
+from .random_state import seed_own_dropout
 from .run import CLASSIFIER_KIND
+from .schedule import Clock
 
 CLASSIFIER_SPLITS = ("train", "val", "test")
 
@@ -86,6 +85,27 @@ def _classifier_splits(
     }
 
 
+def _classifier_data(
+    data: str | Path | Mapping[str, Dataset] | None,
+    config: ClassifierRunConfig,
+    checkpoint: Checkpoint | None,
+) -> tuple[str | Path | Mapping[str, Dataset], dict[str, Dataset], ClassifierRunConfig]:
+    """The data to train on (``train_classifier``'s ``data``; None: the source recorded in
+    ``checkpoint``, else the default), its splits, and ``config`` with ``model.num_classes``
+    from the data on a new run."""
+    if data is None:
+        recorded = None if checkpoint is None else checkpoint.facts.data_path
+        data = recorded or DEFAULT_DATA_PATH
+    splits = _classifier_splits(data, config)
+    if checkpoint is None:
+        num_classes = splits["train"].num_classes
+        if num_classes < 2:
+            source = "the training set" if isinstance(data, Mapping) else data
+            raise ValueError(f"{source} has {num_classes} class; a classifier needs at least 2")
+        config = replace(config, model=replace(config.model, num_classes=num_classes))
+    return data, splits, config
+
+
 def train_classifier(
     config: ClassifierRunConfig | None,
     data: str | Path | Mapping[str, Dataset] | None,
@@ -126,16 +146,7 @@ def train_classifier(
             f"{out_dir} already holds a trained classifier; pass --resume or another --out",
             max_steps,
         )
-        if data is None:
-            recorded = None if checkpoint is None else checkpoint.facts.data_path
-            data = recorded or DEFAULT_DATA_PATH
-        splits = _classifier_splits(data, config)
-        if checkpoint is None:
-            num_classes = splits["train"].num_classes
-            if num_classes < 2:
-                source = "the training set" if isinstance(data, Mapping) else data
-                raise ValueError(f"{source} has {num_classes} class; a classifier needs at least 2")
-            config = replace(config, model=replace(config.model, num_classes=num_classes))
+        data, splits, config = _classifier_data(data, config, checkpoint)
         micro_batch_size(config.train, context)  # the batch must split evenly: checked first
         check_batch_fits(len(splits["train"]), config.train.batch_size)
         torch.manual_seed(config.train.seed)

@@ -1,6 +1,8 @@
-"""What every trainer shares: the batches of each step, the clock and step-size schedule, the
-optimiser, the model on its device (DDP, compile, memory layout), and the training session that
-resumes, logs, validates, checkpoints and stops a run, with rank 0 alone writing.
+"""What every trainer shares: the model on its device (DDP, compile, memory layout) and the
+training session that resumes, logs, validates, checkpoints and stops a run, with rank 0 alone
+writing. The session's parts have their own modules: the batches of each step (``batches``), the
+optimiser (``optimizer``), the generators' states (``random_state``) and the clock and step-size
+schedule (``schedule``).
 
 A trainer (``vqvae2.train``) builds its data and model, writes one step function, and hands both
 to a ``TrainingSession``: the step order is the same for every model kind.
@@ -19,83 +21,29 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Sampler
 from tqdm import tqdm
 
-from ._helpers import SEED_STRIDE, load_state_checked
+from ._helpers import load_state_checked
+from .batches import EpochBatchSampler, micro_batch_size, rank_batch_sampler
 from .checkpoint import Checkpoint, RunFacts, read_checkpoint, save_checkpoint
 from .config import RuntimeConfig, TrainConfig, config_from_dict, save_yaml, with_max_steps
 from .data import uint8_to_float
 from .distributed import DistributedContext, use_global_batch_norm
 from .logs import TENSORBOARD_DIR, MetricsLog, naming_file
+from .optimizer import AdamInBackward, check_optimizer_state, make_optimizer
+from .random_state import (
+    RandomState,
+    gather_random_states,
+    random_state_kept,
+    restore_random_state,
+)
 from .run import CONFIG_FILE, METRICS_FILE, has_checkpoint
-
-Clock = Callable[[], float]  # seconds on a clock that never goes back (time.monotonic)
+from .schedule import Clock, RunClock, learning_rate
 
 logger = logging.getLogger("vqvae2.loop")
-
-
-def check_batch_fits(size: int, batch_size: int) -> None:
-    """A training split of ``size`` examples holds at least one global batch (trainers check
-    it before they start)."""
-    if size < batch_size:
-        raise ValueError(
-            f"the training split has {size} examples, fewer than one batch ({batch_size})"
-        )
-
-
-class EpochBatchSampler(Sampler[list]):
-    """Batches of a fresh seeded permutation each epoch, starting from any global step.
-
-    The global batch at step s depends only on (seed, s), so a resumed run sees exactly the
-    batches an uninterrupted one would, under any number of processes: process ``rank`` of
-    ``world_size`` gets the rank-th contiguous slice of it. Incomplete final batches of an
-    epoch are dropped. With ``keyed`` every item is (index, key), the key being the item's
-    position in the run's sequence of images (step * batch_size + slot), from which datasets
-    draw random transforms.
-    """
-
-    def __init__(
-        self,
-        size: int,
-        batch_size: int,
-        seed: int,
-        start_step: int,
-        end_step: int,
-        rank: int = 0,
-        world_size: int = 1,
-        keyed: bool = False,
-    ):
-        check_batch_fits(size, batch_size)
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.start_step, self.end_step = start_step, end_step
-        self.batches_per_epoch = size // batch_size
-        self.per_process = batch_size // world_size
-        self.offset = rank * self.per_process
-        self.keyed = keyed
-
-    def __len__(self) -> int:
-        return max(0, self.end_step - self.start_step)
-
-    def __iter__(self) -> Iterator[list]:
-        step = self.start_step
-        while step < self.end_step:
-            epoch, position = divmod(step, self.batches_per_epoch)
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
-            for index in range(position, self.batches_per_epoch):
-                if step >= self.end_step:
-                    return
-                start = index * self.batch_size + self.offset
-                indices = order[start : start + self.per_process].tolist()
-                if self.keyed:
-                    first_key = step * self.batch_size + self.offset
-                    indices = [(i, first_key + slot) for slot, i in enumerate(indices)]
-                yield indices
-                step += 1
 
 
 @dataclass
@@ -163,283 +111,6 @@ def prepare_step_module(
     if runtime.compile:
         forward = torch.compile(forward)
     return StepModule(model=model, forward=forward, ddp=ddp, context=context, runtime=runtime)
-
-
-def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> Any:
-    """Adam over the model's parameters (``AdamInBackward`` with
-    ``train.optimizer_in_backward``)."""
-    if train.optimizer_in_backward:
-        return AdamInBackward(model, train)
-    return _adam(list(model.parameters()), train)
-
-
-def _adam(parameters: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Adam:
-    # The fused kernel updates every tensor in one pass: on the CPU the per-parameter loop of
-    # the default implementation cost more than 3x as much (bench/README.md).
-    fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
-    return torch.optim.Adam(
-        parameters,
-        lr=train.learning_rate,
-        betas=(train.adam_beta1, train.adam_beta2),
-        fused=fused or None,
-    )
-
-
-class AdamInBackward:
-    """Adam stepped parameter by parameter inside the backward pass: as soon as a parameter's
-    gradient is complete, its own Adam steps and the gradient is freed, so the gradients of the
-    whole model are never held at once (``train.optimizer_in_backward``).
-
-    To the training session it looks like one ``torch.optim.Adam``: ``param_groups`` (one per
-    parameter, in the model's order) take the step size, ``zero_grad`` and ``step`` have nothing
-    left to do, and ``state_dict`` / ``load_state_dict`` use the single optimiser's layout, so a
-    checkpoint resumes with either. The update of each parameter is Adam's own.
-
-    Whether each gradient is finite is noted as its parameter steps (without waiting for the
-    device); ``gradients_finite`` says whether all of the last backward pass were. A parameter
-    already stepped cannot be put back, so the session stops the run on a non-finite gradient
-    (``train.nonfinite=stop``, the only policy allowed with this optimiser) and writes nothing
-    after it.
-    """
-
-    def __init__(self, model: torch.nn.Module, train: TrainConfig) -> None:
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.optimizers = [_adam([p], train) for p in self.parameters]
-        self.nonfinite: list[Tensor] = []  # () bool per gradient seen non-finite this step
-        for parameter, optimizer in zip(self.parameters, self.optimizers, strict=True):
-            parameter.register_post_accumulate_grad_hook(self._stepper(optimizer))
-
-    def _stepper(self, optimizer: torch.optim.Adam) -> Callable[[torch.Tensor], None]:
-        def step(parameter: torch.Tensor) -> None:
-            # Kept on the device: reading it here would wait for the GPU at every parameter.
-            self.nonfinite.append(~parameter.grad.isfinite().all())
-            optimizer.step()
-            parameter.grad = None
-
-        return step
-
-    def gradients_finite(self) -> bool:
-        """Every gradient of the backward passes since ``zero_grad`` was finite."""
-        return not (self.nonfinite and bool(torch.stack(self.nonfinite).any()))
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [optimizer.param_groups[0] for optimizer in self.optimizers]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.nonfinite = []
-        for parameter in self.parameters:
-            parameter.grad = None
-
-    def step(self) -> None:
-        """Nothing: every parameter stepped during the backward pass."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """The state in the layout of one Adam over all the parameters (ids 0 .. n-1)."""
-        states = [optimizer.state_dict() for optimizer in self.optimizers]
-        group = {key: value for key, value in states[0]["param_groups"][0].items()}
-        group["params"] = list(range(len(states)))
-        return {
-            "state": {i: s["state"][0] for i, s in enumerate(states) if 0 in s["state"]},
-            "param_groups": [group],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a state saved by this class or by one Adam over the same parameters."""
-        (group,) = state["param_groups"]
-        for index, optimizer in enumerate(self.optimizers):
-            own = {0: state["state"][index]} if index in state["state"] else {}
-            optimizer.load_state_dict({"state": own, "param_groups": [{**group, "params": [0]}]})
-
-
-ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's tensors of each parameter's shape
-ADAM_STATE = ("step", *ADAM_MOMENTS)  # all Adam keeps per parameter (amsgrad off)
-
-
-def check_optimizer_state(state: dict[str, Any], model: torch.nn.Module, where: Path) -> None:
-    """Raise a one-line ``ValueError`` unless ``state`` (``make_optimizer``'s ``state_dict``,
-    read from the checkpoint at ``where``) fits ``model``'s parameters. Adam would load a misfit
-    and fail at the first step, or with its fused kernel write out of bounds."""
-    named = list(model.named_parameters())
-    prefix = f"the optimiser state in {where} does not fit the model"
-    for param_id, entries in state["state"].items():
-        if not 0 <= param_id < len(named):
-            raise ValueError(f"{prefix}: it has parameter {param_id}, the model {len(named)}")
-        name, parameter = named[param_id]
-        missing = [key for key in ADAM_STATE if key not in entries]
-        if missing:
-            raise ValueError(f"{prefix}: {name} lacks {missing[0]}")
-        for key in ADAM_MOMENTS:
-            shape = tuple(entries[key].shape)
-            if shape != tuple(parameter.shape):
-                raise ValueError(
-                    f"{prefix}: {name}'s {key} has shape {shape}, expected {tuple(parameter.shape)}"
-                )
-
-
-def micro_batch_size(train: TrainConfig, context: DistributedContext) -> int:
-    """Images per process and micro-batch; the global batch must split evenly."""
-    parts = context.world_size * train.grad_accum_steps
-    if train.batch_size % parts:
-        raise ValueError(
-            f"train.batch_size {train.batch_size} does not split evenly over "
-            f"{context.world_size} process(es) x {train.grad_accum_steps} micro-batch(es)"
-        )
-    return train.batch_size // parts
-
-
-def rank_batch_sampler(
-    size: int, train: TrainConfig, step: int, context: DistributedContext, keyed: bool = False
-) -> EpochBatchSampler:
-    """This process's slice of every global batch from ``step`` to ``train.max_steps`` (items
-    keyed for random transforms when ``keyed``)."""
-    return EpochBatchSampler(
-        size,
-        train.batch_size,
-        train.seed,
-        step,
-        train.max_steps,
-        context.rank,
-        context.world_size,
-        keyed,
-    )
-
-
-def seed_own_dropout(train: TrainConfig, context: DistributedContext) -> None:
-    """Under DDP every process draws its own dropout masks; one process keeps its stream."""
-    if context.enabled:
-        torch.manual_seed(train.seed * SEED_STRIDE + context.rank)
-
-
-# ----------------------------------------------------------------------------------------------
-# Random state: what dropout (and any other draw from the global generators) continues from
-
-
-RandomState = dict[str, Tensor]  # one process's generator states: "cpu", "cuda" (uint8)
-
-
-def own_random_state(context: DistributedContext) -> RandomState:
-    """This process's global generator states: the CPU one, and its CUDA device's when it
-    trains on one."""
-    state = {"cpu": torch.get_rng_state()}
-    if context.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(context.device)
-    return state
-
-
-def gather_random_states(context: DistributedContext) -> dict[int, RandomState]:
-    """Every process's generator states by rank (a collective: every process calls it). The
-    states of a generator have one size on every process, so they travel as one all-gather."""
-    own = own_random_state(context)
-    states: dict[int, RandomState] = {rank: {} for rank in range(context.world_size)}
-    for name, state in own.items():
-        gathered = context.all_gather_cat(state.to(context.device)[None]).cpu()  # (world, n)
-        for rank in range(context.world_size):
-            states[rank][name] = gathered[rank].clone()
-    return states
-
-
-RANDOM_STREAM_TAG = 0x5EED  # keeps derived_random_seed's hashes apart from other SeedSequences
-
-
-def derived_random_seed(seed: int, step: int, rank: int) -> int:
-    """A seed for process ``rank`` resuming at ``step`` without a saved state of its own: a
-    hash of the three, apart from every other seed the run derives."""
-    words = np.random.SeedSequence([seed, step, rank, RANDOM_STREAM_TAG]).generate_state(2)
-    return int(words[0]) << 32 | int(words[1])
-
-
-def restore_random_state(
-    saved: dict[int, RandomState] | None, context: DistributedContext, seed: int, step: int
-) -> bool:
-    """Give this process the generator states saved at ``step`` for its rank, and say True; when
-    the checkpoint holds none (an older one) or was written by another number of processes,
-    whose per-process streams cannot be mapped onto these, seed every generator from
-    ``derived_random_seed(seed, step, rank)`` and say False."""
-    own = saved.get(context.rank) if saved and len(saved) == context.world_size else None
-    if own is None:
-        torch.manual_seed(derived_random_seed(seed, step, context.rank))  # CUDA's too
-        return False
-    torch.set_rng_state(own["cpu"])
-    if context.device.type == "cuda":
-        if "cuda" in own:
-            torch.cuda.set_rng_state(own["cuda"], context.device)
-        else:  # written on the CPU
-            torch.cuda.manual_seed(derived_random_seed(seed, step, context.rank))
-    return True
-
-
-@contextmanager
-def random_state_kept(context: DistributedContext) -> Iterator[None]:
-    """Draws inside the block (validation, the final measurement: each ``DataLoader`` draws a
-    seed from the global generator) leave the training stream as it was."""
-    devices = [context.device] if context.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
-# ----------------------------------------------------------------------------------------------
-# Clock and step-size schedule
-
-
-class RunClock:
-    """Wall time of a run across resumes, this process's ``--max-minutes`` deadline, and the
-    run's ``train.schedule_minutes`` budget (which counts earlier processes too).
-
-    Args:
-        elapsed_before: seconds of training done by the earlier processes of a resumed run.
-        max_minutes: this process's own limit, or None.
-        budget_minutes: the run's whole budget (``train.schedule_minutes``); 0 for none.
-        now: the clock read (``time.monotonic``; tests pass a fake one).
-    """
-
-    def __init__(
-        self,
-        elapsed_before: float,
-        max_minutes: float | None,
-        budget_minutes: float = 0.0,
-        now: Clock = time.monotonic,
-    ) -> None:
-        self.now = now
-        self.elapsed_before = elapsed_before
-        self.start = now()
-        self.deadline = None if max_minutes is None else self.start + 60.0 * max_minutes
-        self.budget = 60.0 * budget_minutes if budget_minutes > 0 else None  # seconds
-
-    def elapsed(self) -> float:
-        """Seconds of training so far, earlier processes of a resumed run included."""
-        return self.elapsed_before + self.now() - self.start
-
-    def out_of_time(self, elapsed: float | None = None) -> bool:
-        """This process's deadline is past, or ``elapsed`` seconds (this process's by default)
-        spend the budget."""
-        elapsed = self.elapsed() if elapsed is None else elapsed
-        past_deadline = self.deadline is not None and self.now() >= self.deadline
-        return past_deadline or (self.budget is not None and elapsed >= self.budget)
-
-    @property
-    def limited(self) -> bool:
-        return self.deadline is not None or self.budget is not None
-
-
-def learning_rate(train: TrainConfig, step: int, budget_spent: float = 0.0) -> float:
-    """Step size for optimisation step ``step`` (0-based): optional linear warm-up, then the
-    schedule.
-
-    ``cosine`` and ``linear`` decay from ``learning_rate`` after the warm-up to 0 at
-    ``max_steps``, or sooner when ``budget_spent`` (the fraction of ``schedule_minutes`` used) is
-    further along. The warm-up is cut to ``max_steps // 2`` steps so that short runs of a preset
-    still decay.
-    """
-    warmup = min(train.warmup_steps, train.max_steps // 2)
-    if step < warmup:
-        return train.learning_rate * (step + 1) / warmup
-    progress = min(max((step - warmup) / (train.max_steps - warmup), budget_spent), 1.0)
-    if train.lr_schedule == "cosine":
-        return train.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
-    if train.lr_schedule == "linear":
-        return train.learning_rate * (1 - progress)
-    return train.learning_rate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,7 +211,7 @@ def resume_or_start(
 def image_keys(session: TrainingSession, rows: slice) -> list[int]:
     """The keys of ``rows`` of this process's batch: each image's position in the run's
     sequence of training images, step * batch_size + its place in the global batch (the keys of
-    ``loop.EpochBatchSampler``), so the same image has the same key under any number of
+    ``batches.EpochBatchSampler``), so the same image has the same key under any number of
     processes and micro-batches, and in a resumed run."""
     train, context = session.train, session.context
     first = session.step * train.batch_size + context.rank * (
@@ -622,17 +293,7 @@ class TrainingSession:
             None if checkpoint is None else (checkpoint.path, checkpoint.random_state)
         )
         self.skipped = 0 if checkpoint is None else int(checkpoint.extra.get(SKIPPED, 0))
-        if self.train.optimizer_in_backward and context.enabled:
-            raise ValueError("train.optimizer_in_backward runs in one process, not under DDP")
-        if self.train.activation_checkpointing:  # the VQ-VAE's and the priors' switch
-            if not hasattr(model, "set_activation_checkpointing"):
-                raise ValueError(f"train.activation_checkpointing is not available for the {kind}")
-            model.set_activation_checkpointing(True)
-        self.step_module = prepare_step_module(model, context, runtime)
-        self.optimizer = make_optimizer(model, self.train)
-        if checkpoint is not None and checkpoint.optimizer_state is not None:
-            check_optimizer_state(checkpoint.optimizer_state, model, checkpoint.path)
-            self.optimizer.load_state_dict(checkpoint.optimizer_state)
+        self.step_module, self.optimizer = self._prepare_model(runtime, checkpoint)
         if context.is_main:
             log_dir.mkdir(parents=True, exist_ok=True)
             with naming_file(log_dir / CONFIG_FILE):
@@ -654,6 +315,27 @@ class TrainingSession:
             dynamic_ncols=True,
             mininterval=1.0,
         )
+
+    def _prepare_model(
+        self, runtime: RuntimeConfig, checkpoint: Checkpoint | None
+    ) -> tuple[StepModule, Any]:
+        """The model on its device as the step calls it, and its optimiser (its state restored
+        from ``checkpoint`` when resuming)."""
+        model, train = self.model, self.train
+        if train.optimizer_in_backward and self.context.enabled:
+            raise ValueError("train.optimizer_in_backward runs in one process, not under DDP")
+        if train.activation_checkpointing:  # the VQ-VAE's and the priors' switch
+            if not hasattr(model, "set_activation_checkpointing"):
+                raise ValueError(
+                    f"train.activation_checkpointing is not available for the {self.kind}"
+                )
+            model.set_activation_checkpointing(True)
+        step_module = prepare_step_module(model, self.context, runtime)
+        optimizer = make_optimizer(model, train)
+        if checkpoint is not None and checkpoint.optimizer_state is not None:
+            check_optimizer_state(checkpoint.optimizer_state, model, checkpoint.path)
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+        return step_module, optimizer
 
     def batch_sampler(self, dataset: Any) -> EpochBatchSampler:
         """This process's slices of the global batches still to come over ``dataset``, keyed

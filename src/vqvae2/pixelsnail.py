@@ -35,7 +35,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import PixelSNAILConfig
+from .model_configs import PixelSNAILConfig
 
 
 def shift_down(x: Tensor) -> Tensor:

@@ -34,10 +34,10 @@ from .config import (
     ClassifierRunConfig,
     PriorRunConfig,
     VQVAERunConfig,
-    check_priors_fit,
     config_from_dict,
     list_presets,
 )
+from .model_configs import check_priors_fit
 from .pixelsnail import PixelSNAIL
 from .vqvae import VQVAE2
 

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from ._helpers import evaluating
 from .classifier import Classifier
-from .config import check_priors_fit, check_temperature
+from .config import check_temperature
+from .model_configs import check_priors_fit
 from .pixelsnail import PixelSNAIL
 from .pixelsnail_sampler import IncrementalSampler
 from .vqvae import VQVAE2

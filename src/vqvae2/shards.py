@@ -8,7 +8,7 @@ and ``KEY.cls`` holding its class index as ASCII digits. ``shards.json`` beside 
 classes and each split's shards, so labels mean what they meant in the folder.
 
 Reading keeps the trainers' exact resume: the global batch at step s depends only on
-(seed, s) (``loop.EpochBatchSampler``), which needs random access by index. ``ShardDataset``
+(seed, s) (``batches.EpochBatchSampler``), which needs random access by index. ``ShardDataset``
 reads the tar headers of its shards once (member offsets and sizes, and the ``.cls`` labels),
 then reads each image with one seek: every process and loader worker can read any image, and
 the sampler's batches, split over ranks and then over workers, read each image of an epoch

@@ -30,14 +30,10 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from .checkpoint import RunFacts, read_checkpoint
+from .batches import check_batch_fits, micro_batch_size
+from .checkpoint import Checkpoint, RunFacts, read_checkpoint
 from .codes import CodeDataset, CodeStoreWriter, PriorTrainingCodes
-from .config import (
-    PriorRunConfig,
-    RuntimeConfig,
-    VQVAERunConfig,
-    prior_for_data,
-)
+from .config import PriorRunConfig, RuntimeConfig, VQVAERunConfig
 from .data import (
     DEFAULT_DATA_PATH,
     apply_augmentation,
@@ -50,17 +46,13 @@ from .data import (
 from .distributed import DistributedContext, runtime_context
 from .fit import train_classifier  # noqa: F401  (the stage trainers in one place)
 from .loop import (
-    Clock,
     StepModule,
     StepOutput,
     TrainingSession,
     TrainResult,
-    check_batch_fits,
     image_keys,
-    micro_batch_size,
     micro_batches,
     resume_or_start,
-    seed_own_dropout,
     training_lock,
 )
 from .measure import (
@@ -71,7 +63,9 @@ from .measure import (
     reconstruction_grid,
 )
 from .metrics import squared_error_01
+from .model_configs import prior_for_data
 from .pixelsnail import PixelSNAIL
+from .random_state import seed_own_dropout
 from .report import make_grid, save_png
 from .run import (
     AUGMENTED_CODES,
@@ -82,6 +76,7 @@ from .run import (
     vqvae_from_checkpoint,
 )
 from .sampling import sample_level_cached
+from .schedule import Clock
 from .vqvae import VQVAE2
 
 logger = logging.getLogger("vqvae2.train")
@@ -141,22 +136,9 @@ def train_vqvae(
             f"{run_dir} already holds a trained VQ-VAE; pass --resume or another --out",
             max_steps,
         )
-        if data_path is None:
-            recorded = None if checkpoint is None else checkpoint.facts.data_path
-            data_path = recorded or DEFAULT_DATA_PATH
         model_config, train_config = config.model, config.train
         micro_batch_size(train_config, context)  # the batch must split evenly: checked first
-        train_set, val_set = (
-            open_dataset(
-                data_path,
-                split,
-                model_config.image_size,
-                model_config.in_channels,
-                config.data,
-                train_config.seed,
-            )
-            for split in ("train", "val")
-        )
+        data_path, train_set, val_set = _vqvae_data(data_path, config, checkpoint)
         check_batch_fits(len(train_set), train_config.batch_size)
         torch.manual_seed(train_config.seed)
         model = VQVAE2(
@@ -186,6 +168,29 @@ def train_vqvae(
         loader = batch_loader(train_set, session.batch_sampler(train_set), config.data.num_workers)
         session.run(loader, _vqvae_step(model, session, config), validate)
         return session.finish(lambda: validate(final=True), split="val")
+
+
+def _vqvae_data(
+    data_path: str | Path | None, config: VQVAERunConfig, checkpoint: Checkpoint | None
+) -> tuple[str | Path, Dataset, Dataset]:
+    """The image source of stage 1 (``data_path``; None: the one recorded in ``checkpoint``,
+    else the default) and its train and validation splits."""
+    if data_path is None:
+        recorded = None if checkpoint is None else checkpoint.facts.data_path
+        data_path = recorded or DEFAULT_DATA_PATH
+    model_config = config.model
+    train_set, val_set = (
+        open_dataset(
+            data_path,
+            split,
+            model_config.image_size,
+            model_config.in_channels,
+            config.data,
+            config.train.seed,
+        )
+        for split in ("train", "val")
+    )
+    return data_path, train_set, val_set
 
 
 def _vqvae_validation(model: VQVAE2, val_set: Dataset, session: TrainingSession, run_dir: Path):
@@ -512,7 +517,7 @@ def _prior_fitting_data(
     run: Run, index: int, config: PriorRunConfig, new: bool, codes: PriorTrainingCodes
 ) -> PriorRunConfig:
     """A new prior's config with its data fields set from the VQ-VAE and the codes
-    (``config.prior_for_data``); a resumed prior's, checked to fit the codes still."""
+    (``model_configs.prior_for_data``); a resumed prior's, checked to fit the codes still."""
     prior = config.prior
     if not new:
         if prior.num_augmentations != codes.num_augmentations:
@@ -593,24 +598,29 @@ def train_prior(
             now=now,
         )
         seed_own_dropout(config.train, context)
-
-        vqvae = run.load_vqvae() if session.log.wants_images else None  # for sample grids
-
-        def validate() -> dict[str, float]:
-            if vqvae is not None:
-                grid = _prior_sample_grid(prior, vqvae, val_codes, index, session.step)
-                session.log.image(
-                    session.step, "samples (rows: real codes, this level sampled)", grid
-                )
-            return _nll_summary(
-                "val", measure_nll(prior, val_codes, index, config.train.val_batches)
-            )
-
+        validate = _prior_validation(prior, run, val_codes, index, session)
         loader = batch_loader(training_codes, session.batch_sampler(training_codes))
         session.run(loader, _prior_step(prior, session.step_module, config, index), validate)
         return session.finish(
             lambda: _final_nll(prior, train_codes, val_codes, index, config.train.seed)
         )
+
+
+def _prior_validation(
+    prior: PixelSNAIL, run: Run, val_codes: CodeDataset, index: int, session: TrainingSession
+):
+    """Validation of a prior: its NLL on ``train.val_batches`` batches of the validation codes
+    and, when the log takes images, a grid of what it draws in context (the run's VQ-VAE is
+    loaded once, here, to decode it)."""
+    vqvae = run.load_vqvae() if session.log.wants_images else None  # for sample grids
+
+    def validate() -> dict[str, float]:
+        if vqvae is not None:
+            grid = _prior_sample_grid(prior, vqvae, val_codes, index, session.step)
+            session.log.image(session.step, "samples (rows: real codes, this level sampled)", grid)
+        return _nll_summary("val", measure_nll(prior, val_codes, index, session.train.val_batches))
+
+    return validate
 
 
 SAMPLE_GRID_COLUMNS = 8  # validation code maps whose level is resampled in a prior's grid

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import VQVAEConfig
+from .model_configs import VQVAEConfig
 from .quantize import GatherFn, QuantizerOutput, ReduceFn, VectorQuantizerEMA, identity_reduce
 
 LEVEL_DROPOUT_STREAM = 1  # tags level dropout's random stream (see ``draw_kept_levels``)
@@ -192,6 +192,22 @@ class VQVAEOutput(NamedTuple):
     usage: list[Tensor]  # per level: () fraction of codes used in the batch
 
 
+def _level_upsamplers(config: VQVAEConfig) -> nn.ModuleList:
+    """One upsampler per level above the bottom, bringing its quantized map (B, D, h, w) to the
+    bottom resolution: level i is 2^(L-1-i) smaller, so it takes that many x2 upsamplings."""
+    levels, dim = config.num_levels, config.embedding_dim
+    upsamplers = nn.ModuleList()
+    for i in range(levels - 1):
+        steps = levels - 1 - i
+        layers: list[nn.Module] = []
+        for step in range(steps):
+            layers.append(_upsample_conv(dim, dim, config))
+            if step < steps - 1:
+                layers.append(nn.ReLU())
+        upsamplers.append(nn.Sequential(*layers))
+    return upsamplers
+
+
 class VQVAE2(nn.Module):
     """Hierarchical VQ-VAE with 1 to 3 levels, levels indexed top first.
 
@@ -240,16 +256,7 @@ class VQVAE2(nn.Module):
             )
             for level in range(levels)
         )
-        # Bring every level above the bottom to the bottom resolution: level i is 2^(L-1-i) smaller.
-        self.upsamplers = nn.ModuleList()
-        for i in range(levels - 1):
-            steps = levels - 1 - i
-            layers: list[nn.Module] = []
-            for step in range(steps):
-                layers.append(_upsample_conv(dim, dim, config))
-                if step < steps - 1:
-                    layers.append(nn.ReLU())
-            self.upsamplers.append(nn.Sequential(*layers))
+        self.upsamplers = _level_upsamplers(config)
         # The stand-in for a level left out of decoding (level_dropout > 0): one learned vector
         # per level, the same at every position; zeros otherwise (the paper's Fig. 3).
         self.absent = nn.Parameter(torch.zeros(levels, dim)) if config.level_dropout > 0 else None
