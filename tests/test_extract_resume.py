@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 
-import vqvae2.train as train
+import vqvae2.extract as extract
 from vqvae2.cli import main
 from vqvae2.vqvae import VQVAE2
 
 options = json.loads(sys.argv[1])
-train.EXTRACT_SHARD_SIZE = options["shard_size"]
+extract.EXTRACT_SHARD_SIZE = options["shard_size"]
 encode = VQVAE2.encode
 encoded = [0]
 

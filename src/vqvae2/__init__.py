@@ -40,7 +40,7 @@ _EXPORTS = {
     "measure_nll": "measure",
     "reconstruct": "reconstruct",
     "train_vqvae": "train",
-    "extract_codes": "train",
+    "extract_codes": "extract",
     "train_prior": "train",
     "train_classifier": "train",
     "sample_from_run": "sample",

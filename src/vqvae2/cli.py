@@ -212,7 +212,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract_codes(args: argparse.Namespace) -> int:
-    from .train import extract_codes
+    from .extract import extract_codes
 
     run = _open_run(args.run_dir)
     data, runtime = _data_of(args, run.data_path), _runtime(args)
