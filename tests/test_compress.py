@@ -36,6 +36,7 @@ from vqvae2.compress import (
     run_fingerprint,
     unfit_image,
 )
+from vqvae2.export import export_run, load_pretrained
 from vqvae2.run import Run, load_hierarchy
 
 from .conftest import assert_one_line_error
@@ -368,3 +369,70 @@ def test_one_label_is_every_image_s(run_dir, tmp_path):
     paths = write_pngs(tmp_path / "in", blob_images(3))
     compressed = compress_files(Run.open(run_dir), paths, tmp_path / "c", labels=[2])
     assert [item.header.label for item in compressed] == [2, 2, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# A run and its export code the same files
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory) -> Path:
+    return export_run(Run.open(run_dir), tmp_path_factory.mktemp("export") / "models")
+
+
+def decoded_pngs(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.glob("*.png"))}
+
+
+def test_files_of_a_run_decompress_with_its_export_and_back(run_dir, exported, tmp_path):
+    paths = write_pngs(tmp_path / "in", blob_images(3, seed=9))
+    run, models = Run.open(run_dir), load_pretrained(exported)
+    assert run_fingerprint(run) == run_fingerprint(models)
+    by_run = compress_files(run, paths, tmp_path / "c-run", labels=[0, 1, 2])
+    by_export = compress_files(models, paths, tmp_path / "c-export", labels=[0, 1, 2])
+    assert [item.file.read_bytes() for item in by_run] == [
+        item.file.read_bytes() for item in by_export
+    ]
+    decompress_files(run, [item.file for item in by_run], tmp_path / "run-run")
+    decompress_files(models, [item.file for item in by_run], tmp_path / "run-export")
+    decompress_files(run, [item.file for item in by_export], tmp_path / "export-run")
+    expected = decoded_pngs(tmp_path / "run-run")
+    assert len(expected) == 3
+    assert decoded_pngs(tmp_path / "run-export") == expected
+    assert decoded_pngs(tmp_path / "export-run") == expected
+
+
+def test_the_cli_takes_an_exported_folder(run_dir, exported, tmp_path, capsys):
+    paths = write_pngs(tmp_path / "in", blob_images(2, seed=10))
+    out = tmp_path / "c"
+    args = ["compress", str(exported), *map(str, paths), "--out", str(out), "--label", "2"]
+    assert main([*args, "--quiet"]) == 0
+    files = [str(out / "image000.vq2"), str(out / "image001.vq2")]
+    assert main(["decompress", *files, "--run", str(run_dir), "--out", str(tmp_path / "d")]) == 0
+    assert "decompressed 2 files" in capsys.readouterr().out
+    other = write_run(tmp_path / "other", seed=1)
+    code = main(["decompress", *files, "--run", str(other), "--out", str(tmp_path / "e")])
+    assert_one_line_error(capsys, code, "image000.vq2: compressed with another model")
+    old = tmp_path / "old.vq2"
+    old.write_bytes(as_version_1(Path(files[0]).read_bytes(), Run.open(run_dir)))
+    code = main(["decompress", str(old), "--run", str(exported), "--out", str(tmp_path / "f")])
+    assert_one_line_error(capsys, code, "format version 1 files carry the fingerprint of a run's")
+
+
+def test_the_fingerprint_changes_with_any_weight_of_any_model(exported):
+    models = load_pretrained(exported)
+    before = run_fingerprint(models)
+    seen = {before}
+    for model in (models.vqvae, *models.priors):
+        for name, tensor in model.state_dict().items():
+            if tensor.numel() == 0 or not tensor.is_floating_point():
+                continue
+            flat = tensor.view(-1)  # shares the model's storage
+            kept = flat[-1].clone()
+            flat[-1] = kept + 1.0
+            changed = run_fingerprint(models)
+            flat[-1] = kept
+            assert changed not in seen, name
+            seen.add(changed)
+    assert run_fingerprint(models) == before
+    assert len(seen) > 20
