@@ -1,9 +1,10 @@
-"""Compressing image files with a run and back: the latent codec's file layer.
+"""Compressing image files with a run (or its export) and back: the latent codec's file layer.
 
 The codec's core (``codec.py``) turns codes into bytes and back with a run's models; this module
-opens what it needs: image files (fitted to the model's square and back), the run folder (its
-models and the fingerprint of exactly their checkpoints), the ``.vq2`` files (size-capped
-reads, checks against the run before any model is built), PNG output, progress bars, and the
+opens what it needs: image files (fitted to the model's square and back), the models of a
+``Run`` or of an export (``load_pretrained``) and the fingerprint of their content (the same for
+both), the ``.vq2`` files (size-capped reads, checks against the models before any model is
+built from a run), PNG output, progress bars, and the
 report of a compression run (bits per pixel beside the priors' NLL). Format and coding are
 described in ``codec.py`` and docs/codec.md.
 """
