@@ -197,10 +197,10 @@ class LoadedModels(NamedTuple):
 
 
 def _load_models(models: Models) -> LoadedModels:
-    """The models on the CPU and their fingerprints; a run's all from the same held step
-    folders."""
+    """The models and their fingerprints: a run's loaded on the CPU, all from the same held
+    step folders; an export's as they are (the core refuses models off the CPU)."""
     if isinstance(models, PretrainedModels):
-        vqvae, priors = models.load_hierarchy("cpu")
+        vqvae, priors = models.vqvae, list(models.priors)
         return LoadedModels(vqvae, priors, _content_fingerprint([vqvae, *priors]), None)
     with _held_run(models.path) as step_dirs:
         files_fingerprint = _files_fingerprint(step_dirs)
