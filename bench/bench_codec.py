@@ -48,7 +48,7 @@ from vqvae2.compress import (
     unfit_image,
 )
 from vqvae2.data import DEFAULT_DATA_PATH, open_dataset
-from vqvae2.run import load_hierarchy
+from vqvae2.run import Run, load_hierarchy
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -146,10 +146,12 @@ def run_codec(run_dir: Path, images: np.ndarray, labels: list[int], work: Path) 
         Image.fromarray(image).save(path)
         paths.append(path)
     start = time.perf_counter()
-    compressed = compress_files(run_dir, paths, work / "compressed", labels=labels)
+    compressed = compress_files(Run.open(run_dir), paths, work / "compressed", labels=labels)
     compress_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    decompressed = decompress_files([item.file for item in compressed], work / "out", run_dir)
+    decompressed = decompress_files(
+        Run.open(run_dir), [item.file for item in compressed], work / "out"
+    )
     decompress_seconds = time.perf_counter() - start
 
     vqvae, _ = load_hierarchy(run_dir)
@@ -173,7 +175,7 @@ def run_codec(run_dir: Path, images: np.ndarray, labels: list[int], work: Path) 
             png_equal += torch.equal(written, unfit_image(decoded[place], after.header))
             padded = fit_image(images[index], side, 1)[0].double()
             squared_error += float(((decoded[place].double() - padded) ** 2).sum())
-    report = compression_report(run_dir, compressed)
+    report = compression_report(Run.open(run_dir), compressed)
     count = len(images)
     return {
         "report": {key: value for key, value in report.items() if key != "files"},

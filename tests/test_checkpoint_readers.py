@@ -186,7 +186,7 @@ def test_sample_and_compress_while_the_top_prior_checkpoints_every_step(
             sampled = sample_from_run(Run.open(run), 2, progress=False)
             assert sampled.images.shape == (2, 1, 16, 16)
         elif call % 3 == 1:
-            compress_files(run, images, tmp_path / f"c{call}", labels=[0, 1])
+            compress_files(Run.open(run), images, tmp_path / f"c{call}", labels=[0, 1])
         else:
             load_hierarchy(run)
         return call

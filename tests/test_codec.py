@@ -347,7 +347,8 @@ def imports_of(module: str) -> tuple[set[str], set[str]]:
         modules.add(name)
         for node in ast.walk(ast.parse((package / f"{name}.py").read_text())):
             if isinstance(node, ast.ImportFrom) and node.level == 1:
-                todo += [node.module] if node.module else [alias.name for alias in node.names]
+                names = [node.module] if node.module else [alias.name for alias in node.names]
+                todo += [name for name in names if (package / f"{name}.py").is_file()]
             elif isinstance(node, ast.ImportFrom):
                 libraries.add(node.module.split(".")[0])
             elif isinstance(node, ast.Import):

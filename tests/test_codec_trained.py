@@ -53,7 +53,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
 def test_files_sit_within_one_percent_of_the_nll_and_round_trip(trained, tmp_path):
     run, folder, labels = trained
     paths = sorted(folder.glob("*.png"))
-    compressed = compress_files(run, paths, tmp_path / "c", labels=labels.tolist())
+    compressed = compress_files(Run.open(run), paths, tmp_path / "c", labels=labels.tolist())
     summary = summarise([item.encoded for item in compressed], ("top", "bottom"), SIZE**2)
     assert summary["payload_over_nll"] <= NLL_MARGIN, summary
     assert abs(summary["coded_over_nll"]) < 1e-4, summary  # quantisation: next to nothing
@@ -63,7 +63,9 @@ def test_files_sit_within_one_percent_of_the_nll_and_round_trip(trained, tmp_pat
         payload_bits = 8 * len(item.encoded.payload)
         assert payload_bits <= ideal + TERMINATION_BITS + ROUNDING_BITS_PER_SYMBOL * symbols
         assert item.size == OVERHEAD_BYTES + len(item.encoded.payload)
-    decompressed = decompress_files([item.file for item in compressed], tmp_path / "d", run)
+    decompressed = decompress_files(
+        Run.open(run), [item.file for item in compressed], tmp_path / "d"
+    )
     vqvae, _ = load_hierarchy(run)
     for before, after in zip(compressed, decompressed, strict=True):
         assert all(

@@ -32,10 +32,12 @@ from vqvae2.compress import (
     compress_files,
     decompress_files,
     fit_image,
+    run_files_fingerprint,
     run_fingerprint,
     unfit_image,
 )
-from vqvae2.run import load_hierarchy
+from vqvae2.export import export_run, load_pretrained
+from vqvae2.run import Run, load_hierarchy
 
 from .conftest import assert_one_line_error
 from .test_codec import (
@@ -86,10 +88,12 @@ def test_files_round_trip_and_the_png_is_the_decoded_codes(run_dir, tmp_path):
     big = tmp_path / "in" / "big.png"
     Image.fromarray(np.full((30, 20), 90, np.uint8)).save(big)
     labels = [i % NUM_CLASSES for i in range(len(paths) + 1)]
-    compressed = compress_files(run_dir, [*paths, big], tmp_path / "c", labels=labels)
+    compressed = compress_files(Run.open(run_dir), [*paths, big], tmp_path / "c", labels=labels)
     assert [item.file.name for item in compressed[:2]] == ["image000.vq2", "image001.vq2"]
     assert all(item.size == item.file.stat().st_size for item in compressed)
-    decompressed = decompress_files([item.file for item in compressed], tmp_path / "d", run_dir)
+    decompressed = decompress_files(
+        Run.open(run_dir), [item.file for item in compressed], tmp_path / "d"
+    )
     vqvae, _ = load_hierarchy(run_dir)
     for before, after in zip(compressed, decompressed, strict=True):
         for level in range(2):
@@ -109,23 +113,28 @@ def test_files_round_trip_and_the_png_is_the_decoded_codes(run_dir, tmp_path):
 
 def test_the_fingerprint_follows_every_weight_and_config(tmp_path):
     first, second = write_run(tmp_path / "a"), write_run(tmp_path / "b")
-    assert run_fingerprint(first) == run_fingerprint(second)  # same seed, same bytes
+    assert run_fingerprint(Run.open(first)) == run_fingerprint(
+        Run.open(second)
+    )  # same seed, same bytes
     weights = next((second / "prior-bottom").glob("step-*")) / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # the last bit of the last weight
     weights.write_bytes(bytes(data))
-    assert run_fingerprint(first) != run_fingerprint(second)
+    assert run_fingerprint(Run.open(first)) != run_fingerprint(Run.open(second))
     meta = next((first / "vqvae").glob("step-*")) / "meta.json"
     meta.write_text(
         meta.read_text().replace('"commitment_weight": 0.25', '"commitment_weight": 0.5')
     )
-    changed = run_fingerprint(first)
-    assert changed not in (run_fingerprint(second), run_fingerprint(write_run(tmp_path / "c")))
+    changed = run_fingerprint(Run.open(first))
+    assert changed not in (
+        run_fingerprint(Run.open(second)),
+        run_fingerprint(Run.open(write_run(tmp_path / "c"))),
+    )
 
 
 def test_another_run_is_refused_before_any_model_is_built(run_dir, tmp_path, monkeypatch, capsys):
     paths = write_pngs(tmp_path / "in", blob_images(2))
-    compressed = compress_files(run_dir, paths, tmp_path / "c", labels=[0, 1])
+    compressed = compress_files(Run.open(run_dir), paths, tmp_path / "c", labels=[0, 1])
     other = write_run(tmp_path / "other", seed=1)
 
     def no_models(*args, **kwargs):
@@ -141,7 +150,7 @@ def test_another_run_is_refused_before_any_model_is_built(run_dir, tmp_path, mon
 def test_a_decoder_whose_probabilities_differ_is_caught(run_dir, tmp_path, monkeypatch, capsys):
     # What another CPU or library version could do: slightly other logits, other codes.
     paths = write_pngs(tmp_path / "in", blob_images(3, seed=4))
-    compressed = compress_files(run_dir, paths, tmp_path / "c", labels=[0, 1, 2])
+    compressed = compress_files(Run.open(run_dir), paths, tmp_path / "c", labels=[0, 1, 2])
     original = codec._position_weights
 
     def shifted(state, row, col):
@@ -177,35 +186,37 @@ def colliding_codes(codes: list[torch.Tensor], codebook_size: int) -> list[torch
 
 def test_a_decoder_drift_that_a_16_bit_check_misses_is_caught(run_dir, tmp_path, monkeypatch):
     paths = write_pngs(tmp_path / "in", blob_images(1, seed=5))
-    compressed = compress_files(run_dir, paths, tmp_path / "c", labels=[2])
+    compressed = compress_files(Run.open(run_dir), paths, tmp_path / "c", labels=[2])
     wrong = colliding_codes(compressed[0].encoded.codes, 13)
     assert not torch.equal(wrong[1], compressed[0].encoded.codes[1])
     # A decoder gone astray that lands on those codes: the low 16 bits of the check agree.
     monkeypatch.setattr(compress, "decode_batch", lambda *args: [level[None] for level in wrong])
     with pytest.raises(CodecFormatError, match="the decoded codes fail the file's check"):
-        decompress_files([compressed[0].file], tmp_path / "d", run_dir)
+        decompress_files(Run.open(run_dir), [compressed[0].file], tmp_path / "d")
     assert not (tmp_path / "d" / "image000.png").exists()
 
 
-def as_version_1(data: bytes, check: int | None = None) -> bytes:
-    """A file of today's format rewritten in format version 1 (its 16-bit codes check the low
-    bits of today's, or ``check``)."""
+def as_version_1(data: bytes, run: Run, check: int | None = None) -> bytes:
+    """A file of today's format rewritten in format version 1 as vqvae2 wrote it: the
+    fingerprint of the run's checkpoint files, its 16-bit codes check the low bits of today's
+    (or ``check``)."""
     header, payload = parse_file(data)
     bits = header.codes_check & 0xFFFF if check is None else check
-    return pack_version_1(dataclasses.replace(header, codes_check=bits), payload)
+    old = dataclasses.replace(header, codes_check=bits, fingerprint=run_files_fingerprint(run))
+    return pack_version_1(old, payload)
 
 
 def test_version_1_files_decompress_with_their_16_bit_check(run_dir, tmp_path, caplog):
     paths = write_pngs(tmp_path / "in", blob_images(3, seed=6))
-    compressed = compress_files(run_dir, paths, tmp_path / "c", labels=[0, 1, 2])
+    compressed = compress_files(Run.open(run_dir), paths, tmp_path / "c", labels=[0, 1, 2])
     old = []
     for item in compressed:
         path = tmp_path / "old" / item.file.name
         path.parent.mkdir(exist_ok=True)
-        path.write_bytes(as_version_1(item.file.read_bytes()))
+        path.write_bytes(as_version_1(item.file.read_bytes(), Run.open(run_dir)))
         old.append(path)
     with caplog.at_level("WARNING", logger="vqvae2.compress"):
-        decompressed = decompress_files(old, tmp_path / "d", run_dir)
+        decompressed = decompress_files(Run.open(run_dir), old, tmp_path / "d")
     for before, after in zip(compressed, decompressed, strict=True):
         assert after.header.format_version == 1 and after.header.versions is None
         assert all(
@@ -216,9 +227,11 @@ def test_version_1_files_decompress_with_their_16_bit_check(run_dir, tmp_path, c
         "in 65,536 passes it"
     ]
     wrong = (compressed[1].header.codes_check + 1) & 0xFFFF
-    old[1].write_bytes(as_version_1(compressed[1].file.read_bytes(), check=wrong))
+    old[1].write_bytes(
+        as_version_1(compressed[1].file.read_bytes(), Run.open(run_dir), check=wrong)
+    )
     with pytest.raises(CodecFormatError, match="image001.vq2: the decoded codes fail"):
-        decompress_files(old, tmp_path / "d2", run_dir)
+        decompress_files(Run.open(run_dir), old, tmp_path / "d2")
 
 
 def with_versions(data: bytes, versions: Versions) -> bytes:
@@ -231,7 +244,7 @@ OTHER_VERSIONS = Versions(torch=(2, 9, 1), constriction=(0, 4, 1))
 
 def test_other_library_versions_decode_with_a_note_when_the_check_passes(run_dir, tmp_path, caplog):
     paths = write_pngs(tmp_path / "in", blob_images(3, seed=7))
-    compressed = compress_files(run_dir, paths, tmp_path / "c", labels=[0, 1, 2])
+    compressed = compress_files(Run.open(run_dir), paths, tmp_path / "c", labels=[0, 1, 2])
     here = running_versions()
     assert all(item.header.versions == here for item in compressed)
     torch_release = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:3])
@@ -239,7 +252,7 @@ def test_other_library_versions_decode_with_a_note_when_the_check_passes(run_dir
     compressed[2].file.write_bytes(with_versions(compressed[2].file.read_bytes(), OTHER_VERSIONS))
     files = [item.file for item in compressed]
     with caplog.at_level("WARNING", logger="vqvae2.compress"):
-        decompressed = decompress_files(files, tmp_path / "d", run_dir)
+        decompressed = decompress_files(Run.open(run_dir), files, tmp_path / "d")
     assert torch.equal(decompressed[2].codes[1], compressed[2].encoded.codes[1])
     assert (tmp_path / "d" / "image002.png").is_file()
     assert [record.getMessage() for record in caplog.records] == [
@@ -250,7 +263,7 @@ def test_other_library_versions_decode_with_a_note_when_the_check_passes(run_dir
 
 def test_a_failed_check_names_the_versions_the_file_needs(run_dir, tmp_path, monkeypatch):
     paths = write_pngs(tmp_path / "in", blob_images(1, seed=8))
-    compressed = compress_files(run_dir, paths, tmp_path / "c", labels=[1])
+    compressed = compress_files(Run.open(run_dir), paths, tmp_path / "c", labels=[1])
     file = compressed[0].file
     file.write_bytes(with_versions(file.read_bytes(), OTHER_VERSIONS))
     original = codec._position_weights
@@ -267,7 +280,7 @@ def test_a_failed_check_names_the_versions_the_file_needs(run_dir, tmp_path, mon
         "versions"
     )
     with pytest.raises(CodecFormatError) as error:
-        decompress_files([file], tmp_path / "d", run_dir)
+        decompress_files(Run.open(run_dir), [file], tmp_path / "d")
     assert str(error.value).endswith(message)
 
 
@@ -354,5 +367,72 @@ def test_help_of_the_codec_commands(command, mark, capsys):
 
 def test_one_label_is_every_image_s(run_dir, tmp_path):
     paths = write_pngs(tmp_path / "in", blob_images(3))
-    compressed = compress_files(run_dir, paths, tmp_path / "c", labels=[2])
+    compressed = compress_files(Run.open(run_dir), paths, tmp_path / "c", labels=[2])
     assert [item.header.label for item in compressed] == [2, 2, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# A run and its export code the same files
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory) -> Path:
+    return export_run(Run.open(run_dir), tmp_path_factory.mktemp("export") / "models")
+
+
+def decoded_pngs(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.glob("*.png"))}
+
+
+def test_files_of_a_run_decompress_with_its_export_and_back(run_dir, exported, tmp_path):
+    paths = write_pngs(tmp_path / "in", blob_images(3, seed=9))
+    run, models = Run.open(run_dir), load_pretrained(exported)
+    assert run_fingerprint(run) == run_fingerprint(models)
+    by_run = compress_files(run, paths, tmp_path / "c-run", labels=[0, 1, 2])
+    by_export = compress_files(models, paths, tmp_path / "c-export", labels=[0, 1, 2])
+    assert [item.file.read_bytes() for item in by_run] == [
+        item.file.read_bytes() for item in by_export
+    ]
+    decompress_files(run, [item.file for item in by_run], tmp_path / "run-run")
+    decompress_files(models, [item.file for item in by_run], tmp_path / "run-export")
+    decompress_files(run, [item.file for item in by_export], tmp_path / "export-run")
+    expected = decoded_pngs(tmp_path / "run-run")
+    assert len(expected) == 3
+    assert decoded_pngs(tmp_path / "run-export") == expected
+    assert decoded_pngs(tmp_path / "export-run") == expected
+
+
+def test_the_cli_takes_an_exported_folder(run_dir, exported, tmp_path, capsys):
+    paths = write_pngs(tmp_path / "in", blob_images(2, seed=10))
+    out = tmp_path / "c"
+    args = ["compress", str(exported), *map(str, paths), "--out", str(out), "--label", "2"]
+    assert main([*args, "--quiet"]) == 0
+    files = [str(out / "image000.vq2"), str(out / "image001.vq2")]
+    assert main(["decompress", *files, "--run", str(run_dir), "--out", str(tmp_path / "d")]) == 0
+    assert "decompressed 2 files" in capsys.readouterr().out
+    other = write_run(tmp_path / "other", seed=1)
+    code = main(["decompress", *files, "--run", str(other), "--out", str(tmp_path / "e")])
+    assert_one_line_error(capsys, code, "image000.vq2: compressed with another model")
+    old = tmp_path / "old.vq2"
+    old.write_bytes(as_version_1(Path(files[0]).read_bytes(), Run.open(run_dir)))
+    code = main(["decompress", str(old), "--run", str(exported), "--out", str(tmp_path / "f")])
+    assert_one_line_error(capsys, code, "format version 1 files carry the fingerprint of a run's")
+
+
+def test_the_fingerprint_changes_with_any_weight_of_any_model(exported):
+    models = load_pretrained(exported)
+    before = run_fingerprint(models)
+    seen = {before}
+    for model in (models.vqvae, *models.priors):
+        for name, tensor in model.state_dict().items():
+            if tensor.numel() == 0 or not tensor.is_floating_point():
+                continue
+            flat = tensor.view(-1)  # shares the model's storage
+            kept = flat[-1].clone()
+            flat[-1] = kept + 1.0
+            changed = run_fingerprint(models)
+            flat[-1] = kept
+            assert changed not in seen, name
+            seen.add(changed)
+    assert run_fingerprint(models) == before
+    assert len(seen) > 20

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from vqvae2.cli import main
 from vqvae2.config import ClassifierRunConfig, PriorRunConfig, VQVAERunConfig, load_config
@@ -237,3 +238,29 @@ def test_the_cli_exports_a_run_and_samples_from_the_export_as_from_the_run(
     assert main(["sample", "nobody-here/no-such-model", "--out", str(tmp_path / "x.png")]) != 0
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "nobody-here/no-such-model" in error
+
+
+def test_files_compressed_with_the_run_decompress_with_the_export_and_back(
+    trained_run, exported, tmp_path
+):
+    images = np.load(trained_run.parent / "blobs.npz")["images"][:4]
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(tmp_path / "in" / f"blob{index}.png")
+        paths[-1].parent.mkdir(exist_ok=True)
+        Image.fromarray(image).save(paths[-1])
+    labels = ["--label", "0", "1", "2", "0", "--quiet"]
+    for source, target in ((trained_run, exported), (exported, trained_run)):
+        packed = tmp_path / f"packed-{source.name}"
+        assert main(["compress", str(source), *map(str, paths), "--out", str(packed), *labels]) == 0
+        files = [str(path) for path in sorted(packed.glob("*.vq2"))]
+        assert len(files) == 4
+        for folder in (source, target):
+            out = tmp_path / f"{source.name}-by-{folder.name}"
+            assert main(["decompress", *files, "--run", str(folder), "--out", str(out)]) == 0
+    pngs = {
+        out.name: [path.read_bytes() for path in sorted(out.glob("*.png"))]
+        for out in tmp_path.glob("*-by-*")
+    }
+    assert len(pngs) == 4 and all(len(images) == 4 for images in pngs.values())
+    assert all(images == pngs["run-by-run"] for images in pngs.values())

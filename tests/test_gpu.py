@@ -188,8 +188,8 @@ def test_the_codec_stays_on_the_cpu_with_cuda_present(tmp_path):
     run = write_run(tmp_path / "run")
     paths = write_pngs(tmp_path / "in", blob_images(3, seed=5))
     allocated = torch.cuda.memory_allocated()
-    compressed = compress_files(run, paths, tmp_path / "c", labels=[0, 1, 2])
-    decompressed = decompress_files([item.file for item in compressed], tmp_path / "d", run)
+    compressed = compress_files(Run.open(run), paths, tmp_path / "c", labels=[0, 1, 2])
+    decompressed = decompress_files(Run.open(run), [c.file for c in compressed], tmp_path / "d")
     assert torch.cuda.memory_allocated() == allocated
     for before, after in zip(compressed, decompressed, strict=True):
         for level in range(2):

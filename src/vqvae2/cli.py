@@ -90,7 +90,7 @@ HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
 
 
 def _open_models(path: Path):
-    """What ``sample`` draws from: a run folder, a folder written by ``vqvae2 export``, or the
+    """What ``sample``, ``compress`` and ``decompress`` take: a run folder, a folder written by ``vqvae2 export``, or the
     Hub name (``owner/name``) of one."""
     from .export import is_export, load_pretrained
 
@@ -315,17 +315,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     from .compress import compress_files, compression_report, compression_text
 
-    progress = not args.quiet
-    results = compress_files(args.run_dir, args.images, args.out, args.label, progress)
-    report = compression_report(args.run_dir, results)
+    models, progress = _open_models(args.run_dir), not args.quiet
+    results = compress_files(models, args.images, args.out, args.label, progress)
+    report = compression_report(models, results)
     return _report(args, lambda: (report, compression_text(report, args.out)))
 
 
 def _cmd_decompress(args: argparse.Namespace) -> int:
     from .compress import decompress_files, decompression_summary
 
-    results = decompress_files(args.files, args.out, args.run, progress=not args.quiet)
-    return _report(args, decompression_summary, results, args.run, args.out)
+    models = _open_models(args.run)
+    results = decompress_files(models, args.files, args.out, progress=not args.quiet)
+    return _report(args, decompression_summary, models, results, args.out)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -306,7 +306,9 @@ def _add_codec(commands: argparse._SubParsersAction) -> None:
         "Images no larger than the model's side are padded centred (undone on decompress), "
         "larger ones resized by their short side and centre-cropped. Runs on the CPU.",
     )
-    _add_run_dir(compress, "run folder with the VQ-VAE and all priors")
+    _add_run_dir(
+        compress, "run folder with the VQ-VAE and all priors, or its export (`vqvae2 export`)"
+    )
     compress.add_argument("images", type=Path, nargs="+", help="image files")
     compress.add_argument("--out", type=Path, required=True, help="folder for the .vq2 files")
     compress.add_argument(
@@ -323,12 +325,15 @@ def _add_codec(commands: argparse._SubParsersAction) -> None:
         "decompress",
         "decode .vq2 files to PNG with the run that compressed them",
         description="The weights are not in the files: --run names the run they were "
-        "compressed with, which each file's model fingerprint must match. Writes "
+        "compressed with or its export, whose models' fingerprint each file must match. Writes "
         "OUT/<name>.png at the original size of padded images.",
     )
     decompress.add_argument("files", type=Path, nargs="+", help=".vq2 files")
     decompress.add_argument(
-        "--run", type=Path, required=True, help="the run folder the files were compressed with"
+        "--run",
+        type=Path,
+        required=True,
+        help="the run (or its exported folder) the files were compressed with",
     )
     decompress.add_argument("--out", type=Path, required=True, help="folder for the PNG images")
     _add_output_options(decompress, "the files")

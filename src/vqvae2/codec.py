@@ -127,7 +127,7 @@ class Versions(NamedTuple):
 class Header:
     """What a compressed file says about its image, besides the payload."""
 
-    fingerprint: bytes  # FINGERPRINT_BYTES of the run's checkpoint hash (``run_fingerprint``)
+    fingerprint: bytes  # FINGERPRINT_BYTES of the models' hash (compress.run_fingerprint)
     height: int  # the original image's height and width in pixels
     width: int
     fit: Fit  # how the image was fitted to the model's square side

@@ -1,9 +1,10 @@
-"""Compressing image files with a run and back: the latent codec's file layer.
+"""Compressing image files with a run (or its export) and back: the latent codec's file layer.
 
 The codec's core (``codec.py``) turns codes into bytes and back with a run's models; this module
-opens what it needs: image files (fitted to the model's square and back), the run folder (its
-models and the fingerprint of exactly their checkpoints), the ``.vq2`` files (size-capped
-reads, checks against the run before any model is built), PNG output, progress bars, and the
+opens what it needs: image files (fitted to the model's square and back), the models of a
+``Run`` or of an export (``load_pretrained``) and the fingerprint of their content (the same for
+both), the ``.vq2`` files (size-capped reads, checks against the models before any model is
+built from a run), PNG output, progress bars, and the
 report of a compression run (bits per pixel beside the priors' NLL). Format and coding are
 described in ``codec.py`` and docs/codec.md.
 """
@@ -11,6 +12,7 @@ described in ``codec.py`` and docs/codec.md.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -24,10 +26,11 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from .checkpoint import META, MODEL_WEIGHTS, held_checkpoint_dir
+from .checkpoint import META, MODEL_WEIGHTS, held_checkpoint_dir, read_checkpoint
 from .codec import (
     CODING_BATCH_SIZE,
     FINGERPRINT_BYTES,
+    FORMAT_VERSION,
     MAX_SIDE,
     OVERHEAD_BYTES,
     SUFFIX,
@@ -47,12 +50,14 @@ from .codec import (
     running_versions,
     slot_batches,
 )
-from .config import PriorRunConfig, VQVAERunConfig
+from .config import PriorRunConfig, VQVAEConfig, VQVAERunConfig, config_from_dict, config_to_dict
+from .export import PretrainedModels
 from .images import UNREADABLE, fit_uint8_array
 from .pixelsnail import PixelSNAIL
 from .report import save_png
 from .run import (
     VQVAE_KIND,
+    Run,
     has_checkpoint,
     level_names,
     load_prior,
@@ -97,20 +102,63 @@ def unfit_image(image: Tensor, header: Header) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# The run: its checkpoints' fingerprint and its models
+# The models: a run's or an export's, and their fingerprint
+
+Models = Run | PretrainedModels  # what the codec codes with: a run folder or an exported folder
 
 
-def run_fingerprint(run_dir: str | Path) -> bytes:
-    """``FINGERPRINT_BYTES`` of the SHA-256 of a run's checkpoints: the metadata (configs
-    included) and weights files of the VQ-VAE and of every level's prior, top first, each
-    framed by its kind, name and length. Any change to a weight or a config changes it. Reads
-    the files; builds no model.
+def run_fingerprint(models: Models) -> bytes:
+    """``FINGERPRINT_BYTES`` of the SHA-256 of the models' content: for the VQ-VAE and then each
+    level's prior, top first, the model's config as canonical JSON and its weights in key order
+    (``_content_fingerprint``). A run and its export have the same fingerprint; any change to a
+    weight or a config changes it. Of a run it reads the checkpoints and builds no model.
 
     Raises:
         ValueError: the run lacks the VQ-VAE or a level's prior.
     """
-    with _held_run(Path(run_dir)) as step_dirs:
-        return _fingerprint(step_dirs)
+    if isinstance(models, PretrainedModels):
+        return _content_fingerprint([models.vqvae, *models.priors])
+    with _held_run(models.path) as step_dirs:
+        parts = []
+        for kind, step_dir in step_dirs.items():
+            checkpoint = read_checkpoint(step_dir, kind)
+            if kind == VQVAE_KIND:
+                config = config_from_dict(VQVAERunConfig, checkpoint.config).model
+            else:
+                config = config_from_dict(PriorRunConfig, checkpoint.config).prior
+            parts.append((config, checkpoint.model_state))
+    return _hash_models(parts)
+
+
+def run_files_fingerprint(run: Run) -> bytes:
+    """The fingerprint of format version 1 files: ``FINGERPRINT_BYTES`` of the SHA-256 of the
+    run's checkpoint files (metadata and weights of the VQ-VAE and each prior, top first, each
+    framed by its kind, name and length)."""
+    with _held_run(run.path) as step_dirs:
+        return _files_fingerprint(step_dirs)
+
+
+def _content_fingerprint(models: Sequence[VQVAE2 | PixelSNAIL]) -> bytes:
+    return _hash_models([(model.config, model.state_dict()) for model in models])
+
+
+def _hash_models(parts: Sequence[tuple[Any, dict[str, Tensor]]]) -> bytes:
+    """The fingerprint of (config dataclass, weights) pairs: each config as JSON with sorted
+    keys, then each tensor in key order as its name, dtype, shape and raw (little-endian) bytes,
+    every field framed by its length."""
+    digest = hashlib.sha256()
+
+    def frame(data: bytes) -> None:
+        digest.update(len(data).to_bytes(8, "big") + data)
+
+    for config, state in parts:
+        frame(json.dumps(config_to_dict(config), sort_keys=True, separators=(",", ":")).encode())
+        frame(str(len(state)).encode())
+        for key in sorted(state):
+            tensor = state[key].detach().cpu().contiguous()
+            frame(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            frame(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.digest()[:FINGERPRINT_BYTES]
 
 
 @contextmanager
@@ -126,7 +174,7 @@ def _held_run(run_dir: Path) -> Iterator[dict[str, Path]]:
         yield step_dirs
 
 
-def _fingerprint(step_dirs: dict[str, Path]) -> bytes:
+def _files_fingerprint(step_dirs: dict[str, Path]) -> bytes:
     digest = hashlib.sha256()
     for kind, step_dir in step_dirs.items():
         for name in (META, MODEL_WEIGHTS):
@@ -141,16 +189,39 @@ def _fingerprint(step_dirs: dict[str, Path]) -> bytes:
 _READ_CHUNK = 1 << 20
 
 
-def _load_models(run_dir: Path) -> tuple[bytes, VQVAE2, list[PixelSNAIL]]:
-    """The run's models on the CPU and the fingerprint of exactly their checkpoints."""
-    with _held_run(run_dir) as step_dirs:
-        fingerprint = _fingerprint(step_dirs)
+class LoadedModels(NamedTuple):
+    vqvae: VQVAE2
+    priors: list[PixelSNAIL]  # one per level, top first
+    fingerprint: bytes  # of their content (``run_fingerprint``)
+    files_fingerprint: bytes | None  # of a run's checkpoint files; None for an export
+
+
+def _load_models(models: Models) -> LoadedModels:
+    """The models and their fingerprints: a run's loaded on the CPU, all from the same held
+    step folders; an export's as they are (the core refuses models off the CPU)."""
+    if isinstance(models, PretrainedModels):
+        vqvae, priors = models.vqvae, list(models.priors)
+        return LoadedModels(vqvae, priors, _content_fingerprint([vqvae, *priors]), None)
+    with _held_run(models.path) as step_dirs:
+        files_fingerprint = _files_fingerprint(step_dirs)
         vqvae = load_vqvae(step_dirs[VQVAE_KIND])
         priors = [
             load_prior(step_dirs[prior_kind(level)], level) for level in vqvae.config.level_names
         ]
     check_hierarchy(vqvae, priors)
-    return fingerprint, vqvae, priors
+    return LoadedModels(vqvae, priors, _content_fingerprint([vqvae, *priors]), files_fingerprint)
+
+
+def _model_facts(models: Models) -> tuple[VQVAEConfig, int]:
+    """The VQ-VAE's config and the priors' number of classes (0: unconditional), read without
+    building a model."""
+    if isinstance(models, PretrainedModels):
+        return models.vqvae.config, max(prior.config.num_classes for prior in models.priors)
+    num_classes = max(
+        load_run_config(models.path, prior_kind(level), PriorRunConfig).prior.num_classes
+        for level in models.level_names
+    )
+    return models.config.model, num_classes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,16 +282,17 @@ class CompressedFile(NamedTuple):
 
 
 def compress_files(
-    run_dir: str | Path,
+    models: Models,
     paths: Sequence[str | Path],
     out_dir: str | Path,
     labels: Sequence[int] | None = None,
     progress: bool = False,
 ) -> list[CompressedFile]:
-    """Compress image files with a run: ``out_dir/<stem>.vq2`` per image.
+    """Compress image files with a run's models: ``out_dir/<stem>.vq2`` per image.
 
     Args:
-        run_dir: a run with its VQ-VAE and every level's prior.
+        models: a ``Run`` with its VQ-VAE and every level's prior, or its export
+            (``load_pretrained``); the files decompress with either.
         paths: image files (any size; grey or colour, converted to the model's channels).
         out_dir: folder for the compressed files (created).
         labels: one class per image (or one for all), required exactly when the priors are
@@ -230,7 +302,7 @@ def compress_files(
     Returns:
         One ``CompressedFile`` per image, in order.
     """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     paths = [Path(path) for path in paths]
     if not paths:
         raise ValueError("no image files given")
@@ -238,7 +310,7 @@ def compress_files(
     if missing:
         raise ValueError(f"image file {missing[0]} does not exist")
     outputs = _output_paths(paths, out_dir, SUFFIX)
-    fingerprint, vqvae, priors = _load_models(run_dir)
+    vqvae, priors, fingerprint, _ = _load_models(models)
     versions = running_versions()
     all_labels = _checked_labels(priors, labels, len(paths))
     config = vqvae.config
@@ -296,14 +368,14 @@ def _read_capped(path: Path, limit: int) -> bytes:
     return data
 
 
-def read_checked(paths: Sequence[Path], run_dir: Path) -> list[tuple[Header, bytes]]:
-    """Parse compressed files and check them against a run, reading only the files and the
-    run's checkpoint metadata and hashes (no model is built).
+def read_checked(models: Models, paths: Sequence[Path]) -> list[tuple[Header, bytes]]:
+    """Parse compressed files and check them against a run or an export, reading only the
+    files and, of a run, its checkpoints (no model is built).
 
     Raises:
-        CodecFormatError: naming the first file that is corrupt or not from this run.
+        CodecFormatError: naming the first file that is corrupt or not from these models.
     """
-    model = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model
+    model, num_classes = _model_facts(models)
     limit = max_file_bytes(sum(side * side for side in model.latent_sizes))
     parsed = []
     for path in paths:
@@ -311,17 +383,14 @@ def read_checked(paths: Sequence[Path], run_dir: Path) -> list[tuple[Header, byt
             parsed.append(parse_file(_read_capped(path, limit)))
         except CodecFormatError as error:
             raise CodecFormatError(f"{path}: {error}") from None
-    fingerprint = run_fingerprint(run_dir)
-    num_classes = max(
-        load_run_config(run_dir, prior_kind(level), PriorRunConfig).prior.num_classes
-        for level in model.level_names
-    )
+    fingerprints = _expected_fingerprints(models, [header for header, _ in parsed])
     for path, (header, _) in zip(paths, parsed, strict=True):
         problem = None
-        if header.fingerprint != fingerprint:
+        expected = fingerprints[header.format_version]
+        if header.fingerprint != expected:
             problem = (
                 f"compressed with another model (fingerprint {header.fingerprint.hex()}; "
-                f"{run_dir} has {fingerprint.hex()})"
+                f"{models.path} has {expected.hex()})"
             )
         elif header.num_levels != model.num_levels:
             problem = f"{header.num_levels} levels, the run has {model.num_levels}"
@@ -338,31 +407,48 @@ def read_checked(paths: Sequence[Path], run_dir: Path) -> list[tuple[Header, byt
     return parsed
 
 
+def _expected_fingerprints(models: Models, headers: Sequence[Header]) -> dict[int, bytes]:
+    """The fingerprint each format version's files must carry: of the models' content, and for
+    version 1 of a run's checkpoint files (an export cannot check those)."""
+    expected = {FORMAT_VERSION: run_fingerprint(models)}
+    old = next((h for h in headers if h.format_version == 1), None)
+    if old is not None:
+        if isinstance(models, PretrainedModels):
+            raise CodecFormatError(
+                "format version 1 files carry the fingerprint of a run's checkpoint files: "
+                f"decompress them with that run, not an export ({models.path})"
+            )
+        expected[1] = run_files_fingerprint(models)
+    return expected
+
+
 def decompress_files(
+    models: Models,
     paths: Sequence[str | Path],
     out_dir: str | Path,
-    run_dir: str | Path,
     progress: bool = False,
 ) -> list[DecompressedFile]:
     """Decompress files written by ``compress_files`` into ``out_dir/<stem>.png``.
 
-    The weights are not in the files: ``run_dir`` must be the run they were compressed with,
-    which the fingerprint checks before any model is built.
+    The weights are not in the files: ``models`` must be the run they were compressed with or
+    its export (``load_pretrained``), which the fingerprint checks before any model is built.
 
     Raises:
         CodecFormatError: a file is corrupt, truncated, of another version or from another run.
     """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     paths = [Path(path) for path in paths]
     if not paths:
         raise ValueError("no compressed files given")
     outputs = _output_paths(paths, out_dir, ".png")
-    parsed = read_checked(paths, run_dir)
-    fingerprint, vqvae, priors = _load_models(run_dir)
-    if fingerprint != parsed[0][0].fingerprint:
+    parsed = read_checked(models, paths)
+    vqvae, priors, fingerprint, files_fingerprint = _load_models(models)
+    loaded = {FORMAT_VERSION: fingerprint, 1: files_fingerprint}
+    changed = [h for h, _ in parsed if h.fingerprint != loaded[h.format_version]]
+    if changed:
         raise ValueError(
-            f"the checkpoints in {run_dir} changed after the files were checked (a trainer "
-            f"writing?): the files need fingerprint {parsed[0][0].fingerprint.hex()}"
+            f"the checkpoints in {models.path} changed after the files were checked (a trainer "
+            f"writing?): the files need fingerprint {changed[0].fingerprint.hex()}"
         )
     here = running_versions()
     done: dict[int, DecompressedFile] = {}
@@ -488,9 +574,9 @@ def summarise(
     return summary
 
 
-def compression_report(run_dir: str | Path, results: Sequence[CompressedFile]) -> dict[str, Any]:
+def compression_report(models: Models, results: Sequence[CompressedFile]) -> dict[str, Any]:
     """``summarise`` of ``compress_files``'s results, with one entry per file (plain data)."""
-    model = load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model
+    model = models.vqvae.config if isinstance(models, PretrainedModels) else models.config.model
     pixels = model.image_size**2
     names = model.level_names
     files = []
@@ -520,7 +606,7 @@ def compression_report(run_dir: str | Path, results: Sequence[CompressedFile]) -
     summary = summarise(
         [result.encoded for result in results], names, pixels, [r.size for r in results]
     )
-    return {"run": str(run_dir), **summary, "files": files}
+    return {"run": str(models.path), **summary, "files": files}
 
 
 def compression_text(report: dict[str, Any], out_dir: str | Path) -> str:
@@ -537,7 +623,7 @@ def compression_text(report: dict[str, Any], out_dir: str | Path) -> str:
 
 
 def decompression_summary(
-    results: Sequence[DecompressedFile], run_dir: str | Path, out_dir: str | Path
+    models: Models, results: Sequence[DecompressedFile], out_dir: str | Path
 ) -> tuple[dict[str, Any], str]:
     """What ``vqvae2 decompress`` prints: a record of each file's PNG, size and label, and a
     line."""
@@ -551,5 +637,5 @@ def decompression_summary(
         }
         for result in results
     ]
-    record = {"run": str(run_dir), "images": len(results), "files": files}
+    record = {"run": str(models.path), "images": len(results), "files": files}
     return record, f"decompressed {len(results)} files into {out_dir}"
