@@ -264,3 +264,22 @@ def test_files_compressed_with_the_run_decompress_with_the_export_and_back(
     }
     assert len(pngs) == 4 and all(len(images) == 4 for images in pngs.values())
     assert all(images == pngs["run-by-run"] for images in pngs.values())
+
+
+def test_the_cli_reconstructs_a_split_with_an_export_as_with_the_run(
+    trained_run, exported, tmp_path, capsys
+):
+    data = trained_run.parent / "blobs.npz"
+    results = []
+    for source, name in ((trained_run, "run"), (exported, "export")):
+        argv = ["reconstruct", str(source), "--data", str(data), "--split", "val", "--json"]
+        capsys.readouterr()
+        assert main([*argv, "--out", str(tmp_path / f"{name}.png")]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    from_run, from_export = results
+    assert from_run["images"] == from_export["images"] > 0  # the same carved validation split
+    assert from_run["mse"] == from_export["mse"] and from_run["levels"] == from_export["levels"]
+    assert (tmp_path / "run.png").read_bytes() == (tmp_path / "export.png").read_bytes()
+    capsys.readouterr()
+    assert main(["reconstruct", str(exported), "--out", str(tmp_path / "x.png")]) == 2
+    assert "is an exported model: give --data PATH" in capsys.readouterr().err

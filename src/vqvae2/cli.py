@@ -201,10 +201,13 @@ def _image_shape(run: Run) -> dict:
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from .export import PretrainedModels
     from .reconstruct import reconstruct, reconstruction_text
 
     _check_output(args.out, "--out")
-    run = _open_run(args.run_dir)
+    run = _open_models(args.run_dir)
+    if isinstance(run, PretrainedModels) and args.data is None and not args.images:
+        raise ValueError(f"{args.run_dir} is an exported model: give --data PATH or image files")
     data = None if args.images and args.data is None else _data_of(args, run.data_path)
     runtime = _runtime(args)
     result = reconstruct(run, data, args.split, args.out, args.images, runtime=runtime)

@@ -155,7 +155,7 @@ def _add_reconstruct(commands: argparse._SubParsersAction) -> None:
         description="Rows of the grid: originals, reconstructions, then decodes from the top "
         "level alone, the top two levels, ... (what each level adds).",
     )
-    _add_run_dir(recon)
+    _add_run_dir(recon, "stage-1 run folder, or an exported model (folder or owner/name)")
     _add_data(recon, "without --images, the one the run trained on")
     recon.add_argument("--split", choices=SPLITS, default="test", help="split (default: test)")
     recon.add_argument("--images", nargs="+", help="image files to reconstruct instead")

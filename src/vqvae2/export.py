@@ -35,7 +35,7 @@ from . import __version__
 from ._helpers import load_state_checked
 from .checkpoint import write_text_atomic
 from .classifier import Classifier
-from .config import config_from_dict, config_to_dict
+from .config import DataConfig, config_from_dict, config_to_dict
 from .model_card import model_card
 from .model_configs import ClassifierConfig, PixelSNAILConfig, VQVAEConfig
 from .pixelsnail import PixelSNAIL
@@ -70,12 +70,18 @@ class PretrainedModels:
     priors: tuple[PixelSNAIL, ...]  # one per level, top first
     classifier: Classifier | None  # the run's rejection scorer, when it had one
     path: Path  # the folder they were read from
+    data_config: DataConfig  # how the run cut its data into splits
+    data_path = None  # an export names no data of its own
 
     @property
     def level_names(self) -> tuple[str, ...]:
         return self.vqvae.config.level_names
 
-    # The loaders of a run (``vqvae2.run.Run``), so that sampling takes either.
+    # The loaders of a run (``vqvae2.run.Run``), so that sampling, reconstruction and the codec
+    # take either.
+    def load_vqvae(self, device: str | torch.device = "cpu") -> VQVAE2:
+        return self.vqvae.to(device)
+
     def load_hierarchy(self, device: str | torch.device = "cpu") -> tuple[VQVAE2, list[PixelSNAIL]]:
         """The VQ-VAE and the priors (top first) on ``device``."""
         return self.vqvae.to(device), [prior.to(device) for prior in self.priors]
@@ -175,7 +181,7 @@ def export_run(run: Run, out_dir: str | Path, report: str | Path | None = None) 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_models(tmp, vqvae, priors, classifier)
+        _write_models(tmp, vqvae, priors, classifier, run.config.data)
         write_text_atomic(tmp / CARD_FILE, card)
         if out_dir.exists():
             out_dir.rmdir()
@@ -187,9 +193,14 @@ def export_run(run: Run, out_dir: str | Path, report: str | Path | None = None) 
 
 
 def _write_models(
-    folder: Path, vqvae: VQVAE2, priors: list[PixelSNAIL], classifier: Classifier | None
+    folder: Path,
+    vqvae: VQVAE2,
+    priors: list[PixelSNAIL],
+    classifier: Classifier | None,
+    data: DataConfig,
 ) -> None:
-    """Each model in its sub-folder, and ``model_index.json`` naming them."""
+    """Each model in its sub-folder, and ``model_index.json`` naming them and holding how the
+    run cut its data into splits (``data``, for reconstructing a split)."""
     levels = vqvae.config.level_names
     save_pretrained(vqvae, folder / VQVAE_KIND)
     for level, prior in zip(levels, priors, strict=True):
@@ -204,6 +215,7 @@ def _write_models(
         VQVAE_KIND: VQVAE_KIND,
         "priors": [prior_kind(level) for level in levels],
         CLASSIFIER_KIND: CLASSIFIER_KIND if classifier is not None else None,
+        "data": config_to_dict(data),
     }
     write_text_atomic(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n")
 
@@ -235,7 +247,10 @@ def load_pretrained(
         if index.get(CLASSIFIER_KIND)
         else None
     )
-    return PretrainedModels(vqvae=vqvae, priors=priors, classifier=classifier, path=folder)
+    data = config_from_dict(DataConfig, index.get("data", {}))
+    return PretrainedModels(
+        vqvae=vqvae, priors=priors, classifier=classifier, path=folder, data_config=data
+    )
 
 
 def _read_index(folder: Path) -> dict[str, Any]:

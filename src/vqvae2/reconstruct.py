@@ -5,7 +5,7 @@ reconstruction error of a split or of image files."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from .measure import measure_levels, measure_reconstruction, reconstruction_grid
 from .report import save_png
 from .run import Run
 
+if TYPE_CHECKING:
+    from .export import PretrainedModels
+
 
 def spread_indices(size: int, count: int) -> list[int]:
     """``count`` indices spread evenly over ``range(size)``, first and last included: a grid
@@ -30,7 +33,7 @@ def spread_indices(size: int, count: int) -> list[int]:
 
 
 def reconstruct(
-    run: Run,
+    run: Run | PretrainedModels,
     data_path: str | Path | None,
     split: str,
     out_png: str | Path,
@@ -42,7 +45,7 @@ def reconstruct(
     ``runtime.device``, default the CPU).
 
     Args:
-        run: the run (``Run.open``).
+        run: the run (``Run.open``), or its exported models (``load_pretrained``).
         data_path: image source whose ``split`` is measured; may be None with ``image_files``.
         split: ``train``, ``val`` or ``test``.
         out_png: grid output path.
@@ -63,7 +66,7 @@ def reconstruct(
         if data_path is None:
             raise ValueError("give --data PATH or image files to reconstruct")
         dataset = open_dataset(
-            data_path, split, config.image_size, config.in_channels, run.config.data
+            data_path, split, config.image_size, config.in_channels, run.data_config
         )
     metrics = measure_reconstruction(model, dataset)
     levels = measure_levels(model, dataset, usage=metrics)

@@ -32,6 +32,7 @@ from .classifier import Classifier
 from .codes import CodeDataset
 from .config import (
     ClassifierRunConfig,
+    DataConfig,
     PriorRunConfig,
     VQVAERunConfig,
     config_from_dict,
@@ -245,6 +246,11 @@ class Run:
     def feature_classifier_dir(self) -> Path:
         """The evaluation's feature network (a second classifier, another seed)."""
         return self.path / FEATURE_CLASSIFIER_DIR
+
+    @property
+    def data_config(self) -> DataConfig:
+        """How stage 1 cut its data into splits."""
+        return self.config.data
 
     def has_prior(self, level: str) -> bool:
         return has_checkpoint(self.prior_dir(level))
