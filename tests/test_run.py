@@ -82,3 +82,29 @@ def test_malformed_run_facts_are_refused(old_run):
 def test_a_new_run_needs_a_config(tmp_path, npz_data):
     with pytest.raises(ValueError, match="a new run needs a config"):
         train_vqvae(None, npz_data, tmp_path / "run", progress=False)
+
+
+def test_a_prior_command_reads_the_run_s_metadata_once(tmp_path, npz_data, monkeypatch, capsys):
+    """train-prior opens the run once (stage 1's metadata read once) and, resumed, reads the
+    prior's own checkpoint once: the config it continues comes from there alone."""
+    import vqvae2.checkpoint
+    from vqvae2.cli import main
+
+    run = tmp_path / "run"
+    tiny = ["--config", "tiny", "model.image_size=16", "--quiet"]
+    assert main(["train-vqvae", *tiny, "--data", str(npz_data), "--out", str(run)]) == 0
+    assert main(["extract-codes", str(run), "--quiet"]) == 0
+    reads: list[str] = []
+    checked_meta = vqvae2.checkpoint._checked_meta
+
+    def counted(step_dir, kind):
+        reads.append(kind)
+        return checked_meta(step_dir, kind)
+
+    monkeypatch.setattr(vqvae2.checkpoint, "_checked_meta", counted)
+    prior = ["train-prior", str(run), "--level", "top", "--quiet"]
+    assert main([*prior, "--max-steps", "2"]) == 0
+    assert reads == ["vqvae"]
+    reads.clear()
+    assert main([*prior, "--resume", "--max-steps", "3"]) == 0
+    assert sorted(reads) == ["prior-top", "vqvae"]
