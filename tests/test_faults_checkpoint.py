@@ -22,9 +22,9 @@ from vqvae2.checkpoint import LATEST, MODEL_WEIGHTS, OPTIMIZER_WEIGHTS, read_che
 from vqvae2.cli import main
 from vqvae2.codes import CodeStoreWriter
 
-from .conftest import one_line_error, write_npz
+from .conftest import TINY_CLI, one_line_error, write_npz
 
-TINY = ["--config", "tiny", "model.image_size=16", "--quiet", "train.val_every=1000"]
+TINY = [*TINY_CLI, "train.val_every=1000"]  # no validation
 DISK_SIZE = "4m"  # the size-limited folder: room for the run and two checkpoints (~0.3 MB each)
 ROOM_LEFT = 16 * 1024  # bytes left free: the log's rows fit, a checkpoint's weights do not
 

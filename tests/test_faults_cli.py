@@ -12,9 +12,9 @@ import pytest
 
 from vqvae2.cli import main
 
+from .conftest import TINY_CLI as TINY
 from .conftest import one_line_error, write_npz
 
-TINY = ["--config", "tiny", "model.image_size=16", "--quiet"]
 FAST = 10.0  # seconds: a gross bound; that no work was done is checked by the files
 
 
