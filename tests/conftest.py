@@ -109,6 +109,25 @@ def write_npz(path: Path, count: int = 96, size: int = 16, classes: int = 3) -> 
     return path
 
 
+def tiny_prior_config(**changes) -> PixelSNAILConfig:
+    """A PixelSNAIL over 5x5 codes (K = 7): three gated layers, no attention, unconditional."""
+    values = dict(
+        code_size=5,
+        codebook_size=7,
+        hidden_channels=8,
+        residual_channels=6,
+        num_layers=3,
+        attention_layers=0,
+        attention_heads=2,
+        kernel_size=3,
+        dropout=0.0,
+        output_stack_layers=1,
+        condition_channels=4,
+    )
+    values.update(changes)
+    return PixelSNAILConfig(**values)
+
+
 # The CLI's flags for a tiny 16x16 stage-1 run, quiet.
 TINY_CLI = ["--config", "tiny", "model.image_size=16", "--quiet"]
 
@@ -125,12 +144,15 @@ def train_tiny_run(
     images: int = 96,
     codes: bool = False,
     prior_steps: int = 0,
+    prior_levels: tuple[str, ...] = ("top", "bottom"),
     classifier_steps: int = 0,
     overrides: tuple[str, ...] = (),
+    preset: str | None = None,
 ) -> tuple[Path, Path]:
     """A tiny run in ``root/run`` on ``images`` blobs of 3 classes (``root/blobs.npz``): the
-    16x16 VQ-VAE trained ``vqvae_steps`` steps (``overrides`` applied to its config), then,
-    as asked, its codes extracted, both priors and the classifier trained.
+    16x16 VQ-VAE trained ``vqvae_steps`` steps (``overrides`` applied to its config; recorded
+    as trained from ``preset``, as the CLI's ``--config tiny`` does, when given), then, as
+    asked, its codes extracted, the priors of ``prior_levels`` and the classifier trained.
 
     Returns:
         (run folder, data file).
@@ -138,10 +160,10 @@ def train_tiny_run(
     data = write_npz(root / "blobs.npz", count=images)
     run = root / "run"
     config = tiny_run_config(f"train.max_steps={vqvae_steps}", *overrides)
-    train_vqvae(config, data, run, progress=False)
+    train_vqvae(config, data, run, progress=False, preset=preset)
     if codes or prior_steps:
         extract_codes(Run.open(run), data, progress=False)
-    for level in ("top", "bottom") if prior_steps else ():
+    for level in prior_levels if prior_steps else ():
         prior = load_config(
             PriorRunConfig, f"prior-{level}-tiny", [f"train.max_steps={prior_steps}"]
         )
