@@ -14,8 +14,15 @@ import torch
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from vqvae2.checkpoint import save_checkpoint
+from vqvae2.config import ClassifierRunConfig, PriorRunConfig, VQVAERunConfig, load_config
+from vqvae2.extract import extract_codes
 from vqvae2.logs import read_metrics
-from vqvae2.model_configs import VQVAEConfig
+from vqvae2.model_configs import PixelSNAILConfig, VQVAEConfig
+from vqvae2.pixelsnail import PixelSNAIL
+from vqvae2.run import Run
+from vqvae2.train import train_classifier, train_prior, train_vqvae
+from vqvae2.vqvae import VQVAE2
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
@@ -95,6 +102,118 @@ def write_npz(path: Path, count: int = 96, size: int = 16, classes: int = 3) -> 
         images[i] = np.where((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2, 230, 20)
     np.savez(path, images=images, labels=labels)
     return path
+
+
+def tiny_prior_config(**changes) -> PixelSNAILConfig:
+    """A PixelSNAIL over 5x5 codes (K = 7): three gated layers, no attention, unconditional."""
+    values = dict(
+        code_size=5,
+        codebook_size=7,
+        hidden_channels=8,
+        residual_channels=6,
+        num_layers=3,
+        attention_layers=0,
+        attention_heads=2,
+        kernel_size=3,
+        dropout=0.0,
+        output_stack_layers=1,
+        condition_channels=4,
+    )
+    values.update(changes)
+    return PixelSNAILConfig(**values)
+
+
+# The CLI's flags for a tiny 16x16 stage-1 run, quiet.
+TINY_CLI = ["--config", "tiny", "model.image_size=16", "--quiet"]
+
+
+def tiny_run_config(*overrides: str) -> VQVAERunConfig:
+    """The ``tiny`` stage-1 preset at 16x16, with ``overrides`` (``key=value``) applied."""
+    return load_config(VQVAERunConfig, "tiny", ["model.image_size=16", *overrides])
+
+
+def train_tiny_run(
+    root: Path,
+    *,
+    vqvae_steps: int,
+    images: int = 96,
+    codes: bool = False,
+    prior_steps: int = 0,
+    prior_levels: tuple[str, ...] = ("top", "bottom"),
+    classifier_steps: int = 0,
+    overrides: tuple[str, ...] = (),
+    preset: str | None = None,
+) -> tuple[Path, Path]:
+    """A tiny run in ``root/run`` on ``images`` blobs of 3 classes (``root/blobs.npz``): the
+    16x16 VQ-VAE trained ``vqvae_steps`` steps (``overrides`` applied to its config; recorded
+    as trained from ``preset``, as the CLI's ``--config tiny`` does, when given), then, as
+    asked, its codes extracted, the priors of ``prior_levels`` and the classifier trained.
+
+    Returns:
+        (run folder, data file).
+    """
+    data = write_npz(root / "blobs.npz", count=images)
+    run = root / "run"
+    config = tiny_run_config(f"train.max_steps={vqvae_steps}", *overrides)
+    train_vqvae(config, data, run, progress=False, preset=preset)
+    if codes or prior_steps:
+        extract_codes(Run.open(run), data, progress=False)
+    for level in prior_levels if prior_steps else ():
+        prior = load_config(
+            PriorRunConfig, f"prior-{level}-tiny", [f"train.max_steps={prior_steps}"]
+        )
+        train_prior(Run.open(run), level, prior, progress=False)
+    if classifier_steps:
+        steps = ["model.image_size=16", f"train.max_steps={classifier_steps}"]
+        classifier = load_config(ClassifierRunConfig, "classifier-tiny", steps)
+        train_classifier(classifier, data, run / "classifier", progress=False)
+    return run, data
+
+
+NUM_CLASSES = 3  # of the priors in write_run
+
+
+def prior_config(code_size: int, condition_sizes: tuple[int, ...] = ()) -> PixelSNAILConfig:
+    """A small class-conditional PixelSNAIL over codes of side ``code_size`` (K = 13)."""
+    return PixelSNAILConfig(
+        code_size=code_size,
+        codebook_size=13,
+        hidden_channels=8,
+        residual_channels=8,
+        num_layers=2,
+        attention_layers=0 if condition_sizes else 1,
+        attention_heads=2,
+        kernel_size=3,
+        dropout=0.0,
+        output_stack_layers=1,
+        condition_res_blocks=1 if condition_sizes else 0,
+        condition_channels=8,
+        condition_sizes=condition_sizes,
+        num_classes=NUM_CLASSES,
+    )
+
+
+def write_run(run_dir: Path, seed: int = 0) -> Path:
+    """A run folder with a randomly initialised 16x16 grey 2-level VQ-VAE (K = 13) and
+    class-conditional priors: the codec needs no training to be lossless."""
+    torch.manual_seed(seed)
+    vqvae_config = VQVAERunConfig(model=tiny_config())
+    save_checkpoint(run_dir / "vqvae", "vqvae", 1, vqvae_config, VQVAE2(vqvae_config.model))
+    top, bottom = vqvae_config.model.latent_sizes
+    for level, config in (("top", prior_config(top)), ("bottom", prior_config(bottom, (top,)))):
+        prior = PixelSNAIL(config)
+        # Random logits far from uniform, so that codes cost different amounts.
+        torch.nn.init.normal_(prior.output.weight, std=1.0)
+        save_checkpoint(
+            run_dir / f"prior-{level}", f"prior-{level}", 1, PriorRunConfig(config), prior
+        )
+    return run_dir
+
+
+def train_complete_tiny_run(root: Path) -> tuple[Path, Path]:
+    """Every model of a run on 300 blobs: VQ-VAE (30 steps), codes, both priors (10 steps),
+    classifier (20 steps). Returns (run folder, data file)."""
+    return train_tiny_run(root, images=300, vqvae_steps=30, prior_steps=10, classifier_steps=20)
 
 
 @pytest.fixture

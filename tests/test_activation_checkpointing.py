@@ -21,10 +21,10 @@ from vqvae2.config import (
 from vqvae2.model_configs import PixelSNAILConfig
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.run import Run
-from vqvae2.train import extract_codes, train_classifier, train_prior, train_vqvae
+from vqvae2.train import train_classifier, train_prior, train_vqvae
 from vqvae2.vqvae import VQVAE2
 
-from .conftest import assert_states_close, tiny_config, write_npz
+from .conftest import assert_states_close, tiny_config, train_tiny_run
 
 # Every kind of block: gated (with class and upper-level conditioning), attention,
 # conditioning stack, output stack; dropout on everywhere it exists.
@@ -154,12 +154,7 @@ def test_the_switch_is_off_by_default():
 
 @pytest.fixture(scope="module")
 def run_with_codes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpointing")
-    data = write_npz(root / "blobs.npz")
-    config = load_config(VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=2"])
-    train_vqvae(config, data, root / "run", progress=False)
-    extract_codes(Run.open(root / "run"), data, progress=False)
-    return root / "run", data
+    return train_tiny_run(tmp_path_factory.mktemp("checkpointing"), vqvae_steps=2, codes=True)
 
 
 ONE_ACCUMULATED_STEP = ["train.max_steps=1", "train.grad_accum_steps=2", "train.batch_size=8"]

@@ -24,6 +24,8 @@ from vqvae2.run import Run, load_prior, load_vqvae
 from vqvae2.sample import sample_from_run
 from vqvae2.train import extract_codes, train_prior, train_vqvae
 
+from .conftest import train_tiny_run
+
 KINDS = ("flip", "shift")
 NAMES = ["identity", "flip"] + [
     f"{base}shift-{way}" for base in ("", "flip+") for way in ("right", "left", "down", "up")
@@ -33,15 +35,10 @@ NAMES = ["identity", "flip"] + [
 @pytest.fixture(scope="module")
 def augmented_run(tmp_path_factory):
     """A tiny trained VQ-VAE with plain and augmented train codes extracted."""
-    from .conftest import write_npz
-
-    root = tmp_path_factory.mktemp("augment")
-    data = write_npz(root / "blobs.npz", count=48)
-    config = load_config(VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=20"])
-    train_vqvae(config, data, root / "run", progress=False)
-    written = extract_codes(Run.open(root / "run"), data, progress=False, augment=KINDS)
+    run, data = train_tiny_run(tmp_path_factory.mktemp("augment"), vqvae_steps=20, images=48)
+    written = extract_codes(Run.open(run), data, progress=False, augment=KINDS)
     assert sorted(written) == ["train", "train-augmented", "val"]
-    return root / "run", data
+    return run, data
 
 
 def test_transform_names_and_pixels():

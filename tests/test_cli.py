@@ -22,6 +22,7 @@ from vqvae2.logs import read_metrics
 from vqvae2.measure import class_agreement
 from vqvae2.run import load_classifier, load_vqvae
 
+from .conftest import TINY_CLI as TINY
 from .conftest import assert_one_line_error, run_module, write_npz
 
 # An option that only this command's help shows (presets has none: its whole usage line).
@@ -39,7 +40,6 @@ HELP_MARKS = {
     "presets": "usage: vqvae2 presets [-h]\n",
 }
 SUBCOMMANDS = list(HELP_MARKS)
-TINY = ["--config", "tiny", "model.image_size=16", "--quiet"]
 
 
 def json_line(capsys) -> dict:

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from vqvae2 import codec
-from vqvae2.checkpoint import save_checkpoint
 from vqvae2.codec import (
     CODER_PRECISION_BITS,
     CODING_BATCH_SIZE,
@@ -39,56 +38,15 @@ from vqvae2.codec import (
     quantise_probabilities,
     slot_batches,
 )
-from vqvae2.config import PriorRunConfig, VQVAERunConfig
-from vqvae2.model_configs import PixelSNAILConfig
-from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.run import load_hierarchy
-from vqvae2.vqvae import VQVAE2
 
-from .conftest import run_python, tiny_config
+from .conftest import NUM_CLASSES, run_python, write_run
 
-NUM_CLASSES = 3
 # The coder's cost beyond the integer weights' ideal: under a byte to end on a byte boundary
 # inside the final interval (one bit of margin), plus the range coder's rounding, at most
 # log2(1 + 2**-8) bits per symbol (its range keeps >= 32 bits beside 24-bit probabilities).
 TERMINATION_BITS = 9
 ROUNDING_BITS_PER_SYMBOL = float(np.log2(1 + 2**-8))
-
-
-def prior_config(code_size: int, condition_sizes: tuple[int, ...] = ()) -> PixelSNAILConfig:
-    return PixelSNAILConfig(
-        code_size=code_size,
-        codebook_size=13,
-        hidden_channels=8,
-        residual_channels=8,
-        num_layers=2,
-        attention_layers=0 if condition_sizes else 1,
-        attention_heads=2,
-        kernel_size=3,
-        dropout=0.0,
-        output_stack_layers=1,
-        condition_res_blocks=1 if condition_sizes else 0,
-        condition_channels=8,
-        condition_sizes=condition_sizes,
-        num_classes=NUM_CLASSES,
-    )
-
-
-def write_run(run_dir: Path, seed: int = 0) -> Path:
-    """A run folder with a randomly initialised 16x16 grey 2-level VQ-VAE (K = 13) and
-    class-conditional priors: the codec needs no training to be lossless."""
-    torch.manual_seed(seed)
-    vqvae_config = VQVAERunConfig(model=tiny_config())
-    save_checkpoint(run_dir / "vqvae", "vqvae", 1, vqvae_config, VQVAE2(vqvae_config.model))
-    top, bottom = vqvae_config.model.latent_sizes
-    for level, config in (("top", prior_config(top)), ("bottom", prior_config(bottom, (top,)))):
-        prior = PixelSNAIL(config)
-        # Random logits far from uniform, so that codes cost different amounts.
-        torch.nn.init.normal_(prior.output.weight, std=1.0)
-        save_checkpoint(
-            run_dir / f"prior-{level}", f"prior-{level}", 1, PriorRunConfig(config), prior
-        )
-    return run_dir
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from vqvae2.cli import main
 from vqvae2.config import (
     ClassifierRunConfig,
     EvaluateConfig,
-    PriorRunConfig,
     VQVAERunConfig,
     load_config,
 )
@@ -39,10 +38,16 @@ from vqvae2.sampling import (
     reject_fraction_per_class,
     requested_class_scores,
 )
-from vqvae2.train import extract_codes, train_classifier, train_prior, train_vqvae
+from vqvae2.train import train_classifier
 from vqvae2.vqvae import VQVAE2
 
-from .conftest import assert_one_line_error, tiny_config, torchrun, write_npz
+from .conftest import (
+    assert_one_line_error,
+    tiny_config,
+    torchrun,
+    train_complete_tiny_run,
+    write_npz,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Pure rejection rules
@@ -276,21 +281,7 @@ def test_weights_of_another_network_are_refused_in_one_line(tmp_path, inception_
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """VQ-VAE, both priors and the classifier of a run on 3 classes of 16x16 blobs."""
-    root = tmp_path_factory.mktemp("evaluate")
-    data = write_npz(root / "blobs.npz", count=300)
-    vqvae_config = load_config(
-        VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=30"]
-    )
-    train_vqvae(vqvae_config, data, root / "run", progress=False)
-    extract_codes(Run.open(root / "run"), data, progress=False)
-    for level in ("top", "bottom"):
-        config = load_config(PriorRunConfig, f"prior-{level}-tiny", ["train.max_steps=10"])
-        train_prior(Run.open(root / "run"), level, config, progress=False)
-    classifier_config = load_config(
-        ClassifierRunConfig, "classifier-tiny", ["model.image_size=16", "train.max_steps=20"]
-    )
-    train_classifier(classifier_config, data, root / "run" / "classifier", progress=False)
-    return root / "run", data
+    return train_complete_tiny_run(tmp_path_factory.mktemp("evaluate"))
 
 
 def tiny_evaluate_config(**changes) -> EvaluateConfig:

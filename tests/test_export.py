@@ -17,7 +17,6 @@ import yaml
 from PIL import Image
 
 from vqvae2.cli import main
-from vqvae2.config import ClassifierRunConfig, PriorRunConfig, VQVAERunConfig, load_config
 from vqvae2.evaluate import evaluate_run
 from vqvae2.export import (
     CARD_FILE,
@@ -34,9 +33,8 @@ from vqvae2.model_card import FIGURES_HEADING
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.run import Run, load_classifier, load_hierarchy
 from vqvae2.sampling import generate
-from vqvae2.train import extract_codes, train_classifier, train_prior, train_vqvae
 
-from .conftest import run_python, write_npz
+from .conftest import run_python, train_complete_tiny_run
 from .test_evaluate import tiny_evaluate_config
 
 # A number in running text: not part of a word or a name such as "top-1" or "prior-top".
@@ -47,21 +45,7 @@ NUMBER = re.compile(r"(?<![\w.-])\d+(?:\.\d+)?(?![\w])")
 def trained_run(tmp_path_factory) -> Path:
     """VQ-VAE, both priors and the classifier of a run on 3 classes of 16x16 blobs, evaluated
     (its report in RUN/evaluation/)."""
-    root = tmp_path_factory.mktemp("export")
-    data = write_npz(root / "blobs.npz", count=300)
-    run = root / "run"
-    vqvae_config = load_config(
-        VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=30"]
-    )
-    train_vqvae(vqvae_config, data, run, progress=False)
-    extract_codes(Run.open(run), data, progress=False)
-    for level in ("top", "bottom"):
-        config = load_config(PriorRunConfig, f"prior-{level}-tiny", ["train.max_steps=10"])
-        train_prior(Run.open(run), level, config, progress=False)
-    classifier_config = load_config(
-        ClassifierRunConfig, "classifier-tiny", ["model.image_size=16", "train.max_steps=20"]
-    )
-    train_classifier(classifier_config, data, run / "classifier", progress=False)
+    run, data = train_complete_tiny_run(tmp_path_factory.mktemp("export"))
     evaluate_run(Run.open(run), data, run / "evaluation", tiny_evaluate_config(), progress=False)
     return run
 

@@ -24,10 +24,8 @@ import pytest
 import torch
 
 from vqvae2.codes import SHARD_RECORDS, CodeDataset, CodeStoreWriter
-from vqvae2.config import VQVAERunConfig, load_config
-from vqvae2.train import train_vqvae
 
-from .conftest import write_npz
+from .conftest import train_tiny_run
 
 SCRIPT = r"""
 import json
@@ -128,10 +126,8 @@ def runs(tmp_path_factory):
     """A tiny stage-1 run with checkpoints at steps 1 and 2, and a copy of it whose codes an
     uninterrupted extraction wrote: (run, reference run, images encoded there)."""
     folder = tmp_path_factory.mktemp("extract")
-    data = write_npz(folder / "blobs.npz")
-    overrides = ["model.image_size=16", "train.max_steps=2", "train.checkpoint_every=1"]
-    config = load_config(VQVAERunConfig, "tiny", overrides)
-    train_vqvae(config, data, folder / "run", progress=False)
+    every_step = ("train.checkpoint_every=1",)
+    train_tiny_run(folder, vqvae_steps=2, overrides=every_step)
     reference = folder / "reference"
     shutil.copytree(folder / "run", reference)
     total, _ = extract(folder, reference, "reference")

@@ -22,9 +22,10 @@ from vqvae2.checkpoint import LATEST, MODEL_WEIGHTS, OPTIMIZER_WEIGHTS, read_che
 from vqvae2.cli import main
 from vqvae2.codes import CodeStoreWriter
 
-from .conftest import one_line_error, write_npz
+from .conftest import TINY_CLI, one_line_error, train_tiny_run
 
-TINY = ["--config", "tiny", "model.image_size=16", "--quiet", "train.val_every=1000"]
+VAL_RARELY = ("train.val_every=1000",)  # no validation in these short runs
+TINY = [*TINY_CLI, *VAL_RARELY]
 DISK_SIZE = "4m"  # the size-limited folder: room for the run and two checkpoints (~0.3 MB each)
 ROOM_LEFT = 16 * 1024  # bytes left free: the log's rows fit, a checkpoint's weights do not
 
@@ -263,13 +264,8 @@ def test_the_checkpoint_latest_names_is_never_replaced_in_place(tmp_path, npz_da
 def complete_run(tmp_path_factory):
     """A tiny run: stage 1 (2 steps), its codes and a top prior (2 steps)."""
     root = tmp_path_factory.mktemp("complete")
-    data = write_npz(root / "blobs.npz")
-    run = root / "run"
-    quiet = ["--quiet", "--max-steps", "2"]
-    assert main(["train-vqvae", *TINY, "--data", str(data), "--out", str(run), *quiet]) == 0
-    assert main(["extract-codes", str(run), "--data", str(data), "--quiet"]) == 0
-    assert main(["train-prior", str(run), "--level", "top", *quiet]) == 0
-    return run, data
+    top = dict(prior_steps=2, prior_levels=("top",))
+    return train_tiny_run(root, vqvae_steps=2, **top, overrides=VAL_RARELY, preset="tiny")
 
 
 def edit_meta(step_dir: Path, change) -> None:

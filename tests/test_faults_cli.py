@@ -12,9 +12,9 @@ import pytest
 
 from vqvae2.cli import main
 
-from .conftest import one_line_error, write_npz
+from .conftest import TINY_CLI as TINY
+from .conftest import one_line_error, train_tiny_run
 
-TINY = ["--config", "tiny", "model.image_size=16", "--quiet"]
 FAST = 10.0  # seconds: a gross bound; that no work was done is checked by the files
 
 
@@ -22,18 +22,8 @@ FAST = 10.0  # seconds: a gross bound; that no work was done is checked by the f
 def sampled_run(tmp_path_factory):
     """A tiny run with every model sampling needs: stage 1, both priors, the classifier."""
     root = tmp_path_factory.mktemp("cli")
-    data = write_npz(root / "blobs.npz")
-    run = root / "run"
-    steps = ["--max-steps", "1", "--quiet"]
-    for command in (
-        ["train-vqvae", *TINY, "--data", data, "--out", run, "--max-steps", "2"],
-        ["extract-codes", run, "--data", data, "--quiet"],
-        ["train-prior", run, "--level", "top", *steps],
-        ["train-prior", run, "--level", "bottom", *steps],
-        ["train-classifier", "--run", run, "--data", data, *steps],
-    ):
-        assert main([str(word) for word in command]) == 0, command
-    return run, data
+    steps = dict(vqvae_steps=2, prior_steps=1, classifier_steps=1)
+    return train_tiny_run(root, **steps, preset="tiny")
 
 
 def refused(capsys, argv: list) -> str:

@@ -22,7 +22,7 @@ from vqvae2.cli import main
 from vqvae2.distributed import DistributedContext
 from vqvae2.loop import training_lock
 
-from .conftest import assert_states_close, metric_values, torchrun, write_npz
+from .conftest import TINY_CLI, assert_states_close, metric_values, torchrun, write_npz
 from .test_faults_resume import assert_bit_identical, rewind
 
 pytestmark = pytest.mark.slow  # starts torchrun
@@ -159,7 +159,7 @@ def test_a_prior_with_dropout_resumes_exactly_under_two_processes_and_runs_under
     tests/test_distributed.py, and the rule is the same.)"""
     data = write_npz(tmp_path / "blobs.npz", count=64)
     base = tmp_path / "base"
-    stage_one = ["train-vqvae", "--config", "tiny", "model.image_size=16", "--quiet"]
+    stage_one = ["train-vqvae", *TINY_CLI]
     assert main([*stage_one, "--data", str(data), "--out", str(base), "--max-steps", "2"]) == 0
     assert main(["extract-codes", str(base), "--data", str(data), "--quiet"]) == 0
     two = shutil.copytree(base, tmp_path / "two")

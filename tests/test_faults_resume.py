@@ -24,6 +24,8 @@ from vqvae2.cli import main
 from vqvae2.distributed import DistributedContext
 from vqvae2.random_state import derived_random_seed, own_random_state, restore_random_state
 
+from .conftest import TINY_CLI
+
 STEPS, STOPPED_AT = 6, 4  # every run here: 6 steps, a checkpoint every 2, resumed from step 4
 EVERY_STEP = ["--quiet", "train.checkpoint_every=2", "train.log_every=1", "train.val_every=3"]
 
@@ -78,7 +80,7 @@ def test_stage_one_with_level_dropout_resumes_bit_for_bit(tmp_path, npz_data):
 
 def test_prior_with_dropout_resumes_bit_for_bit(tmp_path, npz_data):
     base = tmp_path / "base"
-    stage_one = ["train-vqvae", "--config", "tiny", "model.image_size=16", "--quiet"]
+    stage_one = ["train-vqvae", *TINY_CLI]
     assert main([*stage_one, "--data", str(npz_data), "--out", str(base), "--max-steps", "2"]) == 0
     assert main(["extract-codes", str(base), "--data", str(npz_data), "--quiet"]) == 0
     prior = ["train-prior", "RUN", "--level", "top"]
@@ -93,7 +95,7 @@ def test_prior_with_dropout_resumes_bit_for_bit(tmp_path, npz_data):
 def test_prior_with_dropout_resumes_bit_for_bit_on_cuda(tmp_path, npz_data):
     """On a GPU dropout draws from the CUDA generator, whose state is saved and restored too."""
     base = tmp_path / "base"
-    stage_one = ["train-vqvae", "--config", "tiny", "model.image_size=16", "--quiet"]
+    stage_one = ["train-vqvae", *TINY_CLI]
     assert main([*stage_one, "--data", str(npz_data), "--out", str(base), "--max-steps", "2"]) == 0
     assert main(["extract-codes", str(base), "--data", str(npz_data), "--quiet"]) == 0
     prior = ["train-prior", "RUN", "--level", "top", "--device", "cuda"]
@@ -188,7 +190,7 @@ def test_validation_leaves_the_training_stream_alone(tmp_path, npz_data):
     finals = []
     for every in ("1", "1000"):
         run = tmp_path / f"val-every-{every}"
-        command = ["train-vqvae", "--config", "tiny", "model.image_size=16", "--quiet"]
+        command = ["train-vqvae", *TINY_CLI]
         options = ["model.level_dropout=0.5", f"train.val_every={every}", "--max-steps", "3"]
         assert main([*command, *options, "--data", str(npz_data), "--out", str(run)]) == 0
         finals.append(read_checkpoint(run, "vqvae").path)

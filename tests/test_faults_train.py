@@ -21,9 +21,9 @@ from vqvae2.logs import read_metrics
 from vqvae2.loop import training_lock
 from vqvae2.run import has_checkpoint
 
-from .conftest import assert_states_close, metric_values, one_line_error
+from .conftest import TINY_CLI, assert_states_close, metric_values, one_line_error
 
-TINY = ["--config", "tiny", "model.image_size=16", "--quiet", "train.val_every=1000"]
+TINY = [*TINY_CLI, "train.val_every=1000"]  # no validation
 
 
 def train_vqvae_cli(data: Path, run: Path, steps: int, *extra: str) -> int:

@@ -22,8 +22,8 @@ from vqvae2.sampling import sample_level_cached, sample_level_reference
 from vqvae2.train import extract_codes, train_prior, train_vqvae
 from vqvae2.vqvae import VQVAE2
 
-from .conftest import metric_values, tiny_config
-from .test_codec import blob_images, write_pngs, write_run
+from .conftest import metric_values, tiny_config, write_run
+from .test_codec import blob_images, write_pngs
 from .test_train import tiny_run_config
 
 CUDA = torch.device("cuda")

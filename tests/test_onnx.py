@@ -12,14 +12,12 @@ import pytest
 import torch
 
 from vqvae2._helpers import uint8_to_float
-from vqvae2.config import VQVAERunConfig, load_config
 from vqvae2.data import open_dataset
 from vqvae2.onnx_export import export_onnx
 from vqvae2.run import load_vqvae
-from vqvae2.train import train_vqvae
 from vqvae2.vqvae import VQVAE2
 
-from .conftest import tiny_config, write_npz
+from .conftest import tiny_config, tiny_run_config, train_tiny_run
 
 TEST_IMAGES = 64
 
@@ -28,13 +26,11 @@ TEST_IMAGES = 64
 def trained(tmp_path_factory) -> tuple[VQVAE2, torch.Tensor]:
     """A tiny VQ-VAE trained on 16x16 blobs, and the 64 images of its data's test split."""
     root = tmp_path_factory.mktemp("onnx")
-    data = write_npz(root / "blobs.npz", count=10 * TEST_IMAGES)  # test split: a tenth
-    config = load_config(VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=30"])
-    train_vqvae(config, data, root / "run", progress=False)
-    test = open_dataset(data, "test", 16, 1, config.data)
+    run, data = train_tiny_run(root, vqvae_steps=30, images=10 * TEST_IMAGES)  # test: a tenth
+    test = open_dataset(data, "test", 16, 1, tiny_run_config().data)
     images = uint8_to_float(torch.stack([test[i][0] for i in range(len(test))]))
     assert len(images) == TEST_IMAGES
-    return load_vqvae(root / "run"), images
+    return load_vqvae(run), images
 
 
 def session(path: Path) -> onnxruntime.InferenceSession:

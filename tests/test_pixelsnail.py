@@ -16,25 +16,9 @@ from vqvae2.model_configs import PixelSNAILConfig
 from vqvae2.pixelsnail import CausalSelfAttention, PixelSNAIL
 from vqvae2.sampling import sample_level_cached
 
-SIDE, K = 5, 7
+from .conftest import tiny_prior_config as small_config
 
-
-def small_config(**changes) -> PixelSNAILConfig:
-    values = dict(
-        code_size=SIDE,
-        codebook_size=K,
-        hidden_channels=8,
-        residual_channels=6,
-        num_layers=3,
-        attention_layers=0,
-        attention_heads=2,
-        kernel_size=3,
-        dropout=0.0,
-        output_stack_layers=1,
-        condition_channels=4,
-    )
-    values.update(changes)
-    return PixelSNAILConfig(**values)
+SIDE, K = 5, 7  # the code side and codebook size of small_config
 
 
 def inputs_for(config: PixelSNAILConfig, batch: int = 2):

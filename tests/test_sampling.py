@@ -27,7 +27,7 @@ from vqvae2.sampling import (
 )
 from vqvae2.vqvae import VQVAE2
 
-from .conftest import tiny_config
+from .conftest import tiny_config, tiny_prior_config
 
 
 def priors_for(vqvae: VQVAE2, num_classes: int = 3) -> list[PixelSNAIL]:
@@ -182,21 +182,8 @@ CACHE_CONFIGURATIONS = [
 
 
 def cache_prior(**changes) -> PixelSNAIL:
-    values = dict(
-        code_size=6,
-        codebook_size=7,
-        hidden_channels=8,
-        residual_channels=6,
-        num_layers=3,
-        attention_layers=0,
-        attention_heads=2,
-        kernel_size=5,
-        dropout=0.0,
-        output_stack_layers=1,
-        condition_channels=4,
-    )
-    values.update(changes)
-    return PixelSNAIL(PixelSNAILConfig(**values)).eval()
+    config = tiny_prior_config(**{"code_size": 6, "kernel_size": 5, **changes})
+    return PixelSNAIL(config).eval()
 
 
 def cache_inputs(prior: PixelSNAIL, batch: int = 3):

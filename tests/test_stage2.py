@@ -22,24 +22,17 @@ from vqvae2.measure import class_agreement, measure_nll
 from vqvae2.run import Run, load_classifier, load_prior, load_vqvae
 from vqvae2.sample import sample_from_run
 from vqvae2.train import (
-    extract_codes,
     train_classifier,
     train_prior,
-    train_vqvae,
 )
+
+from .conftest import train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A tiny 2-level VQ-VAE trained on 3 classes of blobs, with its codes extracted."""
-    from .conftest import write_npz
-
-    root = tmp_path_factory.mktemp("stage2")
-    data = write_npz(root / "blobs.npz")
-    config = load_config(VQVAERunConfig, "tiny", ["model.image_size=16", "train.max_steps=40"])
-    train_vqvae(config, data, root / "run", progress=False)
-    extract_codes(Run.open(root / "run"), data, progress=False)
-    return root / "run", data
+    return train_tiny_run(tmp_path_factory.mktemp("stage2"), vqvae_steps=40, codes=True)
 
 
 def test_code_store_round_trip_and_random_access(tmp_path):

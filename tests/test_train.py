@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vqvae2.batches import EpochBatchSampler
-from vqvae2.config import TrainConfig, VQVAERunConfig, load_config
+from vqvae2.config import TrainConfig, VQVAERunConfig
 from vqvae2.data import open_dataset, uint8_to_float
 from vqvae2.logs import read_metrics
 from vqvae2.measure import low_pass, measure_levels
@@ -19,15 +19,14 @@ from vqvae2.run import Run, load_vqvae
 from vqvae2.schedule import RunClock, learning_rate
 from vqvae2.train import train_vqvae
 
+from . import conftest
 from .conftest import assert_states_close, metric_values
 
 
 def tiny_run_config(*overrides: str) -> VQVAERunConfig:
-    return load_config(
-        VQVAERunConfig,
-        "tiny",
-        ["model.image_size=16", "model.dead_code_after_steps=2", "train.log_every=1", *overrides],
-    )
+    """The tiny 16x16 preset, logging every step and resetting codes dead for 2 steps."""
+    overrides = ("model.dead_code_after_steps=2", "train.log_every=1", *overrides)
+    return conftest.tiny_run_config(*overrides)
 
 
 def train_losses(run_dir) -> dict[int, float]:
