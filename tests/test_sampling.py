@@ -572,6 +572,29 @@ def test_rejection_holds_the_kept_samples_and_one_batch_and_keeps_the_best(watch
     assert torch.equal(output.scores, scores[expected])
 
 
+def test_rejection_draws_its_candidates_under_the_controls_given():
+    """Per-level controls reach the candidates: with no rejection they are generate's samples."""
+    vqvae, priors, classifier = rejection_models()
+    labels = torch.tensor([0, 1, 2, 1])
+    controls = (DrawControls(0.8, top_k=3), DrawControls(top_p=0.5))
+    output = generate_with_rejection(
+        vqvae,
+        priors,
+        classifier,
+        labels,
+        reject_fraction=0.0,
+        max_candidates=4,
+        batch_size=4,
+        temperature=controls,
+        generator=torch.Generator().manual_seed(6),
+    )
+    by_label = torch.tensor([0, 1, 1, 2])  # the candidates are drawn class by class
+    expected, _ = generate(vqvae, priors, 4, by_label, controls, torch.Generator().manual_seed(6))
+    plain, _ = generate(vqvae, priors, 4, by_label, 1.0, torch.Generator().manual_seed(6))
+    assert torch.equal(output.images, expected[[0, 1, 3, 2]])
+    assert not torch.equal(expected, plain)
+
+
 def test_threshold_rejection_holds_the_kept_samples_and_one_batch(watched_generate):
     vqvae, priors, classifier = rejection_models()
     probe_labels = torch.arange(30) % 3
