@@ -2,13 +2,14 @@
 
 Exactness: the cached per-position logits equal the teacher-forced forward pass up to float
 rounding, and at these narrow widths the cached sampler draws the same codes as the reference
-sampler from the same generator (at the paper's widths rounding tips a near-tie about once in
-800 64x64 maps: ``test_bench_sampler_agreement.py``, ``bench/README.md``). Each preset keeps
-its kernel size, layers, attention layers and heads, output and conditioning stacks and its
-conditioning structure (upper levels, classes); the widths shrink (16 hidden, 12 residual, 8
-conditioning channels, K = 13) and so do the paper-size maps: to an eighth of their side for the
-logits, a sixteenth for the sampler (the reference sampler runs a full forward pass per
-position); a slow test checks the logits at the paper's own map sizes.
+sampler from the same generator, at a temperature alone and with top-k or top-p filtering (at
+the paper's widths rounding tips a near-tie about once in 800 64x64 maps:
+``test_bench_sampler_agreement.py``, ``bench/README.md``). Each preset keeps its kernel size,
+layers, attention layers and heads, output and conditioning stacks and its conditioning
+structure (upper levels, classes); the widths shrink (16 hidden, 12 residual, 8 conditioning
+channels, K = 13) and so do the paper-size maps: to an eighth of their side for the logits, a
+sixteenth for the sampler (the reference sampler runs a full forward pass per position); a slow
+test checks the logits at the paper's own map sizes.
 
 Memory: the state's size is pinned by a formula, checked at the paper's sizes on the ``meta``
 device (free to build), against the issue's limits of 128 MiB per image for the ImageNet bottom
@@ -26,7 +27,7 @@ from vqvae2.config import PriorRunConfig, list_presets, load_config
 from vqvae2.model_configs import PixelSNAILConfig
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.pixelsnail_sampler import IncrementalSampler
-from vqvae2.sampling import sample_level_cached, sample_level_reference
+from vqvae2.sampling import DrawControls, sample_level_cached, sample_level_reference
 
 K = 13
 NARROW = dict(hidden_channels=16, residual_channels=12, condition_channels=8, codebook_size=K)
@@ -103,12 +104,23 @@ def test_cached_logits_match_the_forward_pass_for_every_preset_shape(name):
     assert_cached_logits_match(narrow_prior(name, shrink=8), batch=2)
 
 
-@pytest.mark.parametrize("name", list(PRESET_SHAPES))
-def test_cached_sampler_draws_the_reference_codes_for_every_preset_shape(name):
+# Temperature alone on every shape; each filter at another temperature (top-k 4 and top-p 0.7
+# of K = 13) on every shape whose sampled map is at most 8x8 (the 16x16 ones take seconds).
+FILTERS = [DrawControls(0.8, top_k=4), DrawControls(1.2, top_p=0.7)]
+SAMPLER_CASES = [(name, 1.0) for name in PRESET_SHAPES] + [
+    (name, controls)
+    for name in PRESET_SHAPES
+    if preset_config(name, shrink=16).code_size <= 8
+    for controls in FILTERS
+]
+
+
+@pytest.mark.parametrize("name, controls", SAMPLER_CASES, ids=str)
+def test_cached_sampler_draws_the_reference_codes_for_every_preset_shape(name, controls):
     prior = narrow_prior(name, shrink=16)
     labels, upper = inputs(prior, 4)
     draws = [
-        sampler(prior, 4, labels, upper, 1.0, torch.Generator().manual_seed(11))
+        sampler(prior, 4, labels, upper, controls, torch.Generator().manual_seed(11))
         for sampler in (sample_level_reference, sample_level_cached)
     ]
     assert torch.equal(draws[0], draws[1])

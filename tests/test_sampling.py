@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+import math
 
 import pytest
 import torch
+from einops import rearrange
 
 import vqvae2.sampling
 from vqvae2.classifier import Classifier
@@ -14,6 +16,7 @@ from vqvae2.model_configs import ClassifierConfig, PixelSNAILConfig
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.pixelsnail_sampler import IncrementalSampler
 from vqvae2.sampling import (
+    DrawControls,
     _draw,
     check_hierarchy,
     generate,
@@ -275,6 +278,197 @@ def test_tiny_temperatures_draw_the_most_likely_code_and_others_draw_as_before()
         assert torch.equal(drawn, expected)
 
 
+# ----------------------------------------------------------------------------------------------
+# Top-k, top-p and per-level temperatures
+
+
+def brute_force_kept(logits: list[float], temperature: float, top_k, top_p) -> set[int]:
+    """The codes top-k then top-p keep, by hand in float64: ties with the last kept stay."""
+    codes = set(range(len(logits)))
+    if top_k is not None:
+        kth = sorted(logits, reverse=True)[top_k - 1]
+        codes = {c for c in codes if logits[c] >= kth}
+    if top_p is not None:
+        weights = {c: math.exp(logits[c] / temperature) for c in codes}
+        probability = {c: w / sum(weights.values()) for c, w in weights.items()}
+        total, least = 0.0, None
+        for value in sorted(probability.values(), reverse=True):
+            total, least = total + value, value
+            if total >= top_p:
+                break
+        codes = {c for c in codes if probability[c] >= least}
+    return codes
+
+
+# Hand-made rows with ties at the k-th logit and at the nucleus's edge: probabilities
+# 0.4, 0.2, 0.2, 0.1, 0.1 (in shuffled order) and logits 3, 1, 2, 2, 0, 2.
+NUCLEUS_ROW = [math.log(v) for v in (0.1, 0.2, 0.4, 0.1, 0.2)]
+TIED_ROW = [3.0, 1.0, 2.0, 2.0, 0.0, 2.0]
+FILTER_CASES = [
+    (TIED_ROW, 1.0, 1, None, {0}),
+    (TIED_ROW, 1.0, 2, None, {0, 2, 3, 5}),  # three logits tie with the 2nd largest
+    (TIED_ROW, 1.0, 5, None, {0, 1, 2, 3, 5}),
+    (NUCLEUS_ROW, 1.0, None, 0.3, {2}),  # the top code alone holds 0.4
+    (NUCLEUS_ROW, 1.0, None, 0.5, {1, 2, 4}),  # 0.4 + 0.2 reaches 0.5; the other 0.2 ties
+    (NUCLEUS_ROW, 1.0, None, 0.85, {0, 1, 2, 3, 4}),
+    # At T = 0.5 the probabilities square and renormalise: 0.615, 0.154, 0.154, 0.038, 0.038.
+    (NUCLEUS_ROW, 0.5, None, 0.7, {1, 2, 4}),
+    (NUCLEUS_ROW, 0.5, None, 0.6, {2}),
+    (TIED_ROW, 1.0, 4, 0.7, {0, 2, 3, 5}),  # top-k first, then the nucleus of what is left
+    (TIED_ROW, 1.0, 4, 0.5, {0, 2, 3, 5}),  # code 0 holds 0.48 of the four; the rest tie
+    (TIED_ROW, 1.0, 5, 0.4, {0}),  # code 0 holds 0.45 of the five
+]
+
+
+@pytest.mark.parametrize("row, temperature, top_k, top_p, expected", FILTER_CASES)
+def test_filtered_draws_stay_in_the_brute_force_top_k_and_nucleus(
+    row, temperature, top_k, top_p, expected
+):
+    assert brute_force_kept(row, temperature, top_k, top_p) == expected  # the hand count
+    logits = torch.tensor([row, row[::-1]]).repeat(2000, 1)  # (4000, K), also reversed
+    controls = DrawControls(temperature, top_k, top_p)
+    codes = _draw(logits, controls, torch.Generator().manual_seed(0))
+    reversed_expected = {len(row) - 1 - c for c in expected}
+    assert set(codes[0::2].tolist()) == expected  # every kept code drawn, no other
+    assert set(codes[1::2].tolist()) == reversed_expected
+
+
+def test_kept_codes_are_drawn_in_proportion_to_their_probability():
+    """top-p 0.5 keeps 0.4, 0.2, 0.2: renormalised to 0.5, 0.25, 0.25."""
+    logits = torch.tensor([NUCLEUS_ROW]).repeat(20000, 1)
+    codes = _draw(logits, DrawControls(top_p=0.5), torch.Generator().manual_seed(1))
+    frequencies = torch.bincount(codes, minlength=5).float() / len(codes)
+    torch.testing.assert_close(
+        frequencies, torch.tensor([0.0, 0.25, 0.5, 0.0, 0.25]), atol=0.01, rtol=0
+    )
+
+
+def test_top_k_of_all_codes_and_top_p_of_one_draw_exactly_as_temperature_alone():
+    logits = torch.randn(300, 13) * 3
+    for temperature in (1.0, 0.8):
+        expected = torch.multinomial(
+            torch.softmax(logits / temperature, dim=-1),
+            1,
+            generator=torch.Generator().manual_seed(4),
+        ).squeeze(1)
+        for controls in (
+            temperature,
+            DrawControls(temperature),
+            DrawControls(temperature, top_k=13),
+            DrawControls(temperature, top_p=1.0),
+            DrawControls(temperature, top_k=13, top_p=1.0),
+        ):
+            drawn = _draw(logits, controls, torch.Generator().manual_seed(4))
+            assert torch.equal(drawn, expected), controls
+    # A real filter changes the draws of these flat-ish rows.
+    filtered = _draw(logits, DrawControls(top_k=2), torch.Generator().manual_seed(4))
+    assert not torch.equal(filtered, expected)
+
+
+def teacher_forced_ranks(prior: PixelSNAIL, codes: torch.Tensor, labels, upper) -> torch.Tensor:
+    """(B, H, W) rank of each code among its position's logits given the codes before it: the
+    number of codes with a strictly larger logit (0 = the most likely, ties share a rank)."""
+    with torch.no_grad():
+        logits = prior(codes, labels, upper).logits  # (B, K, H, W)
+    chosen = logits.gather(1, codes[:, None])  # (B, 1, H, W)
+    return (logits > chosen).sum(dim=1)
+
+
+@pytest.mark.parametrize(
+    "controls",
+    [DrawControls(top_k=2), DrawControls(0.7, top_k=3), DrawControls(top_p=0.5)],
+    ids=str,
+)
+@pytest.mark.parametrize("changes", CACHE_CONFIGURATIONS[:3], ids=str)
+def test_cached_and_reference_filtered_draws_agree_and_stay_in_the_top_codes(changes, controls):
+    prior = cache_prior(**changes)
+    labels, upper = cache_inputs(prior)
+    draws = [
+        sampler(prior, 3, labels, upper, controls, torch.Generator().manual_seed(5))
+        for sampler in (sample_level_reference, sample_level_cached)
+    ]
+    assert torch.equal(draws[0], draws[1])
+    ranks = teacher_forced_ranks(prior, draws[0], labels, upper)
+    if controls.top_k is not None:
+        assert int(ranks.max()) < controls.top_k
+    unfiltered = sample_level_reference(
+        prior, 3, labels, upper, 0.7, torch.Generator().manual_seed(5)
+    )
+    assert int(teacher_forced_ranks(prior, unfiltered, labels, upper).max()) >= 3  # not vacuous
+
+
+def test_top_p_draws_stay_in_the_nucleus_of_the_teacher_forced_logits():
+    prior = cache_prior()
+    codes = sample_level_cached(
+        prior, 4, temperature=DrawControls(top_p=0.6), generator=torch.Generator().manual_seed(2)
+    )
+    with torch.no_grad():
+        logits = prior(codes).logits  # (4, K, H, W)
+    rows = rearrange(logits, "b k h w -> (b h w) k")  # in the order of codes.flatten()
+    nuclei = [brute_force_kept(row, 1.0, None, 0.6) for row in rows.tolist()]
+    assert all(
+        code in nucleus for code, nucleus in zip(codes.flatten().tolist(), nuclei, strict=True)
+    )
+    assert sum(len(nucleus) for nucleus in nuclei) < 0.6 * 7 * len(nuclei)  # not vacuous
+
+
+def test_per_level_temperatures_reach_their_levels():
+    """(0.5, 1.3) draws the top level at 0.5 and the bottom at 1.3, by hand and in both samplers."""
+    vqvae = VQVAE2(tiny_config()).eval()
+    priors = priors_for(vqvae, num_classes=0)
+    controls = (DrawControls(0.5, top_k=4), DrawControls(1.3, top_p=0.9))
+    generator = torch.Generator().manual_seed(1)
+    top = sample_level_reference(priors[0], 8, None, None, controls[0], generator)
+    bottom = sample_level_reference(priors[1], 8, None, [top], controls[1], generator)
+    for sampler in ("reference", "cached"):
+        codes = sample_codes(priors, 8, None, controls, torch.Generator().manual_seed(1), sampler)
+        assert torch.equal(codes[0], top) and torch.equal(codes[1], bottom)
+    plain = sample_codes(priors, 8, None, (0.5, 1.3), torch.Generator().manual_seed(1))
+    swapped = sample_codes(priors, 8, None, (1.3, 0.5), torch.Generator().manual_seed(1))
+    by_hand = sample_level_cached(priors[0], 8, None, None, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(plain[0], by_hand) and not torch.equal(swapped[0], by_hand)
+    # One item in a sequence is for every level, like the bare value.
+    once = sample_codes(priors, 8, None, [0.5], torch.Generator().manual_seed(1))
+    bare = sample_codes(priors, 8, None, 0.5, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(once, bare, strict=True))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: DrawControls(top_k=0), "top_k must be an integer >= 1, got 0"),
+        (lambda: DrawControls(top_k=2.5), "top_k must be an integer >= 1, got 2.5"),
+        (lambda: DrawControls(top_p=0.0), "top_p must lie in (0, 1], got 0.0"),
+        (lambda: DrawControls(top_p=1.5), "top_p must lie in (0, 1], got 1.5"),
+        (lambda: DrawControls(top_p=float("nan")), "top_p must lie in (0, 1], got nan"),
+        (lambda: DrawControls(0.0), "temperature must be a finite number > 0, got 0.0"),
+    ],
+)
+def test_bad_draw_controls_give_one_line(make, message):
+    with pytest.raises(ValueError) as error:
+        make()
+    assert str(error.value) == message
+
+
+def test_controls_that_do_not_fit_the_priors_give_one_line():
+    vqvae = VQVAE2(tiny_config()).eval()
+    priors = priors_for(vqvae, num_classes=0)
+    cases = [
+        (DrawControls(top_k=14), "top_k 14 is more than the prior's 13 codes"),
+        ((1.0, DrawControls(top_k=20)), "top_k 20 is more than the prior's 13 codes"),
+        ((1.0, 0.9, 0.8), "give one temperature for every level or one per level (2), got 3"),
+        ((), "give one temperature for every level or one per level (2), got 0"),
+        ((1.0, -2.0), "temperature must be a finite number > 0, got -2.0"),
+    ]
+    for controls, message in cases:
+        with pytest.raises(ValueError) as error:
+            sample_codes(priors, 2, None, controls)
+        assert str(error.value) == message
+    with pytest.raises(ValueError) as error:
+        sample_level_cached(priors[0], 2, temperature=DrawControls(top_k=14))
+    assert str(error.value) == "top_k 14 is more than the prior's 13 codes"
+
+
 def test_requested_labels_give_every_class_its_share():
     """Each of k classes gets count // k samples or one more (the first count % k classes)."""
     assert requested_labels([1, 2, 3], 4, 5).tolist() == [1, 1, 2, 3]
@@ -364,6 +558,29 @@ def test_rejection_holds_the_kept_samples_and_one_batch_and_keeps_the_best(watch
     expected = kept[[2, 0, 3, 1]]  # in the order the labels were requested
     assert torch.equal(output.images, torch.cat(batches)[expected])
     assert torch.equal(output.scores, scores[expected])
+
+
+def test_rejection_draws_its_candidates_under_the_controls_given():
+    """Per-level controls reach the candidates: with no rejection they are generate's samples."""
+    vqvae, priors, classifier = rejection_models()
+    labels = torch.tensor([0, 1, 2, 1])
+    controls = (DrawControls(0.8, top_k=3), DrawControls(top_p=0.5))
+    output = generate_with_rejection(
+        vqvae,
+        priors,
+        classifier,
+        labels,
+        reject_fraction=0.0,
+        max_candidates=4,
+        batch_size=4,
+        temperature=controls,
+        generator=torch.Generator().manual_seed(6),
+    )
+    by_label = torch.tensor([0, 1, 1, 2])  # the candidates are drawn class by class
+    expected, _ = generate(vqvae, priors, 4, by_label, controls, torch.Generator().manual_seed(6))
+    plain, _ = generate(vqvae, priors, 4, by_label, 1.0, torch.Generator().manual_seed(6))
+    assert torch.equal(output.images, expected[[0, 1, 3, 2]])
+    assert not torch.equal(expected, plain)
 
 
 def test_threshold_rejection_holds_the_kept_samples_and_one_batch(watched_generate):

@@ -29,6 +29,7 @@ _EXPORTS = {
     "VQVAEOutput": "vqvae",
     "PixelSNAIL": "pixelsnail",
     "generate": "sampling",
+    "DrawControls": "sampling",
     "sample_codes": "sampling",
     "open_dataset": "data",
     "write_shards": "shards",

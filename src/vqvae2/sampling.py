@@ -5,6 +5,10 @@ Top codes are drawn from the top prior, each lower level from its prior given th
 then the VQ-VAE decoder maps all levels to pixels in one pass. Randomness comes only from the
 ``torch.Generator`` passed in, so a seed reproduces a batch exactly.
 
+Each code is drawn from the prior's softmax at a temperature, optionally restricted to the k
+most likely codes (top-k, Fan et al. 2018) or to the smallest most-likely set holding probability
+p (top-p or nucleus sampling, Holtzman et al. 2020); ``DrawControls`` holds the three, per level.
+
 Rejection sampling scores every class-conditional sample by the probability a pre-trained
 classifier gives the requested class, and keeps the best-scored share of each class (or those
 above a threshold): the paper's way of trading diversity for quality.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Literal, NamedTuple
 
@@ -31,8 +36,89 @@ from .vqvae import VQVAE2
 SamplerName = Literal["cached", "reference"]
 
 
-def _draw(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """One code per row of (B, K) logits, sampled at ``temperature`` -> (B,) int64."""
+@dataclass(frozen=True)
+class DrawControls:
+    """How one level's codes are drawn from its prior's logits: temperature, then filtering.
+
+    Ties are kept whole, so the filters depend only on the logits' values, never on their order:
+    top-k keeps every code whose logit reaches the k-th largest, top-p every code at least as
+    likely as the least likely member of the nucleus. The most likely code is always kept.
+    """
+
+    temperature: float = 1.0  # divides the logits; towards 0 the draw is the most likely code
+    top_k: int | None = None  # keep the k most likely codes (Fan et al. 2018); None: all K
+    # Keep the smallest set of most likely codes whose probability (after the temperature)
+    # reaches p (nucleus sampling, Holtzman et al. 2020); None or 1: all K.
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        check_temperature(self.temperature)
+        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
+            raise ValueError(f"top_k must be an integer >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+    def check_codebook(self, codebook_size: int) -> None:
+        """Raise ``ValueError`` when top-k asks for more codes than the codebook's K."""
+        if self.top_k is not None and self.top_k > codebook_size:
+            raise ValueError(f"top_k {self.top_k} is more than the prior's {codebook_size} codes")
+
+
+# One level's draw: a temperature alone or full controls. The hierarchy takes one for every
+# level or a sequence of them, one per level, top first.
+LevelControls = float | DrawControls
+Controls = LevelControls | Sequence[LevelControls]
+
+
+def as_draw_controls(controls: LevelControls) -> DrawControls:
+    """``DrawControls`` for one level; a number is a temperature without filtering."""
+    return controls if isinstance(controls, DrawControls) else DrawControls(controls)
+
+
+def controls_per_level(controls: Controls, num_levels: int) -> list[DrawControls]:
+    """One ``DrawControls`` per level, top first: one given for all levels, or one per level.
+
+    Raises:
+        ValueError: a sequence whose length is neither 1 nor ``num_levels``, or a bad value.
+    """
+    if isinstance(controls, DrawControls | int | float):
+        return [as_draw_controls(controls)] * num_levels
+    given = [as_draw_controls(level) for level in controls]
+    if len(given) == 1:
+        return given * num_levels
+    if len(given) != num_levels:
+        raise ValueError(
+            f"give one temperature for every level or one per level ({num_levels}), "
+            f"got {len(given)}"
+        )
+    return given
+
+
+def _filter(scaled: Tensor, controls: DrawControls) -> Tensor:
+    """(B, K) tempered logits with the codes outside top-k and the nucleus set to -inf."""
+    codebook_size = scaled.shape[-1]
+    if controls.top_k is not None and controls.top_k < codebook_size:
+        kth = torch.topk(scaled, controls.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    if controls.top_p is not None and controls.top_p < 1.0:
+        probabilities = torch.softmax(scaled, dim=-1)  # (B, K)
+        descending = torch.sort(probabilities, dim=-1, descending=True).values  # (B, K)
+        # The nucleus is the shortest prefix reaching p: the codes before the first cumulative
+        # sum >= p, and that one (all K when rounding keeps the sum below p).
+        short_of_p = (descending.cumsum(dim=-1) < controls.top_p).sum(dim=-1, keepdim=True)
+        size = (short_of_p + 1).clamp(max=codebook_size)  # (B, 1)
+        least = descending.gather(-1, size - 1)  # (B, 1), the nucleus's least probability
+        scaled = scaled.masked_fill(probabilities < least, -math.inf)
+    return scaled
+
+
+def _draw(logits: Tensor, controls: LevelControls, generator: torch.Generator | None) -> Tensor:
+    """One code per row of (B, K) logits, drawn under ``controls`` -> (B,) int64.
+
+    A bare number is a temperature; top-k = K and top-p = 1 draw exactly as no filter.
+    """
+    controls = as_draw_controls(controls)
+    temperature = controls.temperature
     logits = logits.float()
     scaled = logits / temperature  # (B, K)
     # A small temperature can overflow the division to inf (the softmax is then NaN). The
@@ -40,7 +126,7 @@ def _draw(logits: Tensor, temperature: float, generator: torch.Generator | None)
     # Rows whose division stays finite are left as they are, so their draws do not change.
     shifted = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, K), <= 0
     scaled = torch.where(torch.isfinite(scaled).all(dim=-1, keepdim=True), scaled, shifted)
-    probabilities = torch.softmax(scaled, dim=-1)
+    probabilities = torch.softmax(_filter(scaled, controls), dim=-1)
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
 
 
@@ -49,10 +135,10 @@ def _empty_codes(
     batch_size: int,
     labels: Tensor | None,
     condition_codes: list[Tensor] | None,
-    temperature: float,
+    temperature: LevelControls,
 ) -> Tensor:
     """Check the sampling inputs; (B, H, W) int64 zeros to fill."""
-    check_temperature(temperature)
+    as_draw_controls(temperature).check_codebook(prior.config.codebook_size)
     side = prior.config.code_size
     device = next(prior.parameters()).device
     codes = torch.zeros(batch_size, side, side, dtype=torch.long, device=device)
@@ -66,7 +152,7 @@ def sample_level_reference(
     batch_size: int,
     labels: Tensor | None = None,
     condition_codes: list[Tensor] | None = None,
-    temperature: float = 1.0,
+    temperature: LevelControls = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Sample one level by running the whole prior once per code position (raster order).
@@ -76,8 +162,9 @@ def sample_level_reference(
         batch_size: B.
         labels: (B,) int64 when the prior is class-conditional.
         condition_codes: codes of the upper levels, top first, each (B, h_l, w_l).
-        temperature: finite, >= ``config.MIN_TEMPERATURE``; divides the logits (towards 0 the
-            draw becomes the most likely code).
+        temperature: a temperature (finite, >= ``config.MIN_TEMPERATURE``; divides the logits,
+            towards 0 the draw becomes the most likely code) or ``DrawControls`` (a temperature
+            with top-k / top-p filtering; top-k at most the prior's K).
         generator: source of randomness (on the prior's device).
 
     Returns:
@@ -100,7 +187,7 @@ def sample_level_cached(
     batch_size: int,
     labels: Tensor | None = None,
     condition_codes: list[Tensor] | None = None,
-    temperature: float = 1.0,
+    temperature: LevelControls = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Sample one level position by position with cached activations (``IncrementalSampler``).
@@ -131,13 +218,15 @@ def sample_codes(
     priors: Sequence[PixelSNAIL],
     batch_size: int,
     labels: Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: Controls = 1.0,
     generator: torch.Generator | None = None,
     sampler: SamplerName = "cached",
 ) -> list[Tensor]:
     """Draw codes for every level, top first, each level given all levels above it.
 
     Args:
+        temperature: one temperature or ``DrawControls`` for every level, or a sequence of them
+            with one item (for every level) or one per level, top first.
         sampler: ``cached`` (incremental, default) or ``reference`` (one full forward pass per
             position); both give the same codes for the same generator state except where
             float rounding tips a near-tie (``sample_level_cached``).
@@ -148,13 +237,14 @@ def sample_codes(
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
     sample_level = SAMPLERS[sampler]
+    level_controls = controls_per_level(temperature, len(priors))
+    for prior, controls in zip(priors, level_controls, strict=True):
+        controls.check_codebook(prior.config.codebook_size)
     codes: list[Tensor] = []
-    for prior in priors:
+    for prior, controls in zip(priors, level_controls, strict=True):
         level_labels = labels if prior.config.num_classes > 0 else None
         conditions = list(codes) if prior.config.condition_sizes else None
-        codes.append(
-            sample_level(prior, batch_size, level_labels, conditions, temperature, generator)
-        )
+        codes.append(sample_level(prior, batch_size, level_labels, conditions, controls, generator))
     return codes
 
 
@@ -189,11 +279,14 @@ def generate(
     priors: Sequence[PixelSNAIL],
     batch_size: int,
     labels: Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: Controls = 1.0,
     generator: torch.Generator | None = None,
     sampler: SamplerName = "cached",
 ) -> tuple[Tensor, list[Tensor]]:
     """Sample images: codes top to bottom, then one decoder pass.
+
+    ``temperature`` is one temperature or ``DrawControls`` for every level, or one per level
+    (``sample_codes``).
 
     Returns:
         Images (B, C, H, W) float in about [-1, 1] and the codes per level, top first, on the
@@ -310,7 +403,7 @@ def generate_with_rejection(
     accept_threshold: float | None = None,
     max_candidates: int,
     batch_size: int,
-    temperature: float = 1.0,
+    temperature: Controls = 1.0,
     generator: torch.Generator | None = None,
     sampler: SamplerName = "cached",
     on_batch: Callable[[int], None] | None = None,
@@ -329,6 +422,7 @@ def generate_with_rejection(
         accept_threshold: in [0, 1].
         max_candidates: stop with ``ValueError`` once this many candidates were drawn.
         batch_size: samples per call of the priors.
+        temperature: the draw controls, for every level or per level (``sample_codes``).
         on_batch: called with the size of each drawn batch (a progress bar).
 
     Returns:
