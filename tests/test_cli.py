@@ -23,7 +23,7 @@ from vqvae2.measure import class_agreement
 from vqvae2.run import load_classifier, load_vqvae
 
 from .conftest import TINY_CLI as TINY
-from .conftest import assert_one_line_error, run_module, write_npz
+from .conftest import assert_one_line_error, run_module, train_tiny_run, write_npz
 
 # An option that only this command's help shows (presets has none: its whole usage line).
 HELP_MARKS = {
@@ -383,3 +383,39 @@ def test_resume_with_seed_zero_is_refused_like_any_seed(tmp_path, capsys):
     argv = ["train-vqvae", "--out", str(tmp_path / "run"), "--resume", "--seed", "0", "--quiet"]
     message = "--resume continues the saved config; drop --config, --seed and overrides"
     assert_one_line_error(capsys, main(argv), message)
+
+
+@pytest.fixture(scope="module")
+def run_with_priors(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("controls")
+    run, _ = train_tiny_run(root, vqvae_steps=2, codes=True, prior_steps=2, preset="tiny")
+    return run
+
+
+def sampled_codes(run: Path, folder: Path, name: str, *options: str) -> dict:
+    """The codes ``vqvae2 sample`` draws from ``run`` with ``options`` (6 images of classes 0
+    and 1), and the JSON summary it prints."""
+    codes = folder / f"{name}.npz"
+    argv = ["sample", str(run), "--n", "6", "--class", "0", "1", "--out", str(folder / name)]
+    assert main([*argv, "--save-codes", str(codes), "--quiet", *options]) == 0
+    with np.load(codes) as arrays:
+        return {key: arrays[key] for key in arrays.files}
+
+
+def test_sampling_controls_reach_every_level_from_the_command_line(
+    run_with_priors, tmp_path, capsys
+):
+    """--top-k 1 draws the most likely code everywhere (so every seed draws the same maps);
+    --temperature takes one value per level; the summary records what was asked."""
+    first = sampled_codes(run_with_priors, tmp_path, "k1-seed0.png", "--top-k", "1")
+    other = sampled_codes(run_with_priors, tmp_path, "k1-seed5.png", "--top-k", "1", "--seed", "5")
+    plain = sampled_codes(run_with_priors, tmp_path, "plain.png", "--seed", "5")
+    assert all(np.array_equal(first[key], other[key]) for key in first)
+    assert not all(np.array_equal(other[key], plain[key]) for key in plain)
+    capsys.readouterr()
+    sampled_codes(run_with_priors, tmp_path, "levels.png", "--temperature", "1", "0.5", "--json")
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["temperature"] == [1.0, 0.5] and "top_k" not in summary
+    per_level = sampled_codes(run_with_priors, tmp_path, "t11.png", "--temperature", "1", "1")
+    default = sampled_codes(run_with_priors, tmp_path, "t.png")
+    assert all(np.array_equal(per_level[key], default[key]) for key in default)

@@ -116,6 +116,15 @@ SAMPLING = [
         "--temperature 1e-39 is below the smallest sampling temperature, 1.18e-38 "
         "(float32's smallest normal number)",
     ),
+    (
+        ["--temperature", "1", "0.9", "0.8"],
+        "give one temperature for every level or one per level (2), got 3",
+    ),
+    (["--temperature", "1", "-2"], "--temperature must be a positive number, got -2.0"),
+    (["--top-k", "0"], "--top-k must be an integer >= 1, got 0"),
+    (["--top-k", "600"], "top_k 600 is more than the prior's 16 codes"),
+    (["--top-p", "0"], "--top-p must lie in (0, 1], got 0.0"),
+    (["--top-p", "1.5"], "--top-p must lie in (0, 1], got 1.5"),
     (["--reject-fraction", "1"], "the rejection fraction must be in [0, 1), got 1.0"),
     (["--reject-fraction", "-0.5"], "the rejection fraction must be in [0, 1), got -0.5"),
     (["--reject-fraction", "nan"], "the rejection fraction must be in [0, 1), got nan"),

@@ -235,8 +235,13 @@ def _cmd_extract_codes(args: argparse.Namespace) -> int:
 
 def _check_sample_options(args: argparse.Namespace) -> None:
     """What the sampling functions do not check themselves, before the models load."""
-    _check_positive(args.temperature, "--temperature")
-    check_temperature(args.temperature, "--temperature")
+    for temperature in args.temperature:
+        _check_positive(temperature, "--temperature")
+        check_temperature(temperature, "--temperature")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be an integer >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
     _check_output(args.out, "--out")
     _check_output(args.save_images, "--save-images", folder=True)
     _check_output(args.save_codes, "--save-codes")
@@ -251,9 +256,24 @@ def _rejecting(args: argparse.Namespace) -> bool:
 
 
 def _draw_settings(args: argparse.Namespace) -> dict:
-    """How each image is drawn, as ``sample_from_run`` and ``sample_with_rejection`` take it;
-    the summary records it too."""
-    return {"temperature": args.temperature, "seed": args.seed, "sampler": args.sampler}
+    """How each image is drawn, as the summary records it (one temperature, or one per level
+    top first; top-k and top-p when given)."""
+    temperature = args.temperature[0] if len(args.temperature) == 1 else args.temperature
+    settings = {"temperature": temperature, "seed": args.seed, "sampler": args.sampler}
+    filters = {"top_k": args.top_k, "top_p": args.top_p}
+    return {**settings, **{name: value for name, value in filters.items() if value is not None}}
+
+
+def _draw_arguments(args: argparse.Namespace) -> dict:
+    """How each image is drawn, as ``sample_from_run`` and ``sample_with_rejection`` take it:
+    the controls of each level (``DrawControls``: one for every level, or one per level)."""
+    from .sampling import DrawControls
+
+    controls = tuple(
+        DrawControls(temperature, top_k=args.top_k, top_p=args.top_p)
+        for temperature in args.temperature
+    )
+    return {"temperature": controls, "seed": args.seed, "sampler": args.sampler}
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -262,15 +282,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     _check_sample_options(args)
     if _rejecting(args):
         return _cmd_sample_with_rejection(args)
-    models, settings, runtime = _open_models(args.run_dir), _draw_settings(args), _runtime(args)
+    models, draw, runtime = _open_models(args.run_dir), _draw_arguments(args), _runtime(args)
     result = sample.sample_from_run(
-        models, args.n, args.classes, **settings, progress=not args.quiet, runtime=runtime
+        models, args.n, args.classes, **draw, progress=not args.quiet, runtime=runtime
     )
     columns = sample.grid_columns(args.n, args.classes)
     sample.write_samples(result.images, args.out, columns, args.save_images)
     if args.save_codes is not None:
         sample.write_codes(result, args.save_codes)
-    return _report(args, sample.sample_summary, models, result, args.out, settings)
+    return _report(args, sample.sample_summary, models, result, args.out, _draw_settings(args))
 
 
 def _cmd_sample_with_rejection(args: argparse.Namespace) -> int:
@@ -279,9 +299,9 @@ def _cmd_sample_with_rejection(args: argparse.Namespace) -> int:
 
     rejection = {"reject_fraction": args.reject_fraction, "accept_threshold": args.accept_threshold}
     settings, runtime = {**rejection, **_draw_settings(args)}, _runtime(args)
-    models = _open_models(args.run_dir)
+    models, draw = _open_models(args.run_dir), {**rejection, **_draw_arguments(args)}
     result = sample.sample_with_rejection(
-        models, args.n, args.classes, **settings, progress=not args.quiet, runtime=runtime
+        models, args.n, args.classes, **draw, progress=not args.quiet, runtime=runtime
     )
     columns = sample.grid_columns(args.n, args.classes)
     sample.write_samples(result.images, args.out, columns, args.save_images)

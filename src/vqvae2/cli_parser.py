@@ -82,7 +82,21 @@ def _add_training_options(parser: argparse.ArgumentParser, result: str, config: 
 
 def _add_sample_options(parser: argparse.ArgumentParser) -> None:
     """How the images are drawn (``_draw_settings``), rejection included."""
-    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="softmax temperature: one for every level, or one per level, top first",
+    )
+    parser.add_argument(
+        "--top-k", type=int, help="draw each code among the K most likely only (top-k filtering)"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        help="draw each code among the most likely ones holding probability P (nucleus)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--sampler",

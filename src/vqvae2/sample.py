@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .export import PretrainedModels
 
     Models = Run | PretrainedModels  # a run folder, or a run's exported models
-from .sampling import SamplerName, generate, generate_with_rejection, requested_labels
+from .sampling import Controls, SamplerName, generate, generate_with_rejection, requested_labels
 
 SAMPLE_BATCH_SIZE = 64
 
@@ -44,7 +44,7 @@ def sample_from_run(
     run: Models,
     count: int,
     classes: list[int] | None = None,
-    temperature: float = 1.0,
+    temperature: Controls = 1.0,
     seed: int = 0,
     batch_size: int = SAMPLE_BATCH_SIZE,
     progress: bool = True,
@@ -103,7 +103,7 @@ def sample_with_rejection(
     *,
     reject_fraction: float | None = None,
     accept_threshold: float | None = None,
-    temperature: float = 1.0,
+    temperature: Controls = 1.0,
     seed: int = 0,
     batch_size: int = 64,
     max_candidates: int | None = None,
