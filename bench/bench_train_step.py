@@ -90,7 +90,10 @@ def build_step(case: str, variant: str):
         inputs = tuple(
             step_module.to_device(x) if isinstance(x, torch.Tensor) else x for x in inputs
         )
-    make_optimizer = getattr(training, "make_optimizer", None) or training._adam
+    try:
+        from vqvae2.optimizer import make_optimizer
+    except ImportError:  # a baseline from before the optimiser had its own module
+        make_optimizer = getattr(training, "make_optimizer", None) or training._adam
     optimizer = make_optimizer(model, config.train)
 
     def step() -> None:
