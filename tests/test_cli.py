@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import vqvae2
 from vqvae2.cli import build_parser, main
 from vqvae2.config import VQVAERunConfig, load_config
 from vqvae2.data import float_to_uint8, open_dataset, uint8_to_float
@@ -419,3 +420,42 @@ def test_sampling_controls_reach_every_level_from_the_command_line(
     per_level = sampled_codes(run_with_priors, tmp_path, "t11.png", "--temperature", "1", "1")
     default = sampled_codes(run_with_priors, tmp_path, "t.png")
     assert all(np.array_equal(per_level[key], default[key]) for key in default)
+
+
+def test_a_run_trained_from_a_yaml_file_resumes_its_classifier(tmp_path, npz_data):
+    """train-classifier --run RUN --resume continues the saved classifier whatever the run was
+    trained from (it looked up a preset for a YAML-trained run and gave up)."""
+    yaml_file = tmp_path / "mine.yaml"
+    yaml_file.write_text((Path(vqvae2.__file__).parent / "configs" / "tiny.yaml").read_text())
+    run = tmp_path / "run"
+    args = ["--config", str(yaml_file), "model.image_size=16", "--quiet"]
+    assert main(["train-vqvae", *args, "--data", str(npz_data), "--out", str(run)]) == 0
+    classifier = ["train-classifier", "--run", str(run), "--quiet"]
+    assert main([*classifier, "--config", "classifier-tiny", "--max-steps", "1"]) == 0
+    assert main([*classifier, "--resume", "--max-steps", "2"]) == 0
+    assert (run / "classifier" / "step-00000002").is_dir()
+
+
+def test_a_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    looked_up = []
+    monkeypatch.setattr("vqvae2.export._hub_folder", lambda name: looked_up.append(name))
+    assert main(["sample", "runs/typo", "--out", "x.png", "--quiet"]) == 2
+    assert not looked_up and "runs/typo" in capsys.readouterr().err
+
+
+def test_export_onnx_without_the_onnx_package_writes_nothing(
+    run_with_priors, tmp_path, monkeypatch, capsys
+):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "onnx" else find_spec(name, *a),
+    )
+    out = tmp_path / "model"
+    assert main(["export", str(run_with_priors), str(out), "--onnx"]) == 2
+    assert "needs the onnx package" in capsys.readouterr().err and not out.exists()

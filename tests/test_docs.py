@@ -25,12 +25,13 @@ def tiny(block: str, data: Path) -> str:
     block = block.replace("fashion-mnist-32", "tiny")  # the presets of each stage
     block = re.sub(r"train\.max_steps=\d+", "train.max_steps=2", block)
     block = re.sub(r"resume=True, max_steps=\d+", "resume=True, max_steps=3", block)
+    block = re.sub(r"top_k=\d+", "top_k=8", block)  # the tiny priors have 16 codes
     return re.sub(r"EvaluateConfig\([^)]*\)", TINY_EVALUATION, block)
 
 
 def test_every_python_block_of_the_api_page_runs(tmp_path, monkeypatch):
     blocks = python_blocks(PAGE.read_text())
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     data = write_npz(tmp_path / "blobs.npz", count=300, size=32, classes=4)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}

@@ -195,3 +195,15 @@ def test_validation_leaves_the_training_stream_alone(tmp_path, npz_data):
         assert main([*command, *options, "--data", str(npz_data), "--out", str(run)]) == 0
         finals.append(read_checkpoint(run, "vqvae").path)
     assert_bit_identical(*finals)
+
+
+def test_a_state_written_on_cuda_resumed_on_the_cpu_is_not_called_exact():
+    """The CPU stream continues, but a CUDA run drew its dropout on CUDA: the resume says it
+    is not exact (so the session warns), where it said exact before."""
+    context = DistributedContext()
+    cpu_state = torch.get_rng_state()
+    saved_on_cpu = {0: {"cpu": cpu_state.clone()}}
+    saved_on_cuda = {0: {"cpu": cpu_state.clone(), "cuda": torch.zeros(16, dtype=torch.uint8)}}
+    assert restore_random_state(saved_on_cpu, context, seed=0, step=3)
+    assert not restore_random_state(saved_on_cuda, context, seed=0, step=3)
+    assert torch.equal(torch.get_rng_state(), cpu_state)  # the CPU stream is still continued

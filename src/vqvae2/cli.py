@@ -94,7 +94,9 @@ def _open_models(path: Path):
     Hub name (``owner/name``) of one."""
     from .export import is_export, load_pretrained
 
-    if is_export(path) or (not path.exists() and HUB_NAME.fullmatch(str(path))):
+    # owner/name is a Hub name only when no such local folder could be meant (runs/typo is not)
+    hub_name = not path.exists() and not path.parent.exists() and HUB_NAME.fullmatch(str(path))
+    if is_export(path) or hub_name:
         return load_pretrained(path)
     return _open_run(path)
 
@@ -177,7 +179,9 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     from .fit import classifier_summary, train_classifier
 
     run = None if args.run is None else _open_run(args.run)
-    preset = args.config or (run.preset_for("classifier") if run else DEFAULT_CLASSIFIER)
+    preset = args.config or (DEFAULT_CLASSIFIER if run is None else None)
+    if preset is None and not args.resume:  # a resumed classifier keeps its saved config
+        preset = run.preset_for("classifier")
     out = args.out or (run.classifier_dir if run else None)
     if out is None:
         raise ValueError("give --out DIR (or --run RUN_DIR to write RUN_DIR/classifier)")
@@ -356,7 +360,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run, load_pretrained
     from .onnx_export import export_onnx
 
-    _check_output(args.out, "out", folder=True)
+    _check_output(args.out, "OUT", folder=True)
+    if args.onnx:
+        from .onnx_export import check_onnx_available
+
+        check_onnx_available()  # before the export, so a missing package leaves no folder
     out = export_run(_open_run(args.run_dir), args.out, report=args.report)
     if args.onnx:
         export_onnx(load_pretrained(out).vqvae, out)

@@ -76,6 +76,13 @@ class CodeDecoder(nn.Module):
         return self.vqvae.decode(vectors)
 
 
+def check_onnx_available() -> None:
+    """``ValueError`` in one line when the ``onnx`` package (the exporter writes with it) is
+    missing."""
+    if importlib.util.find_spec("onnx") is None:
+        raise ValueError("ONNX export needs the onnx package: pip install 'vqvae2[onnx]'")
+
+
 def export_onnx(vqvae: VQVAE2, out_dir: str | Path, example_batch: int = 2) -> tuple[Path, Path]:
     """Write ``encoder.onnx`` and ``decoder.onnx`` of ``vqvae`` to ``out_dir`` (made when
     missing). A CPU copy in eval mode is exported: ``vqvae`` itself keeps its device and mode
@@ -88,8 +95,7 @@ def export_onnx(vqvae: VQVAE2, out_dir: str | Path, example_batch: int = 2) -> t
     Raises:
         ValueError: the ``onnx`` package (which the exporter writes with) is not installed.
     """
-    if importlib.util.find_spec("onnx") is None:
-        raise ValueError("ONNX export needs the onnx package: pip install 'vqvae2[onnx]'")
+    check_onnx_available()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(vqvae).cpu()

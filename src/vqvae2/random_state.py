@@ -61,18 +61,20 @@ def restore_random_state(
     """Give this process the generator states saved at ``step`` for its rank, and say True; when
     the checkpoint holds none (an older one) or was written by another number of processes,
     whose per-process streams cannot be mapped onto these, seed every generator from
-    ``derived_random_seed(seed, step, rank)`` and say False."""
+    ``derived_random_seed(seed, step, rank)`` and say False; say False too when it was written
+    on another kind of device (CPU against CUDA), whose draws come from another stream."""
     own = saved.get(context.rank) if saved and len(saved) == context.world_size else None
     if own is None:
         torch.manual_seed(derived_random_seed(seed, step, context.rank))  # CUDA's too
         return False
     torch.set_rng_state(own["cpu"])
-    if context.device.type == "cuda":
-        if "cuda" in own:
-            torch.cuda.set_rng_state(own["cuda"], context.device)
-        else:  # written on the CPU
-            torch.cuda.manual_seed(derived_random_seed(seed, step, context.rank))
-    return True
+    on_cuda = context.device.type == "cuda"
+    if on_cuda and "cuda" in own:
+        torch.cuda.set_rng_state(own["cuda"], context.device)
+    elif on_cuda:  # written on the CPU: the CUDA stream cannot be continued
+        torch.cuda.manual_seed(derived_random_seed(seed, step, context.rank))
+    # Exact only on the kind of device that wrote it (a CUDA run's dropout draws on CUDA).
+    return on_cuda == ("cuda" in own)
 
 
 @contextmanager

@@ -67,29 +67,9 @@ def load_run_config(path: str | Path, kind: str, config_class: type) -> Any:
     return config_from_dict(config_class, read_meta(Path(path), kind)[1]["config"])
 
 
-def run_data_path(run_dir: str | Path, kind: str = VQVAE_KIND) -> str | None:
-    """The image source the ``kind`` model of ``run_dir`` trained on (as recorded in its
-    checkpoint), or None when the folder holds no such checkpoint or none was recorded."""
-    try:
-        step_dir, meta = read_meta(Path(run_dir), kind)
-    except ValueError:
-        return None
-    return run_facts(meta, step_dir).data_path
-
-
 def level_names(run_dir: str | Path) -> tuple[str, ...]:
     """Names of the run's latent levels, top first."""
     return load_run_config(run_dir, VQVAE_KIND, VQVAERunConfig).model.level_names
-
-
-def level_index(run_dir: str | Path, level: str) -> int:
-    """Index (top = 0) of ``level`` in the run's VQ-VAE; ``ValueError`` if it has no such level."""
-    names = level_names(run_dir)
-    if level not in names:
-        raise ValueError(
-            f"the VQ-VAE in {run_dir} has levels {', '.join(names)}; there is no '{level}' level"
-        )
-    return names.index(level)
 
 
 def load_vqvae(path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE2:
@@ -200,7 +180,9 @@ class Run:
         ``classifier-fashion-mnist-32``) that a later stage defaults to; ``ValueError`` when the
         run was not trained from a preset that has one."""
         name = f"{stage}-{self.preset}"
-        if self.preset is None or name not in list_presets():
+        if self.preset is None:
+            raise ValueError("this run was not trained from a preset; pass --config PRESET_OR_YAML")
+        if name not in list_presets():
             raise ValueError(f"no preset '{name}' for this run; pass --config PRESET_OR_YAML")
         return name
 
