@@ -152,18 +152,7 @@ def _encode_into_store(
     rows = len(dataset) * len(transforms)
     source = {**source, "transforms": list(transforms)}
     writer = _open_store(model, directory, rows, recorded, extra, source, context)
-    # Shards: (copy index, images of the dataset), each a range of store rows.
-    shards = [
-        (copy_index, range(start, min(start + shard_size, len(dataset))))
-        for copy_index in range(len(transforms))
-        for start in range(0, len(dataset), shard_size)
-    ]
-    mine = shards[context.rank :: context.world_size]
-    to_do = [
-        (copy_index, images)
-        for copy_index, images in mine
-        if not writer.shard_done(_store_rows(copy_index, images, len(dataset)))
-    ]
+    mine, to_do = _shards_to_do(writer, len(dataset), len(transforms), shard_size, context)
     kept = len(mine) - len(to_do)
     bar = tqdm(
         total=sum(len(images) for _, images in to_do),
@@ -200,6 +189,29 @@ def _encode_into_store(
         writer.close()
     context.barrier()
     return directory
+
+
+def _shards_to_do(
+    writer: CodeStoreWriter,
+    dataset_size: int,
+    copies: int,
+    shard_size: int,
+    context: DistributedContext,
+) -> tuple[list[tuple[int, range]], list[tuple[int, range]]]:
+    """This process's shards, (copy index, images of the dataset) each (the processes take
+    turns), and those of them an earlier, killed extraction did not finish."""
+    shards = [
+        (copy_index, range(start, min(start + shard_size, dataset_size)))
+        for copy_index in range(copies)
+        for start in range(0, dataset_size, shard_size)
+    ]
+    mine = shards[context.rank :: context.world_size]
+    to_do = [
+        (copy_index, images)
+        for copy_index, images in mine
+        if not writer.shard_done(_store_rows(copy_index, images, dataset_size))
+    ]
+    return mine, to_do
 
 
 def _open_store(
