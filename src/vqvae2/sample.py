@@ -105,7 +105,7 @@ def sample_with_rejection(
     accept_threshold: float | None = None,
     temperature: Controls = 1.0,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int = SAMPLE_BATCH_SIZE,
     max_candidates: int | None = None,
     progress: bool = True,
     sampler: SamplerName = "cached",
