@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The default job, end to end on Fashion-MNIST in 11 to 22 minutes on 2 CPU cores (set-up included):
+# The default job, end to end on Fashion-MNIST in 9 to 22 minutes on 2 CPU cores (set-up included):
 # set up (if needed), train stage 1, extract the codes, train the top and bottom priors and the
 # classifier, then draw a 10 classes x 10 samples grid, print its path, and export the models as
 # one shareable folder (RUN/export: Hub layout and model card; load_pretrained reads it).
