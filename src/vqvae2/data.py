@@ -13,7 +13,7 @@ import gzip
 import logging
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -188,25 +188,17 @@ class ImageFolderDataset(Dataset):
         Raises:
             ValueError: no file of the dataset can be read.
         """
-        index, key = _index_and_key(item)
-        mirror, place, scale = False, None, 1.0
-        if self.transform is not None and key is not None:
-            (mirror, place), scale = self.transform.draw(key), self.transform.crop_scale
-        for offset in range(len(self.files)):
-            position = (index + offset) % len(self.files)
-            path = self.files[position]
-            if path in self.skipped:
-                continue
-            try:
-                pixels = read_image(path, self.image_size, self.channels, scale, place)
-            except UNREADABLE as error:
-                self.skipped.add(path)
-                logger.warning("skipping unreadable image %s (%s)", path, _first_line(error))
-                continue
-            return (pixels.flip(-1) if mirror else pixels), self.labels[position]
-        raise ValueError(
-            f"none of the {len(self.files)} image files can be read: each was skipped with a "
-            f"warning (the first: {self.files[0]})"
+        return first_readable(
+            self,
+            item,
+            lambda position, scale, place: read_image(
+                self.files[position], self.image_size, self.channels, scale, place
+            ),
+            skip_key=lambda position: self.files[position],
+            describe=lambda position: str(self.files[position]),
+            log=logger,
+            nothing=f"none of the {len(self.files)} image files can be read: each was skipped "
+            f"with a warning (the first: {self.files[0]})",
         )
 
     def __getitem__(self, item: Item) -> tuple[Tensor, Tensor]:
@@ -214,10 +206,54 @@ class ImageFolderDataset(Dataset):
 
     def __getitems__(self, items: Sequence[Item]) -> tuple[Tensor, Tensor]:
         """A whole batch at once: images (B, C, S, S) uint8, labels (B,) int64."""
-        pairs = [self.load_uint8(item) for item in items]
-        images = torch.stack([image for image, _ in pairs])  # (B, C, S, S)
-        labels = torch.stack([label for _, label in pairs])  # (B,)
-        return images, labels
+        return stack_items([self.load_uint8(item) for item in items])
+
+
+# One image of a dataset, with the drawn crop's scale and place: (position, scale, place) -> (C,
+# S, S) uint8; raises one of ``UNREADABLE`` when the image cannot be read or decoded.
+ReadImage = Callable[[int, float, "tuple[float, float] | None"], Tensor]
+
+
+def first_readable(
+    dataset: Any,
+    item: Item,
+    read: ReadImage,
+    skip_key: Callable[[int], Hashable],
+    describe: Callable[[int], str],
+    log: logging.Logger,
+    nothing: str,
+) -> tuple[Tensor, Tensor]:
+    """Image ``item`` of a lazily read ``dataset`` (its ``transform``, ``labels`` and
+    ``skipped`` set) as uint8 (C, S, S) with its label, the item's random transform applied.
+    An image that ``read`` cannot read is warned about once on ``log`` (``describe`` names it),
+    kept in ``skipped`` (as ``skip_key`` of its position) and replaced by the next readable one.
+
+    Raises:
+        ValueError: ``nothing``, when no image of the dataset can be read.
+    """
+    index, key = _index_and_key(item)
+    mirror, place, scale = False, None, 1.0
+    if dataset.transform is not None and key is not None:
+        (mirror, place), scale = dataset.transform.draw(key), dataset.transform.crop_scale
+    for step in range(len(dataset)):
+        position = (index + step) % len(dataset)
+        if skip_key(position) in dataset.skipped:
+            continue
+        try:
+            pixels = read(position, scale, place)
+        except UNREADABLE as error:
+            dataset.skipped.add(skip_key(position))
+            log.warning("skipping unreadable image %s (%s)", describe(position), _first_line(error))
+            continue
+        return (pixels.flip(-1) if mirror else pixels), dataset.labels[position]
+    raise ValueError(nothing)
+
+
+def stack_items(pairs: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """(image (C, S, S), label ()) pairs -> images (B, C, S, S), labels (B,)."""
+    images = torch.stack([image for image, _ in pairs])  # (B, C, S, S)
+    labels = torch.stack([label for _, label in pairs])  # (B,)
+    return images, labels
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,12 +43,13 @@ from .data import (
     RandomTransform,
     _first_line,
     _image_files,
-    _index_and_key,
     _labelled,
+    first_readable,
     split_folders,
     split_indices,
+    stack_items,
 )
-from .images import UNREADABLE, pil_to_uint8
+from .images import pil_to_uint8
 
 MANIFEST = "shards.json"  # the file that marks a folder of shards and names its classes
 FORMAT = "vqvae2-shards"
@@ -395,29 +396,18 @@ class ShardDataset(Dataset):
         Raises:
             ValueError: no image of the dataset can be decoded.
         """
-        index, key = _index_and_key(item)
-        mirror, place, scale = False, None, 1.0
-        if self.transform is not None and key is not None:
-            (mirror, place), scale = self.transform.draw(key), self.transform.crop_scale
-        for step in range(len(self)):
-            position = (index + step) % len(self)
-            if position in self.skipped:
-                continue
-            try:
-                pixels = self._decode(position, scale, place)
-            except UNREADABLE as error:
-                self.skipped.add(position)
-                logger.warning(
-                    "skipping unreadable image at byte %d of %s (%s)",
-                    self.index.offset[position],
-                    self.index.shards[self.index.shard[position]],
-                    _first_line(error),
-                )
-                continue
-            return (pixels.flip(-1) if mirror else pixels), self.labels[position]
-        raise ValueError(
-            f"none of the {len(self)} images in the shards {self.index.shards[0]} ... can be "
-            "decoded: each was skipped with a warning"
+        return first_readable(
+            self,
+            item,
+            self._decode,
+            skip_key=lambda position: position,
+            describe=lambda position: (
+                f"at byte {self.index.offset[position]} of "
+                f"{self.index.shards[self.index.shard[position]]}"
+            ),
+            log=logger,
+            nothing=f"none of the {len(self)} images in the shards {self.index.shards[0]} ... "
+            "can be decoded: each was skipped with a warning",
         )
 
     def __getitem__(self, item: Item) -> tuple[Tensor, Tensor]:
@@ -425,10 +415,7 @@ class ShardDataset(Dataset):
 
     def __getitems__(self, items: Sequence[Item]) -> tuple[Tensor, Tensor]:
         """A whole batch at once: images (B, C, S, S) uint8, labels (B,) int64."""
-        pairs = [self.load_uint8(item) for item in items]
-        images = torch.stack([image for image, _ in pairs])  # (B, C, S, S)
-        labels = torch.stack([label for _, label in pairs])  # (B,)
-        return images, labels
+        return stack_items([self.load_uint8(item) for item in items])
 
 
 @dataclass(frozen=True)
