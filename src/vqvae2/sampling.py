@@ -121,11 +121,13 @@ def _draw(logits: Tensor, controls: LevelControls, generator: torch.Generator | 
     temperature = controls.temperature
     logits = logits.float()
     scaled = logits / temperature  # (B, K)
-    # A small temperature can overflow the division to inf (the softmax is then NaN). The
-    # logits shifted to a maximum of 0 cannot overflow: their row goes to the most likely code.
-    # Rows whose division stays finite are left as they are, so their draws do not change.
-    shifted = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, K), <= 0
-    scaled = torch.where(torch.isfinite(scaled).all(dim=-1, keepdim=True), scaled, shifted)
+    if temperature < 1:
+        # A small temperature can overflow the division to inf (the softmax is then NaN; at
+        # T >= 1 it cannot). The logits shifted to a maximum of 0 cannot overflow: their row
+        # goes to the most likely code. Rows whose division stays finite are left as they
+        # are, so their draws do not change.
+        shifted = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, K), <= 0
+        scaled = torch.where(torch.isfinite(scaled).all(dim=-1, keepdim=True), scaled, shifted)
     probabilities = torch.softmax(_filter(scaled, controls), dim=-1)
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
 
