@@ -1,11 +1,13 @@
 """CUDA checks, skipped without CUDA (conftest.py): a bf16 training step of each model, the
-trainers under bf16 autocast, the cached sampler on the GPU, and the codec's promise to stay on
+trainers under bf16 autocast, the cached sampler on the GPU (its step eager, compiled and
+replayed as a CUDA graph), and the codec's promise to stay on
 the CPU (docs/codec.md). One check of that promise needs no GPU and runs everywhere."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import pytest
@@ -102,15 +104,16 @@ def check_prior_bf16_step(device: torch.device) -> None:
     assert abs(bf16_step(prior, loss) - np.log(K)) < 1.0
 
 
-def check_cached_sampler(device: torch.device) -> None:
+def check_cached_sampler(device: torch.device, step: str = "eager") -> None:
     """Cached logits equal the forward pass's (atol 1e-4) and the cached sampler draws the
-    reference sampler's codes from the same seeded generator on ``device``."""
+    reference sampler's codes from the same seeded generator on ``device``, its per-position
+    step run as ``step``."""
     torch.manual_seed(0)
     prior = tiny_prior(dropout=0.0).to(device).eval()
     codes, labels, upper = prior_batch(4, device)
     with torch.no_grad():
         full = prior(codes, labels, [upper]).logits  # (B, K, 8, 8)
-        state = IncrementalSampler(prior, 4, prior.condition(labels, [upper]))
+        state = IncrementalSampler(prior, 4, prior.condition(labels, [upper]), step)
         cached = torch.empty_like(full)
         for row in range(8):
             for column in range(8):
@@ -119,7 +122,7 @@ def check_cached_sampler(device: torch.device) -> None:
     torch.testing.assert_close(cached, full, rtol=0, atol=1e-4)
     draws = [
         sampler(prior, 4, labels, [upper], 1.0, torch.Generator(device).manual_seed(11))
-        for sampler in (sample_level_reference, sample_level_cached)
+        for sampler in (sample_level_reference, partial(sample_level_cached, step=step))
     ]
     assert draws[1].device.type == device.type
     assert torch.equal(draws[0], draws[1])
@@ -162,8 +165,9 @@ def test_the_trainers_train_in_bf16_on_cuda(tmp_path, npz_data):
 
 
 @pytest.mark.gpu
-def test_the_cached_sampler_on_cuda_draws_the_reference_codes():
-    check_cached_sampler(CUDA)
+@pytest.mark.parametrize("step", ["eager", "cuda-graph", "compiled"])
+def test_the_cached_sampler_on_cuda_draws_the_reference_codes(step):
+    check_cached_sampler(CUDA, step)
 
 
 def test_the_codec_refuses_models_off_the_cpu(tmp_path):

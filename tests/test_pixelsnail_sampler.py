@@ -11,6 +11,10 @@ channels, K = 13) and so do the paper-size maps: to an eighth of their side for 
 sixteenth for the sampler (the reference sampler runs a full forward pass per position); a slow
 test checks the logits at the paper's own map sizes.
 
+The fixed-shape step behind ``cached-compiled`` and ``cached-cuda-graph`` is checked the same way
+on every shape, run uncompiled (the computation both of them run); compiled, on three shapes in a
+slow test (compiling takes seconds per shape); as a CUDA graph, in test_gpu.py.
+
 Memory: the state's size is pinned by a formula, checked at the paper's sizes on the ``meta``
 device (free to build), against the issue's limits of 128 MiB per image for the ImageNet bottom
 prior and 256 MiB for the FFHQ bottom prior.
@@ -19,10 +23,13 @@ prior and 256 MiB for the FFHQ bottom prior.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
+import vqvae2.pixelsnail_sampler as pixelsnail_sampler
 from vqvae2.config import PriorRunConfig, list_presets, load_config
 from vqvae2.model_configs import PixelSNAILConfig
 from vqvae2.pixelsnail import PixelSNAIL
@@ -79,14 +86,14 @@ def inputs(prior: PixelSNAIL, batch: int) -> tuple[torch.Tensor | None, list | N
     return labels, upper
 
 
-def assert_cached_logits_match(prior: PixelSNAIL, batch: int) -> None:
+def assert_cached_logits_match(prior: PixelSNAIL, batch: int, step: str = "eager") -> None:
     """Per-position logits of the sampler == the teacher-forced forward pass (atol 1e-4)."""
     side = prior.config.code_size
     labels, upper = inputs(prior, batch)
     codes = torch.randint(0, K, (batch, side, side))
     with torch.no_grad():
         full = prior(codes, labels, upper).logits  # (B, K, H, W)
-        state = IncrementalSampler(prior, batch, prior.condition(labels, upper))
+        state = IncrementalSampler(prior, batch, prior.condition(labels, upper), step)
         cached = torch.empty_like(full)
         for row in range(side):
             for column in range(side):
@@ -126,6 +133,63 @@ def test_cached_sampler_draws_the_reference_codes_for_every_preset_shape(name, c
     assert torch.equal(draws[0], draws[1])
     # Not a degenerate draw: at least 16 codes (4 maps of 2x2 or more), of several values.
     assert len(torch.unique(draws[1])) >= 4
+
+
+@pytest.fixture
+def uncompiled_fixed_step(monkeypatch):
+    """The ``compiled`` step without ``torch.compile``: the fixed-shape computation in eager."""
+    monkeypatch.setattr(
+        pixelsnail_sampler, "_compiled_step", lambda: IncrementalSampler._logits_fixed
+    )
+
+
+@pytest.mark.parametrize("name", list(PRESET_SHAPES))
+def test_the_fixed_shape_step_gives_the_forward_pass_logits(name, uncompiled_fixed_step):
+    assert_cached_logits_match(narrow_prior(name, shrink=8), batch=2, step="compiled")
+
+
+@pytest.mark.parametrize("name, controls", SAMPLER_CASES, ids=str)
+def test_the_fixed_shape_step_draws_the_reference_codes(name, controls, uncompiled_fixed_step):
+    prior = narrow_prior(name, shrink=16)
+    labels, upper = inputs(prior, 4)
+    draws = [
+        sampler(prior, 4, labels, upper, controls, torch.Generator().manual_seed(11))
+        for sampler in (sample_level_reference, partial(sample_level_cached, step="compiled"))
+    ]
+    assert torch.equal(draws[0], draws[1])
+    assert len(torch.unique(draws[1])) >= 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["prior-top-photos-64", "prior-bottom-photos-64"])
+def test_the_compiled_step_draws_the_reference_codes_and_compiles_once(name):
+    """torch.compile of the fixed-shape step (seconds per shape): logits of the forward pass,
+    the reference sampler's draws, and one graph for two samplers of the same shape."""
+    prior = narrow_prior(name, shrink=16)
+    torch._dynamo.reset()
+    counters.clear()
+    assert_cached_logits_match(prior, batch=4, step="compiled")
+    labels, upper = inputs(prior, 4)
+    draws = [
+        sampler(prior, 4, labels, upper, 1.0, torch.Generator().manual_seed(11))
+        for sampler in (sample_level_reference, partial(sample_level_cached, step="compiled"))
+    ]
+    assert torch.equal(draws[0], draws[1])
+    assert len(torch.unique(draws[1])) >= 4
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_the_step_is_checked():
+    prior = narrow_prior("prior-top-tiny", shrink=1)
+    with pytest.raises(
+        ValueError, match=r"step must be one of \['eager', 'compiled', 'cuda-graph'\]"
+    ):
+        IncrementalSampler(prior, 2, None, "fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(
+            ValueError, match="the cuda-graph step needs the prior on a CUDA device"
+        ):
+            IncrementalSampler(prior, 2, None, "cuda-graph")
 
 
 @pytest.mark.slow

@@ -100,9 +100,11 @@ def _add_sample_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
         "--sampler",
-        choices=("cached", "reference"),
+        choices=("cached", "cached-compiled", "cached-cuda-graph", "reference"),
         default="cached",
-        help="cached: incremental (default); reference: one full forward pass per position",
+        help="cached: incremental (default); cached-compiled: its per-position step through "
+        "torch.compile (compiles once per shape, seconds); cached-cuda-graph: that step replayed "
+        "as a CUDA graph (CUDA only); reference: one full forward pass per position",
     )
     parser.add_argument(
         "--reject-fraction",

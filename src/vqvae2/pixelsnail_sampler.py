@@ -5,9 +5,21 @@ Running the full forward pass per position costs a whole map each time; ``Increm
 computes the same logits (up to float rounding) from a state that holds, per block, only the rows
 its convolutions still read, the attention keys and values so far, and the conditioning features.
 The prior is untouched: the sampler reads its weights and keeps its own state.
+
+Each position's step runs one of three ways (``STEPS``):
+  * ``eager``: PyTorch operations on views at the position (the default; fewest operations);
+  * ``compiled``: the same computation with every shape fixed (the position a tensor, attention
+    over the whole key cache under a mask) through ``torch.compile``, compiled once per shape and
+    reused by every sampler of that shape;
+  * ``cuda-graph``: that fixed-shape step captured once as a CUDA graph and replayed at every
+    position (CUDA only): one launch instead of one per operation.
+The row-level work (the vertical stream, once a row's codes are known) stays eager in all three.
 """
 
 from __future__ import annotations
+
+import time
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +27,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .pixelsnail import PixelSNAIL, coordinate_grid, gate
+
+StepName = Literal["eager", "compiled", "cuda-graph"]
+STEPS: tuple[StepName, ...] = ("eager", "compiled", "cuda-graph")
 
 
 def _pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -89,10 +104,21 @@ class IncrementalSampler:
 
     Use ``logits_at(row, col)`` then ``set_codes(row, col, codes)`` for every position in raster
     order (``ValueError`` otherwise). Inference only: no gradients flow through the state.
+    ``step`` chooses how each position is computed (module docstring); a CUDA graph is captured
+    here, a compiled step at the first ``logits_at`` of its shape (``compile_seconds`` then says
+    how long that call took).
     """
 
     @torch.no_grad()
-    def __init__(self, prior: PixelSNAIL, batch_size: int, condition: Tensor | None) -> None:
+    def __init__(
+        self,
+        prior: PixelSNAIL,
+        batch_size: int,
+        condition: Tensor | None,
+        step: StepName = "eager",
+    ) -> None:
+        if step not in STEPS:
+            raise ValueError(f"step must be one of {list(STEPS)}, got {step!r}")
         self.prior = prior
         config = prior.config
         self.side = side = config.code_size
@@ -130,8 +156,10 @@ class IncrementalSampler:
         ]
         first_row = self._condition_row(0)
         self.gate_offsets = [
-            self._horizontal_gate_offsets(index, first_row) for index in range(len(prior.blocks))
-        ]  # per block (B, 2C, W) spatial, (B or 1, 2C, 1) constant, (2C, 1) bias only
+            self._horizontal_gate_offsets(index, first_row).contiguous()
+            for index in range(len(prior.blocks))
+        ]  # per block (B, 2C, W) spatial, (B or 1, 2C, 1) constant, (2C, 1) bias only; contiguous
+        # whatever layout the conditioning came in, so a compiled step sees one set of strides
 
         attention_layers = dict(prior.attention.items())
         self.attention_after = [attention_layers.get(str(i)) for i in range(len(prior.blocks))]
@@ -149,6 +177,14 @@ class IncrementalSampler:
         self.input_weight, self.block_weights = _matrix_weights(prior)
         self.position = 0  # the next raster position to set
         self.computed = -1  # the last position whose logits (and stream values) were computed
+        self.step = step
+        self.compile_seconds = 0.0  # the first compiled call's time (compiling included)
+        if step != "eager":  # the fixed-shape step's index tensors
+            self.key_positions = torch.arange(side * side, device=parameter.device)  # (T,)
+            self.positions = self.key_positions[:, None].unbind(0)  # T of (1,)
+            self.window_offsets = torch.arange(half + 1, device=parameter.device)  # (k+1,)
+        if step == "cuda-graph":
+            self._capture_graph()
 
     # ------------------------------------------------------------------------------------------
     def state_tensors(self) -> list[Tensor]:
@@ -212,7 +248,23 @@ class IncrementalSampler:
     def logits_at(self, row: int, col: int) -> Tensor:
         """Logits (B, K) of the code at (row, col); every earlier code must have been set."""
         position = self._check_position(row, col)
-        prior, half = self.prior, self.half
+        if self.step == "eager":
+            logits = self._logits_eager(position, col)
+        elif self.step == "compiled":
+            started = time.perf_counter() if position == 0 else None
+            logits = _compiled_step()(self, self.positions[position])
+            if started is not None:
+                self.compile_seconds = time.perf_counter() - started
+        else:
+            self._graph_position.copy_(self.positions[position])
+            self._graph.replay()
+            logits = self._graph_logits.clone()
+        self.computed = position
+        return logits
+
+    def _logits_eager(self, position: int, col: int) -> Tensor:
+        """``logits_at`` on views at the position: (B, K)."""
+        half = self.half
         window = self.embedded[:, :, half, col : col + half + 1]  # (B, C, k+1): shift_right(x)
         horizontal = torch.addmm(
             self.input_above[:, :, col], window.flatten(1), self.input_weight
@@ -229,12 +281,79 @@ class IncrementalSampler:
             horizontal = horizontal + gate(gates)
             if self.attention_after[index] is not None:
                 horizontal = horizontal + self._attend(index, horizontal, position)
-        for block in prior.output_stack:
+        return self._output_logits(horizontal)
+
+    def _output_logits(self, horizontal: Tensor) -> Tensor:
+        """The output stack and layer on the horizontal stream at one position: (B, C) -> (B, K)."""
+        for block in self.prior.output_stack:
             horizontal = horizontal + _pointwise(
                 block.second, F.elu(_pointwise(block.first, F.elu(horizontal)))
             )
-        self.computed = position
-        return _pointwise(prior.output, F.elu(horizontal))  # (B, K)
+        return _pointwise(self.prior.output, F.elu(horizontal))  # (B, K)
+
+    # ------------------------------------------------------------------------------------------
+    def _logits_fixed(self, position: Tensor) -> Tensor:
+        """``logits_at`` with every shape independent of the position: (1,) int64 -> (B, K).
+
+        Columns and slots are picked with ``index_select`` / ``index_copy_`` on tensors, and
+        attention reads the whole key cache with the keys after ``position`` masked out, so one
+        compiled graph (or one CUDA graph) serves every position. It changes the state only in
+        place, where ``_logits_eager`` writes.
+        """
+        half = self.half
+        col = position % self.side  # (1,)
+        columns = col + self.window_offsets  # (k+1,): a window's stored columns
+        window = self.embedded[:, :, half].index_select(-1, columns)  # (B, C, k+1)
+        horizontal = torch.addmm(
+            self.input_above.index_select(-1, col)[..., 0], window.flatten(1), self.input_weight
+        )  # (B, C)
+        for index, (conv_weight, gates_weight) in enumerate(self.block_weights):
+            stored = self.horizontal[index]  # (B, C, W + k)
+            stored.index_copy_(2, col + half, F.elu(horizontal)[..., None])
+            window = stored.index_select(2, columns).flatten(1)  # (B, C(k+1))
+            above = self.above[index].index_select(-1, col)[..., 0]  # (B, R)
+            hidden = torch.addmm(above, window, conv_weight)  # (B, R)
+            offsets = self.gate_offsets[index]
+            offsets = offsets.index_select(-1, col) if offsets.shape[-1] > 1 else offsets
+            gates = torch.addmm(offsets[..., 0], F.elu(hidden), gates_weight)  # (B, 2C)
+            horizontal = horizontal + gate(gates)
+            if self.attention_after[index] is not None:
+                horizontal = horizontal + self._attend_fixed(index, horizontal, position)
+        return self._output_logits(horizontal)
+
+    def _attend_fixed(self, index: int, features: Tensor, position: Tensor) -> Tensor:
+        """``_attend`` over the whole cache, later keys masked: (B, C) -> (B, C)."""
+        attention = self.attention_after[index]
+        assert attention is not None and self.coordinates is not None
+        coordinates = self.coordinates.index_select(0, position)  # (1, 2)
+        token = torch.cat([F.elu(features), coordinates.expand(features.shape[0], -1)], dim=1)
+        query, key, value = attention.project(token[:, None])  # (B, heads, 1, d) each
+        self.keys[index].index_copy_(2, position, key)
+        self.values[index].index_copy_(2, position, value)
+        visible = (self.key_positions <= position)[None]  # (1, T)
+        attended = F.scaled_dot_product_attention(
+            query, self.keys[index], self.values[index], attn_mask=visible
+        )  # (B, heads, 1, d)
+        return attention.output(rearrange(attended, "b n 1 d -> b (n d)"))  # (B, C)
+
+    def _capture_graph(self) -> None:
+        """Capture ``_logits_fixed`` as a CUDA graph reading ``_graph_position``."""
+        if self.embedded.device.type != "cuda":
+            raise ValueError(
+                f"the cuda-graph step needs the prior on a CUDA device, not {self.embedded.device}"
+            )
+        self._graph_position = self.positions[0].clone()
+        # Warm-up runs (outside the graph, on a side stream as capture requires) compute
+        # position 0 from the initial state; its writes are the ones position 0 makes again.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._logits_fixed(self._graph_position)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._graph_logits = self._logits_fixed(self._graph_position)  # (B, K)
 
     @torch.no_grad()
     def set_codes(self, row: int, col: int, codes: Tensor) -> None:
@@ -277,3 +396,20 @@ class IncrementalSampler:
             if weights is not None and condition_row is not None:
                 gates = gates + F.conv2d(condition_row, weights[0][0], weights[1][0])
             vertical = vertical + gate(gates)
+
+
+_COMPILED_STEP = None
+
+
+def _compiled_step():
+    """``IncrementalSampler._logits_fixed`` through ``torch.compile``, built on first use.
+
+    One compiled function for the process: dynamo compiles a graph per state shape and guards on
+    shapes and dtypes, not on which sampler or prior, so later samplers of a shape reuse it.
+    """
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(
+            IncrementalSampler._logits_fixed, dynamic=False, fullgraph=True
+        )
+    return _COMPILED_STEP

@@ -30,10 +30,10 @@ from .classifier import Classifier
 from .config import check_temperature
 from .model_configs import check_priors_fit
 from .pixelsnail import PixelSNAIL
-from .pixelsnail_sampler import IncrementalSampler
+from .pixelsnail_sampler import IncrementalSampler, StepName
 from .vqvae import VQVAE2
 
-SamplerName = Literal["cached", "reference"]
+SamplerName = Literal["cached", "cached-compiled", "cached-cuda-graph", "reference"]
 
 
 @dataclass(frozen=True)
@@ -191,11 +191,13 @@ def sample_level_cached(
     condition_codes: list[Tensor] | None = None,
     temperature: LevelControls = 1.0,
     generator: torch.Generator | None = None,
+    step: StepName = "eager",
 ) -> Tensor:
     """Sample one level position by position with cached activations (``IncrementalSampler``).
 
     Same arguments and result as ``sample_level_reference``, at about the cost of one forward
-    pass. Its logits equal the reference's up to float rounding and both draw from the generator
+    pass; ``step`` (``eager``, ``compiled`` or ``cuda-graph``) is how each position is computed
+    (``pixelsnail_sampler``), with the same draws. Its logits equal the reference's up to float rounding and both draw from the generator
     alike, so from the same generator state it draws the same codes except where rounding tips a
     near-tie (about 1 in 800 maps at the paper's 64x64 bottom prior, random weights; from there
     on the maps differ; ``bench/bench_sampler_agreement.py``).
@@ -204,7 +206,7 @@ def sample_level_cached(
     side = prior.config.code_size
     with evaluating(prior):
         condition = prior.condition_per_image(labels, condition_codes)
-        state = IncrementalSampler(prior, batch_size, condition)
+        state = IncrementalSampler(prior, batch_size, condition, step)
         for row in range(side):
             for column in range(side):
                 codes[:, row, column] = _draw(state.logits_at(row, column), temperature, generator)
@@ -212,7 +214,12 @@ def sample_level_cached(
     return codes
 
 
-SAMPLERS = {"cached": sample_level_cached, "reference": sample_level_reference}
+SAMPLERS = {
+    "cached": sample_level_cached,
+    "cached-compiled": partial(sample_level_cached, step="compiled"),
+    "cached-cuda-graph": partial(sample_level_cached, step="cuda-graph"),
+    "reference": sample_level_reference,
+}
 
 
 @torch.no_grad()
@@ -229,9 +236,11 @@ def sample_codes(
     Args:
         temperature: one temperature or ``DrawControls`` for every level, or a sequence of them
             with one item (for every level) or one per level, top first.
-        sampler: ``cached`` (incremental, default) or ``reference`` (one full forward pass per
-            position); both give the same codes for the same generator state except where
-            float rounding tips a near-tie (``sample_level_cached``).
+        sampler: ``cached`` (incremental, default; ``cached-compiled`` and ``cached-cuda-graph``
+            run its per-position step through ``torch.compile`` or a CUDA graph) or
+            ``reference`` (one full forward pass per position); all give the same codes for the
+            same generator state except where float rounding tips a near-tie
+            (``sample_level_cached``).
 
     Returns:
         Per level (B, h_l, w_l) int64 codes.
