@@ -24,17 +24,27 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
-from .pixelsnail import PixelSNAIL, coordinate_grid, gate
+from .pixelsnail import CausalSelfAttention, PixelSNAIL, coordinate_grid, gate
 
 StepName = Literal["eager", "compiled", "cuda-graph"]
 STEPS: tuple[StepName, ...] = ("eager", "compiled", "cuda-graph")
 
 
-def _pointwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """A 1x1 convolution applied to one position's features: (B, C_in) -> (B, C_out)."""
-    return F.linear(x, conv.weight.flatten(1), conv.bias)
+def _project(attention: CausalSelfAttention, token: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One position's token (B, C + 2) -> its query, key and value, each (B, heads, 1, d):
+    ``attention.project``'s layers, its split into heads written as views."""
+    batch, heads = token.shape[0], attention.heads
+    return tuple(
+        projection(token[:, None]).view(batch, 1, heads, -1).transpose(1, 2)
+        for projection in (attention.query, attention.key, attention.value)
+    )
+
+
+def _merge_heads(attention: CausalSelfAttention, attended: Tensor) -> Tensor:
+    """The attention's output layer on one position's heads: (B, heads, 1, d) -> (B, C)."""
+    return attention.output(attended.transpose(1, 2).reshape(attended.shape[0], -1))
 
 
 def _push_row(rows: Tensor, row: Tensor | None, margin: int) -> None:
@@ -175,6 +185,12 @@ class IncrementalSampler:
             else None
         )
         self.input_weight, self.block_weights = _matrix_weights(prior)
+        self.output_weights = [
+            (block.first.weight.flatten(1).t(), block.second.weight.flatten(1).t())
+            for block in prior.output_stack
+        ]  # per output-stack block, its two 1x1 convolutions as (C, R) and (R, C) matrices
+        self.logits_weight = prior.output.weight.flatten(1).t()  # (C, K)
+        self.columns = [self._column_views(col) for col in range(side)]
         self.position = 0  # the next raster position to set
         self.computed = -1  # the last position whose logits (and stream values) were computed
         self.step = step
@@ -200,6 +216,26 @@ class IncrementalSampler:
     def state_bytes(self) -> int:
         """Bytes of the state (``state_tensors``), numel x element size."""
         return sum(t.numel() * t.element_size() for t in self.state_tensors())
+
+    def _column_views(self, col: int) -> tuple[Tensor, Tensor, list[tuple[Tensor, ...]]]:
+        """The views of the state that position (i, col) reads and writes, whatever the row i:
+        the input layer's window (B, C, k+1) and row-above term (B, C), then per block the slot
+        of its ELU'd input (B, C), its window (B, C, k+1), its row-above term (B, R) and its
+        gate offsets (B, 2C), (B or 1, 2C) or (2C,). Made once: the state changes in place."""
+        half = self.half
+        blocks = []
+        for index, stored in enumerate(self.horizontal):
+            offsets = self.gate_offsets[index]
+            blocks.append(
+                (
+                    stored[:, :, col + half],
+                    stored[:, :, col : col + half + 1],
+                    self.above[index][:, :, col],
+                    offsets[..., col if offsets.shape[-1] > 1 else 0],
+                )
+            )
+        window = self.embedded[:, :, half, col : col + half + 1]  # shift_right(x)'s window
+        return window, self.input_above[:, :, col], blocks
 
     # ------------------------------------------------------------------------------------------
     def _condition_row(self, row: int) -> Tensor | None:
@@ -234,15 +270,15 @@ class IncrementalSampler:
         attention = self.attention_after[index]
         assert attention is not None and self.coordinates is not None
         coordinates = self.coordinates[position].expand(features.shape[0], -1)  # (B, 2)
-        token = torch.cat([F.elu(features), coordinates], dim=1)[:, None]  # (B, 1, C + 2)
-        query, key, value = attention.project(token)  # (B, heads, 1, d) each
+        token = torch.cat([F.elu(features), coordinates], dim=1)  # (B, C + 2)
+        query, key, value = _project(attention, token)  # (B, heads, 1, d) each
         keys, values = self.keys[index], self.values[index]
         keys[:, :, position : position + 1] = key
         values[:, :, position : position + 1] = value
         attended = F.scaled_dot_product_attention(
             query, keys[:, :, : position + 1], values[:, :, : position + 1]
         )  # (B, heads, 1, d): one query sees every key so far, no mask needed
-        return attention.output(rearrange(attended, "b n 1 d -> b (n d)"))  # (B, C)
+        return _merge_heads(attention, attended)  # (B, C)
 
     @torch.no_grad()
     def logits_at(self, row: int, col: int) -> Tensor:
@@ -264,20 +300,13 @@ class IncrementalSampler:
 
     def _logits_eager(self, position: int, col: int) -> Tensor:
         """``logits_at`` on views at the position: (B, K)."""
-        half = self.half
-        window = self.embedded[:, :, half, col : col + half + 1]  # (B, C, k+1): shift_right(x)
-        horizontal = torch.addmm(
-            self.input_above[:, :, col], window.flatten(1), self.input_weight
-        )  # (B, C)
-        for index, (conv_weight, gates_weight) in enumerate(self.block_weights):
-            stored = self.horizontal[index]  # (B, C, W + k)
-            stored[:, :, col + half] = F.elu(horizontal)
-            window = stored[:, :, col : col + half + 1].flatten(1)  # (B, C(k+1))
-            hidden = torch.addmm(self.above[index][:, :, col], window, conv_weight)  # (B, R)
-            offsets = self.gate_offsets[index]
-            gates = torch.addmm(
-                offsets[..., col if offsets.shape[-1] > 1 else 0], F.elu(hidden), gates_weight
-            )  # (B, 2C)
+        window, input_above, blocks = self.columns[col]
+        horizontal = torch.addmm(input_above, window.flatten(1), self.input_weight)  # (B, C)
+        for index, (slot, window, above, offsets) in enumerate(blocks):
+            conv_weight, gates_weight = self.block_weights[index]
+            slot.copy_(F.elu(horizontal))
+            hidden = torch.addmm(above, window.flatten(1), conv_weight)  # (B, R)
+            gates = torch.addmm(offsets, F.elu(hidden), gates_weight)  # (B, 2C)
             horizontal = horizontal + gate(gates)
             if self.attention_after[index] is not None:
                 horizontal = horizontal + self._attend(index, horizontal, position)
@@ -285,11 +314,12 @@ class IncrementalSampler:
 
     def _output_logits(self, horizontal: Tensor) -> Tensor:
         """The output stack and layer on the horizontal stream at one position: (B, C) -> (B, K)."""
-        for block in self.prior.output_stack:
-            horizontal = horizontal + _pointwise(
-                block.second, F.elu(_pointwise(block.first, F.elu(horizontal)))
-            )
-        return _pointwise(self.prior.output, F.elu(horizontal))  # (B, K)
+        for block, (first, second) in zip(
+            self.prior.output_stack, self.output_weights, strict=True
+        ):
+            hidden = torch.addmm(block.first.bias, F.elu(horizontal), first)  # (B, R)
+            horizontal = horizontal + torch.addmm(block.second.bias, F.elu(hidden), second)
+        return torch.addmm(self.prior.output.bias, F.elu(horizontal), self.logits_weight)
 
     # ------------------------------------------------------------------------------------------
     def _logits_fixed(self, position: Tensor) -> Tensor:
@@ -327,14 +357,14 @@ class IncrementalSampler:
         assert attention is not None and self.coordinates is not None
         coordinates = self.coordinates.index_select(0, position)  # (1, 2)
         token = torch.cat([F.elu(features), coordinates.expand(features.shape[0], -1)], dim=1)
-        query, key, value = attention.project(token[:, None])  # (B, heads, 1, d) each
+        query, key, value = _project(attention, token)  # (B, heads, 1, d) each
         self.keys[index].index_copy_(2, position, key)
         self.values[index].index_copy_(2, position, value)
         visible = (self.key_positions <= position)[None]  # (1, T)
         attended = F.scaled_dot_product_attention(
             query, self.keys[index], self.values[index], attn_mask=visible
         )  # (B, heads, 1, d)
-        return attention.output(rearrange(attended, "b n 1 d -> b (n d)"))  # (B, C)
+        return _merge_heads(attention, attended)  # (B, C)
 
     def _capture_graph(self) -> None:
         """Capture ``_logits_fixed`` as a CUDA graph reading ``_graph_position``."""

@@ -120,7 +120,7 @@ def _draw(logits: Tensor, controls: LevelControls, generator: torch.Generator | 
     controls = as_draw_controls(controls)
     temperature = controls.temperature
     logits = logits.float()
-    scaled = logits / temperature  # (B, K)
+    scaled = logits if temperature == 1 else logits / temperature  # (B, K); x / 1 == x exactly
     if temperature < 1:
         # A small temperature can overflow the division to inf (the softmax is then NaN; at
         # T >= 1 it cannot). The logits shifted to a maximum of 0 cannot overflow: their row
