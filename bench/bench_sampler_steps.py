@@ -1,10 +1,12 @@
 """The cached sampler's per-position step, eager against compiled, in multiples of one forward pass.
 
 For each prior, map side and batch: one forward pass of the prior (best of 3), then
-``sample_level_cached`` with the ``eager`` step and with the ``compiled`` step (``torch.compile``
-of the fixed-shape step), interleaved, best of ``--repeats``; the compiled step's first run
-(compiling included, or loading from inductor's on-disk cache) is reported apart. Both draw
-from the same seed and must draw the same codes (``same codes``).
+``sample_level_cached``'s loop with the ``eager`` step and with the ``compiled`` step
+(``torch.compile`` of the fixed-shape step), and with ``--baseline-rev REV`` the incremental
+sampler of that git revision (its ``pixelsnail_sampler.py``, loaded into a throwaway module, on
+the same prior), interleaved, best of ``--repeats``. All three use today's draw. The compiled
+step's first run (compiling included, or loading from inductor's on-disk cache) is reported
+apart. All draw from the same seed and must draw the same codes (``same codes``).
 
 Priors (random weights, K = 512, dropout off):
   * ``bench``: the pair of ``bench_sampling.py`` (128 hidden / 256 residual channels, 8 blocks,
@@ -14,21 +16,29 @@ Priors (random weights, K = 512, dropout off):
     attention layer of 2 heads, the bottom given a half-side top map through 2 conditioning
     blocks.
 
-    .venv/bin/python bench/bench_sampler_steps.py --priors small --sides 16 --batches 1 4 16
+    .venv/bin/python bench/bench_sampler_steps.py --priors small --sides 16 --batches 1 4 16 \
+        --baseline-rev 84fb6b9
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
+import types
 from functools import partial
+from pathlib import Path
 
 import torch
 
+from vqvae2 import pixelsnail
 from vqvae2.model_configs import PixelSNAILConfig
 from vqvae2.pixelsnail import PixelSNAIL
-from vqvae2.sampling import sample_level_cached
+from vqvae2.pixelsnail_sampler import IncrementalSampler
+from vqvae2.sampling import _draw
+
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     "bench": dict(
@@ -63,6 +73,37 @@ def prior_config(shape: str, level: str, side: int) -> PixelSNAILConfig:
     return PixelSNAILConfig(**values)
 
 
+def baseline_sampler(revision: str) -> type:
+    """``IncrementalSampler`` of a git revision, run beside today's prior module."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:src/vqvae2/pixelsnail_sampler.py"],
+        cwd=REPOSITORY,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    module = types.ModuleType(f"pixelsnail_sampler_{revision}")
+    module.__dict__.update(vars(pixelsnail))  # what its ``from .pixelsnail import`` names
+    lines = source.splitlines(keepends=True)
+    body = "".join(line for line in lines if not line.startswith("from .pixelsnail import"))
+    exec(compile(body, f"{revision}:src/vqvae2/pixelsnail_sampler.py", "exec"), module.__dict__)
+    return module.IncrementalSampler
+
+
+@torch.no_grad()
+def sample(prior, batch: int, upper, make_state) -> torch.Tensor:
+    """``sample_level_cached``'s loop with a given state: (B, H, W) codes, seed 0."""
+    side = prior.config.code_size
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.zeros(batch, side, side, dtype=torch.long)
+    state = make_state(prior, batch, prior.condition_per_image(None, upper))
+    for row in range(side):
+        for column in range(side):
+            codes[:, row, column] = _draw(state.logits_at(row, column), 1.0, generator)
+            state.set_codes(row, column, codes[:, row, column])
+    return codes
+
+
 def timed(function) -> float:
     start = time.perf_counter()
     function()
@@ -70,26 +111,34 @@ def timed(function) -> float:
 
 
 @torch.no_grad()
-def measure(shape: str, level: str, side: int, batch: int, repeats: int) -> dict:
+def measure(shape: str, level: str, side: int, batch: int, args, baseline) -> dict:
     torch.manual_seed(0)
     prior = PixelSNAIL(prior_config(shape, level, side)).eval()
     upper = [torch.randint(0, 512, (batch, s, s)) for s in prior.config.condition_sizes] or None
     codes = torch.randint(0, 512, (batch, side, side))
     prior(codes, None, upper)  # warm-up
     forward = min(timed(partial(prior, codes, None, upper)) for _ in range(3))
-
-    def sample(step: str) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(0)
-        return sample_level_cached(prior, batch, None, upper, 1.0, generator, step=step)
-
-    first_compiled = timed(partial(sample, "compiled"))
-    seconds = {"eager": float("inf"), "compiled": float("inf")}
+    states = {
+        "eager": IncrementalSampler,
+        "compiled": partial(IncrementalSampler, step="compiled"),
+    }
+    if baseline is not None:
+        states["baseline"] = baseline
+    first_compiled = timed(partial(sample, prior, batch, upper, states["compiled"]))
+    seconds = dict.fromkeys(states, float("inf"))
     drawn = {}
-    for _ in range(repeats):
-        for step in seconds:
+    for _ in range(args.repeats):
+        for name, make_state in states.items():
             start = time.perf_counter()
-            drawn[step] = sample(step)
-            seconds[step] = min(seconds[step], time.perf_counter() - start)
+            drawn[name] = sample(prior, batch, upper, make_state)
+            seconds[name] = min(seconds[name], time.perf_counter() - start)
+    baseline_figures = {}
+    if baseline is not None:
+        baseline_figures = {
+            "baseline_s": round(seconds["baseline"], 3),
+            "baseline_over_forward": round(seconds["baseline"] / forward, 2),
+            "baseline_over_eager": round(seconds["baseline"] / seconds["eager"], 2),
+        }
     return {
         "prior": f"{shape} {level}",
         "side": side,
@@ -101,7 +150,8 @@ def measure(shape: str, level: str, side: int, batch: int, repeats: int) -> dict
         "compiled_over_forward": round(seconds["compiled"] / forward, 2),
         "eager_over_compiled": round(seconds["eager"] / seconds["compiled"], 2),
         "first_compiled_run_s": round(first_compiled, 1),
-        "same_codes": bool(torch.equal(drawn["eager"], drawn["compiled"])),
+        **baseline_figures,
+        "same_codes": all(torch.equal(drawn["eager"], codes) for codes in drawn.values()),
     }
 
 
@@ -112,26 +162,32 @@ def main() -> None:
     parser.add_argument("--sides", nargs="+", type=int, default=[16])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--baseline-rev", help="git revision whose sampler to time alongside")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    baseline = baseline_sampler(args.baseline_rev) if args.baseline_rev else None
     print(
         "| prior | map | batch | forward s | eager s | eager / forward | compiled s | "
-        "compiled / forward | eager / compiled | first compiled run s | same codes |"
+        "compiled / forward | eager / compiled | first compiled run s | baseline s | "
+        "baseline / forward | baseline / eager | same codes |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for shape in args.priors:
         for level in args.levels:
             for side in args.sides:
                 for batch in args.batches:
-                    r = measure(shape, level, side, batch, args.repeats)
+                    r = measure(shape, level, side, batch, args, baseline)
                     rows.append(r)
                     print(
                         f"| {r['prior']} | {side}x{side} | {batch} | {r['forward_s']} | "
                         f"{r['eager_s']} | {r['eager_over_forward']}x | {r['compiled_s']} | "
                         f"{r['compiled_over_forward']}x | {r['eager_over_compiled']}x | "
-                        f"{r['first_compiled_run_s']} | {'yes' if r['same_codes'] else 'no'} |",
+                        f"{r['first_compiled_run_s']} | {r.get('baseline_s', '-')} | "
+                        f"{r.get('baseline_over_forward', '-')}x | "
+                        f"{r.get('baseline_over_eager', '-')}x | "
+                        f"{'yes' if r['same_codes'] else 'no'} |",
                         flush=True,
                     )
     print(json.dumps({"threads": args.threads, "torch": torch.__version__, "rows": rows}))
