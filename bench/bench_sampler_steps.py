@@ -8,6 +8,10 @@ the same prior), interleaved, best of ``--repeats``. All three use today's draw.
 step's first run (compiling included, or loading from inductor's on-disk cache) is reported
 apart. All draw from the same seed and must draw the same codes (``same codes``).
 
+With ``--breakdown`` it also times the parts of one eager run instead (``breakdown``): the
+conditioning and state set-up, ``logits_at``, the draws, ``set_codes`` within a row and at a
+row's end (where the vertical stream advances by the row), each in multiples of the forward pass.
+
 Priors (random weights, K = 512, dropout off):
   * ``bench``: the pair of ``bench_sampling.py`` (128 hidden / 256 residual channels, 8 blocks,
     5x5 kernels, 2 output-stack layers; the top with attention after 2 blocks, 4 heads; the
@@ -104,6 +108,31 @@ def sample(prior, batch: int, upper, make_state) -> torch.Tensor:
     return codes
 
 
+@torch.no_grad()
+def breakdown(prior, batch: int, upper, forward: float) -> dict:
+    """Seconds of each part of one eager sampling run, over the forward pass's seconds."""
+    side = prior.config.code_size
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.zeros(batch, side, side, dtype=torch.long)
+    parts = dict.fromkeys(["set_up", "logits", "draw", "set_codes", "row_advance"], 0.0)
+    start = time.perf_counter()
+    state = IncrementalSampler(prior, batch, prior.condition_per_image(None, upper))
+    parts["set_up"] = time.perf_counter() - start
+    for row in range(side):
+        for column in range(side):
+            start = time.perf_counter()
+            logits = state.logits_at(row, column)
+            drawn = time.perf_counter()
+            codes[:, row, column] = _draw(logits, 1.0, generator)
+            setting = time.perf_counter()
+            state.set_codes(row, column, codes[:, row, column])
+            part = "row_advance" if column == side - 1 else "set_codes"
+            parts["logits"] += drawn - start
+            parts["draw"] += setting - drawn
+            parts[part] += time.perf_counter() - setting
+    return {name: round(seconds / forward, 2) for name, seconds in parts.items()}
+
+
 def timed(function) -> float:
     start = time.perf_counter()
     function()
@@ -124,6 +153,9 @@ def measure(shape: str, level: str, side: int, batch: int, args, baseline) -> di
     }
     if baseline is not None:
         states["baseline"] = baseline
+    if args.breakdown:
+        parts = breakdown(prior, batch, upper, forward)
+        return {"prior": f"{shape} {level}", "side": side, "batch": batch, **parts}
     first_compiled = timed(partial(sample, prior, batch, upper, states["compiled"]))
     seconds = dict.fromkeys(states, float("inf"))
     drawn = {}
@@ -163,6 +195,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--baseline-rev", help="git revision whose sampler to time alongside")
+    parser.add_argument("--breakdown", action="store_true", help="time one eager run's parts")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -180,6 +213,9 @@ def main() -> None:
                 for batch in args.batches:
                     r = measure(shape, level, side, batch, args, baseline)
                     rows.append(r)
+                    if args.breakdown:
+                        print(json.dumps(r), flush=True)
+                        continue
                     print(
                         f"| {r['prior']} | {side}x{side} | {batch} | {r['forward_s']} | "
                         f"{r['eager_s']} | {r['eager_over_forward']}x | {r['compiled_s']} | "
