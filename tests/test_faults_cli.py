@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from vqvae2.cli import main
 
@@ -131,6 +132,14 @@ SAMPLING = [
     (["--accept-threshold", "1.5"], "the acceptance threshold must be in [0, 1], got 1.5"),
     (["--accept-threshold", "nan"], "the acceptance threshold must be in [0, 1], got nan"),
 ]
+if not torch.cuda.is_available():  # with CUDA the run samples there, and this is no fault
+    SAMPLING.append(
+        (
+            ["--sampler", "cached-cuda-graph"],
+            "the cuda-graph step (sampler cached-cuda-graph) needs the prior on a CUDA device, "
+            "not cpu",
+        )
+    )
 
 
 @pytest.mark.parametrize(("args", "message"), SAMPLING)

@@ -187,7 +187,8 @@ def test_the_step_is_checked():
         IncrementalSampler(prior, 2, None, "fast")
     if not torch.cuda.is_available():
         with pytest.raises(
-            ValueError, match="the cuda-graph step needs the prior on a CUDA device"
+            ValueError,
+            match=r"the cuda-graph step \(sampler cached-cuda-graph\) needs the prior on a CUDA",
         ):
             IncrementalSampler(prior, 2, None, "cuda-graph")
 

@@ -116,7 +116,8 @@ class IncrementalSampler:
     order (``ValueError`` otherwise). Inference only: no gradients flow through the state.
     ``step`` chooses how each position is computed (module docstring); a CUDA graph is captured
     here, a compiled step at the first ``logits_at`` of its shape (``compile_seconds`` then says
-    how long that call took).
+    how long that call took). Those two steps also hold T + k + 1 int64 indices (not counted
+    above), and the CUDA graph its own intermediate buffers.
     """
 
     @torch.no_grad()
@@ -370,7 +371,8 @@ class IncrementalSampler:
         """Capture ``_logits_fixed`` as a CUDA graph reading ``_graph_position``."""
         if self.embedded.device.type != "cuda":
             raise ValueError(
-                f"the cuda-graph step needs the prior on a CUDA device, not {self.embedded.device}"
+                f"the cuda-graph step (sampler cached-cuda-graph) needs the prior on a CUDA "
+                f"device, not {self.embedded.device}"
             )
         self._graph_position = self.positions[0].clone()
         # Warm-up runs (outside the graph, on a side stream as capture requires) compute
