@@ -160,6 +160,34 @@ def test_the_fixed_shape_step_draws_the_reference_codes(name, controls, uncompil
     assert len(torch.unique(draws[1])) >= 4
 
 
+@pytest.mark.parametrize("name", ["prior-top-photos-64", "prior-bottom-photos-64"])
+def test_the_fixed_shape_step_repeats_exactly_and_writes_in_place(name, uncompiled_fixed_step):
+    """What a CUDA graph's capture and replay rely on (checked here on the CPU): a step called
+    again at the same position (the warm-up before capture) gives the same logits and leaves
+    the state as one call does, and no step replaces a state tensor (a graph keeps addresses)."""
+    prior = narrow_prior(name, shrink=16)
+    labels, upper = inputs(prior, 3)
+    condition = prior.condition_per_image(labels, upper)
+    once = IncrementalSampler(prior, 3, condition, "compiled")
+    thrice = IncrementalSampler(prior, 3, condition, "compiled")
+    addresses = [t.data_ptr() for t in thrice.state_tensors()]
+    side = prior.config.code_size
+    codes = torch.randint(0, K, (3, side, side))
+    for position in range(side * side):
+        row, col = divmod(position, side)
+        expected = once.logits_at(row, col)
+        for _ in range(3):
+            torch.testing.assert_close(
+                thrice._logits_fixed(thrice.positions[position]), expected, rtol=0, atol=0
+            )
+        thrice.logits_at(row, col)
+        for state in (once, thrice):
+            state.set_codes(row, col, codes[:, row, col])
+    for after, before in zip(thrice.state_tensors(), once.state_tensors(), strict=True):
+        assert torch.equal(after, before)
+    assert [t.data_ptr() for t in thrice.state_tensors()] == addresses
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["prior-top-photos-64", "prior-bottom-photos-64"])
 def test_the_compiled_step_draws_the_reference_codes_and_compiles_once(name):
