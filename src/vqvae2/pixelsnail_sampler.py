@@ -19,6 +19,7 @@ The row-level work (the vertical stream, once a row's codes are known) stays eag
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -303,10 +304,10 @@ class IncrementalSampler:
         """``logits_at`` on views at the position: (B, K)."""
         window, input_above, blocks = self.columns[col]
         horizontal = torch.addmm(input_above, window.flatten(1), self.input_weight)  # (B, C)
-        for index, (slot, window, above, offsets) in enumerate(blocks):
+        for index, (slot, block_window, above, offsets) in enumerate(blocks):
             conv_weight, gates_weight = self.block_weights[index]
             slot.copy_(F.elu(horizontal))
-            hidden = torch.addmm(above, window.flatten(1), conv_weight)  # (B, R)
+            hidden = torch.addmm(above, block_window.flatten(1), conv_weight)  # (B, R)
             gates = torch.addmm(offsets, F.elu(hidden), gates_weight)  # (B, 2C)
             horizontal = horizontal + gate(gates)
             if self.attention_after[index] is not None:
@@ -433,7 +434,7 @@ class IncrementalSampler:
 _COMPILED_STEP = None
 
 
-def _compiled_step():
+def _compiled_step() -> Callable[[IncrementalSampler, Tensor], Tensor]:
     """``IncrementalSampler._logits_fixed`` through ``torch.compile``, built on first use.
 
     One compiled function for the process: dynamo compiles a graph per state shape and guards on

@@ -197,9 +197,9 @@ def sample_level_cached(
 
     Same arguments and result as ``sample_level_reference``, at about the cost of one forward
     pass; ``step`` (``eager``, ``compiled`` or ``cuda-graph``) is how each position is computed
-    (``pixelsnail_sampler``), with the same draws. Its logits equal the reference's up to float rounding and both draw from the generator
-    alike, so from the same generator state it draws the same codes except where rounding tips a
-    near-tie (about 1 in 800 maps at the paper's 64x64 bottom prior, random weights; from there
+    (``pixelsnail_sampler``), with the same draws. Its logits equal the reference's up to float
+    rounding and both draw from the generator alike, so from the same generator state it draws
+    the same codes except where rounding tips a near-tie (about 1 in 800 maps at the paper's 64x64 bottom prior, random weights; from there
     on the maps differ; ``bench/bench_sampler_agreement.py``).
     """
     codes = _empty_codes(prior, batch_size, labels, condition_codes, temperature)
