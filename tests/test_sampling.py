@@ -22,6 +22,7 @@ from vqvae2.sampling import (
     generate,
     generate_with_rejection,
     keep_top_per_class,
+    reject_fraction_per_class,
     requested_class_scores,
     requested_labels,
     sample_codes,
@@ -558,6 +559,26 @@ def test_rejection_holds_the_kept_samples_and_one_batch_and_keeps_the_best(watch
     expected = kept[[2, 0, 3, 1]]  # in the order the labels were requested
     assert torch.equal(output.images, torch.cat(batches)[expected])
     assert torch.equal(output.scores, scores[expected])
+
+
+def test_rejection_counts_take_the_fraction_as_the_decimal_written():
+    """In floats, (1 - 0.41) * 100 = 59.00000000000001 kept 60 of 100 and 21 / (1 - 0.3) =
+    30.000000000000004 drew 31 candidates for 21 samples."""
+    scores = torch.arange(100, dtype=torch.float32)
+    kept = reject_fraction_per_class(scores, torch.zeros(100, dtype=torch.long), 0.41)
+    assert torch.equal(kept, torch.arange(41, 100))  # the best 59
+    vqvae, priors, classifier = rejection_models()
+    output = generate_with_rejection(
+        vqvae,
+        priors,
+        classifier,
+        torch.zeros(21, dtype=torch.long),
+        reject_fraction=0.3,
+        max_candidates=30,  # the old count, 31, was refused here
+        batch_size=16,
+        generator=torch.Generator().manual_seed(5),
+    )
+    assert output.candidates == 30 and len(output.images) == 21
 
 
 def test_rejection_draws_its_candidates_under_the_controls_given():

@@ -66,6 +66,7 @@ from .run import (
     has_checkpoint,
     load_classifier,
 )
+from .sampling import candidates_needed
 from .vqvae import VQVAE2
 
 SPLITS = ("train", "val", "test")
@@ -239,11 +240,13 @@ def _plan(models: _Models, config: EvaluateConfig) -> _Counts:
         )
     metric = proportional_counts(histogram["test"], config.num_samples)
     cas = proportional_counts(histogram["train"], cas_total)
-    keep = 1.0 - max(config.fractions)
     return _Counts(
         metric=metric,
         cas=cas,
-        pool=[max(c, math.ceil(m / keep)) for c, m in zip(cas, metric, strict=True)],
+        pool=[
+            max(c, candidates_needed(m, max(config.fractions)))
+            for c, m in zip(cas, metric, strict=True)
+        ],
         kid_subset_size=min(config.kid_subset_size, config.num_samples, test_size),
         cas_steps=config.cas_steps or models.scorer_step,
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import partial
 from typing import Literal, NamedTuple
 
@@ -367,6 +368,21 @@ def keep_top_per_class(scores: Tensor, labels: Tensor, counts: dict[int, int]) -
     return torch.sort(torch.cat(kept)).values if kept else torch.zeros(0, dtype=torch.long)
 
 
+def kept_count(count: int, reject_fraction: float) -> int:
+    """ceil((1 - F) * n): how many of n items rejecting the fraction F keeps.
+
+    Computed on F as the decimal it is written as (``repr``: 0.3 is 3/10), so float rounding
+    cannot push an exact product past an integer (in floats, 0.41 of 100 kept 60, not 59).
+    """
+    return math.ceil((1 - Fraction(repr(reject_fraction))) * count)
+
+
+def candidates_needed(count: int, reject_fraction: float) -> int:
+    """ceil(n / (1 - F)): how many candidates keep n after rejecting the fraction F (the
+    decimal F as written, like ``kept_count``: in floats, 21 at 0.3 drew 31, not 30)."""
+    return math.ceil(count / (1 - Fraction(repr(reject_fraction))))
+
+
 def reject_fraction_per_class(scores: Tensor, labels: Tensor, reject_fraction: float) -> Tensor:
     """Drop the worst-scored ``reject_fraction`` of every class, keep the rest.
 
@@ -383,7 +399,7 @@ def reject_fraction_per_class(scores: Tensor, labels: Tensor, reject_fraction: f
     if not 0.0 <= reject_fraction < 1.0:
         raise ValueError(f"the rejection fraction must be in [0, 1), got {reject_fraction}")
     counts = {
-        int(label): math.ceil((1.0 - reject_fraction) * int(count))
+        int(label): kept_count(int(count), reject_fraction)
         for label, count in zip(*torch.unique(labels, return_counts=True), strict=True)
     }
     return keep_top_per_class(scores, labels, counts)
@@ -587,7 +603,7 @@ def _reject_fraction(
     if not 0.0 <= reject_fraction < 1.0:
         raise ValueError(f"the rejection fraction must be in [0, 1), got {reject_fraction}")
     per_class = {
-        c: math.ceil(len(slots) / (1.0 - reject_fraction)) for c, slots in kept.slots.items()
+        c: candidates_needed(len(slots), reject_fraction) for c, slots in kept.slots.items()
     }
     drawn = sum(per_class.values())
     if drawn > max_candidates:
