@@ -5,6 +5,7 @@ with no network, folders that are not exports)."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import time
@@ -28,6 +29,7 @@ from vqvae2.export import (
     load_pretrained,
     save_pretrained,
 )
+from vqvae2.fingerprint import report_fingerprint
 from vqvae2.logs import read_metrics
 from vqvae2.model_card import FIGURES_HEADING
 from vqvae2.pixelsnail import PixelSNAIL
@@ -143,6 +145,29 @@ def test_figures_a_run_does_not_have_are_left_out(trained_run, tmp_path):
     for absent in ("bottom prior", "classifier |", "FID", "CAS", "n/a", "nan"):
         assert absent not in card
     assert load_pretrained(tmp_path / "out").classifier is None
+
+
+def test_a_report_of_other_weights_stays_out_of_the_card(trained_run, tmp_path, caplog):
+    """A report whose models fingerprint is not the exported weights' (an evaluation before
+    more training; here its recorded fingerprint changed) is passed over with a warning, and
+    refused when named; before, the newest report's figures went into any card."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    report_file = run / "evaluation" / "report.json"
+    report = json.loads(report_file.read_text())
+    assert report["models_fingerprint"] == report_fingerprint(
+        *Run.open(run).load_hierarchy(), Run.open(run).load_classifier()
+    )
+    report["models_fingerprint"] = "0" * 64
+    report_file.write_text(json.dumps(report))
+    with caplog.at_level(logging.WARNING, logger="vqvae2.model_card"):
+        card = (export_run(Run.open(run), tmp_path / "out") / CARD_FILE).read_text()
+    assert "FID" not in card and "CAS" not in card
+    assert "| top prior | validation NLL (nats per code) |" in card  # training figures stay
+    assert "measured other weights than the ones exported" in caplog.text
+    with pytest.raises(ValueError, match="measured other weights than the run's latest"):
+        export_run(Run.open(run), tmp_path / "out2", report=report_file)
+    assert not (tmp_path / "out2").exists()
 
 
 def test_a_hub_name_without_network_fails_in_one_line_quickly():

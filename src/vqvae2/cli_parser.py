@@ -367,7 +367,10 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         "--onnx", action="store_true", help="also write encoder.onnx and decoder.onnx"
     )
     export.add_argument(
-        "--report", type=Path, help="evaluation report.json for the card (default: the newest)"
+        "--report",
+        type=Path,
+        help="evaluation report.json for the card, of these very weights (default: the newest "
+        "such report in the run folder)",
     )
 
 

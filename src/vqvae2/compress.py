@@ -12,7 +12,6 @@ described in ``codec.py`` and docs/codec.md.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -50,8 +49,9 @@ from .codec import (
     running_versions,
     slot_batches,
 )
-from .config import PriorRunConfig, VQVAEConfig, VQVAERunConfig, config_from_dict, config_to_dict
+from .config import PriorRunConfig, VQVAEConfig, VQVAERunConfig, config_from_dict
 from .export import PretrainedModels
+from .fingerprint import content_digest, models_digest
 from .images import UNREADABLE, fit_uint8_array
 from .pixelsnail import PixelSNAIL
 from .report import save_png
@@ -127,7 +127,7 @@ def run_fingerprint(models: Models) -> bytes:
             else:
                 config = config_from_dict(PriorRunConfig, checkpoint.config).prior
             parts.append((config, checkpoint.model_state))
-    return _hash_models(parts)
+    return content_digest(parts)[:FINGERPRINT_BYTES]
 
 
 def run_files_fingerprint(run: Run) -> bytes:
@@ -139,26 +139,7 @@ def run_files_fingerprint(run: Run) -> bytes:
 
 
 def _content_fingerprint(models: Sequence[VQVAE2 | PixelSNAIL]) -> bytes:
-    return _hash_models([(model.config, model.state_dict()) for model in models])
-
-
-def _hash_models(parts: Sequence[tuple[Any, dict[str, Tensor]]]) -> bytes:
-    """The fingerprint of (config dataclass, weights) pairs: each config as JSON with sorted
-    keys, then each tensor in key order as its name, dtype, shape and raw (little-endian) bytes,
-    every field framed by its length."""
-    digest = hashlib.sha256()
-
-    def frame(data: bytes) -> None:
-        digest.update(len(data).to_bytes(8, "big") + data)
-
-    for config, state in parts:
-        frame(json.dumps(config_to_dict(config), sort_keys=True, separators=(",", ":")).encode())
-        frame(str(len(state)).encode())
-        for key in sorted(state):
-            tensor = state[key].detach().cpu().contiguous()
-            frame(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            frame(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.digest()[:FINGERPRINT_BYTES]
+    return models_digest(models)[:FINGERPRINT_BYTES]
 
 
 @contextmanager

@@ -53,12 +53,13 @@ from .config import (
 )
 from .data import open_dataset
 from .distributed import DistributedContext, runtime_context, runtime_device
+from .fingerprint import report_fingerprint
 from .fit import train_classifier
 from .inception import load_inception
 from .measure import SplitMeasure, class_logits, extract_features, measure_split
 from .pixelsnail import PixelSNAIL
 from .rejection_sweep import draw_pool, rejection_rows, score_pool
-from .report import write_report
+from .report import REPORT_FINGERPRINT, write_report
 from .run import (
     CLASSIFIER_KIND,
     Run,
@@ -512,6 +513,7 @@ def _assemble_report(
             "cas_classifier": models.scorer_config.train.seed,
         },
         "features": dict(models.feature_source),
+        REPORT_FINGERPRINT: report_fingerprint(models.vqvae, models.priors, models.scorer),
         "rejection_scorer": str(run_dir / CLASSIFIER_KIND),
         "counts": {
             "pool_per_class": counts.pool,

@@ -7,19 +7,22 @@ MSE of stage 1, each prior's final NLL, the classifier's accuracy (each model's
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .classifier import Classifier
+from .fingerprint import report_fingerprint
 from .logs import read_metrics
 from .pixelsnail import PixelSNAIL
-from .report import REPORT_JSON
+from .report import REPORT_FINGERPRINT, REPORT_JSON
 from .run import CLASSIFIER_KIND, METRICS_FILE, prior_kind
 from .vqvae import VQVAE2
 
 FIGURES_HEADING = "## Figures"
+logger = logging.getLogger("vqvae2.model_card")
 # Image sources whose Hub data set is known, by folder name.
 HUB_DATASETS = {"fashion-mnist": "zalando-datasets/fashion_mnist"}
 
@@ -45,10 +48,21 @@ def last_logged(path: Path, split: str, metric: str) -> Logged | None:
     return Logged(value=float(found[-1]["value"]), step=int(found[-1]["step"]))
 
 
-def find_report(run_dir: Path) -> Path | None:
-    """The newest evaluation report (``report.json``) inside the run folder, or None."""
+def find_report(run_dir: Path, fingerprint: str) -> Path | None:
+    """The newest evaluation report (``report.json``) inside the run folder that measured the
+    models of ``fingerprint`` (``fingerprint.report_fingerprint``), or None. Reports of other
+    weights (an evaluation before more training, or one written before reports carried the
+    fingerprint) are passed over with a warning."""
     reports = [path for path in run_dir.rglob(REPORT_JSON) if path.is_file()]
-    return max(reports, key=lambda path: path.stat().st_mtime) if reports else None
+    for path in sorted(reports, key=lambda path: path.stat().st_mtime, reverse=True):
+        if _read_report(path).get(REPORT_FINGERPRINT) == fingerprint:
+            return path
+        logger.warning(
+            "model card: %s measured other weights than the ones exported; its figures are left "
+            "out (run `vqvae2 evaluate` again to have them)",
+            path,
+        )
+    return None
 
 
 def model_card(
@@ -60,9 +74,17 @@ def model_card(
     report: str | Path | None = None,
 ) -> str:
     """The README.md of the export of the run in ``run_dir`` (whose models are given), which
-    trained on ``data`` (None when not recorded)."""
-    report_path = Path(report) if report is not None else find_report(run_dir)
+    trained on ``data`` (None when not recorded). An evaluation report's figures are shown only
+    if it measured these very models (``fingerprint.report_fingerprint``): ``report`` if given
+    (else ``ValueError``), otherwise the newest such report in the run folder."""
+    fingerprint = report_fingerprint(vqvae, priors, classifier)
+    report_path = Path(report) if report is not None else find_report(run_dir, fingerprint)
     evaluation = _read_report(report_path) if report_path is not None else None
+    if evaluation is not None and evaluation.get(REPORT_FINGERPRINT) != fingerprint:
+        raise ValueError(
+            f"{report_path} measured other weights than the run's latest checkpoints; evaluate "
+            "them again, or export without --report"
+        )
     conditional = priors[0].config.num_classes > 0
     lines = [
         *_header(data, conditional),

@@ -15,6 +15,7 @@ from torch import Tensor
 from .config import EvaluateConfig
 
 REPORT_JSON = "report.json"
+REPORT_FINGERPRINT = "models_fingerprint"  # report.json's key for the measured models' SHA-256
 REPORT_MARKDOWN = "report.md"
 FID_PLOT = "fid-vs-inception-score.png"
 PRECISION_RECALL_PLOT = "precision-vs-recall.png"
