@@ -232,6 +232,23 @@ def test_each_trainer_refuses_a_folder_another_trainer_holds(tmp_path, npz_data,
         assert main([*command, "--quiet"]) == 0, command
 
 
+def test_extract_codes_refuses_code_stores_another_extraction_holds(tmp_path, npz_data, capsys):
+    """Two extractions of one run would write the same shards: the second ends with one line
+    having written nothing (before, both wrote the stores at once), and runs once the first is
+    done."""
+    run = tmp_path / "run"
+    assert train_vqvae_cli(npz_data, run, 2) == 0
+    codes = run / "codes"
+    command = ["extract-codes", str(run), "--data", str(npz_data), "--quiet"]
+    with training_lock(codes, DistributedContext(), resume=False, writer="extract-codes"):
+        capsys.readouterr()
+        line = one_line_error(capsys, main(command))
+        assert line.startswith(f"another extract-codes is writing {codes} "), line
+        assert sorted(p.name for p in codes.iterdir()) == [".lock"]
+    assert main(command) == 0
+    assert (codes / "train").is_dir() and (codes / "val").is_dir()
+
+
 def test_a_torn_last_log_row_is_dropped_on_resume(tmp_path, npz_data):
     """A row cut short (a full disk or a crash in the middle of an append) does not survive a
     resume: the log keeps whole rows only."""

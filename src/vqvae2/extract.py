@@ -28,6 +28,7 @@ from .data import (
     uint8_to_float,
 )
 from .distributed import DistributedContext, runtime_context
+from .loop import training_lock
 from .measure import (
     EVAL_BATCH_SIZE,
 )
@@ -81,7 +82,6 @@ def extract_codes(
     context = runtime_context(runtime)
     names = augmentation_names(augment)  # checked before any work
     checkpoint = read_checkpoint(run.path, VQVAE_KIND)  # step and weights from one folder
-    checkpoint_step = checkpoint.step
     source = {
         "vqvae_sha256": _weights_digest(checkpoint.model_state),
         "data": str(Path(data_path).resolve()),
@@ -89,6 +89,39 @@ def extract_codes(
         "shard_size": shard_size,
     }
     model = vqvae_from_checkpoint(checkpoint, map_location=context.device)
+    with training_lock(run.codes_dir, context, resume=False, writer="extract-codes"):
+        written = _extract_splits(
+            run,
+            model,
+            data_path,
+            splits,
+            names,
+            source,
+            checkpoint.step,
+            context,
+            batch_size,
+            shard_size,
+            progress,
+        )
+    context.barrier()
+    return written
+
+
+def _extract_splits(
+    run: Run,
+    model: VQVAE2,
+    data_path: str | Path,
+    splits: tuple[str, ...],
+    names: list[str],
+    source: dict,
+    checkpoint_step: int,
+    context: DistributedContext,
+    batch_size: int,
+    shard_size: int,
+    progress: bool,
+) -> dict[str, Path]:
+    """``extract_codes``'s work, while it holds the code stores' folder: the store folder of
+    each split written."""
     config = model.config
     data_config = run.config.data
     written = {}
@@ -116,7 +149,6 @@ def extract_codes(
     stale = run.codes_dir / AUGMENTED_CODES
     if AUGMENTED_CODES not in written and "train" in splits and context.is_main and stale.exists():
         shutil.rmtree(stale)
-    context.barrier()
     return written
 
 

@@ -130,10 +130,13 @@ LOCK_FILE = ".lock"  # in a checkpoint folder: held by the trainer writing to it
 
 
 @contextmanager
-def training_lock(folder: Path, context: DistributedContext, resume: bool) -> Iterator[None]:
+def training_lock(
+    folder: Path, context: DistributedContext, resume: bool, writer: str = "trainer"
+) -> Iterator[None]:
     """Hold ``folder/.lock`` while one training run writes to ``folder`` (its checkpoints and,
     for stage 1, the run folder around them); a second trainer is refused with a ``ValueError``.
-    A new run creates ``folder``; a resumed one needs it.
+    A new run creates ``folder``; a resumed one needs it. ``writer`` names the kind of process
+    in the refusal (an extraction takes the same lock on the code stores' folder).
 
     Rank 0, the process that writes, takes an exclusive ``flock`` on an open file held for the
     whole block: the kernel releases it when the process ends, however it ends (kill -9
@@ -151,7 +154,7 @@ def training_lock(folder: Path, context: DistributedContext, resume: bool) -> It
             refusal = f"nothing to resume: {folder} does not exist"
         except BlockingIOError:
             refusal = (
-                f"another trainer is writing {folder} (it holds {folder / LOCK_FILE}); "
+                f"another {writer} is writing {folder} (it holds {folder / LOCK_FILE}); "
                 "wait for it to end or stop it"
             )
         except OSError as error:
