@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
-from vqvae2 import write_shards
+from vqvae2 import shards, write_shards
 from vqvae2.batches import EpochBatchSampler
 from vqvae2.cli import main
 from vqvae2.config import DataConfig, VQVAERunConfig, load_config
@@ -226,6 +226,49 @@ def test_a_broken_manifest_or_missing_shard_and_writing_twice_are_clear_errors(t
     (tmp_path / "shards" / "shards.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot read the manifest"):
         open_dataset(tmp_path / "shards", "train", 8, 3)
+
+
+def split_arrays(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    config = DataConfig(val_fraction=0, test_fraction=0)
+    return read_split(open_dataset(folder, split, 8, 3, config))
+
+
+def test_a_split_opens_from_its_shard_indexes_and_a_changed_shard_is_read_again(
+    tmp_path, monkeypatch
+):
+    """make-shards keeps each shard's header pass in .index/; opening a split then reads no tar
+    header (before, every open scanned them all), the same images come back, and a shard
+    rewritten since (another size and time) is scanned again."""
+    write_folder(tmp_path / "folder", {"train": 5, "test": 2})
+    written = write_shards(tmp_path / "folder", tmp_path / "shards", images_per_shard=4)
+    indexes = sorted(p.name for p in (tmp_path / "shards" / ".index").iterdir())
+    assert indexes == sorted(
+        f"{path.name}.npz" for paths in written.shards.values() for path in paths
+    )
+    scanned = split_arrays(tmp_path / "shards", "train")
+    scans = []
+    real_scan = shards._scan_shard
+    monkeypatch.setattr(shards, "_scan_shard", lambda path: scans.append(path) or real_scan(path))
+    from_indexes = split_arrays(tmp_path / "shards", "train")
+    assert scans == [] and all(map(torch.equal, from_indexes, scanned))
+    first = written.shards["train"][0]
+    tar_with(first, {"0.png": png_bytes(), "0.cls": b"2"})  # rewritten: one black image, owl
+    rewritten_images, rewritten_labels = split_arrays(first, "train")
+    assert scans == [first] and rewritten_labels.tolist() == [2]
+    assert not rewritten_images.any()
+
+
+def test_an_unreadable_or_unwritable_shard_index_is_scanned_past(tmp_path):
+    write_folder(tmp_path / "folder", {"train": 3})
+    write_shards(tmp_path / "folder", tmp_path / "shards", images_per_shard=2)
+    expected = split_arrays(tmp_path / "shards", "train")
+    index = tmp_path / "shards" / ".index"
+    for kept in index.iterdir():
+        kept.write_bytes(b"not an npz file")
+    assert all(map(torch.equal, split_arrays(tmp_path / "shards", "train"), expected))
+    shutil.rmtree(index)
+    index.write_text("a file where the index folder would go")
+    assert all(map(torch.equal, split_arrays(tmp_path / "shards", "train"), expected))
 
 
 def test_a_shard_pattern_on_the_command_line_is_one_error_line(tmp_path, capsys):

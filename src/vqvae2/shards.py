@@ -12,7 +12,10 @@ Reading keeps the trainers' exact resume: the global batch at step s depends onl
 reads the tar headers of its shards once (member offsets and sizes, and the ``.cls`` labels),
 then reads each image with one seek: every process and loader worker can read any image, and
 the sampler's batches, split over ranks and then over workers, read each image of an epoch
-once. Opening costs one pass over the headers of the split's shards.
+once. What a pass over one shard's headers finds is kept in ``.index/<shard>.npz`` beside it
+(written by ``write_shards``, or by the first reader where the folder is writable) and used
+while the shard's size and modification time are those it was made from, so opening a split
+reads one small file per shard instead of every tar header.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import re
 import tarfile
 import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +62,7 @@ DEFAULT_IMAGES_PER_SHARD = 1000  # about 100 MB of ImageNet JPEGs per shard
 LABEL_SUFFIX = "cls"
 PATTERN_CHARACTERS = "*?[{"
 KEY_DIGITS = 8  # keys are the image's position in its split, zero-padded
+INDEX_FOLDER = ".index"  # beside the shards: each shard's header pass (``_indexed_scan``)
 
 logger = logging.getLogger("vqvae2.shards")
 
@@ -161,6 +166,7 @@ def write_shards(
             path = out / f"{split}-{start // images_per_shard:06d}.tar"
             stop = start + images_per_shard
             _write_tar(path, files[start:stop], labels[start:stop], start)
+            _indexed_scan(path)  # its index, while the file is fresh in the page cache
             written[split].append(path)
     images = {split: len(files) for split, (files, _) in sets.items()}
     manifest = {
@@ -309,6 +315,31 @@ def _scan_shard(path: Path) -> tuple[list[int], list[int], list[int]]:
     return list(offsets), list(sizes), [labels.get(key, -1) for key in images]
 
 
+def _indexed_scan(path: Path) -> tuple[list[int], list[int], list[int]]:
+    """``_scan_shard(path)``, read from ``.index/<name>.npz`` beside the shard when that was
+    made from a file of this size and modification time; otherwise scanned and saved there
+    (skipped, with a debug line, where the folder cannot be written)."""
+    index_path = path.parent / INDEX_FOLDER / f"{path.name}.npz"
+    status = path.stat()
+    stamp = np.array([status.st_size, status.st_mtime_ns], np.int64)
+    try:
+        with np.load(index_path, allow_pickle=False) as saved:
+            if np.array_equal(saved["stamp"], stamp):
+                return saved["offset"].tolist(), saved["size"].tolist(), saved["label"].tolist()
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        pass  # no index yet, or an unreadable one: scan again
+    offsets, sizes, labels = _scan_shard(path)
+    try:
+        index_path.parent.mkdir(exist_ok=True)
+        partial = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
+        with open(partial, "wb") as handle:
+            np.savez(handle, stamp=stamp, offset=offsets, size=sizes, label=labels)
+        os.replace(partial, index_path)  # whole or absent, whichever process writes it
+    except OSError as error:
+        logger.debug("no index kept for %s: %s", path, error)
+    return offsets, sizes, labels
+
+
 def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> int:
     text = tar.extractfile(member).read().decode("ascii", errors="replace").strip()
     if not text.isdigit():
@@ -325,7 +356,7 @@ def index_shards(paths: Sequence[Path]) -> ShardIndex:
     """
     shard, offset, size, labels = [], [], [], []
     for number, path in enumerate(paths):
-        offsets, sizes, shard_labels = _scan_shard(path)
+        offsets, sizes, shard_labels = _indexed_scan(Path(path))
         shard += [number] * len(offsets)
         offset += offsets
         size += sizes
