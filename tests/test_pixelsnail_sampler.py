@@ -207,6 +207,21 @@ def test_the_compiled_step_draws_the_reference_codes_and_compiles_once(name):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_a_compiler_failure_is_one_line(monkeypatch):
+    def failing(*_):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n  (details)")
+
+    monkeypatch.setattr(pixelsnail_sampler, "_compiled_step", lambda: failing)
+    prior = narrow_prior("prior-top-tiny", shrink=1)
+    state = IncrementalSampler(prior, 2, None, "compiled")
+    with pytest.raises(
+        ValueError,
+        match=r"^torch.compile could not compile the sampler's step "
+        r"\(InvalidCxxCompiler: No working C\+\+ compiler found\); sample with",
+    ):
+        state.logits_at(0, 0)
+
+
 def test_the_step_is_checked():
     prior = narrow_prior("prior-top-tiny", shrink=1)
     with pytest.raises(

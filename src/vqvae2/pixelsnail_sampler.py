@@ -288,16 +288,30 @@ class IncrementalSampler:
         position = self._check_position(row, col)
         if self.step == "eager":
             logits = self._logits_eager(position, col)
-        elif self.step == "compiled":
-            started = time.perf_counter() if position == 0 else None
+        elif self.step == "compiled" and position > 0:
             logits = _compiled_step()(self, self.positions[position])
-            if started is not None:
-                self.compile_seconds = time.perf_counter() - started
+        elif self.step == "compiled":
+            logits = self._first_compiled_call()
         else:
             self._graph_position.copy_(self.positions[position])
             self._graph.replay()
             logits = self._graph_logits.clone()
         self.computed = position
+        return logits
+
+    def _first_compiled_call(self) -> Tensor:
+        """The compiled step at position 0, which compiles it for this shape if no sampler has:
+        timed into ``compile_seconds``; a compiler failure (no C++ compiler, say) is one line."""
+        started = time.perf_counter()
+        try:
+            logits = _compiled_step()(self, self.positions[0])
+        except Exception as error:  # the compiler's own errors have no common type
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(
+                f"torch.compile could not compile the sampler's step ({first_line}); sample "
+                "with the eager step (sampler cached) instead"
+            ) from error
+        self.compile_seconds = time.perf_counter() - started
         return logits
 
     def _logits_eager(self, position: int, col: int) -> Tensor:
