@@ -5,12 +5,12 @@ unreadable, and the resumed run ends with the weights of an uninterrupted one, d
 
 The trials run the CLI in processes forked from a server that has imported vqvae2 once (a
 fresh interpreter spends about 3 s importing torch, the whole budget of a trial). The process
-is killed with SIGKILL from this test, either a random time after its first optimiser step (the
-hook then sleeps a little after each step, so that the run cannot end before the kill however
-fast the machine is at that moment) or
-while a hook holds it inside a checkpoint write: after the n-th call that vqvae2/checkpoint.py
-makes to ``save_file``, ``os.fsync``, ``os.replace`` or ``shutil.rmtree``, n drawn among the
-calls an uninterrupted run makes. The hook lives in the server script below, never in vqvae2.
+is killed with SIGKILL from this test, either a random time after its first optimiser step (a
+trial that ends before its kill is run again from the start with half the delay, so every trial
+ends by a kill) or while a hook holds it inside a checkpoint write: after the n-th call that
+vqvae2/checkpoint.py makes to ``save_file``, ``os.fsync``, ``os.replace`` or ``shutil.rmtree``,
+n drawn among the calls an uninterrupted run makes. The hook lives in the server script below,
+never in vqvae2.
 """
 
 from __future__ import annotations
@@ -46,11 +46,10 @@ PATH.ended if it ends on its own; the server answers {"pid": N} once the child r
 is reaped only after the next line on stdin, so N stays its pid until the test has killed it;
 the server then answers {"signal": S, "code": C}.
 
-hook keys: "started": a file written at the child's first optimiser step; "step_sleep": seconds
-to sleep after each optimiser step, the first one included; "pause": [FUNCTION,
+hook keys: "started": a file written at the child's first optimiser step; "pause": [FUNCTION,
 N] with "marker": after the N-th call that vqvae2/checkpoint.py makes to FUNCTION returns, write
 the marker and sleep (the test kills the child there); "count": a file that gets the calls of
-each function.
+each function and the seconds from the first optimiser step to the end.
 """
 
 import collections
@@ -75,13 +74,13 @@ PAUSE_SECONDS = 600
 
 def install(hook):
     calls = collections.Counter()
-    steps = []
+    first_step = []
 
     def on_step(*_):
-        steps.append(None)
-        if len(steps) == 1 and "started" in hook:
-            Path(hook["started"]).write_text("")
-        time.sleep(hook.get("step_sleep", 0.0))
+        if not first_step:
+            first_step.append(time.monotonic())
+            if "started" in hook:
+                Path(hook["started"]).write_text("")
 
     register_optimizer_step_post_hook(on_step)
 
@@ -102,7 +101,7 @@ def install(hook):
     for owner, attribute in ((checkpoint, "save_file"), (os, "fsync"), (os, "replace"),
                              (shutil, "rmtree")):
         wrap(owner, attribute)
-    return calls
+    return calls, first_step
 
 
 torch.set_num_threads(1)
@@ -116,10 +115,11 @@ while line := sys.stdin.readline():
             os.dup2(log, 1)
             os.dup2(log, 2)
             hook = request["hook"]
-            calls = install(hook)
+            calls, first_step = install(hook)
             code = main(request["argv"])
             if "count" in hook:
-                Path(hook["count"]).write_text(json.dumps({"calls": calls}))
+                seconds = time.monotonic() - first_step[0]
+                Path(hook["count"]).write_text(json.dumps({"calls": calls, "seconds": seconds}))
         except BaseException:
             traceback.print_exc()
         finally:
@@ -151,12 +151,11 @@ PRIOR_TRIALS = 8  # with dropout 0.1, as the paper's priors
 CLASSIFIER_TRIALS = 6  # with dropout 0.3
 SEED = 16
 MARKER_TIMEOUT = 60.0  # seconds a trial's process may take to reach its marker
-# A randomly timed trial sleeps this long after each optimiser step, so that from its first step
-# to its end at least STEPS * STEP_SLEEP seconds pass; its kill falls at a uniform time in the
-# first KILL_WINDOW of those, leaving the test process (1 - KILL_WINDOW) * STEPS * STEP_SLEEP
-# = 0.24 s of slack to deliver it on a busy machine.
-STEP_SLEEP = 0.06
-KILL_WINDOW = 0.5
+# Random kills fall in this share of an uninterrupted run's time from its first step to its end
+# (measured once). A trial that ends before its kill (the machine ran it faster than the
+# reference) is run again from the start with half the delay, up to RANDOM_ATTEMPTS times.
+TIME_WINDOW = 0.7
+RANDOM_ATTEMPTS = 4
 
 
 class ForkServer:
@@ -233,10 +232,11 @@ class Kind:
 
 @dataclass
 class Reference:
-    """An uninterrupted run: its final checkpoint and its checkpoint-write calls."""
+    """An uninterrupted run: its final checkpoint, checkpoint-write calls and training time."""
 
     step_dir: Path
     calls: dict[str, int]
+    seconds: float
 
 
 def reference_run(server: ForkServer, kind: Kind, folder: Path) -> Reference:
@@ -245,7 +245,7 @@ def reference_run(server: ForkServer, kind: Kind, folder: Path) -> Reference:
     server.run(kind.argv(kind.fresh, run), folder / "reference.log", {"count": str(count)})
     counted = json.loads(count.read_text())
     step_dir = read_checkpoint(run / kind.kind_dir, kind.name).path
-    return Reference(step_dir, counted["calls"])
+    return Reference(step_dir, counted["calls"], counted["seconds"])
 
 
 def wait_for(marker: Path, log: Path) -> None:
@@ -264,26 +264,26 @@ def kill_trials(server: ForkServer, kind: Kind, folder: Path, trials: int) -> di
     reference = reference_run(server, kind, folder)
     rng = np.random.default_rng([SEED, len(kind.name)])
     functions = sorted(name for name, count in reference.calls.items() if count > 0)
-    counts = {"trials": 0, "in_write": 0, "resumed": 0, "restarted": 0}
+    counts = {"trials": 0, "in_write": 0, "rerun": 0, "resumed": 0, "restarted": 0}
     for trial in range(trials):
-        run = kind.new_run(folder / f"trial-{trial}")
-        log, marker = folder / f"trial-{trial}.log", folder / f"trial-{trial}.marker"
+        run, log = folder / f"trial-{trial}", folder / f"trial-{trial}.log"
+        marker = folder / f"trial-{trial}.marker"
         aimed = trial % 2 == 1
         if aimed:
             function = functions[rng.integers(len(functions))]
             call = int(rng.integers(1, reference.calls[function] + 1))
             hook = {"pause": [function, call], "marker": str(marker)}
             where = f"after {function} call {call}"
+            ended = kill_once(server, kind, run, log, hook, marker, delay=0.0)
         else:
-            delay = float(rng.uniform(0, KILL_WINDOW * STEPS * STEP_SLEEP))
-            hook = {"started": str(marker), "step_sleep": STEP_SLEEP}
+            delay = float(rng.uniform(0, TIME_WINDOW * reference.seconds))
+            for _ in range(RANDOM_ATTEMPTS):
+                ended = kill_once(server, kind, run, log, {"started": str(marker)}, marker, delay)
+                if ended["signal"] == signal.SIGKILL:
+                    break
+                counts["rerun"] += 1
+                delay /= 2  # it ended first: this machine is faster now than for the reference
             where = f"{delay:.3f} s after the first step"
-        pid = server.start(kind.argv(kind.fresh, run), log, hook)
-        wait_for(marker, log)
-        if not aimed:
-            time.sleep(delay)
-        os.kill(pid, signal.SIGKILL)
-        ended = server.wait()
         described = f"trial {trial} ({where})"
         assert ended["signal"] == signal.SIGKILL, f"{described} ended before its kill: {ended}"
         counts["trials"] += 1
@@ -315,13 +315,29 @@ def kill_trials(server: ForkServer, kind: Kind, folder: Path, trials: int) -> di
     return counts
 
 
+def kill_once(
+    server: ForkServer, kind: Kind, run: Path, log: Path, hook: dict, marker: Path, delay: float
+) -> dict:
+    """Start a fresh run of ``kind`` in ``run``, kill it ``delay`` seconds after its ``marker``
+    appears, and return how it ended (killed, or ended first)."""
+    shutil.rmtree(run, ignore_errors=True)
+    marker.unlink(missing_ok=True)
+    log.with_name(log.name + ".ended").unlink(missing_ok=True)
+    pid = server.start(kind.argv(kind.fresh, kind.new_run(run)), log, hook)
+    wait_for(marker, log)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)  # a no-op on a child that ended first (not yet reaped)
+    return server.wait()
+
+
 def report(capsys, kind: Kind, counts: dict[str, int]) -> None:
     with capsys.disabled():
         print(
             f"\nkill -9 trials of {kind.name}: {counts['trials']} killed "
-            f"({counts['in_write']} inside a checkpoint write); all resumed to the uninterrupted "
-            f"run's weights ({counts['resumed']} with --resume, {counts['restarted']} killed "
-            "before their first checkpoint and started again)"
+            f"({counts['in_write']} inside a checkpoint write, {counts['rerun']} randomly timed "
+            "ones run again with half the delay after ending first); all resumed to the "
+            f"uninterrupted run's weights ({counts['resumed']} with --resume, "
+            f"{counts['restarted']} killed before their first checkpoint and started again)"
         )
 
 

@@ -12,7 +12,7 @@ sixteenth for the sampler (the reference sampler runs a full forward pass per po
 test checks the logits at the paper's own map sizes.
 
 The fixed-shape step behind ``cached-compiled`` and ``cached-cuda-graph`` is checked the same way
-on every shape, run uncompiled (the computation both of them run); compiled, on three shapes in a
+on every shape, run uncompiled (the computation both of them run); compiled, on two shapes in a
 slow test (compiling takes seconds per shape); as a CUDA graph, in test_gpu.py.
 
 Memory: the state's size is pinned by a formula, checked at the paper's sizes on the ``meta``

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 
+import numpy as np
 import pytest
 import torch
 from einops import rearrange
@@ -565,8 +566,9 @@ def test_rejection_counts_take_the_fraction_as_the_decimal_written():
     """In floats, (1 - 0.41) * 100 = 59.00000000000001 kept 60 of 100 and 21 / (1 - 0.3) =
     30.000000000000004 drew 31 candidates for 21 samples."""
     scores = torch.arange(100, dtype=torch.float32)
-    kept = reject_fraction_per_class(scores, torch.zeros(100, dtype=torch.long), 0.41)
-    assert torch.equal(kept, torch.arange(41, 100))  # the best 59
+    for fraction in (0.41, np.float64(0.41), np.float32(0.41)):  # NumPy numbers as Python's
+        kept = reject_fraction_per_class(scores, torch.zeros(100, dtype=torch.long), fraction)
+        assert torch.equal(kept, torch.arange(41, 100)), fraction  # the best 59
     vqvae, priors, classifier = rejection_models()
     output = generate_with_rejection(
         vqvae,

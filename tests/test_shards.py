@@ -4,6 +4,7 @@ workers, and bad shard sources as one clear error."""
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import shutil
 import tarfile
@@ -256,6 +257,12 @@ def test_a_split_opens_from_its_shard_indexes_and_a_changed_shard_is_read_again(
     rewritten_images, rewritten_labels = split_arrays(first, "train")
     assert scans == [first] and rewritten_labels.tolist() == [2]
     assert not rewritten_images.any()
+    # The same size and modification time (as cp -p or rsync -a leave them), another label.
+    status = first.stat()
+    tar_with(first, {"0.png": png_bytes(), "0.cls": b"1"})
+    os.utime(first, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert first.stat().st_size == status.st_size
+    assert split_arrays(first, "train")[1].tolist() == [1] and scans == [first, first]
 
 
 def test_an_unreadable_or_unwritable_shard_index_is_scanned_past(tmp_path):

@@ -11,6 +11,7 @@ import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -89,67 +90,64 @@ def extract_codes(
         "shard_size": shard_size,
     }
     model = vqvae_from_checkpoint(checkpoint, map_location=context.device)
+    stores = _stores_to_write(run, model, data_path, splits, names, checkpoint.step)
     with training_lock(run.codes_dir, context, resume=False, writer="extract-codes"):
-        written = _extract_splits(
-            run,
-            model,
-            data_path,
-            splits,
-            names,
-            source,
-            checkpoint.step,
-            context,
-            batch_size,
-            shard_size,
-            progress,
-        )
+        written = {
+            store.name: _encode_into_store(
+                model,
+                store.dataset,
+                run.codes_dir / store.name,
+                store.transforms,
+                store.recorded,
+                store.extra,
+                {**source, "split": store.split},
+                context,
+                batch_size,
+                shard_size,
+                run.config.data.num_workers,
+                progress,
+            )
+            for store in stores
+        }
+        stale = run.codes_dir / AUGMENTED_CODES  # an earlier extraction's augmented store
+        without_augmented = AUGMENTED_CODES not in written and "train" in splits
+        if without_augmented and context.is_main and stale.exists():
+            shutil.rmtree(stale)
     context.barrier()
     return written
 
 
-def _extract_splits(
+class _Store(NamedTuple):
+    """One code store an extraction writes."""
+
+    name: str  # its folder under RUN_DIR/codes
+    split: str  # the dataset split it encodes
+    dataset: Dataset
+    transforms: list[str]  # the transforms encoded, one copy of the split each
+    recorded: tuple[str, ...]  # the transform names the store records (augmented store only)
+    extra: dict  # metadata kept with the store
+
+
+def _stores_to_write(
     run: Run,
     model: VQVAE2,
     data_path: str | Path,
     splits: tuple[str, ...],
     names: list[str],
-    source: dict,
-    checkpoint_step: int,
-    context: DistributedContext,
-    batch_size: int,
-    shard_size: int,
-    progress: bool,
-) -> dict[str, Path]:
-    """``extract_codes``'s work, while it holds the code stores' folder: the store folder of
-    each split written."""
-    config = model.config
-    data_config = run.config.data
-    written = {}
+    vqvae_step: int,
+) -> list[_Store]:
+    """Each split's store, and after the training split's the augmented store when ``names``
+    holds transforms beyond the identity (the identity is the plain store)."""
+    config, stores = model.config, []
     for split in splits:
-        dataset = open_dataset(data_path, split, config.image_size, config.in_channels, data_config)
-        extra = {"num_classes": dataset.num_classes, "vqvae_step": checkpoint_step}
-        stores = [(split, ["identity"], ())]  # (store, transforms encoded, names recorded)
-        if split == "train" and len(names) > 1:  # the identity is the plain store
-            stores.append((AUGMENTED_CODES, names[1:], names))
-        for store_name, transforms, recorded in stores:
-            written[store_name] = _encode_into_store(
-                model,
-                dataset,
-                run.codes_dir / store_name,
-                transforms,
-                recorded,
-                extra,
-                {**source, "split": split},
-                context,
-                batch_size,
-                shard_size,
-                data_config.num_workers,
-                progress,
-            )
-    stale = run.codes_dir / AUGMENTED_CODES
-    if AUGMENTED_CODES not in written and "train" in splits and context.is_main and stale.exists():
-        shutil.rmtree(stale)
-    return written
+        dataset = open_dataset(
+            data_path, split, config.image_size, config.in_channels, run.config.data
+        )
+        extra = {"num_classes": dataset.num_classes, "vqvae_step": vqvae_step}
+        stores.append(_Store(split, split, dataset, ["identity"], (), extra))
+        if split == "train" and len(names) > 1:
+            stores.append(_Store(AUGMENTED_CODES, split, dataset, names[1:], tuple(names), extra))
+    return stores
 
 
 def _weights_digest(state: dict[str, Tensor]) -> str:

@@ -18,6 +18,7 @@ The row-level work (the vertical stream, once a row's codes are known) stays eag
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -305,6 +306,8 @@ class IncrementalSampler:
         started = time.perf_counter()
         try:
             logits = _compiled_step()(self, self.positions[0])
+        except (MemoryError, torch.OutOfMemoryError):
+            raise
         except Exception as error:  # the compiler's own errors have no common type
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise ValueError(
@@ -445,18 +448,11 @@ class IncrementalSampler:
             vertical = vertical + gate(gates)
 
 
-_COMPILED_STEP = None
-
-
+@functools.cache
 def _compiled_step() -> Callable[[IncrementalSampler, Tensor], Tensor]:
     """``IncrementalSampler._logits_fixed`` through ``torch.compile``, built on first use.
 
     One compiled function for the process: dynamo compiles a graph per state shape and guards on
     shapes and dtypes, not on which sampler or prior, so later samplers of a shape reuse it.
     """
-    global _COMPILED_STEP
-    if _COMPILED_STEP is None:
-        _COMPILED_STEP = torch.compile(
-            IncrementalSampler._logits_fixed, dynamic=False, fullgraph=True
-        )
-    return _COMPILED_STEP
+    return torch.compile(IncrementalSampler._logits_fixed, dynamic=False, fullgraph=True)

@@ -200,8 +200,9 @@ def sample_level_cached(
     pass; ``step`` (``eager``, ``compiled`` or ``cuda-graph``) is how each position is computed
     (``pixelsnail_sampler``), with the same draws. Its logits equal the reference's up to float
     rounding and both draw from the generator alike, so from the same generator state it draws
-    the same codes except where rounding tips a near-tie (about 1 in 800 maps at the paper's 64x64 bottom prior, random weights; from there
-    on the maps differ; ``bench/bench_sampler_agreement.py``).
+    the same codes except where rounding tips a near-tie (about 1 in 800 maps at the paper's
+    64x64 bottom prior, random weights; from there on the maps differ;
+    ``bench/bench_sampler_agreement.py``).
     """
     codes = _empty_codes(prior, batch_size, labels, condition_codes, temperature)
     side = prior.config.code_size
@@ -368,19 +369,25 @@ def keep_top_per_class(scores: Tensor, labels: Tensor, counts: dict[int, int]) -
     return torch.sort(torch.cat(kept)).values if kept else torch.zeros(0, dtype=torch.long)
 
 
+def _decimal(value: float) -> Fraction:
+    """A number as the shortest decimal that reads back as it in its own precision (``str`` of
+    a Python or NumPy float: 0.3 -> 3/10, ``np.float32(0.41)`` -> 41/100)."""
+    return Fraction(str(value.item() if isinstance(value, Tensor) else value))
+
+
 def kept_count(count: int, reject_fraction: float) -> int:
     """ceil((1 - F) * n): how many of n items rejecting the fraction F keeps.
 
     Computed on F as the decimal it is written as (``repr``: 0.3 is 3/10), so float rounding
     cannot push an exact product past an integer (in floats, 0.41 of 100 kept 60, not 59).
     """
-    return math.ceil((1 - Fraction(repr(reject_fraction))) * count)
+    return math.ceil((1 - _decimal(reject_fraction)) * count)
 
 
 def candidates_needed(count: int, reject_fraction: float) -> int:
     """ceil(n / (1 - F)): how many candidates keep n after rejecting the fraction F (the
     decimal F as written, like ``kept_count``: in floats, 21 at 0.3 drew 31, not 30)."""
-    return math.ceil(count / (1 - Fraction(repr(reject_fraction))))
+    return math.ceil(count / (1 - _decimal(reject_fraction)))
 
 
 def reject_fraction_per_class(scores: Tensor, labels: Tensor, reject_fraction: float) -> Tensor:

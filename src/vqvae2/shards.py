@@ -14,7 +14,7 @@ then reads each image with one seek: every process and loader worker can read an
 the sampler's batches, split over ranks and then over workers, read each image of an epoch
 once. What a pass over one shard's headers finds is kept in ``.index/<shard>.npz`` beside it
 (written by ``write_shards``, or by the first reader where the folder is writable) and used
-while the shard's size and modification time are those it was made from, so opening a split
+while the shard is the file it was made from (inode, size, times), so opening a split
 reads one small file per shard instead of every tar header.
 """
 
@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import tarfile
+import tempfile
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -63,6 +64,7 @@ LABEL_SUFFIX = "cls"
 PATTERN_CHARACTERS = "*?[{"
 KEY_DIGITS = 8  # keys are the image's position in its split, zero-padded
 INDEX_FOLDER = ".index"  # beside the shards: each shard's header pass (``_indexed_scan``)
+INDEX_VERSION = 1  # of those files' layout
 
 logger = logging.getLogger("vqvae2.shards")
 
@@ -316,12 +318,11 @@ def _scan_shard(path: Path) -> tuple[list[int], list[int], list[int]]:
 
 
 def _indexed_scan(path: Path) -> tuple[list[int], list[int], list[int]]:
-    """``_scan_shard(path)``, read from ``.index/<name>.npz`` beside the shard when that was
-    made from a file of this size and modification time; otherwise scanned and saved there
-    (skipped, with a debug line, where the folder cannot be written)."""
+    """``_scan_shard(path)``, read from ``.index/<name>.npz`` beside the shard when that was made
+    from this very file (``_file_stamp``); otherwise scanned and saved there (skipped, with a
+    debug line, where the folder cannot be written)."""
     index_path = path.parent / INDEX_FOLDER / f"{path.name}.npz"
-    status = path.stat()
-    stamp = np.array([status.st_size, status.st_mtime_ns], np.int64)
+    stamp = _file_stamp(path)
     try:
         with np.load(index_path, allow_pickle=False) as saved:
             if np.array_equal(saved["stamp"], stamp):
@@ -331,13 +332,26 @@ def _indexed_scan(path: Path) -> tuple[list[int], list[int], list[int]]:
     offsets, sizes, labels = _scan_shard(path)
     try:
         index_path.parent.mkdir(exist_ok=True)
-        partial = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
-        with open(partial, "wb") as handle:
-            np.savez(handle, stamp=stamp, offset=offsets, size=sizes, label=labels)
-        os.replace(partial, index_path)  # whole or absent, whichever process writes it
+        descriptor, partial = tempfile.mkstemp(dir=index_path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                np.savez(handle, stamp=stamp, offset=offsets, size=sizes, label=labels)
+            os.replace(partial, index_path)  # whole or absent, whichever process writes it
+        finally:
+            Path(partial).unlink(missing_ok=True)  # left only when the write failed
     except OSError as error:
         logger.debug("no index kept for %s: %s", path, error)
     return offsets, sizes, labels
+
+
+def _file_stamp(path: Path) -> np.ndarray:
+    """(5,) int64 that change when the file at ``path`` is replaced or rewritten: the index
+    format, the inode, the size, and the modification and status-change times (a copy that
+    keeps the modification time, as ``cp -p`` or ``rsync -a`` make, still gets a new inode and
+    status-change time, which no tool sets)."""
+    status = path.stat()
+    fields = (INDEX_VERSION, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    return np.array(fields, np.int64)
 
 
 def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> int:
