@@ -160,6 +160,8 @@ def test_a_report_of_other_weights_stays_out_of_the_card(trained_run, tmp_path, 
     )
     report["models_fingerprint"] = "0" * 64
     report_file.write_text(json.dumps(report))
+    (run / "old-evaluation").mkdir()
+    (run / "old-evaluation" / "report.json").write_text("{cut short")  # unreadable: passed over
     with caplog.at_level(logging.WARNING, logger="vqvae2.model_card"):
         card = (export_run(Run.open(run), tmp_path / "out") / CARD_FILE).read_text()
     assert "FID" not in card and "CAS" not in card

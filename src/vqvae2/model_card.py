@@ -52,10 +52,15 @@ def find_report(run_dir: Path, fingerprint: str) -> Path | None:
     """The newest evaluation report (``report.json``) inside the run folder that measured the
     models of ``fingerprint`` (``fingerprint.report_fingerprint``), or None. Reports of other
     weights (an evaluation before more training, or one written before reports carried the
-    fingerprint) are passed over with a warning."""
+    fingerprint) and unreadable ones are passed over with a warning."""
     reports = [path for path in run_dir.rglob(REPORT_JSON) if path.is_file()]
     for path in sorted(reports, key=lambda path: path.stat().st_mtime, reverse=True):
-        if _read_report(path).get(REPORT_FINGERPRINT) == fingerprint:
+        try:
+            measured = _read_report(path).get(REPORT_FINGERPRINT)
+        except ValueError as error:
+            logger.warning("model card: %s; its figures are left out", error)
+            continue
+        if measured == fingerprint:
             return path
         logger.warning(
             "model card: %s measured other weights than the ones exported; its figures are left "
