@@ -187,6 +187,15 @@ class IncrementalSampler:
             if prior.attention
             else None
         )
+        self.position = 0  # the next raster position to set
+        self.computed = -1  # the last position whose logits (and stream values) were computed
+        self._prepare_step(step)
+
+    def _prepare_step(self, step: StepName) -> None:
+        """What each position's step reads besides the state: the weights as the matrices it
+        multiplies, each column's views of the state, and for the fixed-shape steps their index
+        tensors (and the CUDA graph, captured here)."""
+        prior, side, device = self.prior, self.side, self.embedded.device
         self.input_weight, self.block_weights = _matrix_weights(prior)
         self.output_weights = [
             (block.first.weight.flatten(1).t(), block.second.weight.flatten(1).t())
@@ -194,14 +203,12 @@ class IncrementalSampler:
         ]  # per output-stack block, its two 1x1 convolutions as (C, R) and (R, C) matrices
         self.logits_weight = prior.output.weight.flatten(1).t()  # (C, K)
         self.columns = [self._column_views(col) for col in range(side)]
-        self.position = 0  # the next raster position to set
-        self.computed = -1  # the last position whose logits (and stream values) were computed
         self.step = step
         self.compile_seconds = 0.0  # the first compiled call's time (compiling included)
-        if step != "eager":  # the fixed-shape step's index tensors
-            self.key_positions = torch.arange(side * side, device=parameter.device)  # (T,)
+        if step != "eager":
+            self.key_positions = torch.arange(side * side, device=device)  # (T,)
             self.positions = self.key_positions[:, None].unbind(0)  # T of (1,)
-            self.window_offsets = torch.arange(half + 1, device=parameter.device)  # (k+1,)
+            self.window_offsets = torch.arange(self.half + 1, device=device)  # (k+1,)
         if step == "cuda-graph":
             self._capture_graph()
 
