@@ -13,7 +13,7 @@ import gzip
 import logging
 import os
 import struct
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -148,15 +148,96 @@ class TensorImageDataset(Dataset):
         return image.flip(-1) if mirror else image
 
 
-class ImageFolderDataset(Dataset):
-    """Image files read lazily, resized by their short side and centre-cropped to S x S.
+class LazyImageDataset(Dataset):
+    """Images read one at a time as they are asked for, resized by their short side and
+    centre-cropped to S x S: the image folder's and the tar shards' datasets.
 
     Items are (image (C, S, S) uint8, label () int64); a batch sampler may give (index, key)
     pairs, which apply ``transform`` (a random crop of the image resized with a margin, a
-    flip). A file that cannot be read or decoded (``read_image``) is warned about once, kept
-    in ``skipped`` and replaced by the next readable one (in each loader process: with worker
-    processes each keeps its own).
+    flip). An image that cannot be read or decoded is warned about once on ``log``, kept in
+    ``skipped`` (by ``skip_key``) and replaced by the next readable one (in each loader
+    process: with worker processes each keeps its own). A subclass reads image ``position``
+    (``read``), names it in a warning (``describe``) and says what a dataset of which nothing
+    can be read is (``nothing``).
     """
+
+    log = logger
+
+    def __init__(
+        self,
+        labels: Tensor,
+        class_names: Sequence[str],
+        image_size: int,
+        channels: int,
+        transform: RandomTransform | None,
+    ) -> None:
+        self.labels = labels  # (N,) int64
+        self.class_names = list(class_names)
+        self.image_size = image_size
+        self.channels = channels
+        self.transform = transform
+        self.skipped: set[Hashable] = set()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, position: int, scale: float, place: tuple[float, float] | None) -> Tensor:
+        """Image ``position`` as uint8 (C, S, S) under the drawn crop's scale and place; raises
+        one of ``UNREADABLE`` when it cannot be read or decoded."""
+        raise NotImplementedError
+
+    def skip_key(self, position: int) -> Hashable:
+        """What ``skipped`` holds for an unreadable image ``position``."""
+        return position
+
+    def describe(self, position: int) -> str:
+        """Image ``position`` as a warning names it."""
+        raise NotImplementedError
+
+    def nothing(self) -> str:
+        """The error when no image of the dataset can be read."""
+        raise NotImplementedError
+
+    def load_uint8(self, item: Item) -> tuple[Tensor, Tensor]:
+        """Image ``item`` as uint8 (C, S, S) with its label, the item's random transform
+        applied; an unreadable image falls through to the next readable one.
+
+        Raises:
+            ValueError: ``nothing()``, when no image of the dataset can be read.
+        """
+        index, key = _index_and_key(item)
+        mirror, place, scale = False, None, 1.0
+        if self.transform is not None and key is not None:
+            (mirror, place), scale = self.transform.draw(key), self.transform.crop_scale
+        for step in range(len(self)):
+            position = (index + step) % len(self)
+            if self.skip_key(position) in self.skipped:
+                continue
+            try:
+                pixels = self.read(position, scale, place)
+            except UNREADABLE as error:
+                self.skipped.add(self.skip_key(position))
+                self.log.warning(
+                    "skipping unreadable image %s (%s)", self.describe(position), _first_line(error)
+                )
+                continue
+            return (pixels.flip(-1) if mirror else pixels), self.labels[position]
+        raise ValueError(self.nothing())
+
+    def __getitem__(self, item: Item) -> tuple[Tensor, Tensor]:
+        return self.load_uint8(item)
+
+    def __getitems__(self, items: Sequence[Item]) -> tuple[Tensor, Tensor]:
+        """A whole batch at once: images (B, C, S, S) uint8, labels (B,) int64."""
+        return stack_items([self.load_uint8(item) for item in items])
+
+
+class ImageFolderDataset(LazyImageDataset):
+    """Image files (``LazyImageDataset``), read with ``read_image``."""
 
     def __init__(
         self,
@@ -167,86 +248,25 @@ class ImageFolderDataset(Dataset):
         channels: int,
         transform: RandomTransform | None = None,
     ) -> None:
-        self.files = list(files)
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
-        self.class_names = list(class_names)
-        self.image_size = image_size
-        self.channels = channels
-        self.transform = transform
-        self.skipped: set[Path] = set()
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def load_uint8(self, item: Item) -> tuple[Tensor, Tensor]:
-        """Image ``item`` as uint8 (C, S, S); unreadable files fall through to the next one.
-
-        Raises:
-            ValueError: no file of the dataset can be read.
-        """
-        return first_readable(
-            self,
-            item,
-            lambda position, scale, place: read_image(
-                self.files[position], self.image_size, self.channels, scale, place
-            ),
-            skip_key=lambda position: self.files[position],
-            describe=lambda position: str(self.files[position]),
-            log=logger,
-            nothing=f"none of the {len(self.files)} image files can be read: each was skipped "
-            f"with a warning (the first: {self.files[0]})",
+        super().__init__(
+            torch.as_tensor(labels, dtype=torch.long), class_names, image_size, channels, transform
         )
+        self.files = list(files)
 
-    def __getitem__(self, item: Item) -> tuple[Tensor, Tensor]:
-        return self.load_uint8(item)
+    def read(self, position: int, scale: float, place: tuple[float, float] | None) -> Tensor:
+        return read_image(self.files[position], self.image_size, self.channels, scale, place)
 
-    def __getitems__(self, items: Sequence[Item]) -> tuple[Tensor, Tensor]:
-        """A whole batch at once: images (B, C, S, S) uint8, labels (B,) int64."""
-        return stack_items([self.load_uint8(item) for item in items])
+    def skip_key(self, position: int) -> Hashable:
+        return self.files[position]
 
+    def describe(self, position: int) -> str:
+        return str(self.files[position])
 
-# One image of a dataset, with the drawn crop's scale and place: (position, scale, place) -> (C,
-# S, S) uint8; raises one of ``UNREADABLE`` when the image cannot be read or decoded.
-ReadImage = Callable[[int, float, "tuple[float, float] | None"], Tensor]
-
-
-def first_readable(
-    dataset: Any,
-    item: Item,
-    read: ReadImage,
-    skip_key: Callable[[int], Hashable],
-    describe: Callable[[int], str],
-    log: logging.Logger,
-    nothing: str,
-) -> tuple[Tensor, Tensor]:
-    """Image ``item`` of a lazily read ``dataset`` (its ``transform``, ``labels`` and
-    ``skipped`` set) as uint8 (C, S, S) with its label, the item's random transform applied.
-    An image that ``read`` cannot read is warned about once on ``log`` (``describe`` names it),
-    kept in ``skipped`` (as ``skip_key`` of its position) and replaced by the next readable one.
-
-    Raises:
-        ValueError: ``nothing``, when no image of the dataset can be read.
-    """
-    index, key = _index_and_key(item)
-    mirror, place, scale = False, None, 1.0
-    if dataset.transform is not None and key is not None:
-        (mirror, place), scale = dataset.transform.draw(key), dataset.transform.crop_scale
-    for step in range(len(dataset)):
-        position = (index + step) % len(dataset)
-        if skip_key(position) in dataset.skipped:
-            continue
-        try:
-            pixels = read(position, scale, place)
-        except UNREADABLE as error:
-            dataset.skipped.add(skip_key(position))
-            log.warning("skipping unreadable image %s (%s)", describe(position), _first_line(error))
-            continue
-        return (pixels.flip(-1) if mirror else pixels), dataset.labels[position]
-    raise ValueError(nothing)
+    def nothing(self) -> str:
+        return (
+            f"none of the {len(self.files)} image files can be read: each was skipped "
+            f"with a warning (the first: {self.files[0]})"
+        )
 
 
 def stack_items(pairs: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

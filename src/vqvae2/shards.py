@@ -38,21 +38,18 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from .checkpoint import write_text_atomic
 from .config import DataConfig
 from .data import (
     IMAGE_SUFFIXES,
-    Item,
+    LazyImageDataset,
     RandomTransform,
     _first_line,
     _image_files,
     _labelled,
-    first_readable,
     split_folders,
     split_indices,
-    stack_items,
 )
 from .images import pil_to_uint8
 
@@ -390,15 +387,13 @@ def index_shards(paths: Sequence[Path]) -> ShardIndex:
     )
 
 
-class ShardDataset(Dataset):
-    """Images read from tar shards by index, resized by their short side and centre-cropped to
-    S x S, like ``ImageFolderDataset``.
-
-    Items are (image (C, S, S) uint8, label () int64); a batch sampler may give (index, key)
-    pairs, which apply ``transform``. An image that cannot be decoded is warned about once,
-    kept in ``skipped`` (positions) and replaced by the next readable one, as a folder's
-    unreadable files are. No file stays open between reads, so loader workers share nothing.
+class ShardDataset(LazyImageDataset):
+    """Images read from tar shards by index (``LazyImageDataset``; an undecodable image is kept
+    in ``skipped`` by its position). No file stays open between reads, so loader workers share
+    nothing.
     """
+
+    log = logger
 
     def __init__(
         self,
@@ -408,20 +403,10 @@ class ShardDataset(Dataset):
         channels: int,
         transform: RandomTransform | None = None,
     ) -> None:
+        super().__init__(
+            torch.from_numpy(index.labels), class_names, image_size, channels, transform
+        )
         self.index = index
-        self.labels = torch.from_numpy(index.labels)
-        self.class_names = list(class_names)
-        self.image_size = image_size
-        self.channels = channels
-        self.transform = transform
-        self.skipped: set[int] = set()
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def read_bytes(self, position: int) -> bytes:
         """The stored bytes of image ``position`` (the original file's)."""
@@ -429,38 +414,20 @@ class ShardDataset(Dataset):
             shard.seek(int(self.index.offset[position]))
             return shard.read(int(self.index.size[position]))
 
-    def _decode(self, position: int, scale: float, place: tuple[float, float] | None) -> Tensor:
+    def read(self, position: int, scale: float, place: tuple[float, float] | None) -> Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(self.read_bytes(position))) as image:
                 return pil_to_uint8(image, self.image_size, self.channels, scale, place)
 
-    def load_uint8(self, item: Item) -> tuple[Tensor, Tensor]:
-        """Image ``item`` as uint8 (C, S, S); undecodable images fall through to the next.
+    def describe(self, position: int) -> str:
+        return f"at byte {self.index.offset[position]} of {self.index.shards[self.index.shard[position]]}"
 
-        Raises:
-            ValueError: no image of the dataset can be decoded.
-        """
-        return first_readable(
-            self,
-            item,
-            self._decode,
-            skip_key=lambda position: position,
-            describe=lambda position: (
-                f"at byte {self.index.offset[position]} of "
-                f"{self.index.shards[self.index.shard[position]]}"
-            ),
-            log=logger,
-            nothing=f"none of the {len(self)} images in the shards {self.index.shards[0]} ... "
-            "can be decoded: each was skipped with a warning",
+    def nothing(self) -> str:
+        return (
+            f"none of the {len(self)} images in the shards {self.index.shards[0]} ... "
+            "can be decoded: each was skipped with a warning"
         )
-
-    def __getitem__(self, item: Item) -> tuple[Tensor, Tensor]:
-        return self.load_uint8(item)
-
-    def __getitems__(self, items: Sequence[Item]) -> tuple[Tensor, Tensor]:
-        """A whole batch at once: images (B, C, S, S) uint8, labels (B,) int64."""
-        return stack_items([self.load_uint8(item) for item in items])
 
 
 @dataclass(frozen=True)
