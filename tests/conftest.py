@@ -21,6 +21,7 @@ from vqvae2.logs import read_metrics
 from vqvae2.model_configs import PixelSNAILConfig, VQVAEConfig
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.run import Run
+from vqvae2.sampling import generate, requested_class_scores
 from vqvae2.train import train_classifier, train_prior, train_vqvae
 from vqvae2.vqvae import VQVAE2
 
@@ -306,3 +307,14 @@ def torchrun(processes: int, *args: object, timeout: float = 180) -> str:
     )
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     return finished.stdout
+
+
+def half_accepting_threshold(
+    vqvae: VQVAE2, priors, classifier, count: int, score_batch: int, generator=None
+) -> float:
+    """A classifier threshold that about half of every class's samples reach: the smallest of
+    the classes' median requested-class scores over ``count`` probe samples (3 classes)."""
+    labels = torch.arange(count) % 3
+    probe, _ = generate(vqvae, priors, count, labels, generator=generator)
+    scores = requested_class_scores(classifier, probe, labels, score_batch)
+    return min(float(scores[labels == c].median()) for c in range(3))

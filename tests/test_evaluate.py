@@ -43,6 +43,7 @@ from vqvae2.vqvae import VQVAE2
 
 from .conftest import (
     assert_one_line_error,
+    half_accepting_threshold,
     tiny_config,
     torchrun,
     train_complete_tiny_run,
@@ -150,11 +151,7 @@ def test_rejection_keeps_the_best_scored_candidates_of_each_class(hierarchy):
 def test_threshold_rejection_keeps_only_samples_above_it(hierarchy):
     vqvae, priors, classifier = hierarchy
     labels = torch.tensor([0, 1, 2, 1])
-    probe_labels = torch.arange(60) % 3
-    probe, _ = generate(vqvae, priors, 60, probe_labels)
-    probe_scores = requested_class_scores(classifier, probe, probe_labels, 64)
-    # A threshold about half of every class's samples reach.
-    threshold = min(float(probe_scores[probe_labels == c].median()) for c in range(3))
+    threshold = half_accepting_threshold(vqvae, priors, classifier, 60, 64)
     output = generate_with_rejection(
         vqvae,
         priors,

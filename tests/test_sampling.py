@@ -32,7 +32,7 @@ from vqvae2.sampling import (
 )
 from vqvae2.vqvae import VQVAE2
 
-from .conftest import tiny_config, tiny_prior_config
+from .conftest import half_accepting_threshold, tiny_config, tiny_prior_config
 
 
 def priors_for(vqvae: VQVAE2, num_classes: int = 3) -> list[PixelSNAIL]:
@@ -608,12 +608,9 @@ def test_rejection_draws_its_candidates_under_the_controls_given():
 
 def test_threshold_rejection_holds_the_kept_samples_and_one_batch(watched_generate):
     vqvae, priors, classifier = rejection_models()
-    probe_labels = torch.arange(30) % 3
-    probe, _ = generate(vqvae, priors, 30, probe_labels, generator=torch.Generator().manual_seed(1))
-    probe_scores = requested_class_scores(classifier, probe, probe_labels, 30)
-    # A threshold about half of every class's samples reach.
-    threshold = min(float(probe_scores[probe_labels == c].median()) for c in range(3))
-    del probe
+    threshold = half_accepting_threshold(
+        vqvae, priors, classifier, 30, 30, generator=torch.Generator().manual_seed(1)
+    )
     watched_generate[0] = 0
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     output = generate_with_rejection(
