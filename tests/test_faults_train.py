@@ -138,6 +138,16 @@ def test_a_non_finite_loss_before_any_checkpoint_says_so(tmp_path, npz_data, cap
     assert not (tmp_path / "run" / "vqvae" / LATEST).exists()
 
 
+def assert_skipped_step_changed_nothing(run: Path, two: Path) -> None:
+    """Step 3's weights and optimiser state in ``run`` are exactly step 2's in ``two``."""
+    for weights in (MODEL_WEIGHTS, OPTIMIZER_WEIGHTS):
+        assert_states_close(
+            run / "vqvae" / "step-00000003" / weights,
+            two / "vqvae" / "step-00000002" / weights,
+            atol=0.0,
+        )
+
+
 def test_skipped_non_finite_steps_change_nothing_and_are_counted(tmp_path, npz_data, monkeypatch):
     """With train.nonfinite=skip, NaN images at step 3 (NaN in the EMA codebooks too) leave
     the weights, buffers and optimiser state exactly as after step 2; the log counts the
@@ -149,12 +159,7 @@ def test_skipped_non_finite_steps_change_nothing_and_are_counted(tmp_path, npz_d
     with monkeypatch.context() as patch:
         nan_at_training_calls(patch, {3}, where="images")
         assert train_vqvae_cli(npz_data, run, 3, skip) == 0
-    for weights in (MODEL_WEIGHTS, OPTIMIZER_WEIGHTS):
-        assert_states_close(
-            run / "vqvae" / "step-00000003" / weights,
-            two / "vqvae" / "step-00000002" / weights,
-            atol=0.0,
-        )
+    assert_skipped_step_changed_nothing(run, two)
     counted = metric_values(run / "metrics.csv", "train", "skipped_nonfinite")
     assert counted == {1: 0.0, 2: 0.0, 3: 1.0}
     with monkeypatch.context() as patch:
@@ -288,12 +293,7 @@ def test_a_skipped_non_finite_gradient_changes_nothing(tmp_path, npz_data, monke
     run = tmp_path / "run"
     nan_at_training_calls(monkeypatch, {3}, where="gradient")
     assert train_vqvae_cli(npz_data, run, 3, skip) == 0
-    for weights in (MODEL_WEIGHTS, OPTIMIZER_WEIGHTS):
-        assert_states_close(
-            run / "vqvae" / "step-00000003" / weights,
-            two / "vqvae" / "step-00000002" / weights,
-            atol=0.0,
-        )
+    assert_skipped_step_changed_nothing(run, two)
     assert metric_values(run / "metrics.csv", "train", "skipped_nonfinite")[3] == 1.0
 
 
