@@ -5,7 +5,7 @@ position over a coding batch of 16 images; this times both on the
 ``fashion-mnist-32`` presets (VQ-VAE, top prior 4x4, bottom prior 8x8 given the top, 10
 classes) with random weights (speed does not depend on training) and random images, once with
 today's ``IncrementalSampler`` and once with the revision's
-(``bench_sampler_steps.baseline_sampler``) swapped into the codec, interleaved, best of
+(``bench_sampling.load_baseline``) swapped into the codec, interleaved, best of
 ``--repeats``. Both must give the same payloads' codes back, and the payloads must be equal
 byte for byte (the same probabilities). Prints one JSON object.
 
@@ -19,7 +19,7 @@ import json
 import time
 
 import torch
-from bench_sampler_steps import baseline_sampler
+from bench_sampling import load_baseline
 
 from vqvae2 import codec
 from vqvae2.config import PriorRunConfig, VQVAERunConfig, load_config
@@ -64,7 +64,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (16, vqvae.config.in_channels, size, size), generator=generator)
     labels = torch.randint(0, CLASSES, (16,), generator=generator)
-    samplers = {"today": IncrementalSampler, "baseline": baseline_sampler(args.baseline_rev)}
+    baseline = load_baseline(args.baseline_rev).IncrementalSampler
+    samplers = {"today": IncrementalSampler, "baseline": baseline}
     seconds = {key: {"compress": float("inf"), "decompress": float("inf")} for key in samplers}
     decoded, payloads = {}, {}
     for _ in range(args.repeats):

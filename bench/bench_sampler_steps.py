@@ -3,8 +3,7 @@
 For each prior, map side and batch: one forward pass of the prior (best of 3), then
 ``sample_level_cached``'s loop with the ``eager`` step and with the ``compiled`` step
 (``torch.compile`` of the fixed-shape step), and with ``--baseline-rev REV`` the incremental
-sampler of that git revision (its ``pixelsnail_sampler.py``, loaded into a throwaway module, on
-the same prior), interleaved, best of ``--repeats``. All three use today's draw. The compiled
+sampler of that git revision (``bench_sampling.load_baseline``, on the same prior), interleaved, best of ``--repeats``. All three use today's draw. The compiled
 step's first run (compiling included, or loading from inductor's on-disk cache) is reported
 apart. All draw from the same seed and must draw the same codes (``same codes``).
 
@@ -28,21 +27,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
-import types
 from functools import partial
-from pathlib import Path
 
 import torch
+from bench_sampling import load_baseline, timed
 
-from vqvae2 import pixelsnail
 from vqvae2.model_configs import PixelSNAILConfig
 from vqvae2.pixelsnail import PixelSNAIL
 from vqvae2.pixelsnail_sampler import IncrementalSampler
 from vqvae2.sampling import _draw
-
-REPOSITORY = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     "bench": dict(
@@ -75,23 +69,6 @@ def prior_config(shape: str, level: str, side: int) -> PixelSNAILConfig:
     else:
         values.update(attention_layers=0, condition_sizes=(side // 2,))
     return PixelSNAILConfig(**values)
-
-
-def baseline_sampler(revision: str) -> type:
-    """``IncrementalSampler`` of a git revision, run beside today's prior module."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:src/vqvae2/pixelsnail_sampler.py"],
-        cwd=REPOSITORY,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    module = types.ModuleType(f"pixelsnail_sampler_{revision}")
-    module.__dict__.update(vars(pixelsnail))  # what its ``from .pixelsnail import`` names
-    lines = source.splitlines(keepends=True)
-    body = "".join(line for line in lines if not line.startswith("from .pixelsnail import"))
-    exec(compile(body, f"{revision}:src/vqvae2/pixelsnail_sampler.py", "exec"), module.__dict__)
-    return module.IncrementalSampler
 
 
 @torch.no_grad()
@@ -131,12 +108,6 @@ def breakdown(prior, batch: int, upper, forward: float) -> dict:
             parts["draw"] += setting - drawn
             parts[part] += time.perf_counter() - setting
     return {name: round(seconds / forward, 2) for name, seconds in parts.items()}
-
-
-def timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -199,7 +170,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    baseline = baseline_sampler(args.baseline_rev) if args.baseline_rev else None
+    baseline = load_baseline(args.baseline_rev).IncrementalSampler if args.baseline_rev else None
     print(
         "| prior | map | batch | forward s | eager s | eager / forward | compiled s | "
         "compiled / forward | eager / compiled | first compiled run s | baseline s | "

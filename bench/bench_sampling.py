@@ -67,8 +67,8 @@ def load_baseline(revision: str) -> types.ModuleType:
         capture_output=True,
         text=True,
     ).stdout
-    # Its one relative import resolves to today's package (the config layout is unchanged).
-    source = source.replace("from .config import", "from vqvae2.config import")
+    # Its relative imports (configs) resolve to today's package, whose config layout is its.
+    source = source.replace("from .", "from vqvae2.")
     module = types.ModuleType(f"pixelsnail_{revision}")
     exec(compile(source, f"{revision}:src/vqvae2/pixelsnail.py", "exec"), module.__dict__)
     # Later revisions keep the incremental sampler in its own module: run it in the same
