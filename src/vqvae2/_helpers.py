@@ -18,6 +18,14 @@ def check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_at_least(config: object, section: str, names: tuple[str, ...], minimum: int) -> None:
+    """``check`` that each field ``names`` of ``config`` is at least ``minimum``; the message
+    names it as ``section.name``."""
+    for name in names:
+        value = getattr(config, name)
+        check(value >= minimum, f"{section}.{name} must be >= {minimum}, got {value}")
+
+
 def uint8_to_float(images: Tensor) -> Tensor:
     """uint8 [0, 255] -> float32 [-1, 1], any shape: images as the models take them."""
     return images.float() / 127.5 - 1.0

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ._helpers import check
+from ._helpers import check, check_at_least
 from .model_configs import (
     PRIOR_DATA_FIELDS,
     ClassifierConfig,
@@ -100,18 +100,21 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        for name in (
-            "batch_size",
-            "grad_accum_steps",
-            "max_steps",
-            "log_every",
-            "val_every",
-            "val_batches",
-            "checkpoint_every",
-            "grid_images",
-        ):
-            value = getattr(self, name)
-            check(value >= 1, f"train.{name} must be >= 1, got {value}")
+        check_at_least(
+            self,
+            "train",
+            (
+                "batch_size",
+                "grad_accum_steps",
+                "max_steps",
+                "log_every",
+                "val_every",
+                "val_batches",
+                "checkpoint_every",
+                "grid_images",
+            ),
+            1,
+        )
         check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
@@ -405,17 +408,18 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         check(self.num_samples >= 2, f"evaluate.num_samples must be >= 2, got {self.num_samples}")
-        for name in ("cas_samples", "cas_steps"):
-            value = getattr(self, name)
-            check(value >= 0, f"evaluate.{name} must be >= 0, got {value}")
+        check_at_least(self, "evaluate", ("cas_samples", "cas_steps"), 0)
         check(len(self.reject_fractions) >= 1, "evaluate.reject_fractions must not be empty")
         check(
             all(0.0 <= fraction < 1.0 for fraction in self.reject_fractions),
             f"evaluate.reject_fractions must lie in [0, 1), got {list(self.reject_fractions)}",
         )
-        for name in ("nearest_k", "inception_score_splits", "kid_subsets", "kid_subset_size"):
-            value = getattr(self, name)
-            check(value >= 1, f"evaluate.{name} must be >= 1, got {value}")
+        check_at_least(
+            self,
+            "evaluate",
+            ("nearest_k", "inception_score_splits", "kid_subsets", "kid_subset_size"),
+            1,
+        )
         check_temperature(self.temperature, "evaluate.temperature")
         check(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
         check(

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from ._helpers import check
+from ._helpers import check, check_at_least
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -79,17 +79,8 @@ class VQVAEConfig:
         check(
             self.codebook_size >= 2, f"model.codebook_size must be >= 2, got {self.codebook_size}"
         )
-        for name in ("hidden_channels", "residual_channels", "embedding_dim"):
-            value = getattr(self, name)
-            check(value >= 1, f"model.{name} must be >= 1, got {value}")
-        check(
-            self.num_res_blocks >= 0,
-            f"model.num_res_blocks must be >= 0, got {self.num_res_blocks}",
-        )
-        check(
-            self.decoder_fine_blocks >= 0,
-            f"model.decoder_fine_blocks must be >= 0, got {self.decoder_fine_blocks}",
-        )
+        check_at_least(self, "model", ("hidden_channels", "residual_channels", "embedding_dim"), 1)
+        check_at_least(self, "model", ("num_res_blocks", "decoder_fine_blocks"), 0)
         check(
             self.encoder_kernel_size % 2 == 1,
             f"model.encoder_kernel_size must be odd, got {self.encoder_kernel_size}",
@@ -174,16 +165,19 @@ class PixelSNAILConfig:
     num_augmentations: int = 0
 
     def __post_init__(self) -> None:
-        for name in (
-            "code_size",
-            "hidden_channels",
-            "residual_channels",
-            "num_layers",
-            "attention_heads",
-            "condition_channels",
-        ):
-            value = getattr(self, name)
-            check(value >= 1, f"prior.{name} must be >= 1, got {value}")
+        check_at_least(
+            self,
+            "prior",
+            (
+                "code_size",
+                "hidden_channels",
+                "residual_channels",
+                "num_layers",
+                "attention_heads",
+                "condition_channels",
+            ),
+            1,
+        )
         check(
             self.codebook_size >= 2, f"prior.codebook_size must be >= 2, got {self.codebook_size}"
         )
@@ -204,14 +198,12 @@ class PixelSNAILConfig:
             f"prior.kernel_size must be odd and >= 3, got {self.kernel_size}",
         )
         check(0.0 <= self.dropout < 1.0, f"prior.dropout must be in [0, 1), got {self.dropout}")
-        for name in (
-            "output_stack_layers",
-            "condition_res_blocks",
-            "num_classes",
-            "num_augmentations",
-        ):
-            value = getattr(self, name)
-            check(value >= 0, f"prior.{name} must be >= 0, got {value}")
+        check_at_least(
+            self,
+            "prior",
+            ("output_stack_layers", "condition_res_blocks", "num_classes", "num_augmentations"),
+            0,
+        )
         check(
             all(size >= 1 for size in self.condition_sizes),
             f"prior.condition_sizes must be positive, got {list(self.condition_sizes)}",
