@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -318,3 +319,14 @@ def half_accepting_threshold(
     probe, _ = generate(vqvae, priors, count, labels, generator=generator)
     scores = requested_class_scores(classifier, probe, labels, score_batch)
     return min(float(scores[labels == c].median()) for c in range(3))
+
+
+def rewind(run: Path, copy_to: Path, kind_dir: str, step: int) -> Path:
+    """A copy of ``run`` as if it had stopped (or been killed) right after its checkpoint at
+    ``step`` in ``kind_dir``: ``latest`` names it and later step folders are gone."""
+    shutil.copytree(run, copy_to)
+    (copy_to / kind_dir / "latest").write_text(f"step-{step:08d}\n")
+    for later in (copy_to / kind_dir).glob("step-*"):
+        if int(later.name.split("-")[1]) > step:
+            shutil.rmtree(later)
+    return copy_to

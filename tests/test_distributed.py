@@ -18,7 +18,14 @@ from vqvae2.logs import read_metrics
 from vqvae2.run import Run, load_prior
 from vqvae2.train import train_prior
 
-from .conftest import FASHION_MNIST, REAL_DATA, assert_states_close, torchrun, write_npz
+from .conftest import (
+    FASHION_MNIST,
+    REAL_DATA,
+    assert_states_close,
+    rewind,
+    torchrun,
+    write_npz,
+)
 from .ddp_worker import PRIOR_OVERRIDES, run
 
 pytestmark = pytest.mark.slow  # every test here starts torchrun or waits for a fixture that does
@@ -26,16 +33,6 @@ pytestmark = pytest.mark.slow  # every test here starts torchrun or waits for a 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 STEPS = 6
 RESUME_FROM = 4  # a checkpoint is written every 2 steps
-
-
-def rewind(run_dir: Path, copy_to: Path, kind: str, step: int) -> Path:
-    """A copy of a run as if it had been killed right after its checkpoint at ``step``."""
-    shutil.copytree(run_dir, copy_to)
-    (copy_to / kind / "latest").write_text(f"step-{step:08d}\n")
-    for later in (copy_to / kind).glob("step-*"):
-        if int(later.name.split("-")[1]) > step:
-            shutil.rmtree(later)
-    return copy_to
 
 
 @pytest.fixture(scope="module")

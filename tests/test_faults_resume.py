@@ -24,20 +24,10 @@ from vqvae2.cli import main
 from vqvae2.distributed import DistributedContext
 from vqvae2.random_state import derived_random_seed, own_random_state, restore_random_state
 
-from .conftest import TINY_CLI
+from .conftest import TINY_CLI, rewind
 
 STEPS, STOPPED_AT = 6, 4  # every run here: 6 steps, a checkpoint every 2, resumed from step 4
 EVERY_STEP = ["--quiet", "train.checkpoint_every=2", "train.log_every=1", "train.val_every=3"]
-
-
-def rewind(run: Path, copy_to: Path, kind_dir: str, step: int) -> Path:
-    """A copy of ``run`` as if it had stopped right after its checkpoint at ``step``."""
-    shutil.copytree(run, copy_to)
-    (copy_to / kind_dir / "latest").write_text(f"step-{step:08d}\n")
-    for later in (copy_to / kind_dir).glob("step-*"):
-        if int(later.name.split("-")[1]) > step:
-            shutil.rmtree(later)
-    return copy_to
 
 
 def assert_bit_identical(first: Path, second: Path) -> None:
